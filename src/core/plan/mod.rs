@@ -1,0 +1,1 @@
+//! Planners: pure functions that turn metadata into ordered steps for the engine.

@@ -1,0 +1,1 @@
+//! Polled state machines over devices: write path, marker, sort, recovery.

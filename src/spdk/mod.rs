@@ -1,0 +1,1 @@
+//! The SPDK bdev module (feature `spdk`).
