@@ -149,11 +149,7 @@ impl DifferenceBitmap {
         let end = range.end.min(self.len);
         let start = range.start.min(end);
         let word_index = (start / WORD_BITS) as usize;
-        let current = if start < end {
-            self.words[word_index] & (u64::MAX << (start % WORD_BITS))
-        } else {
-            0
-        };
+        let current = if start < end { self.words[word_index] & (u64::MAX << (start % WORD_BITS)) } else { 0 };
         Ones { words: &self.words, word_index, current, end }
     }
 
@@ -225,7 +221,11 @@ impl DifferenceBitmap {
         let word_count = len.div_ceil(WORD_BITS);
         let expected = (BITMAP_PREFIX_BYTES as u64).checked_add(word_count.saturating_mul(8));
         if expected != Some(body.len() as u64) {
-            return Err(FormatError::invalid(STRUCTURE, "bit count", format!("{len} bits do not fit {} bytes", body.len())));
+            return Err(FormatError::invalid(
+                STRUCTURE,
+                "bit count",
+                format!("{len} bits do not fit {} bytes", body.len()),
+            ));
         }
         let mut words = Vec::with_capacity(word_count as usize);
         for _ in 0..word_count {

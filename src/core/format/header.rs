@@ -62,12 +62,7 @@ impl Header {
         let crc = reader.u32()?;
         let _reserved = reader.u32()?;
         if major != FORMAT_MAJOR {
-            return Err(FormatError::UnsupportedVersion {
-                structure,
-                major,
-                minor,
-                supported_major: FORMAT_MAJOR,
-            });
+            return Err(FormatError::UnsupportedVersion { structure, major, minor, supported_major: FORMAT_MAJOR });
         }
         let length_bytes = length as usize;
         if length_bytes < minimum_length.max(HEADER_BYTES) || length_bytes > bytes.len() {

@@ -111,13 +111,12 @@ impl<'a> Reader<'a> {
         self.position
     }
     pub(crate) fn take(&mut self, count: usize) -> Result<&'a [u8], FormatError> {
-        let end = self.position.checked_add(count).filter(|end| *end <= self.bytes.len()).ok_or(
-            FormatError::Truncated {
+        let end =
+            self.position.checked_add(count).filter(|end| *end <= self.bytes.len()).ok_or(FormatError::Truncated {
                 structure: self.structure,
                 needed: self.position.saturating_add(count),
                 available: self.bytes.len(),
-            },
-        )?;
+            })?;
         let slice = &self.bytes[self.position..end];
         self.position = end;
         Ok(slice)
@@ -156,11 +155,7 @@ pub fn pad_to_pages(bytes: usize) -> usize {
 }
 
 /// Encodes a UTF-8 string into a fixed, zero-padded field; refuses strings that do not fit.
-pub(crate) fn put_fixed_str(
-    writer: &mut Writer<'_>,
-    value: &str,
-    capacity: usize,
-) {
+pub(crate) fn put_fixed_str(writer: &mut Writer<'_>, value: &str, capacity: usize) {
     assert!(value.len() <= capacity, "string field overflow is checked before encoding");
     writer.put_bytes(value.as_bytes());
     writer.skip(capacity - value.len());
@@ -178,7 +173,5 @@ pub(crate) fn get_fixed_str(
     if raw[end..].iter().any(|b| *b != 0) {
         return Err(FormatError::invalid(structure, field, "bytes after the terminating zero"));
     }
-    std::str::from_utf8(&raw[..end])
-        .map(str::to_owned)
-        .map_err(|_| FormatError::invalid(structure, field, "not UTF-8"))
+    std::str::from_utf8(&raw[..end]).map(str::to_owned).map_err(|_| FormatError::invalid(structure, field, "not UTF-8"))
 }
