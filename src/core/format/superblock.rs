@@ -300,7 +300,7 @@ impl Superblock {
             if area.start_bytes < end || area.start_bytes % METADATA_PAGE_BYTES as u64 != 0 {
                 return bad("areas", format!("{:?} at byte {} overlaps or is misaligned", area.kind, area.start_bytes));
             }
-            end = area.start_bytes.checked_add(area.length_bytes).unwrap_or(u64::MAX);
+            end = area.start_bytes.saturating_add(area.length_bytes);
             if end > self.device_bytes {
                 return bad(
                     "areas",
