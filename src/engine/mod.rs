@@ -1,1 +1,137 @@
-//! Polled state machines over devices: write path, marker, sort, recovery.
+//! The engine: polled state machines over four devices (base, journal, backup, history) that
+//! implement seed 001's journal, generations and sort.
+//!
+//! - `write.rs`: the host write path (FIG 8) — explicit state machines, zero copy.
+//! - `marker.rs`: seal the open generation and open the next (FIG 9).
+//! - `sort.rs`: apply a sealed generation to the backup in address order with copy-on-write
+//!   into history (FIG 10), resumable after a crash.
+//! - `setup.rs`: format and open, including crash recovery.
+//! - `volume.rs`: the owner object and its poll loop.
+//! - `reader.rs`: offline reading of generation images (verify, restore, demo checks).
+//!
+//! One owner thread per volume: everything here is single-threaded and non-blocking. Control
+//! operations (format, recovery, marker, sort) are `async fn`s driven by the volume's poll
+//! loop; the hot path uses no futures.
+
+mod io;
+mod marker;
+mod meta;
+pub mod reader;
+mod setup;
+mod sort;
+mod volume;
+mod write;
+
+use crate::core::format::layout::{CapacityError, LayoutOptions};
+use crate::core::format::superblock::{Durability, JournalFullPolicy, JournalMode};
+use crate::core::format::FormatError;
+use crate::device::IoError;
+
+pub use io::Role;
+pub use setup::{format, FormatProgress};
+pub use volume::{HostCompletion, HostError, HostRequest, MarkerHandle, Status, Volume};
+
+/// Everything `format` needs besides the devices.
+#[derive(Debug, Clone)]
+pub struct FormatOptions {
+    pub host_write_size: u32,
+    pub durability: Durability,
+    pub journal_full_policy: JournalFullPolicy,
+    pub journal_mode: JournalMode,
+    pub layout: LayoutOptions,
+    /// Names recorded in the superblocks so a device opened alone names its partners.
+    pub names: [String; 4],
+    /// Copy the base to the backup (generation 0 = the base as it is now). Not needed when
+    /// both are known to be zero, as for freshly created files.
+    pub copy_base_to_backup: bool,
+}
+
+impl Default for FormatOptions {
+    fn default() -> Self {
+        FormatOptions {
+            host_write_size: 4096,
+            durability: Durability::Flush,
+            journal_full_policy: JournalFullPolicy::Block,
+            journal_mode: JournalMode::Latest,
+            layout: LayoutOptions::default(),
+            names: ["base".into(), "journal".into(), "backup".into(), "history".into()],
+            copy_base_to_backup: true,
+        }
+    }
+}
+
+/// Run-time options of an opened volume.
+#[derive(Debug, Clone)]
+pub struct VolumeOptions {
+    /// Refuse host writes that are not whole host-write-size blocks instead of widening them
+    /// by read-modify-write.
+    pub strict: bool,
+    /// Host operations in flight at once; more wait in the volume's queue.
+    pub max_host_in_flight: usize,
+    pub sort: SortOptions,
+}
+
+impl Default for VolumeOptions {
+    fn default() -> Self {
+        VolumeOptions { strict: false, max_host_in_flight: 256, sort: SortOptions::default() }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SortOptions {
+    /// Elements per sort batch: each batch costs two flushes and one cursor write.
+    pub batch_elements: usize,
+    /// Sort I/Os in flight at once.
+    pub max_in_flight: usize,
+    /// Optional limit on sort bandwidth (bytes per second read from the journal).
+    pub rate_limit_bytes_per_second: Option<u64>,
+    /// Start sorting sealed generations automatically.
+    pub automatic: bool,
+}
+
+impl Default for SortOptions {
+    fn default() -> Self {
+        SortOptions { batch_elements: 512, max_in_flight: 32, rate_limit_bytes_per_second: None, automatic: true }
+    }
+}
+
+/// Why a volume operation failed, in words a user can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{device} device ({name}): {source}")]
+    Format {
+        device: &'static str,
+        name: String,
+        #[source]
+        source: FormatError,
+    },
+    #[error(transparent)]
+    Capacity(#[from] CapacityError),
+    #[error(transparent)]
+    Io(#[from] IoError),
+    #[error("{0}")]
+    Geometry(String),
+    #[error("the {role} device ({name}) does not belong with the others: {detail}")]
+    Mismatch { role: &'static str, name: String, detail: String },
+    #[error("volume metadata is damaged: {0}")]
+    Damaged(String),
+    #[error("{0} is not supported yet")]
+    Unsupported(String),
+    #[error("{count} generations are waiting for the sort; at most {limit} may (let the sort catch up)")]
+    TooManyGenerations { count: usize, limit: usize },
+    #[error("the volume stopped after a device error and must be reopened to recover: {0}")]
+    Failed(String),
+    #[error("the volume is closing")]
+    Closing,
+}
+
+impl EngineError {
+    pub(crate) fn format(device: &'static str, name: &str, source: FormatError) -> Self {
+        EngineError::Format { device, name: name.to_owned(), source }
+    }
+}
+
+/// Current time as Unix nanoseconds (marker times, open times).
+pub(crate) fn now_ns() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+}

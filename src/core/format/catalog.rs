@@ -24,7 +24,7 @@ pub const DEFAULT_CAPACITY_ENTRIES: u32 = 1023;
 
 byte_enum!(
     /// What an entry describes.
-    EntryKind { Online = 1, History = 2, Merged = 3, RestoreVolume = 4, DedupIndex = 5, Retained = 6 }
+    EntryKind { Online = 1, History = 2, Merged = 3, RestoreVolume = 4, DedupIndex = 5, Retained = 6, Backup = 7 }
 );
 byte_enum!(
     /// Life-cycle state of an entry (which states are valid depends on the kind).
@@ -55,7 +55,8 @@ pub mod flags {
     pub const KNOWN: u16 = COMPRESSED | DEDUPLICATED | EXTERNAL | PATH_OFFLINE | FAILED;
 }
 
-/// One row of the catalog. Field meanings per kind are in `docs/FORMAT.md` §Catalog.
+/// One row of the catalog. A history catalog has exactly one `Backup` entry: the generation,
+/// time and comment of the image the backup holds. Field meanings per kind are in `docs/FORMAT.md` §Catalog.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CatalogEntry {
     pub generation: u64,
@@ -115,7 +116,7 @@ impl CatalogEntry {
             (Online, Open | Sealed | Sorting)
                 | (History | Merged, Live | Merging | Deleting)
                 | (RestoreVolume, Active | Deleting)
-                | (DedupIndex, Live)
+                | (DedupIndex | Backup, Live)
                 | (Retained, Held)
         );
         if !valid {

@@ -3,6 +3,11 @@
 //! journal ring, so the index is simply the list of blocks in allocation order: entry k names
 //! the block whose element is in segment `first_segment + k`.
 //!
+//! Each entry carries the crc32c of its element as of the last time its page was written: the
+//! marker rewrites every page whose checksums changed before it seals the generation, so a
+//! sealed generation's elements are all covered; the open generation's are rebuilt from the
+//! base by recovery.
+//!
 //! The list is stored in 4 KiB pages. Each page has two slots; a group commit rewrites the
 //! last, partly filled page into the slot not holding its newest valid copy, so a torn write
 //! never loses entries that were already durable. A rewrite of a block already in the list
@@ -17,15 +22,21 @@ const STRUCTURE: &str = "element index page";
 pub const PAGE_PREFIX_BYTES: usize = 64;
 /// Bytes of one page slot; a page occupies two slots.
 pub const SLOT_BYTES: usize = METADATA_PAGE_BYTES;
-/// Entries per page in "latest" mode (block only).
-pub const LATEST_ENTRIES_PER_PAGE: usize = (METADATA_PAGE_BYTES - PAGE_PREFIX_BYTES) / 8;
-/// Entries per page in "all" mode (block, sequence, time).
-pub const ALL_ENTRIES_PER_PAGE: usize = (METADATA_PAGE_BYTES - PAGE_PREFIX_BYTES) / 24;
+/// Bytes of an entry in "latest" mode: block, element crc32c, flags.
+pub const LATEST_ENTRY_BYTES: usize = 16;
+/// Bytes of an entry in "all" mode: block, element crc32c, flags, sequence, time.
+pub const ALL_ENTRY_BYTES: usize = 32;
+/// Entries per page in "latest" mode.
+pub const LATEST_ENTRIES_PER_PAGE: usize = (METADATA_PAGE_BYTES - PAGE_PREFIX_BYTES) / LATEST_ENTRY_BYTES;
+/// Entries per page in "all" mode.
+pub const ALL_ENTRIES_PER_PAGE: usize = (METADATA_PAGE_BYTES - PAGE_PREFIX_BYTES) / ALL_ENTRY_BYTES;
 
 /// One element of the online data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IndexEntry {
     pub block: u64,
+    /// crc32c of the element's bytes.
+    pub crc: u32,
     /// Host write sequence ("all" mode; 0 in "latest" mode).
     pub sequence: u64,
     /// Write time, Unix nanoseconds ("all" mode; 0 in "latest" mode).
@@ -56,7 +67,7 @@ impl IndexPage {
     pub fn encode(&self) -> Vec<u8> {
         let per_page = entries_per_page(self.mode);
         assert!(self.entries.len() <= per_page, "index page overflow");
-        let entry_bytes = if self.mode == JournalMode::Latest { 8 } else { 24 };
+        let entry_bytes = if self.mode == JournalMode::Latest { LATEST_ENTRY_BYTES } else { ALL_ENTRY_BYTES };
         let length = PAGE_PREFIX_BYTES + self.entries.len() * entry_bytes;
         let mut bytes = vec![0u8; SLOT_BYTES];
         Header::write(&mut bytes, MAGIC, length, self.sequence);
@@ -69,6 +80,8 @@ impl IndexPage {
         w.skip(3);
         for entry in &self.entries {
             w.put_u64(entry.block);
+            w.put_u32(entry.crc);
+            w.put_u32(0);
             if self.mode == JournalMode::All {
                 w.put_u64(entry.sequence);
                 w.put_u64(entry.time_ns);
@@ -88,7 +101,7 @@ impl IndexPage {
         let count = r.u32()? as usize;
         let mode = JournalMode::from_byte(STRUCTURE, "entry format", r.u8()?)?;
         r.skip(3)?;
-        let entry_bytes = if mode == JournalMode::Latest { 8 } else { 24 };
+        let entry_bytes = if mode == JournalMode::Latest { LATEST_ENTRY_BYTES } else { ALL_ENTRY_BYTES };
         if count > entries_per_page(mode) || PAGE_PREFIX_BYTES + count * entry_bytes != body.len() {
             return Err(FormatError::invalid(
                 STRUCTURE,
@@ -99,8 +112,12 @@ impl IndexPage {
         let mut entries = Vec::with_capacity(count);
         for _ in 0..count {
             let block = r.u64()?;
+            let crc = r.u32()?;
+            if r.u32()? != 0 {
+                return Err(FormatError::invalid(STRUCTURE, "entry flags", "reserved bits set"));
+            }
             let (sequence, time_ns) = if mode == JournalMode::All { (r.u64()?, r.u64()?) } else { (0, 0) };
-            entries.push(IndexEntry { block, sequence, time_ns });
+            entries.push(IndexEntry { block, crc, sequence, time_ns });
         }
         Ok(IndexPage { sequence: header.sequence, generation, page, first_segment, mode, entries })
     }
@@ -124,16 +141,17 @@ mod tests {
             first_segment: 8568,
             mode: JournalMode::Latest,
             entries: (0..LATEST_ENTRIES_PER_PAGE as u64)
-                .map(|b| IndexEntry { block: b * 3, sequence: 0, time_ns: 0 })
+                .map(|b| IndexEntry { block: b * 3, crc: b as u32, sequence: 0, time_ns: 0 })
                 .collect(),
         };
         let bytes = page.encode();
         assert_eq!(IndexPage::decode(&bytes).unwrap(), page);
-        assert_eq!(LATEST_ENTRIES_PER_PAGE, 504);
-        assert_eq!(ALL_ENTRIES_PER_PAGE, 168);
+        assert_eq!(LATEST_ENTRIES_PER_PAGE, 252);
+        assert_eq!(ALL_ENTRIES_PER_PAGE, 126);
         assert_eq!(u64::from_le_bytes(bytes[48..56].try_into().unwrap()), 8568, "first segment at 48");
-        assert_eq!(u32::from_le_bytes(bytes[56..60].try_into().unwrap()), 504, "count at 56");
-        assert_eq!(u64::from_le_bytes(bytes[72..80].try_into().unwrap()), 3, "entry 1 at 72");
+        assert_eq!(u32::from_le_bytes(bytes[56..60].try_into().unwrap()), 252, "count at 56");
+        assert_eq!(u64::from_le_bytes(bytes[80..88].try_into().unwrap()), 3, "entry 1 at 80");
+        assert_eq!(u32::from_le_bytes(bytes[88..92].try_into().unwrap()), 1, "entry 1 crc at 88");
 
         let all = IndexPage {
             sequence: 1,
@@ -141,11 +159,11 @@ mod tests {
             page: 0,
             first_segment: 0,
             mode: JournalMode::All,
-            entries: vec![IndexEntry { block: 5, sequence: 77, time_ns: 99 }],
+            entries: vec![IndexEntry { block: 5, crc: 0xDEAD, sequence: 77, time_ns: 99 }],
         };
         let bytes = all.encode();
         assert_eq!(IndexPage::decode(&bytes).unwrap(), all);
-        assert_eq!(u64::from_le_bytes(bytes[72..80].try_into().unwrap()), 77, "sequence at entry + 8");
+        assert_eq!(u64::from_le_bytes(bytes[80..88].try_into().unwrap()), 77, "sequence at entry + 16");
     }
 
     #[test]
@@ -158,10 +176,10 @@ mod tests {
             mode: JournalMode::Latest,
             entries: vec![],
         };
-        page.entries.push(IndexEntry { block: 1, sequence: 0, time_ns: 0 });
+        page.entries.push(IndexEntry { block: 1, crc: 0, sequence: 0, time_ns: 0 });
         let old = page.encode();
         page.sequence = 2;
-        page.entries.push(IndexEntry { block: 2, sequence: 0, time_ns: 0 });
+        page.entries.push(IndexEntry { block: 2, crc: 0, sequence: 0, time_ns: 0 });
         let mut new = page.encode();
         assert_eq!(choose(&old, &new).unwrap().entries.len(), 2);
         new[70] ^= 4;

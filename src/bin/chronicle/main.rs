@@ -1,0 +1,266 @@
+//! `chronicle`: the standalone host — format a volume on files, run the demo, load and check it,
+//! inspect and verify it offline, and benchmark it.
+
+mod bench;
+mod demo;
+mod host;
+mod load;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use chronicle::core::format::layout::{self, human, LayoutOptions, VolumeShape};
+use chronicle::core::format::superblock::Durability;
+use chronicle::engine::reader::VolumeReader;
+use chronicle::engine::{self, FormatOptions};
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "chronicle", version, about = "A block journal with generations, a sorted backup and history.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DurabilityArg {
+    /// Writes are acknowledged on completion and durable after the next flush (like a disk cache).
+    Flush,
+    /// Writes are acknowledged only once durable.
+    WriteThrough,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a volume's four files in DIR and format them.
+    Format {
+        dir: PathBuf,
+        /// Volume size, e.g. 64M, 1G.
+        #[arg(long, value_parser = host::parse_size)]
+        size: u64,
+        /// Host write size in bytes: the journal's unit (power of two, 512 B to 1 MiB).
+        #[arg(long, default_value_t = 4096)]
+        host_write_size: u32,
+        /// Journal file size (default: a quarter of the volume's blocks plus metadata).
+        #[arg(long, value_parser = host::parse_size)]
+        journal_size: Option<u64>,
+        /// History file size (default: half the volume's blocks plus control blocks).
+        #[arg(long, value_parser = host::parse_size)]
+        history_size: Option<u64>,
+        #[arg(long, value_enum, default_value_t = DurabilityArg::Flush)]
+        durability: DurabilityArg,
+        /// Overwrite a volume that already exists in DIR.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Format a volume, write to it with markers, let the sorts run and verify every generation.
+    Demo {
+        /// Directory for the volume (default: a temporary directory, removed afterwards).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[arg(long, value_parser = host::parse_size, default_value = "64M")]
+        size: u64,
+        #[arg(long, default_value_t = 6)]
+        generations: u32,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Random writes with self-identifying payloads, markers at intervals, and an optional
+    /// log of acknowledged writes for `check`.
+    Load {
+        dir: PathBuf,
+        #[arg(long)]
+        seconds: f64,
+        #[arg(long, default_value_t = 32)]
+        queue_depth: usize,
+        #[arg(long)]
+        marker_every_ms: Option<u64>,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long)]
+        ack_log: Option<PathBuf>,
+    },
+    /// Open (recover) the volume and verify its data against the payloads written by `load`.
+    Check {
+        dir: PathBuf,
+        #[arg(long)]
+        ack_log: Option<PathBuf>,
+    },
+    /// Show a volume's superblocks, catalogs and generations (changes nothing).
+    Inspect {
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every structure and checksum of a volume offline (changes nothing).
+    Verify { dir: PathBuf },
+    /// Measure host I/O through the engine; the last line is JSON.
+    Bench {
+        dir: PathBuf,
+        #[arg(long, value_enum)]
+        workload: bench::Workload,
+        #[arg(long, value_parser = host::parse_size, default_value = "4096")]
+        block_size: u64,
+        #[arg(long, default_value_t = 32)]
+        queue_depth: usize,
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("chronicle: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Format { dir, size, host_write_size, journal_size, history_size, durability, force } => {
+            let durability = match durability {
+                DurabilityArg::Flush => Durability::Flush,
+                DurabilityArg::WriteThrough => Durability::WriteThrough,
+            };
+            format_dir(&dir, size, host_write_size, journal_size, history_size, durability, force)?;
+            println!("formatted {} ({} volume, {} B host write size)", dir.display(), human(size), host_write_size);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo { dir, size, generations, seed } => demo::run(dir, size, generations, seed),
+        Command::Load { dir, seconds, queue_depth, marker_every_ms, seed, ack_log } => {
+            load::load(&dir, seconds, queue_depth, marker_every_ms, seed, ack_log.as_deref())
+        }
+        Command::Check { dir, ack_log } => load::check(&dir, ack_log.as_deref()),
+        Command::Inspect { dir, json } => inspect(&dir, json),
+        Command::Verify { dir } => verify(&dir),
+        Command::Bench { dir, workload, block_size, queue_depth, seconds, json } => {
+            bench::run(&dir, workload, block_size, queue_depth, seconds, json)
+        }
+    }
+}
+
+/// Creates and formats the four files of a volume.
+pub fn format_dir(
+    dir: &Path,
+    size: u64,
+    host_write_size: u32,
+    journal_size: Option<u64>,
+    history_size: Option<u64>,
+    durability: Durability,
+    force: bool,
+) -> Result<()> {
+    if !host_write_size.is_power_of_two() || !(512..=1 << 20).contains(&host_write_size) {
+        bail!("--host-write-size {host_write_size} must be a power of two from 512 to 1048576 bytes");
+    }
+    if size == 0 || size % u64::from(host_write_size) != 0 {
+        bail!("--size {size} must be a positive multiple of the host write size ({host_write_size} bytes)");
+    }
+    let existing: Vec<_> = host::paths(dir).into_iter().filter(|p| p.exists()).collect();
+    if !existing.is_empty() && !force {
+        bail!("{} already holds volume files ({}); pass --force to overwrite them", dir.display(), existing[0].display());
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    for path in existing {
+        std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
+    }
+    let shape = VolumeShape { host_write_size, volume_blocks: size / u64::from(host_write_size) };
+    let options = LayoutOptions::default();
+    let journal = journal_size.unwrap_or_else(|| layout::recommended_journal_bytes(&shape, &options));
+    let history = history_size.unwrap_or_else(|| layout::recommended_history_bytes(&shape, &options));
+    let round = |bytes: u64| bytes.div_ceil(4096) * 4096;
+    let channels = host::open_channels(dir, Some([size, round(journal), size, round(history)]), false, None)?;
+    let names = host::FILES.map(String::from);
+    let options = FormatOptions { host_write_size, durability, names, copy_base_to_backup: false, ..Default::default() };
+    engine::format(channels, &options, &mut |_| {}).with_context(|| format!("cannot format {}", dir.display()))?;
+    Ok(())
+}
+
+fn inspect(dir: &Path, json: bool) -> Result<ExitCode> {
+    let reader = VolumeReader::open(host::open_channels(dir, None, true, None)?)
+        .with_context(|| format!("{} cannot be opened", dir.display()))?;
+    let description = reader.describe();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&description)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("volume {}", description["volume_uuid"].as_str().unwrap_or("?"));
+    println!(
+        "  size {}, host write size {} B, journal mode {}, durability {}",
+        human(reader.volume_bytes()),
+        description["host_write_size"],
+        description["journal_mode"].as_str().unwrap_or("?"),
+        description["durability"].as_str().unwrap_or("?")
+    );
+    println!(
+        "  journal: {} of {} elements used; history: {} of {} units used",
+        description["journal"]["used_elements"],
+        description["journal"]["capacity_elements"],
+        description["history"]["used_units"],
+        description["history"]["capacity_units"]
+    );
+    println!("  generations:");
+    for generation in reader.generations() {
+        println!(
+            "    {:>6}  {:<8} {:>8} blocks  {}  {}",
+            generation.generation,
+            generation.state,
+            generation.blocks,
+            format_time(generation.time_ns),
+            generation.comment
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn verify(dir: &Path) -> Result<ExitCode> {
+    let channels = host::open_channels(dir, None, true, None)?;
+    let reader = match VolumeReader::open(channels) {
+        Ok(reader) => reader,
+        Err(error) => {
+            eprintln!("chronicle verify: {} is damaged: {error}", dir.display());
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    match reader.verify() {
+        Ok(report) => {
+            println!(
+                "{}: ok — {} history records ({} elements), {} sealed generations ({} elements), open generation {} elements",
+                dir.display(),
+                report.history_records,
+                report.history_elements,
+                report.sealed_generations,
+                report.sealed_elements,
+                report.open_elements
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(error) => {
+            eprintln!("chronicle verify: {} is damaged: {error}", dir.display());
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// Unix nanoseconds as UTC `YYYY-MM-DD hh:mm:ss`.
+pub fn format_time(ns: u64) -> String {
+    let seconds = ns / 1_000_000_000;
+    let (days, rest) = (seconds / 86_400, seconds % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}", rest / 3600, rest % 3600 / 60, rest % 60)
+}

@@ -1,0 +1,342 @@
+//! The I/O hub: a volume's four device channels, submission with back-pressure, and routing of
+//! completions either to the hot path (host reads and writes, by owner) or to control-path
+//! futures (format, recovery, marker, sort) waiting on a tag.
+//!
+//! Control-path operations are `async fn`s polled by [`Executor`] from the volume's poll loop:
+//! they never block, so the same code runs inside an SPDK poller. The hot path does not use
+//! futures; its state machines live in `write.rs`.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+
+use rustc_hash::FxHashMap;
+
+use crate::device::{Channel, Completion, DeviceGeometry, IoBuffers, IoError, Operation, SharedBuffers, SubmitError, Tag};
+
+/// The four devices of a volume (ARCHITECTURE §2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    Base = 0,
+    Journal = 1,
+    Backup = 2,
+    History = 3,
+}
+
+impl Role {
+    pub const ALL: [Role; 4] = [Role::Base, Role::Journal, Role::Backup, Role::History];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Base => "base",
+            Role::Journal => "journal",
+            Role::Backup => "backup",
+            Role::History => "history",
+        }
+    }
+}
+
+/// Operations queued behind a full device queue, per device, are bounded by the callers'
+/// own in-flight limits; this is a safety net that turns a runaway into a loud failure.
+const RETRY_QUEUE_LIMIT: usize = 1 << 16;
+
+pub(crate) struct IoHub<O> {
+    channels: Vec<Box<dyn Channel>>,
+    next_tag: Tag,
+    retry: [VecDeque<(Tag, Operation)>; 4],
+    /// Which device each outstanding tag went to (for in-flight accounting).
+    outstanding: FxHashMap<Tag, (Role, Option<O>)>,
+    control_done: FxHashMap<Tag, Completion>,
+    host_done: VecDeque<(O, Completion)>,
+    scratch: Vec<Completion>,
+}
+
+impl<O: Copy> IoHub<O> {
+    /// `channels` in [`Role`] order.
+    pub(crate) fn new(channels: Vec<Box<dyn Channel>>) -> Self {
+        assert_eq!(channels.len(), 4, "a volume has four devices");
+        IoHub {
+            channels,
+            next_tag: 1,
+            retry: Default::default(),
+            outstanding: FxHashMap::default(),
+            control_done: FxHashMap::default(),
+            host_done: VecDeque::new(),
+            scratch: Vec::with_capacity(256),
+        }
+    }
+
+    pub(crate) fn geometry(&self, role: Role) -> DeviceGeometry {
+        self.channels[role as usize].geometry()
+    }
+
+    pub(crate) fn device_name(&self, role: Role) -> &str {
+        self.channels[role as usize].name()
+    }
+
+    pub(crate) fn alloc(&self, role: Role, len: usize) -> crate::device::DmaBuf {
+        self.channels[role as usize].alloc(len)
+    }
+
+    pub(crate) fn in_flight(&self) -> usize {
+        self.outstanding.len()
+    }
+
+    /// Submits `operation`; its completion goes to `owner` (hot path) or, with `None`, waits
+    /// for a control-path future holding the returned tag.
+    pub(crate) fn submit(&mut self, role: Role, operation: Operation, owner: Option<O>) -> Tag {
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        self.outstanding.insert(tag, (role, owner));
+        let queue = &mut self.retry[role as usize];
+        if !queue.is_empty() {
+            // Keep submission order per device: nothing overtakes a queued operation.
+            assert!(queue.len() < RETRY_QUEUE_LIMIT, "retry queue of the {} device overflowed", role.name());
+            queue.push_back((tag, operation));
+            return tag;
+        }
+        self.try_submit(role, tag, operation);
+        tag
+    }
+
+    fn try_submit(&mut self, role: Role, tag: Tag, operation: Operation) -> bool {
+        let kind = operation.kind();
+        match self.channels[role as usize].submit(tag, operation) {
+            Ok(()) => true,
+            Err(SubmitError::QueueFull(operation)) => {
+                self.retry[role as usize].push_front((tag, *operation));
+                false
+            }
+            Err(SubmitError::Invalid(error)) => {
+                self.route(Completion { tag, kind, result: Err(error), payload: crate::device::Payload::None });
+                true
+            }
+        }
+    }
+
+    /// Resubmits queued operations, reaps completions from every channel and routes them.
+    /// Returns the number of completions reaped.
+    pub(crate) fn poll(&mut self) -> usize {
+        for role in Role::ALL {
+            while let Some((tag, operation)) = self.retry[role as usize].pop_front() {
+                if !self.try_submit(role, tag, operation) {
+                    break;
+                }
+            }
+        }
+        let mut reaped = 0;
+        for index in 0..self.channels.len() {
+            let mut scratch = std::mem::take(&mut self.scratch);
+            reaped += self.channels[index].poll(&mut scratch);
+            for completion in scratch.drain(..) {
+                self.route(completion);
+            }
+            self.scratch = scratch;
+        }
+        reaped
+    }
+
+    fn route(&mut self, completion: Completion) {
+        let (_, owner) = self.outstanding.remove(&completion.tag).expect("every completion has a submitter");
+        match owner {
+            Some(owner) => self.host_done.push_back((owner, completion)),
+            None => {
+                self.control_done.insert(completion.tag, completion);
+            }
+        }
+    }
+
+    pub(crate) fn next_host_completion(&mut self) -> Option<(O, Completion)> {
+        self.host_done.pop_front()
+    }
+
+    fn take_control(&mut self, tag: Tag) -> Option<Completion> {
+        self.control_done.remove(&tag)
+    }
+}
+
+pub(crate) type Hub<O> = Rc<RefCell<IoHub<O>>>;
+
+/// Waits for the completion of `tag`.
+pub(crate) struct IoFuture<O> {
+    hub: Hub<O>,
+    tag: Tag,
+}
+
+impl<O: Copy> Future for IoFuture<O> {
+    type Output = Completion;
+
+    fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Completion> {
+        match self.hub.borrow_mut().take_control(self.tag) {
+            Some(completion) => Poll::Ready(completion),
+            None => Poll::Pending,
+        }
+    }
+}
+
+/// Control-path I/O helpers over a hub. Offsets are device blocks unless named `_bytes`.
+pub(crate) struct ControlIo<O> {
+    pub(crate) hub: Hub<O>,
+}
+
+impl<O> Clone for ControlIo<O> {
+    fn clone(&self) -> Self {
+        ControlIo { hub: self.hub.clone() }
+    }
+}
+
+impl<O: Copy> ControlIo<O> {
+    pub(crate) fn submit(&self, role: Role, operation: Operation) -> IoFuture<O> {
+        let tag = self.hub.borrow_mut().submit(role, operation, None);
+        IoFuture { hub: self.hub.clone(), tag }
+    }
+
+    pub(crate) fn block_size(&self, role: Role) -> u64 {
+        u64::from(self.hub.borrow().geometry(role).block_size)
+    }
+
+    pub(crate) fn alloc(&self, role: Role, len: usize) -> crate::device::DmaBuf {
+        self.hub.borrow().alloc(role, len)
+    }
+
+    pub(crate) async fn read(&self, role: Role, offset_blocks: u64, len: usize) -> Result<IoBuffers, IoError> {
+        let buffers = IoBuffers::single(self.alloc(role, len));
+        let completion = self.submit(role, Operation::Read { offset_blocks, buffers }).await;
+        completion.result?;
+        match completion.payload {
+            crate::device::Payload::Read(buffers) => Ok(buffers),
+            other => unreachable!("a read completes with its buffers, got {other:?}"),
+        }
+    }
+
+    pub(crate) async fn read_bytes(&self, role: Role, offset_bytes: u64, len: usize) -> Result<Vec<u8>, IoError> {
+        let block = self.block_size(role);
+        debug_assert_eq!(offset_bytes % block, 0, "metadata is block aligned");
+        Ok(self.read(role, offset_bytes / block, len).await?.to_vec())
+    }
+
+    /// Submits at once (not on first poll), so writes created together run together.
+    pub(crate) fn write(
+        &self,
+        role: Role,
+        offset_blocks: u64,
+        buffers: SharedBuffers,
+        fua: bool,
+    ) -> impl Future<Output = Result<(), IoError>> {
+        let future = self.submit(role, Operation::Write { offset_blocks, buffers, fua });
+        async move { future.await.result }
+    }
+
+    /// Writes `bytes` (a whole number of device blocks) at a block-aligned byte offset.
+    pub(crate) async fn write_bytes(&self, role: Role, offset_bytes: u64, bytes: &[u8], fua: bool) -> Result<(), IoError> {
+        let block = self.block_size(role);
+        debug_assert_eq!(offset_bytes % block, 0, "metadata is block aligned");
+        let mut buffer = self.alloc(role, bytes.len());
+        buffer.as_mut_slice().copy_from_slice(bytes);
+        self.write(role, offset_bytes / block, std::sync::Arc::new(IoBuffers::single(buffer)), fua).await
+    }
+
+    /// Submits at once (not on first poll).
+    pub(crate) fn flush(&self, role: Role) -> impl Future<Output = Result<(), IoError>> {
+        let future = self.submit(role, Operation::Flush);
+        async move { future.await.result }
+    }
+
+    pub(crate) async fn write_zeroes(&self, role: Role, offset_blocks: u64, num_blocks: u64) -> Result<(), IoError> {
+        self.submit(role, Operation::WriteZeroes { offset_blocks, num_blocks }).await.result
+    }
+}
+
+/// Runs futures to completion concurrently, at most `limit` at a time, in order of creation;
+/// returns the first error, after every started future has finished.
+pub(crate) async fn run_bounded<F, T, E>(futures: impl IntoIterator<Item = F>, limit: usize) -> Result<Vec<T>, E>
+where
+    F: Future<Output = Result<T, E>>,
+{
+    assert!(limit > 0);
+    let mut pending = futures.into_iter().enumerate();
+    let mut running: Vec<(usize, Pin<Box<F>>)> = Vec::with_capacity(limit);
+    let mut results: Vec<Option<T>> = Vec::new();
+    let mut first_error: Option<E> = None;
+    let mut exhausted = false;
+    std::future::poll_fn(|cx| {
+        loop {
+            while !exhausted && running.len() < limit && first_error.is_none() {
+                match pending.next() {
+                    Some((index, future)) => {
+                        if results.len() <= index {
+                            results.resize_with(index + 1, || None);
+                        }
+                        running.push((index, Box::pin(future)));
+                    }
+                    None => exhausted = true,
+                }
+            }
+            let before = running.len();
+            running.retain_mut(|(index, future)| match future.as_mut().poll(cx) {
+                Poll::Ready(Ok(value)) => {
+                    results[*index] = Some(value);
+                    false
+                }
+                Poll::Ready(Err(error)) => {
+                    first_error.get_or_insert(error);
+                    false
+                }
+                Poll::Pending => true,
+            });
+            if running.is_empty() && (exhausted || first_error.is_some()) {
+                return Poll::Ready(());
+            }
+            if running.len() == before {
+                return Poll::Pending;
+            }
+        }
+    })
+    .await;
+    match first_error {
+        Some(error) => Err(error),
+        None => Ok(results.into_iter().map(|r| r.expect("every future finished")).collect()),
+    }
+}
+
+/// A set of control-path tasks polled from the owner's loop. Tasks make progress only when
+/// polled; their I/O completions arrive through the hub in between.
+#[derive(Default)]
+pub(crate) struct Executor {
+    tasks: Vec<Pin<Box<dyn Future<Output = ()>>>>,
+}
+
+impl Executor {
+    pub(crate) fn spawn(&mut self, task: impl Future<Output = ()> + 'static) {
+        self.tasks.push(Box::pin(task));
+    }
+
+    /// Polls every task once; returns how many are still running.
+    pub(crate) fn poll(&mut self) -> usize {
+        let mut context = Context::from_waker(Waker::noop());
+        self.tasks.retain_mut(|task| task.as_mut().poll(&mut context).is_pending());
+        self.tasks.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+}
+
+/// Drives one future to completion by polling it and the hub in turn: for offline tools and
+/// tests, never inside an SPDK reactor.
+pub(crate) fn block_on<O: Copy, T>(hub: &Hub<O>, future: impl Future<Output = T>) -> T {
+    let mut future = std::pin::pin!(future);
+    let mut context = Context::from_waker(Waker::noop());
+    loop {
+        if let Poll::Ready(value) = future.as_mut().poll(&mut context) {
+            return value;
+        }
+        if hub.borrow_mut().poll() == 0 {
+            std::hint::spin_loop();
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! Marker (seed 001 FIG 9, S9001–S9005): seal the open generation and open the next.
+//!
+//! New host writes are held while in-flight writes drain; then the pages whose element
+//! checksums changed are rewritten, base and journal are flushed (the generation's elements
+//! and the base's image are durable), and the journal catalog is written with the generation
+//! sealed and the next one open — that write is the seal. Held writes then go to the new
+//! generation. The hold lasts one drain, one flush and one catalog write.
+
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Instant;
+
+use crate::device::IoBuffers;
+
+use super::io::{run_bounded, ControlIo, Role};
+use super::meta::{OpenGeneration, PageState, SealedGeneration};
+use super::volume::{elapsed_us, write_journal_catalog, HostRef, MarkerHandle, SharedRef};
+use super::{now_ns, EngineError};
+
+pub(crate) async fn run_marker(shared: SharedRef, io: ControlIo<HostRef>, comment: String, handle: MarkerHandle) {
+    let result = mark(&shared, &io, comment).await;
+    if let Err(error) = &result {
+        let mut s = shared.borrow_mut();
+        if matches!(error, EngineError::Io(_)) {
+            s.failed.get_or_insert(format!("marker failed: {error}"));
+        }
+    }
+    handle.set(result.map_err(|e| e.to_string()));
+}
+
+async fn mark(shared: &SharedRef, io: &ControlIo<HostRef>, comment: String) -> Result<u64, EngineError> {
+    if comment.len() >= crate::core::format::catalog::COMMENT_BYTES {
+        return Err(EngineError::Geometry(format!(
+            "marker comment of {} bytes is too long (at most {})",
+            comment.len(),
+            crate::core::format::catalog::COMMENT_BYTES - 1
+        )));
+    }
+    // One marker at a time.
+    std::future::poll_fn(|_| {
+        let mut s = shared.borrow_mut();
+        if s.marker_pending {
+            Poll::Pending
+        } else {
+            s.marker_pending = true;
+            Poll::Ready(())
+        }
+    })
+    .await;
+    let held_since = Instant::now();
+    let result = seal(shared, io, comment).await;
+    let mut s = shared.borrow_mut();
+    s.marker_pending = false;
+    if result.is_ok() {
+        let hold = elapsed_us(held_since);
+        s.control.markers += 1;
+        s.control.marker_hold_last_us = hold;
+        s.control.marker_hold_max_us = s.control.marker_hold_max_us.max(hold);
+    }
+    result
+}
+
+async fn seal(shared: &SharedRef, io: &ControlIo<HostRef>, comment: String) -> Result<u64, EngineError> {
+    {
+        let s = shared.borrow();
+        if let Some(failed) = &s.failed {
+            return Err(EngineError::Failed(failed.clone()));
+        }
+        let limit = s.meta.options.max_online_generations as usize;
+        if s.meta.sealed.len() + 2 > limit {
+            return Err(EngineError::TooManyGenerations { count: s.meta.sealed.len(), limit: limit - 1 });
+        }
+    }
+    // Drain: every write admitted before the marker completes in this generation.
+    std::future::poll_fn(|_| {
+        let s = shared.borrow();
+        if s.hot.writes_in_flight == 0 && !s.hot.commit_in_flight() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+
+    // Pages whose element checksums changed since they were written.
+    let stale = {
+        let mut s = shared.borrow_mut();
+        let meta = &mut s.meta;
+        let upto = meta.open.blocks.len();
+        let mut indexes: Vec<usize> = meta.open.stale_pages.drain().collect();
+        indexes.sort_unstable();
+        indexes
+            .into_iter()
+            .map(|index| {
+                let (page, slot, sequence, bytes) = meta.next_index_page(index, upto);
+                (index, slot, sequence, meta.index_slot_bytes(page, slot), bytes)
+            })
+            .collect::<Vec<_>>()
+    };
+    let writes = stale.iter().map(|(_, _, _, offset, bytes)| {
+        let mut buffer = io.alloc(Role::Journal, bytes.len());
+        buffer.as_mut_slice().copy_from_slice(bytes);
+        let lba = offset / io.block_size(Role::Journal);
+        io.write(Role::Journal, lba, Arc::new(IoBuffers::single(buffer)), false)
+    });
+    run_bounded(writes, 32).await?;
+    {
+        let mut s = shared.borrow_mut();
+        for (index, slot, sequence, _, _) in &stale {
+            s.meta.open.pages[*index] = PageState { sequence: *sequence, newest_slot: Some(*slot) };
+        }
+    }
+    let (base, journal) = (io.flush(Role::Base), io.flush(Role::Journal));
+    base.await?;
+    journal.await?;
+
+    let generation = {
+        let mut s = shared.borrow_mut();
+        let meta = &mut s.meta;
+        let next = OpenGeneration::new(meta.open.generation + 1, meta.ring.head(), meta.pages.head());
+        let open = std::mem::replace(&mut meta.open, next);
+        debug_assert_eq!(open.durable, open.blocks.len(), "drained writes left every entry durable");
+        meta.sealed.push_back(SealedGeneration {
+            generation: open.generation,
+            time_ns: now_ns(),
+            comment,
+            element_start: open.element_start,
+            page_start: open.page_start,
+            page_count: open.pages.len() as u64,
+            blocks: open.blocks,
+            crcs: open.crcs,
+        });
+        open.generation
+    };
+    write_journal_catalog(shared, io).await?;
+    Ok(generation)
+}

@@ -1,0 +1,216 @@
+//! In-memory metadata of an opened volume: superblocks and layouts, the catalogs and which of
+//! their slots is newest, the journal rings, the history allocator, the open generation's
+//! element list and the sealed generations waiting for the sort. Owned by the volume's thread.
+
+use std::collections::VecDeque;
+
+use rustc_hash::FxHashMap;
+
+use crate::core::allocator::{RingAllocator, SegmentAllocator};
+use crate::core::format::catalog::{Catalog, CatalogEntry, EntryKind, EntryState};
+use crate::core::format::element_index::{entries_per_page, IndexEntry, IndexPage, SLOT_BYTES};
+use crate::core::format::layout::{HistoryLayout, JournalLayout, LayoutOptions, VolumeShape};
+use crate::core::format::records::SortCursor;
+use crate::core::format::superblock::{Durability, JournalFullPolicy, JournalMode, Superblock};
+use crate::core::geometry::VolumeGeometry;
+
+/// State of one element-index page's two slots.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct PageState {
+    /// Sequence of the newest valid copy (0: never written).
+    pub sequence: u64,
+    /// Slot holding the newest valid copy.
+    pub newest_slot: Option<u8>,
+}
+
+/// The generation collecting host writes.
+#[derive(Debug)]
+pub(crate) struct OpenGeneration {
+    pub generation: u64,
+    pub opened_ns: u64,
+    /// Virtual journal segment of entry 0.
+    pub element_start: u64,
+    /// Virtual element-index page of page 0.
+    pub page_start: u64,
+    /// Blocks in allocation order: entry k is in segment `element_start + k`.
+    pub blocks: Vec<u64>,
+    /// crc32c of each entry's element as last written.
+    pub crcs: Vec<u32>,
+    /// Block → entry.
+    pub entry_of: FxHashMap<u64, u32>,
+    /// Pages holding entries whose crc changed since the page was last written.
+    pub stale_pages: rustc_hash::FxHashSet<usize>,
+    /// Entries whose index page is durable.
+    pub durable: usize,
+    pub pages: Vec<PageState>,
+}
+
+impl OpenGeneration {
+    pub fn new(generation: u64, element_start: u64, page_start: u64) -> Self {
+        OpenGeneration {
+            generation,
+            opened_ns: super::now_ns(),
+            element_start,
+            page_start,
+            blocks: Vec::new(),
+            crcs: Vec::new(),
+            entry_of: FxHashMap::default(),
+            stale_pages: Default::default(),
+            durable: 0,
+            pages: Vec::new(),
+        }
+    }
+
+    pub fn segment_of(&self, block: u64) -> Option<u64> {
+        self.entry_of.get(&block).map(|entry| self.element_start + u64::from(*entry))
+    }
+}
+
+/// A sealed generation waiting for (or in) the sort.
+#[derive(Debug, Clone)]
+pub(crate) struct SealedGeneration {
+    pub generation: u64,
+    pub time_ns: u64,
+    pub comment: String,
+    pub element_start: u64,
+    pub page_start: u64,
+    pub page_count: u64,
+    pub blocks: Vec<u64>,
+    pub crcs: Vec<u32>,
+}
+
+impl SealedGeneration {
+    /// `(block, virtual segment)` of every element.
+    pub fn elements(&self) -> Vec<(u64, u64)> {
+        self.blocks.iter().enumerate().map(|(k, block)| (*block, self.element_start + k as u64)).collect()
+    }
+}
+
+pub(crate) struct Meta {
+    pub geometry: VolumeGeometry,
+    pub shape: VolumeShape,
+    pub options: LayoutOptions,
+    pub journal_superblock: Superblock,
+    pub history_superblock: Superblock,
+    pub journal: JournalLayout,
+    pub history: HistoryLayout,
+    /// Block size of each device, by role.
+    pub block_size: [u64; 4],
+    pub journal_catalog: Catalog,
+    pub journal_catalog_slot: usize,
+    pub history_catalog: Catalog,
+    pub history_catalog_slot: usize,
+    pub cursor: SortCursor,
+    pub cursor_slot: usize,
+    pub ring: RingAllocator,
+    pub pages: RingAllocator,
+    pub allocator: SegmentAllocator,
+    pub open: OpenGeneration,
+    pub sealed: VecDeque<SealedGeneration>,
+}
+
+impl Meta {
+    pub fn unit_bytes(&self) -> u64 {
+        u64::from(self.shape.host_write_size)
+    }
+
+    pub fn mode(&self) -> JournalMode {
+        self.journal_superblock.journal_mode
+    }
+
+    pub fn durability(&self) -> Durability {
+        self.journal_superblock.durability
+    }
+
+    pub fn journal_full_policy(&self) -> JournalFullPolicy {
+        self.journal_superblock.journal_full_policy
+    }
+
+    pub fn entries_per_page(&self) -> usize {
+        entries_per_page(self.mode())
+    }
+
+    /// Device blocks of the base or backup per unit.
+    pub fn blocks_per_unit(&self, role_index: usize) -> u64 {
+        self.unit_bytes() / self.block_size[role_index]
+    }
+
+    /// Block of the base (or backup) where unit `unit` starts.
+    pub fn volume_lba(&self, role_index: usize, unit: u64) -> u64 {
+        unit * self.blocks_per_unit(role_index)
+    }
+
+    /// Journal block where virtual segment `segment` starts.
+    pub fn segment_lba(&self, segment: u64) -> u64 {
+        let physical = self.ring.physical(segment);
+        (self.journal.elements.start_bytes + physical * self.unit_bytes()) / self.block_size[1]
+    }
+
+    /// Byte offset of slot `slot` of virtual index page `page`.
+    pub fn index_slot_bytes(&self, page: u64, slot: u8) -> u64 {
+        let physical = page % self.journal.index_pages;
+        self.journal.index.start_bytes + physical * 2 * SLOT_BYTES as u64 + u64::from(slot) * SLOT_BYTES as u64
+    }
+
+    /// History block where history unit `unit` starts.
+    pub fn history_lba(&self, unit: u64) -> u64 {
+        (self.history.units.start_bytes + unit * self.unit_bytes()) / self.block_size[3]
+    }
+
+    /// Byte offset of the sort cursor's slot.
+    pub fn cursor_bytes(&self, slot: usize) -> u64 {
+        self.history.sort_cursors.start_bytes + slot as u64 * 4096
+    }
+
+    /// The journal catalog describing the current state (online generations and rings).
+    pub fn build_journal_catalog(&self) -> Catalog {
+        let mut catalog = self.journal_catalog.clone();
+        catalog.next_generation = self.open.generation;
+        catalog.ring_tail = self.ring.tail();
+        catalog.index_tail = self.pages.tail();
+        catalog.entries.clear();
+        for sealed in &self.sealed {
+            let mut entry = CatalogEntry::new(sealed.generation, EntryKind::Online, EntryState::Sealed);
+            entry.time_ns = sealed.time_ns;
+            entry.comment = sealed.comment.clone();
+            entry.element_start = sealed.element_start;
+            entry.element_count = sealed.blocks.len() as u64;
+            entry.control_start = sealed.page_start;
+            entry.control_count = sealed.page_count;
+            entry.blocks = sealed.blocks.len() as u64;
+            catalog.entries.push(entry);
+        }
+        let mut open = CatalogEntry::new(self.open.generation, EntryKind::Online, EntryState::Open);
+        open.time_ns = self.open.opened_ns;
+        open.element_start = self.open.element_start;
+        open.control_start = self.open.page_start;
+        catalog.entries.push(open);
+        catalog
+    }
+
+    /// Encoded index page `index` (relative to the open generation) holding its entries up to
+    /// `upto`, written with the next sequence into the slot not holding the newest copy.
+    pub fn next_index_page(&self, index: usize, upto: usize) -> (u64, u8, u64, Vec<u8>) {
+        let per_page = self.entries_per_page();
+        let state = self.open.pages.get(index).copied().unwrap_or_default();
+        let slot = match state.newest_slot {
+            Some(slot) => 1 - slot,
+            None => 0,
+        };
+        let sequence = state.sequence + 1;
+        let first = index * per_page;
+        let last = upto.min(first + per_page);
+        assert!(first < last, "an index page write carries at least one entry");
+        let page = IndexPage {
+            sequence,
+            generation: self.open.generation,
+            page: self.open.page_start + index as u64,
+            first_segment: self.open.element_start + first as u64,
+            mode: self.mode(),
+            entries: (first..last)
+                .map(|k| IndexEntry { block: self.open.blocks[k], crc: self.open.crcs[k], sequence: 0, time_ns: 0 })
+                .collect(),
+        };
+        (self.open.page_start + index as u64, slot, sequence, page.encode())
+    }
+}

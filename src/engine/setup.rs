@@ -1,0 +1,566 @@
+//! Format and open (with crash recovery) of a volume — seed 001 FIG 7 S7005 (format creates
+//! the tables) and ARCHITECTURE §8 (recovery).
+//!
+//! Recovery on open, in order:
+//! 1. superblocks (newest valid copy), identity and geometry of all four devices;
+//! 2. catalogs (newest valid slot) and the sort cursor;
+//! 3. online generations already sorted (the history catalog's backup generation has reached
+//!    them) are dropped from the journal;
+//! 4. element index of every remaining online generation; sealed generations must read back
+//!    whole, and their elements must match their checksums, or the open is refused;
+//! 5. the open generation's elements are rewritten from the base (their last writes may have
+//!    been in flight) and their checksums recomputed: cost ∝ the open generation, not the volume;
+//! 6. rings and the history allocator are rebuilt from the catalogs; an interrupted sort is
+//!    resumed by the volume from the cursor.
+//!
+//! Every step only reads, or writes idempotently through the double-buffer protocol, so a crash
+//! during recovery is recovered the same way.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use crate::core::allocator::{Extent, RingAllocator, SegmentAllocator};
+use crate::core::checksum::crc32c;
+use crate::core::format::catalog::{self, Catalog, CatalogEntry, EntryKind, EntryState};
+use crate::core::format::element_index::{IndexPage, SLOT_BYTES};
+use crate::core::format::layout::{self, HistoryLayout, JournalLayout, VolumeShape};
+use crate::core::format::records::{SortCursor, SortState};
+use crate::core::format::superblock::{self, DeviceRole, JournalFullPolicy, JournalMode, PeerDevice, Superblock};
+use crate::core::format::{FormatError, METADATA_PAGE_BYTES};
+use crate::core::geometry::{DeviceBlockSize, HostWriteSize, VolumeGeometry};
+use crate::device::{Channel, DeviceGeometry};
+
+use super::io::{block_on, run_bounded, ControlIo, IoHub, Role};
+use super::meta::{Meta, OpenGeneration, PageState, SealedGeneration};
+use super::{now_ns, EngineError, FormatOptions};
+
+const PAGE: u64 = METADATA_PAGE_BYTES as u64;
+/// Bytes copied per I/O by format's base-to-backup copy and by recovery.
+const COPY_CHUNK_BYTES: u64 = 1 << 20;
+/// Copy I/Os in flight at once.
+const COPY_IN_FLIGHT: usize = 8;
+
+/// Progress of a long format step.
+#[derive(Debug, Clone, Copy)]
+pub struct FormatProgress {
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+}
+
+/// Formats the four devices (channels in [`Role`] order) as one new volume. Blocking: for the
+/// standalone host and tests.
+pub fn format(
+    channels: Vec<Box<dyn Channel>>,
+    options: &FormatOptions,
+    progress: &mut dyn FnMut(FormatProgress),
+) -> Result<(), EngineError> {
+    let hub = std::rc::Rc::new(std::cell::RefCell::new(IoHub::<()>::new(channels)));
+    let io = ControlIo { hub: hub.clone() };
+    block_on(&hub, format_volume(&io, options, progress))
+}
+
+fn geometries<O: Copy>(io: &ControlIo<O>) -> [DeviceGeometry; 4] {
+    let hub = io.hub.borrow();
+    Role::ALL.map(|role| hub.geometry(role))
+}
+
+fn names<O: Copy>(io: &ControlIo<O>) -> [String; 4] {
+    let hub = io.hub.borrow();
+    Role::ALL.map(|role| hub.device_name(role).to_owned())
+}
+
+/// Checks that the devices can hold a volume of the base's size at `host_write_size`.
+fn volume_geometry(devices: &[DeviceGeometry; 4], names: &[String; 4], host_write_size: u32) -> Result<VolumeGeometry, EngineError> {
+    let geometry_error = |e: crate::core::geometry::GeometryError| EngineError::Geometry(e.to_string());
+    let base_block = DeviceBlockSize::new(devices[0].block_size).map_err(geometry_error)?;
+    let unit = HostWriteSize::for_device(host_write_size, base_block).map_err(geometry_error)?;
+    for role in [Role::Journal, Role::Backup, Role::History] {
+        let block = devices[role as usize].block_size;
+        let block_size = DeviceBlockSize::new(block).map_err(geometry_error)?;
+        HostWriteSize::for_device(host_write_size, block_size).map_err(|e| {
+            EngineError::Geometry(format!("{} device {}: {e}", role.name(), names[role as usize]))
+        })?;
+    }
+    let unit_bytes = u64::from(unit.bytes());
+    let volume_bytes = devices[0].size_bytes() / unit_bytes * unit_bytes;
+    let geometry = VolumeGeometry::new(base_block, unit, volume_bytes).map_err(|e| {
+        EngineError::Geometry(format!("base device {} ({} bytes): {e}", names[0], devices[0].size_bytes()))
+    })?;
+    if devices[Role::Backup as usize].size_bytes() < volume_bytes {
+        return Err(EngineError::Geometry(format!(
+            "the backup device {} is {}, smaller than the volume ({}): the backup holds a full image",
+            names[2],
+            layout::human(devices[2].size_bytes()),
+            layout::human(volume_bytes)
+        )));
+    }
+    Ok(geometry)
+}
+
+pub(crate) async fn format_volume<O: Copy>(
+    io: &ControlIo<O>,
+    options: &FormatOptions,
+    progress: &mut dyn FnMut(FormatProgress),
+) -> Result<(), EngineError> {
+    if options.journal_mode == JournalMode::All {
+        return Err(EngineError::Unsupported("journal mode \"all\"".into()));
+    }
+    if matches!(options.journal_full_policy, JournalFullPolicy::MergeOldest | JournalFullPolicy::BitmapOnly) {
+        return Err(EngineError::Unsupported(format!("journal-full policy {:?}", options.journal_full_policy)));
+    }
+    let devices = geometries(io);
+    let device_names = names(io);
+    let geometry = volume_geometry(&devices, &device_names, options.host_write_size)?;
+    let shape = VolumeShape { host_write_size: options.host_write_size, volume_blocks: geometry.volume_blocks() };
+    let journal = layout::plan_journal(&shape, &options.layout, devices[1].size_bytes())?;
+    let history = layout::plan_history(&shape, &options.layout, devices[3].size_bytes())?;
+    let volume_uuid = *uuid::Uuid::new_v4().as_bytes();
+    let created_ns = now_ns();
+
+    // 1. Invalidate what a previous format left: superblocks first, so that a crash during
+    //    format leaves devices that are plainly not chronicle devices.
+    for role in [Role::Journal, Role::History] {
+        let zero = vec![0u8; 2 * METADATA_PAGE_BYTES];
+        io.write_bytes(role, 0, &zero, true).await?;
+    }
+    let zero_area = |role: Role, start: u64, length: u64| {
+        let block = io.block_size(role);
+        io.write_zeroes(role, start / block, length / block)
+    };
+    zero_area(Role::Journal, journal.catalogs[1].start_bytes, journal.catalogs[1].length_bytes).await?;
+    zero_area(Role::Journal, journal.sites.start_bytes, journal.sites.length_bytes).await?;
+    zero_area(Role::Journal, journal.index.start_bytes, journal.index.length_bytes).await?;
+    zero_area(Role::History, history.catalogs[1].start_bytes, history.catalogs[1].length_bytes).await?;
+    zero_area(Role::History, history.sort_cursors.start_bytes, history.sort_cursors.length_bytes).await?;
+
+    // 2. Generation 0 is the base as it is now: the backup starts as its copy.
+    if options.copy_base_to_backup {
+        copy_volume(io, Role::Base, Role::Backup, geometry.volume_bytes(), progress).await?;
+    }
+
+    // 3. Catalogs and the sort cursor.
+    let mut history_catalog = Catalog::new(DeviceRole::History, options.layout.catalog_entries);
+    history_catalog.sequence = 1;
+    history_catalog.backup_generation = 0;
+    let mut backup = CatalogEntry::new(0, EntryKind::Backup, EntryState::Live);
+    backup.time_ns = created_ns;
+    backup.comment = "format".into();
+    history_catalog.entries.push(backup);
+    io.write_bytes(Role::History, history.catalogs[0].start_bytes, &history_catalog.encode(), false).await?;
+    io.write_bytes(Role::History, history.sort_cursors.start_bytes, &SortCursor::idle(1).encode(), false).await?;
+
+    let mut journal_catalog = Catalog::new(DeviceRole::Journal, options.layout.catalog_entries);
+    journal_catalog.sequence = 1;
+    journal_catalog.next_generation = 1;
+    let mut open = CatalogEntry::new(1, EntryKind::Online, EntryState::Open);
+    open.time_ns = created_ns;
+    journal_catalog.entries.push(open);
+    io.write_bytes(Role::Journal, journal.catalogs[0].start_bytes, &journal_catalog.encode(), false).await?;
+    for role in [Role::Journal, Role::Backup, Role::History] {
+        io.flush(role).await?;
+    }
+
+    // 4. Superblocks last: the volume exists once the journal's superblock is durable.
+    let peer = |role: Role| PeerDevice {
+        role: match role {
+            Role::Base => DeviceRole::Base,
+            Role::Journal => DeviceRole::Journal,
+            Role::Backup => DeviceRole::Backup,
+            Role::History => DeviceRole::History,
+        },
+        bytes: devices[role as usize].size_bytes(),
+        name: truncate_name(&options.names[role as usize]),
+    };
+    let make = |role: DeviceRole, device: usize, areas, peers| Superblock {
+        sequence: 1,
+        volume_uuid,
+        device_uuid: *uuid::Uuid::new_v4().as_bytes(),
+        role,
+        journal_mode: options.journal_mode,
+        journal_full_policy: options.journal_full_policy,
+        durability: options.durability,
+        device_block_size: devices[device].block_size,
+        host_write_size: options.host_write_size,
+        volume_blocks: geometry.volume_blocks(),
+        device_bytes: devices[device].size_bytes(),
+        features_compat: 0,
+        features_incompat: 0,
+        features_ro_compat: 0,
+        created_ns,
+        areas,
+        peers,
+    };
+    let history_superblock =
+        make(DeviceRole::History, 3, history.areas(), vec![peer(Role::Base), peer(Role::Journal), peer(Role::Backup)]);
+    io.write_bytes(Role::History, 0, &history_superblock.encode(), true).await?;
+    let journal_superblock =
+        make(DeviceRole::Journal, 1, journal.areas(), vec![peer(Role::Base), peer(Role::Backup), peer(Role::History)]);
+    io.write_bytes(Role::Journal, 0, &journal_superblock.encode(), true).await?;
+    Ok(())
+}
+
+fn truncate_name(name: &str) -> String {
+    let mut end = name.len().min(superblock::PEER_NAME_BYTES - 1);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    name[..end].to_owned()
+}
+
+/// Copies the first `bytes` of one device to another, in bounded chunks.
+async fn copy_volume<O: Copy>(
+    io: &ControlIo<O>,
+    from: Role,
+    to: Role,
+    bytes: u64,
+    progress: &mut dyn FnMut(FormatProgress),
+) -> Result<(), EngineError> {
+    let from_block = io.block_size(from);
+    let to_block = io.block_size(to);
+    let mut done = 0u64;
+    while done < bytes {
+        let group_end = (done + COPY_CHUNK_BYTES * COPY_IN_FLIGHT as u64).min(bytes);
+        let chunks: Vec<(u64, u64)> = (done..group_end)
+            .step_by(COPY_CHUNK_BYTES as usize)
+            .map(|start| (start, (group_end - start).min(COPY_CHUNK_BYTES)))
+            .collect();
+        run_bounded(
+            chunks.into_iter().map(|(start, len)| async move {
+                let data = io.read(from, start / from_block, len as usize).await?;
+                io.write(to, start / to_block, Arc::new(data), false).await
+            }),
+            COPY_IN_FLIGHT,
+        )
+        .await?;
+        done = group_end;
+        progress(FormatProgress { done_bytes: done, total_bytes: bytes });
+    }
+    io.flush(to).await?;
+    Ok(())
+}
+
+/// Reads a double-buffered structure's two copies.
+async fn read_pair<O: Copy>(io: &ControlIo<O>, role: Role, first: u64, second: u64, len: usize) -> Result<(Vec<u8>, Vec<u8>), EngineError> {
+    Ok((io.read_bytes(role, first, len).await?, io.read_bytes(role, second, len).await?))
+}
+
+/// Which slot holds the newest valid copy, given both decode results.
+fn newest_slot<T>(a: &Result<T, FormatError>, b: &Result<T, FormatError>, sequence: impl Fn(&T) -> u64) -> usize {
+    match (a, b) {
+        (Ok(a), Ok(b)) if sequence(b) > sequence(a) => 1,
+        (Err(_), Ok(_)) => 1,
+        _ => 0,
+    }
+}
+
+/// Opens the volume. `read_only` skips the one recovery step that writes (rebuilding the open
+/// generation's elements from the base), for offline inspection that must change nothing.
+pub(crate) async fn open_volume<O: Copy>(io: &ControlIo<O>, read_only: bool) -> Result<Meta, EngineError> {
+    let devices = geometries(io);
+    let device_names = names(io);
+    let journal_name = &device_names[1];
+    let history_name = &device_names[3];
+
+    // 1. Superblocks and identity.
+    let (a, b) = read_pair(io, Role::Journal, 0, PAGE, METADATA_PAGE_BYTES).await?;
+    let journal_superblock = superblock::choose(&a, &b).map_err(|e| EngineError::format("journal", journal_name, e))?;
+    let (a, b) = read_pair(io, Role::History, 0, PAGE, METADATA_PAGE_BYTES).await?;
+    let history_superblock = superblock::choose(&a, &b).map_err(|e| EngineError::format("history", history_name, e))?;
+    let mismatch = |role: Role, detail: String| EngineError::Mismatch { role: role.name(), name: device_names[role as usize].clone(), detail };
+    if journal_superblock.role != DeviceRole::Journal {
+        return Err(mismatch(Role::Journal, format!("it is a {:?} device", journal_superblock.role)));
+    }
+    if history_superblock.role != DeviceRole::History {
+        return Err(mismatch(Role::History, format!("it is a {:?} device", history_superblock.role)));
+    }
+    if history_superblock.volume_uuid != journal_superblock.volume_uuid {
+        return Err(mismatch(Role::History, "it belongs to another volume (volume uuid differs)".into()));
+    }
+    if (history_superblock.host_write_size, history_superblock.volume_blocks)
+        != (journal_superblock.host_write_size, journal_superblock.volume_blocks)
+    {
+        return Err(mismatch(Role::History, "its geometry differs from the journal's".into()));
+    }
+    let geometry = volume_geometry(&devices, &device_names, journal_superblock.host_write_size)?;
+    if geometry.volume_blocks() < journal_superblock.volume_blocks {
+        return Err(mismatch(
+            Role::Base,
+            format!("it holds {} bytes, the volume needs {}", devices[0].size_bytes(), journal_superblock.volume_bytes()),
+        ));
+    }
+    let geometry = VolumeGeometry::new(
+        geometry.device_block_size(),
+        geometry.host_write_size(),
+        journal_superblock.volume_bytes(),
+    )
+    .map_err(|e| EngineError::Geometry(e.to_string()))?;
+    for (role, superblock) in [(Role::Journal, &journal_superblock), (Role::History, &history_superblock)] {
+        if devices[role as usize].size_bytes() < superblock.device_bytes {
+            return Err(mismatch(role, format!("it shrank from {} to {} bytes", superblock.device_bytes, devices[role as usize].size_bytes())));
+        }
+        if devices[role as usize].block_size != superblock.device_block_size {
+            return Err(mismatch(role, format!("its block size changed from {} to {}", superblock.device_block_size, devices[role as usize].block_size)));
+        }
+    }
+    let shape = VolumeShape { host_write_size: journal_superblock.host_write_size, volume_blocks: journal_superblock.volume_blocks };
+    let mut options = layout::LayoutOptions { mode: journal_superblock.journal_mode, ..Default::default() };
+    let journal = JournalLayout::from_areas(&journal_superblock.areas, &shape, &options)
+        .ok_or_else(|| EngineError::Damaged(format!("journal {journal_name}: the superblock lacks an area")))?;
+    let history = HistoryLayout::from_areas(&history_superblock.areas, &shape)
+        .ok_or_else(|| EngineError::Damaged(format!("history {history_name}: the superblock lacks an area")))?;
+
+    // 2. Catalogs and the sort cursor.
+    let catalog_len = journal.catalogs[0].length_bytes as usize;
+    let (a, b) = read_pair(io, Role::Journal, journal.catalogs[0].start_bytes, journal.catalogs[1].start_bytes, catalog_len).await?;
+    let (slot_a, slot_b) = (Catalog::decode(&a), Catalog::decode(&b));
+    let journal_catalog_slot = newest_slot(&slot_a, &slot_b, |c| c.sequence);
+    let journal_catalog = catalog::choose(&a, &b).map_err(|e| EngineError::format("journal", journal_name, e))?;
+    options.catalog_entries = journal_catalog.capacity_entries;
+    let catalog_len = history.catalogs[0].length_bytes as usize;
+    let (a, b) = read_pair(io, Role::History, history.catalogs[0].start_bytes, history.catalogs[1].start_bytes, catalog_len).await?;
+    let (slot_a, slot_b) = (Catalog::decode(&a), Catalog::decode(&b));
+    let history_catalog_slot = newest_slot(&slot_a, &slot_b, |c| c.sequence);
+    let history_catalog = catalog::choose(&a, &b).map_err(|e| EngineError::format("history", history_name, e))?;
+    let (a, b) = read_pair(io, Role::History, history.sort_cursors.start_bytes, history.sort_cursors.start_bytes + PAGE, METADATA_PAGE_BYTES).await?;
+    let (cursor_a, cursor_b) = (SortCursor::decode(&a), SortCursor::decode(&b));
+    let cursor_slot = newest_slot(&cursor_a, &cursor_b, |c| c.sequence);
+    let cursor = superblock::newest(cursor_a, cursor_b, |c| c.sequence).map_err(|e| EngineError::format("history", history_name, e))?;
+    if journal_catalog.role != DeviceRole::Journal || history_catalog.role != DeviceRole::History {
+        return Err(EngineError::Damaged("a catalog names the wrong device role".into()));
+    }
+
+    // 3. Drop online generations the sort has already applied.
+    let backup_generation = history_catalog.backup_generation;
+    let online: Vec<&CatalogEntry> =
+        journal_catalog.entries.iter().filter(|e| e.kind == EntryKind::Online && e.generation > backup_generation).collect();
+    let Some((open_entry, sealed_entries)) = online.split_last() else {
+        return Err(EngineError::Damaged("the journal catalog has no open generation".into()));
+    };
+    if open_entry.state != EntryState::Open || sealed_entries.iter().any(|e| e.state == EntryState::Open) {
+        return Err(EngineError::Damaged("the journal catalog's newest generation is not the open one".into()));
+    }
+
+    let mut meta = Meta {
+        geometry,
+        shape,
+        options,
+        journal_superblock,
+        history_superblock,
+        block_size: devices.map(|d| u64::from(d.block_size)),
+        ring: RingAllocator::new(journal.element_capacity).map_err(|e| EngineError::Damaged(e.to_string()))?,
+        pages: RingAllocator::new(journal.index_pages).map_err(|e| EngineError::Damaged(e.to_string()))?,
+        allocator: SegmentAllocator::new(history.unit_count),
+        journal,
+        history,
+        journal_catalog: journal_catalog.clone(),
+        journal_catalog_slot,
+        history_catalog: history_catalog.clone(),
+        history_catalog_slot,
+        cursor,
+        cursor_slot,
+        open: OpenGeneration::new(open_entry.generation, open_entry.element_start, open_entry.control_start),
+        sealed: VecDeque::new(),
+    };
+    meta.open.opened_ns = open_entry.time_ns;
+
+    // 4. Element indexes. Ring positions must be consistent before addresses are computed.
+    let tail_entry = sealed_entries.first().copied().unwrap_or(*open_entry);
+    meta.ring = RingAllocator::from_state(meta.journal.element_capacity, tail_entry.element_start, open_entry.element_start)
+        .map_err(|e| EngineError::Damaged(format!("journal ring: {e}")))?;
+    meta.pages = RingAllocator::from_state(meta.journal.index_pages, tail_entry.control_start, open_entry.control_start)
+        .map_err(|e| EngineError::Damaged(format!("journal index ring: {e}")))?;
+    for entry in sealed_entries {
+        let (blocks, crcs, _) = read_index(io, &meta, entry.generation, entry.element_start, entry.control_start, Some(entry.control_count)).await?;
+        if blocks.len() as u64 != entry.element_count {
+            return Err(EngineError::Damaged(format!(
+                "sealed generation {}: its element index holds {} elements, the catalog says {}",
+                entry.generation,
+                blocks.len(),
+                entry.element_count
+            )));
+        }
+        meta.sealed.push_back(SealedGeneration {
+            generation: entry.generation,
+            time_ns: entry.time_ns,
+            comment: entry.comment.clone(),
+            element_start: entry.element_start,
+            page_start: entry.control_start,
+            page_count: entry.control_count,
+            blocks,
+            crcs,
+        });
+    }
+    for sealed in &meta.sealed {
+        verify_sealed_elements(io, &meta, sealed).await?;
+    }
+    let (blocks, crcs, pages) =
+        read_index(io, &meta, open_entry.generation, open_entry.element_start, open_entry.control_start, None).await?;
+    let open_elements = blocks.len() as u64;
+    let open_pages = pages.len() as u64;
+    meta.ring = RingAllocator::from_state(meta.journal.element_capacity, tail_entry.element_start, open_entry.element_start + open_elements)
+        .map_err(|e| EngineError::Damaged(format!("journal ring: {e}")))?;
+    meta.pages = RingAllocator::from_state(meta.journal.index_pages, tail_entry.control_start, open_entry.control_start + open_pages)
+        .map_err(|e| EngineError::Damaged(format!("journal index ring: {e}")))?;
+    meta.open.durable = blocks.len();
+    meta.open.pages = pages;
+    for (k, block) in blocks.iter().enumerate() {
+        meta.open.entry_of.insert(*block, k as u32);
+    }
+    meta.open.blocks = blocks;
+    meta.open.crcs = crcs;
+
+    // 5. The open generation's elements follow the base again.
+    if !read_only {
+        resync_open_generation(io, &mut meta).await?;
+    }
+
+    // 6. History space: every extent is owned by a catalog entry (or by the running sort).
+    for entry in &meta.history_catalog.entries {
+        for (start, units) in [(entry.element_start, entry.element_count), (entry.control_start, entry.control_count)] {
+            if matches!(entry.kind, EntryKind::History | EntryKind::Merged | EntryKind::RestoreVolume | EntryKind::DedupIndex | EntryKind::Retained)
+                && units > 0
+            {
+                meta.allocator
+                    .reserve(Extent::new(start, units))
+                    .map_err(|e| EngineError::Damaged(format!("history catalog generation {}: {e}", entry.generation)))?;
+            }
+        }
+    }
+    if meta.cursor.state == SortState::Running && meta.cursor.generation > backup_generation {
+        for (start, units) in [(meta.cursor.history_start, meta.cursor.history_units), (meta.cursor.control_start, meta.cursor.control_units)] {
+            if units > 0 {
+                meta.allocator.reserve(Extent::new(start, units)).map_err(|e| EngineError::Damaged(format!("sort cursor: {e}")))?;
+            }
+        }
+    }
+    Ok(meta)
+}
+
+/// Reads an online generation's element index: `(blocks, crcs, page states)`. With
+/// `page_count` (sealed generations) every page must be valid; without it (the open
+/// generation) reading stops at the first page that is not part of the generation.
+async fn read_index<O: Copy>(
+    io: &ControlIo<O>,
+    meta: &Meta,
+    generation: u64,
+    element_start: u64,
+    page_start: u64,
+    page_count: Option<u64>,
+) -> Result<(Vec<u64>, Vec<u32>, Vec<PageState>), EngineError> {
+    let per_page = meta.entries_per_page();
+    let mut blocks = Vec::new();
+    let mut crcs = Vec::new();
+    let mut states = Vec::new();
+    let limit = page_count.unwrap_or(meta.journal.index_pages);
+    let mut index = 0u64;
+    while index < limit {
+        let page = page_start + index;
+        let bytes = io.read_bytes(Role::Journal, meta.index_slot_bytes(page, 0), 2 * SLOT_BYTES).await?;
+        let (slot_a, slot_b) = bytes.split_at(SLOT_BYTES);
+        let expected_first = element_start + index * per_page as u64;
+        let belongs = |p: &IndexPage| p.generation == generation && p.page == page && p.first_segment == expected_first && p.mode == meta.mode();
+        let a = IndexPage::decode(slot_a).ok().filter(belongs);
+        let b = IndexPage::decode(slot_b).ok().filter(belongs);
+        let (chosen, slot) = match (a, b) {
+            (Some(a), Some(b)) if b.sequence > a.sequence => (b, 1u8),
+            (Some(a), _) => (a, 0u8),
+            (None, Some(b)) => (b, 1u8),
+            (None, None) => {
+                if page_count.is_some() {
+                    return Err(EngineError::Damaged(format!(
+                        "sealed generation {generation}: element index page {index} is unreadable (damaged or overwritten)"
+                    )));
+                }
+                // The open generation ends here, unless a later page of it is valid: then
+                // this page was damaged, not merely never written.
+                if next_page_belongs(io, meta, generation, page + 1, expected_first + per_page as u64).await? {
+                    return Err(EngineError::Damaged(format!(
+                        "open generation {generation}: element index page {index} is damaged but later pages exist"
+                    )));
+                }
+                break;
+            }
+        };
+        let full = chosen.entries.len() == per_page;
+        for entry in &chosen.entries {
+            if entry.block >= meta.shape.volume_blocks {
+                return Err(EngineError::Damaged(format!(
+                    "generation {generation}: element index names block {} beyond the volume's {} blocks",
+                    entry.block, meta.shape.volume_blocks
+                )));
+            }
+            blocks.push(entry.block);
+            crcs.push(entry.crc);
+        }
+        states.push(PageState { sequence: chosen.sequence, newest_slot: Some(slot) });
+        index += 1;
+        if !full && page_count.is_none() {
+            break;
+        }
+    }
+    let mut seen = rustc_hash::FxHashSet::default();
+    if let Some(duplicate) = blocks.iter().find(|b| !seen.insert(**b)) {
+        return Err(EngineError::Damaged(format!("generation {generation}: block {duplicate} appears twice in its element index")));
+    }
+    Ok((blocks, crcs, states))
+}
+
+async fn next_page_belongs<O: Copy>(io: &ControlIo<O>, meta: &Meta, generation: u64, page: u64, first: u64) -> Result<bool, EngineError> {
+    if page >= meta.open.page_start + meta.journal.index_pages {
+        return Ok(false);
+    }
+    let bytes = io.read_bytes(Role::Journal, meta.index_slot_bytes(page, 0), 2 * SLOT_BYTES).await?;
+    let (slot_a, slot_b) = bytes.split_at(SLOT_BYTES);
+    Ok([slot_a, slot_b].iter().any(|slot| {
+        IndexPage::decode(slot).is_ok_and(|p| p.generation == generation && p.page == page && p.first_segment == first)
+    }))
+}
+
+/// Checks every element of a sealed generation against its checksum.
+async fn verify_sealed_elements<O: Copy>(io: &ControlIo<O>, meta: &Meta, sealed: &SealedGeneration) -> Result<(), EngineError> {
+    let unit = meta.unit_bytes() as usize;
+    let checks = sealed.blocks.iter().zip(&sealed.crcs).enumerate().map(|(k, (block, crc))| {
+        let lba = meta.segment_lba(sealed.element_start + k as u64);
+        async move {
+            let data = io.read(Role::Journal, lba, unit).await?;
+            let actual = crc32c(&data.to_vec());
+            if actual != *crc {
+                return Err(EngineError::Damaged(format!(
+                    "sealed generation {}: the journal element of block {block} is damaged (crc32c {actual:#010x}, expected {crc:#010x})",
+                    sealed.generation
+                )));
+            }
+            Ok(())
+        }
+    });
+    run_bounded(checks, 32).await?;
+    Ok(())
+}
+
+/// Rewrites every element of the open generation from the base and recomputes its checksum.
+async fn resync_open_generation<O: Copy>(io: &ControlIo<O>, meta: &mut Meta) -> Result<(), EngineError> {
+    if meta.open.blocks.is_empty() {
+        return Ok(());
+    }
+    let unit = meta.unit_bytes() as usize;
+    let copies = meta.open.blocks.iter().enumerate().map(|(k, block)| {
+        let base_lba = meta.volume_lba(0, *block);
+        let journal_lba = meta.segment_lba(meta.open.element_start + k as u64);
+        async move {
+            let data = io.read(Role::Base, base_lba, unit).await?;
+            let crc = crc32c(&data.to_vec());
+            io.write(Role::Journal, journal_lba, Arc::new(data), false).await?;
+            Ok::<u32, EngineError>(crc)
+        }
+    });
+    let crcs = run_bounded(copies, 32).await?;
+    io.flush(Role::Journal).await?;
+    let per_page = meta.entries_per_page();
+    for (k, crc) in crcs.into_iter().enumerate() {
+        if meta.open.crcs[k] != crc {
+            meta.open.crcs[k] = crc;
+            meta.open.stale_pages.insert(k / per_page);
+        }
+    }
+    Ok(())
+}

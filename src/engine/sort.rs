@@ -1,0 +1,282 @@
+//! Sort (seed 001 FIG 10, S10001–S10006): apply the oldest sealed generation g to the backup in
+//! address order, saving each overwritten backup block (image g−1) copy-on-write into the next
+//! contiguous unit of history record H(g−1).
+//!
+//! Crash safety: the sort works in batches of blocks in address order. A batch first saves the
+//! backup blocks into history, flushes history and records `saved_through` in the sort cursor;
+//! only then are the journal elements written to the backup and the backup flushed
+//! (`applied_through` is recorded with the next cursor write). On resume, blocks in
+//! `[applied_through, saved_through)` are re-applied (idempotent) and never re-saved — saving
+//! them again would store the new data as history. Completion writes the record's control
+//! block, then the history catalog (record live, backup generation g), then the journal catalog
+//! (generation g dropped, its journal space freed); a crash between the catalogs is recognised
+//! at open because the history catalog's backup generation already equals g.
+//!
+//! Host writes never touch what the sort reads: they go to the base and to the open
+//! generation's segments, while the sort reads only the sealed generation's segments and the
+//! backup.
+
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use crate::core::allocator::Extent;
+use crate::core::checksum::crc32c;
+use crate::core::element_map::{Addressing, ElementMap};
+use crate::core::format::catalog::{CatalogEntry, EntryKind, EntryState};
+use crate::core::format::control_block::ControlBlock;
+use crate::core::format::layout::control_block_units;
+use crate::core::format::records::{SortCursor, SortState};
+use crate::core::plan::sort::{plan_sort, SortStep};
+use crate::device::IoBuffers;
+
+use super::io::{run_bounded, ControlIo, Role};
+use super::meta::SealedGeneration;
+use super::volume::{elapsed_us, write_history_catalog, write_journal_catalog, HostRef, SharedRef, SortProgress};
+use super::EngineError;
+
+/// Sorts sealed generations oldest first until none is left or one fails.
+pub(crate) async fn run_sorts(shared: SharedRef, io: ControlIo<HostRef>) {
+    loop {
+        let next = {
+            let s = shared.borrow();
+            if s.failed.is_some() {
+                None
+            } else {
+                s.meta.sealed.front().cloned()
+            }
+        };
+        let Some(sealed) = next else { break };
+        let started = Instant::now();
+        let result = sort_generation(&shared, &io, sealed).await;
+        let mut s = shared.borrow_mut();
+        s.control.sort_busy_us += elapsed_us(started);
+        s.sort_progress = None;
+        if let Err(error) = result {
+            s.sort_error = Some(error.to_string());
+            break;
+        }
+    }
+    shared.borrow_mut().sort_running = false;
+}
+
+async fn write_cursor(shared: &SharedRef, io: &ControlIo<HostRef>, mut cursor: SortCursor) -> Result<(), EngineError> {
+    let (slot, offset) = {
+        let s = shared.borrow();
+        cursor.sequence = s.meta.cursor.sequence + 1;
+        let slot = 1 - s.meta.cursor_slot;
+        (slot, s.meta.cursor_bytes(slot))
+    };
+    io.write_bytes(Role::History, offset, &cursor.encode(), true).await?;
+    let mut s = shared.borrow_mut();
+    s.meta.cursor = cursor;
+    s.meta.cursor_slot = slot;
+    Ok(())
+}
+
+/// Consecutive runs of `steps` by `key` (e.g. blocks next to each other on a device).
+fn runs<'a>(steps: &'a [SortStep], key: impl Fn(&SortStep) -> u64 + 'a) -> impl Iterator<Item = &'a [SortStep]> + 'a {
+    let mut rest = steps;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut end = 1;
+        while end < rest.len() && key(&rest[end]) == key(&rest[end - 1]) + 1 {
+            end += 1;
+        }
+        let (run, tail) = rest.split_at(end);
+        rest = tail;
+        Some(run)
+    })
+}
+
+async fn sort_generation(shared: &SharedRef, io: &ControlIo<HostRef>, sealed: SealedGeneration) -> Result<(), EngineError> {
+    let generation = sealed.generation;
+    let record = generation - 1;
+    let (unit, blocks, options, backup_per_unit) = {
+        let s = shared.borrow();
+        debug_assert_eq!(s.meta.history_catalog.backup_generation, record, "generations are sorted in order");
+        (s.meta.unit_bytes() as usize, s.meta.shape.volume_blocks, s.options.sort.clone(), s.meta.blocks_per_unit(2))
+    };
+    let elements = sealed.blocks.len() as u64;
+
+    // Extents: those of an interrupted sort of this generation, or new ones.
+    let resumed = {
+        let s = shared.borrow();
+        (s.meta.cursor.state == SortState::Running && s.meta.cursor.generation == generation).then(|| s.meta.cursor.clone())
+    };
+    let mut cursor = match resumed {
+        Some(cursor) => cursor,
+        None => {
+            let (history_extent, control_extent) = {
+                let mut s = shared.borrow_mut();
+                let control_units = control_block_units(&s.meta.shape, 0);
+                let control = s.meta.allocator.allocate(control_units).map_err(|e| EngineError::Damaged(format!("history full: {e}")))?;
+                let history = if elements > 0 {
+                    match s.meta.allocator.allocate(elements) {
+                        Ok(extent) => extent,
+                        Err(e) => {
+                            s.meta.allocator.free(control).expect("just allocated");
+                            return Err(EngineError::Damaged(format!("history full: {e}")));
+                        }
+                    }
+                } else {
+                    Extent::new(0, 0)
+                };
+                (history, control)
+            };
+            let cursor = SortCursor {
+                sequence: 0,
+                generation,
+                record_generation: record,
+                state: SortState::Running,
+                saved_through: 0,
+                applied_through: 0,
+                history_start: history_extent.start,
+                history_units: history_extent.units,
+                control_start: control_extent.start,
+                control_units: control_extent.units,
+                elements_saved: 0,
+            };
+            write_cursor(shared, io, cursor.clone()).await?;
+            cursor
+        }
+    };
+    let plan = plan_sort(blocks, &sealed.elements(), cursor.history_start)
+        .map_err(|e| EngineError::Damaged(format!("sort of generation {generation}: {e}")))?;
+    let crc_of_segment: rustc_hash::FxHashMap<u64, u32> =
+        (0..sealed.blocks.len()).map(|k| (sealed.element_start + k as u64, sealed.crcs[k])).collect();
+    shared.borrow_mut().sort_progress = Some(SortProgress { generation, elements_done: 0, elements_total: elements });
+
+    let mut done = 0u64;
+    let rate_start = Instant::now();
+    for batch in plan.batches(options.batch_elements.max(1)) {
+        let last = batch.last().expect("batches are not empty").block;
+        // Save: backup blocks (image g−1) into the record's contiguous history units.
+        let to_save: Vec<SortStep> = batch.iter().copied().filter(|s| s.block >= cursor.saved_through).collect();
+        if !to_save.is_empty() {
+            let reads = runs(&to_save, |s| s.block).map(|run| {
+                let lba = run[0].block * backup_per_unit;
+                let len = run.len() * unit;
+                async move { io.read(Role::Backup, lba, len).await }
+            });
+            let buffers = run_bounded(reads, options.max_in_flight).await?;
+            let segments: Vec<_> = buffers.into_iter().flat_map(IoBuffers::into_segments).collect();
+            let lba = shared.borrow().meta.history_lba(to_save[0].history_address);
+            io.write(Role::History, lba, Arc::new(IoBuffers::from_segments(segments)), false).await?;
+            io.flush(Role::History).await?;
+            cursor.saved_through = last + 1;
+            cursor.elements_saved += to_save.len() as u64;
+            write_cursor(shared, io, cursor.clone()).await?;
+        }
+        // Apply: journal elements of generation g onto the backup.
+        let to_apply: Vec<SortStep> = batch.iter().copied().filter(|s| s.block >= cursor.applied_through).collect();
+        if !to_apply.is_empty() {
+            let reads = to_apply.iter().map(|step| {
+                let (lba, expected) = {
+                    let s = shared.borrow();
+                    (s.meta.segment_lba(step.journal_segment), crc_of_segment[&step.journal_segment])
+                };
+                let block = step.block;
+                async move {
+                    let data = io.read(Role::Journal, lba, unit).await?;
+                    let actual = crc32c(&data.to_vec());
+                    if actual != expected {
+                        return Err(EngineError::Damaged(format!(
+                            "generation {generation}: the journal element of block {block} is damaged (crc32c {actual:#010x}, expected {expected:#010x}); the sort stopped"
+                        )));
+                    }
+                    Ok(data)
+                }
+            });
+            let elements_read = run_bounded(reads, options.max_in_flight).await?;
+            let mut segments = elements_read.into_iter().flat_map(IoBuffers::into_segments);
+            let mut writes = Vec::new();
+            for run in runs(&to_apply, |s| s.block) {
+                let run_buffers = IoBuffers::from_segments(segments.by_ref().take(run.len()).collect());
+                writes.push(io.write(Role::Backup, run[0].block * backup_per_unit, Arc::new(run_buffers), false));
+            }
+            run_bounded(writes, options.max_in_flight).await?;
+            io.flush(Role::Backup).await?;
+            cursor.applied_through = last + 1;
+        }
+        done += batch.len() as u64;
+        {
+            let mut s = shared.borrow_mut();
+            s.control.elements_sorted += batch.len() as u64;
+            if let Some(progress) = s.sort_progress.as_mut() {
+                progress.elements_done = done;
+            }
+        }
+        if let Some(rate) = options.rate_limit_bytes_per_second {
+            pace(rate_start, done * unit as u64, rate).await;
+        }
+    }
+
+    // The record's control block, then the catalogs.
+    let map = ElementMap::new(plan.history.bitmap().clone(), Addressing::Contiguous { first: cursor.history_start })
+        .expect("contiguous maps have no table");
+    debug_assert_eq!(&map, &plan.history);
+    let control = ControlBlock { generation: record, through_generation: record, map }.encode();
+    let lba = shared.borrow().meta.history_lba(cursor.control_start);
+    let mut buffer = io.alloc(Role::History, control.len());
+    buffer.as_mut_slice().copy_from_slice(&control);
+    io.write(Role::History, lba, Arc::new(IoBuffers::single(buffer)), false).await?;
+    io.flush(Role::History).await?;
+
+    let catalog = {
+        let s = shared.borrow();
+        let mut catalog = s.meta.history_catalog.clone();
+        let previous = catalog
+            .entries
+            .iter()
+            .position(|e| e.kind == EntryKind::Backup)
+            .ok_or_else(|| EngineError::Damaged("the history catalog has no backup entry".into()))?;
+        let backup = catalog.entries.remove(previous);
+        let mut history = CatalogEntry::new(record, EntryKind::History, EntryState::Live);
+        history.time_ns = backup.time_ns;
+        history.comment = backup.comment;
+        history.element_start = cursor.history_start;
+        history.element_count = cursor.history_units;
+        history.control_start = cursor.control_start;
+        history.control_count = cursor.control_units;
+        history.blocks = elements;
+        history.stored_bytes = elements * unit as u64;
+        catalog.entries.push(history);
+        let mut backup = CatalogEntry::new(generation, EntryKind::Backup, EntryState::Live);
+        backup.time_ns = sealed.time_ns;
+        backup.comment = sealed.comment.clone();
+        backup.blocks = elements;
+        catalog.entries.push(backup);
+        catalog.backup_generation = generation;
+        catalog
+    };
+    write_history_catalog(shared, io, catalog).await?;
+    cursor.state = SortState::Idle;
+    write_cursor(shared, io, cursor).await?;
+
+    {
+        let mut s = shared.borrow_mut();
+        let meta = &mut s.meta;
+        let done = meta.sealed.pop_front().expect("the sorted generation is the oldest");
+        debug_assert_eq!(done.generation, generation);
+        let (element_tail, page_tail) = match meta.sealed.front() {
+            Some(next) => (next.element_start, next.page_start),
+            None => (meta.open.element_start, meta.open.page_start),
+        };
+        meta.ring.release_to(element_tail);
+        meta.pages.release_to(page_tail);
+    }
+    write_journal_catalog(shared, io).await?;
+    let mut s = shared.borrow_mut();
+    s.space_freed = true;
+    s.control.generations_sorted += 1;
+    Ok(())
+}
+
+/// Waits until `bytes` moved since `start` fit within `rate` bytes per second.
+async fn pace(start: Instant, bytes: u64, rate: u64) {
+    let due = start + Duration::from_secs_f64(bytes as f64 / rate.max(1) as f64);
+    std::future::poll_fn(|_| if Instant::now() >= due { Poll::Ready(()) } else { Poll::Pending }).await;
+}

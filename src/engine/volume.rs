@@ -1,0 +1,439 @@
+//! The volume: owner of a chronicle volume's state on one thread, driven by [`Volume::poll`].
+//!
+//! Host requests are queued with [`Volume::submit`] and complete through `poll` — the shape of
+//! an SPDK bdev's submit_request and completion callbacks. Markers and the background sort
+//! run as control tasks polled from the same loop.
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+use std::time::Instant;
+
+use crate::core::format::catalog::{Catalog, EntryKind};
+use crate::device::{Channel, IoBuffers, IoError, Payload, SharedBuffers, Tag};
+
+use super::io::{block_on, ControlIo, Executor, Hub, IoHub, Role};
+use super::meta::Meta;
+use super::write::{HotCounters, HotPath, HotStep};
+use super::{marker, setup, sort, EngineError, VolumeOptions};
+
+pub(crate) use super::write::HostRef;
+
+/// A host operation, in the volume's (the base's) blocks.
+#[derive(Debug)]
+pub enum HostRequest {
+    Read { offset_blocks: u64, buffers: IoBuffers },
+    Write { offset_blocks: u64, buffers: SharedBuffers },
+    Flush,
+    Unmap { offset_blocks: u64, num_blocks: u64 },
+    WriteZeroes { offset_blocks: u64, num_blocks: u64 },
+}
+
+/// Why a host operation failed; maps to an SPDK bdev I/O status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HostError {
+    #[error(transparent)]
+    Io(#[from] IoError),
+    #[error("blocks {offset_blocks}..+{num_blocks} are outside the volume's {volume_blocks} blocks")]
+    OutOfRange { offset_blocks: u64, num_blocks: u64, volume_blocks: u64 },
+    #[error("buffers of {bytes} bytes are not a whole number of {block_size}-byte blocks")]
+    InvalidBuffers { bytes: usize, block_size: usize },
+    #[error("blocks {offset_blocks}..+{num_blocks} are not whole {unit_bytes}-byte host-write-size units (strict mode)")]
+    NotWholeUnits { offset_blocks: u64, num_blocks: u64, unit_bytes: u64 },
+    #[error("journal full: {needed_elements} elements needed, {free_elements} of {capacity_elements} free, and nothing is waiting to be sorted (mark a generation or enlarge the journal)")]
+    NoSpace { needed_elements: u64, free_elements: u64, capacity_elements: u64 },
+    #[error("the volume stopped after a device error and must be reopened: {0}")]
+    Failed(String),
+}
+
+/// A completed host operation with its buffers.
+#[derive(Debug)]
+pub struct HostCompletion {
+    pub tag: Tag,
+    pub result: Result<(), HostError>,
+    pub payload: Payload,
+}
+
+/// Progress of the sort of one generation.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct SortProgress {
+    pub generation: u64,
+    pub elements_done: u64,
+    pub elements_total: u64,
+}
+
+/// Counters of markers and the sort.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ControlCounters {
+    pub markers: u64,
+    pub marker_hold_last_us: u64,
+    pub marker_hold_max_us: u64,
+    pub generations_sorted: u64,
+    pub elements_sorted: u64,
+    pub sort_busy_us: u64,
+}
+
+/// State shared by the hot path and the control tasks (one thread; borrowed briefly).
+pub(crate) struct Shared {
+    pub meta: Meta,
+    pub options: VolumeOptions,
+    pub hot: HotPath,
+    /// A marker is sealing the generation: new writes wait.
+    pub marker_pending: bool,
+    /// Set after a device error on the write path; writes fail until reopened.
+    pub failed: Option<String>,
+    pub sort_running: bool,
+    pub sort_error: Option<String>,
+    pub sort_progress: Option<SortProgress>,
+    pub space_freed: bool,
+    pub catalog_busy: [bool; 2],
+    pub control: ControlCounters,
+}
+
+pub(crate) type SharedRef = Rc<RefCell<Shared>>;
+
+/// One generation as the status reports it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GenerationInfo {
+    pub generation: u64,
+    /// "open", "sealed" (waiting for the sort), "backup" (the backup's image) or "history".
+    pub state: &'static str,
+    pub time_ns: u64,
+    pub comment: String,
+    /// Blocks written in the generation (open, sealed) or saved in its record (history).
+    pub blocks: u64,
+}
+
+/// What a volume reports about itself.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Status {
+    pub open_generation: u64,
+    pub backup_generation: u64,
+    pub volume_bytes: u64,
+    pub host_write_size: u32,
+    pub journal_capacity_elements: u64,
+    pub journal_used_elements: u64,
+    pub history_capacity_units: u64,
+    pub history_used_units: u64,
+    pub sealed_waiting: usize,
+    pub sort: Option<SortProgress>,
+    pub sort_error: Option<String>,
+    pub failed: Option<String>,
+    pub generations: Vec<GenerationInfo>,
+    pub host: HotCounters,
+    pub control: ControlCounters,
+}
+
+/// The result of a marker, filled in when it completes.
+#[derive(Clone, Default)]
+pub struct MarkerHandle {
+    result: Rc<RefCell<Option<Result<u64, String>>>>,
+}
+
+impl MarkerHandle {
+    /// `Some(Ok(generation))` once the generation is sealed.
+    pub fn result(&self) -> Option<Result<u64, String>> {
+        self.result.borrow().clone()
+    }
+
+    pub(crate) fn set(&self, result: Result<u64, String>) {
+        *self.result.borrow_mut() = Some(result);
+    }
+}
+
+pub struct Volume {
+    shared: SharedRef,
+    hub: Hub<HostRef>,
+    executor: Executor,
+}
+
+/// A volume being opened (recovery in progress); poll until it yields the volume.
+pub struct Opening {
+    hub: Hub<HostRef>,
+    future: Pin<Box<dyn Future<Output = Result<Meta, EngineError>>>>,
+    options: Option<VolumeOptions>,
+}
+
+impl Opening {
+    pub fn poll(&mut self) -> Poll<Result<Volume, EngineError>> {
+        self.hub.borrow_mut().poll();
+        let mut context = Context::from_waker(Waker::noop());
+        match self.future.as_mut().poll(&mut context) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
+            Poll::Ready(Ok(meta)) => {
+                let options = self.options.take().expect("an opening yields once");
+                Poll::Ready(Ok(Volume::from_meta(self.hub.clone(), meta, options)))
+            }
+        }
+    }
+}
+
+impl Volume {
+    /// Starts opening (and recovering) the volume on `channels` (in [`Role`] order).
+    pub fn begin_open(channels: Vec<Box<dyn Channel>>, options: VolumeOptions) -> Opening {
+        let hub = Rc::new(RefCell::new(IoHub::new(channels)));
+        let io = ControlIo { hub: hub.clone() };
+        Opening { hub, future: Box::pin(async move { setup::open_volume(&io, false).await }), options: Some(options) }
+    }
+
+    /// Opens the volume, blocking until recovery is done (standalone host and tests).
+    pub fn open(channels: Vec<Box<dyn Channel>>, options: VolumeOptions) -> Result<Volume, EngineError> {
+        let mut opening = Volume::begin_open(channels, options);
+        loop {
+            if let Poll::Ready(result) = opening.poll() {
+                return result;
+            }
+        }
+    }
+
+    fn from_meta(hub: Hub<HostRef>, meta: Meta, options: VolumeOptions) -> Volume {
+        let shared = Rc::new(RefCell::new(Shared {
+            meta,
+            options,
+            hot: HotPath::new(),
+            marker_pending: false,
+            failed: None,
+            sort_running: false,
+            sort_error: None,
+            sort_progress: None,
+            space_freed: false,
+            catalog_busy: [false; 2],
+            control: ControlCounters::default(),
+        }));
+        Volume { shared, hub, executor: Executor::default() }
+    }
+
+    fn control_io(&self) -> ControlIo<HostRef> {
+        ControlIo { hub: self.hub.clone() }
+    }
+
+    /// Queues a host operation; its completion comes from [`poll`](Self::poll).
+    pub fn submit(&mut self, tag: Tag, request: HostRequest) {
+        self.shared.borrow_mut().hot.enqueue(tag, request);
+    }
+
+    /// Advances everything once: device completions, host state machines, control tasks.
+    /// Moves finished host operations into `completions`; returns the number of device
+    /// completions processed (0 means nothing happened).
+    pub fn poll(&mut self, completions: &mut Vec<HostCompletion>) -> usize {
+        let reaped = {
+            let mut hub = self.hub.borrow_mut();
+            let reaped = hub.poll();
+            let mut shared = self.shared.borrow_mut();
+            let mut step = HotStep { shared: &mut shared, hub: &mut hub };
+            while let Some((owner, completion)) = step.hub.next_host_completion() {
+                step.on_completion(owner, completion);
+            }
+            if step.shared.space_freed {
+                step.shared.space_freed = false;
+                step.retry_space();
+            }
+            step.unblock();
+            step.admit();
+            step.maybe_commit();
+            reaped
+        };
+        self.start_sort_if_needed();
+        self.executor.poll();
+        let mut shared = self.shared.borrow_mut();
+        completions.append(&mut shared.hot.completed);
+        reaped
+    }
+
+    fn start_sort_if_needed(&mut self) {
+        let start = {
+            let shared = self.shared.borrow();
+            shared.options.sort.automatic
+                && !shared.sort_running
+                && shared.sort_error.is_none()
+                && shared.failed.is_none()
+                && !shared.meta.sealed.is_empty()
+        };
+        if start {
+            self.shared.borrow_mut().sort_running = true;
+            self.executor.spawn(sort::run_sorts(self.shared.clone(), self.control_io()));
+        }
+    }
+
+    /// Cuts a generation: seals the open generation with `comment` and opens the next.
+    pub fn mark(&mut self, comment: &str) -> MarkerHandle {
+        let handle = MarkerHandle::default();
+        self.executor.spawn(marker::run_marker(self.shared.clone(), self.control_io(), comment.to_owned(), handle.clone()));
+        handle
+    }
+
+    /// Starts sorting sealed generations now (when automatic sorting is off), and clears a
+    /// previous sort error so the sort is retried.
+    pub fn sort_now(&mut self) {
+        let mut shared = self.shared.borrow_mut();
+        shared.sort_error = None;
+        shared.options.sort.automatic = true;
+    }
+
+    /// Nothing in flight: no host operation, no marker, no sort work pending.
+    pub fn is_idle(&self) -> bool {
+        let shared = self.shared.borrow();
+        shared.hot.outstanding() == 0
+            && !shared.hot.commit_in_flight()
+            && self.executor.is_empty()
+            && (shared.meta.sealed.is_empty() || shared.sort_error.is_some() || !shared.options.sort.automatic)
+    }
+
+    /// Polls until [`is_idle`](Self::is_idle) (standalone host and tests). Host completions
+    /// that arrive meanwhile are appended to `completions`.
+    pub fn run_until_idle(&mut self, completions: &mut Vec<HostCompletion>) {
+        while !self.is_idle() {
+            if self.poll(completions) == 0 {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    /// Blocks until the marker completes (standalone host and tests).
+    pub fn mark_and_wait(&mut self, comment: &str, completions: &mut Vec<HostCompletion>) -> Result<u64, EngineError> {
+        let handle = self.mark(comment);
+        loop {
+            if let Some(result) = handle.result() {
+                return result.map_err(EngineError::Damaged);
+            }
+            if self.poll(completions) == 0 {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        let shared = self.shared.borrow();
+        let meta = &shared.meta;
+        let mut generations = Vec::new();
+        for entry in &meta.history_catalog.entries {
+            let state = match entry.kind {
+                EntryKind::History | EntryKind::Merged => "history",
+                EntryKind::Backup => "backup",
+                _ => continue,
+            };
+            generations.push(GenerationInfo {
+                generation: entry.generation,
+                state,
+                time_ns: entry.time_ns,
+                comment: entry.comment.clone(),
+                blocks: entry.blocks,
+            });
+        }
+        for sealed in &meta.sealed {
+            generations.push(GenerationInfo {
+                generation: sealed.generation,
+                state: "sealed",
+                time_ns: sealed.time_ns,
+                comment: sealed.comment.clone(),
+                blocks: sealed.blocks.len() as u64,
+            });
+        }
+        generations.push(GenerationInfo {
+            generation: meta.open.generation,
+            state: "open",
+            time_ns: meta.open.opened_ns,
+            comment: String::new(),
+            blocks: meta.open.blocks.len() as u64,
+        });
+        generations.sort_by_key(|g| g.generation);
+        Status {
+            open_generation: meta.open.generation,
+            backup_generation: meta.history_catalog.backup_generation,
+            volume_bytes: meta.geometry.volume_bytes(),
+            host_write_size: meta.shape.host_write_size,
+            journal_capacity_elements: meta.ring.capacity(),
+            journal_used_elements: meta.ring.used(),
+            history_capacity_units: meta.allocator.capacity(),
+            history_used_units: meta.allocator.used_units(),
+            sealed_waiting: meta.sealed.len(),
+            sort: shared.sort_progress.clone(),
+            sort_error: shared.sort_error.clone(),
+            failed: shared.failed.clone(),
+            generations,
+            host: shared.hot.counters.clone(),
+            control: shared.control.clone(),
+        }
+    }
+
+    /// Finishes in-flight work and flushes every device (standalone host and tests).
+    pub fn close(mut self) -> Result<(), EngineError> {
+        let mut completions = Vec::new();
+        while self.shared.borrow().hot.outstanding() > 0 || self.shared.borrow().hot.commit_in_flight() || !self.executor.is_empty() {
+            if self.poll(&mut completions) == 0 {
+                std::hint::spin_loop();
+            }
+        }
+        let io = self.control_io();
+        block_on(&self.hub, async {
+            for role in Role::ALL {
+                io.flush(role).await?;
+            }
+            Ok::<(), IoError>(())
+        })?;
+        Ok(())
+    }
+}
+
+/// Serialises catalog writes per device: waits until no other task is writing it.
+async fn lock_catalog(shared: &SharedRef, index: usize) {
+    std::future::poll_fn(|_| {
+        let mut s = shared.borrow_mut();
+        if s.catalog_busy[index] {
+            Poll::Pending
+        } else {
+            s.catalog_busy[index] = true;
+            Poll::Ready(())
+        }
+    })
+    .await
+}
+
+/// Writes the journal catalog describing the current state into the older slot (FUA).
+pub(crate) async fn write_journal_catalog(shared: &SharedRef, io: &ControlIo<HostRef>) -> Result<(), EngineError> {
+    lock_catalog(shared, 0).await;
+    let (catalog, slot, offset) = {
+        let s = shared.borrow();
+        let mut catalog = s.meta.build_journal_catalog();
+        catalog.sequence = s.meta.journal_catalog.sequence + 1;
+        let slot = 1 - s.meta.journal_catalog_slot;
+        (catalog, slot, s.meta.journal.catalogs[slot].start_bytes)
+    };
+    let result = io.write_bytes(Role::Journal, offset, &catalog.encode(), true).await;
+    let mut s = shared.borrow_mut();
+    s.catalog_busy[0] = false;
+    result?;
+    s.meta.journal_catalog = catalog;
+    s.meta.journal_catalog_slot = slot;
+    Ok(())
+}
+
+/// Writes `catalog` as the history catalog into the older slot (FUA).
+pub(crate) async fn write_history_catalog(
+    shared: &SharedRef,
+    io: &ControlIo<HostRef>,
+    mut catalog: Catalog,
+) -> Result<(), EngineError> {
+    lock_catalog(shared, 1).await;
+    let (slot, offset) = {
+        let s = shared.borrow();
+        catalog.sequence = s.meta.history_catalog.sequence + 1;
+        let slot = 1 - s.meta.history_catalog_slot;
+        (slot, s.meta.history.catalogs[slot].start_bytes)
+    };
+    let result = io.write_bytes(Role::History, offset, &catalog.encode(), true).await;
+    let mut s = shared.borrow_mut();
+    s.catalog_busy[1] = false;
+    result?;
+    s.meta.history_catalog = catalog;
+    s.meta.history_catalog_slot = slot;
+    Ok(())
+}
+
+/// Microseconds since `start`.
+pub(crate) fn elapsed_us(start: Instant) -> u64 {
+    start.elapsed().as_micros() as u64
+}

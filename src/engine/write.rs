@@ -1,0 +1,749 @@
+//! The host I/O path (seed 001 FIG 8, ARCHITECTURE §5) as explicit state machines.
+//!
+//! A host write:
+//! 1. is widened to whole host-write-size units (read-modify-write of the partial head and
+//!    tail units, default mode) or refused (strict mode);
+//! 2. waits while it overlaps an earlier write in flight, so base and journal see overlapping
+//!    writes in the same order;
+//! 3. takes the unit's journal segment in the open generation (FIG 8 S8003/S8004: bit already
+//!    set → rewrite in place) or appends a new one (S8005) and its index entry;
+//! 4. submits the same buffers to the journal at once, and to the base once the index entries
+//!    of its new units are durable (group commit: one FUA page write covers every write that
+//!    allocated meanwhile) — so the base never holds data the journal cannot find;
+//! 5. is acknowledged when base and journal writes complete (with FUA in write-through mode).
+//!
+//! Reads go to the base. Flushes flush base and journal. Unmap and write-zeroes are journaled
+//! as writes of zeroes, in chunks of at most 1 MiB.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use rustc_hash::FxHashMap;
+use slab::Slab;
+
+use crate::core::checksum::{crc32c, crc32c_append};
+use crate::core::format::superblock::{Durability, JournalFullPolicy};
+use crate::core::geometry::Widening;
+use crate::device::{Completion, DmaBuf, IoBuffers, IoError, Operation, Payload, SharedBuffers, Tag};
+
+use super::io::{IoHub, Role};
+use super::meta::PageState;
+use super::volume::{HostCompletion, HostError, HostRequest, Shared};
+
+/// Who an in-flight device operation of the hot path belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HostRef {
+    WriteHead(u32),
+    WriteTail(u32),
+    WriteData(u32),
+    Read(u32),
+    Flush(u32),
+    Commit,
+}
+
+/// Zero-filled host data of unmap and write-zeroes is written in chunks of this size.
+const ZERO_CHUNK_BYTES: u64 = 1 << 20;
+/// Chunks of one unmap or write-zeroes in flight at once.
+const ZERO_CHUNKS_IN_FLIGHT: usize = 4;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WriteState {
+    /// Waiting for an earlier overlapping write.
+    Blocked,
+    /// Reading the partial head/tail units.
+    Reading,
+    /// Waiting for journal space (journal-full policy "block").
+    WaitingSpace,
+    /// Journal data submitted; the base waits for the index entries to be durable.
+    WaitingIndex,
+    /// Base and journal writes in flight.
+    Writing,
+}
+
+struct HostWrite {
+    tag: Tag,
+    parent: Option<u32>,
+    offset_blocks: u64,
+    widening: Widening,
+    host: SharedBuffers,
+    data: Option<SharedBuffers>,
+    head: Option<IoBuffers>,
+    tail: Option<IoBuffers>,
+    state: WriteState,
+    pending: u32,
+    /// Index entries (of the open generation) that must be durable before the base write.
+    needed_entries: usize,
+    base_submitted: bool,
+    error: Option<HostError>,
+}
+
+/// An unmap or write-zeroes, split into chunk writes.
+struct ZeroRequest {
+    tag: Tag,
+    next_block: u64,
+    end_block: u64,
+    in_flight: usize,
+    error: Option<HostError>,
+}
+
+struct HostFlush {
+    tag: Tag,
+    pending: u32,
+    error: Option<HostError>,
+}
+
+struct Commit {
+    upto: usize,
+    pending: u32,
+    pages: Vec<(usize, u8, u64)>,
+    error: Option<IoError>,
+}
+
+/// Counters of the hot path (part of the volume's status).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct HotCounters {
+    pub host_reads: u64,
+    pub host_writes: u64,
+    pub host_flushes: u64,
+    pub host_bytes_written: u64,
+    pub host_bytes_read: u64,
+    pub read_modify_writes: u64,
+    pub overlap_waits: u64,
+    pub index_commits: u64,
+    pub index_pages_written: u64,
+    pub journal_bounce_copies: u64,
+    pub journal_full_waits: u64,
+    pub write_errors: u64,
+}
+
+pub(crate) struct HotPath {
+    writes: Slab<HostWrite>,
+    reads: Slab<Tag>,
+    flushes: Slab<HostFlush>,
+    zeroes: Slab<ZeroRequest>,
+    /// Requests not started yet, in arrival order.
+    queue: VecDeque<(Tag, HostRequest)>,
+    /// Writes waiting for an overlapping earlier write, in arrival order.
+    blocked: VecDeque<usize>,
+    waiting_space: VecDeque<usize>,
+    waiting_index: Vec<usize>,
+    locked_units: FxHashMap<u64, usize>,
+    commit: Option<Commit>,
+    /// Writes holding unit locks (started, not finished): what a marker drains.
+    pub(crate) writes_in_flight: usize,
+    pub(crate) completed: Vec<HostCompletion>,
+    pub(crate) counters: HotCounters,
+    zero_chunk: Option<SharedBuffers>,
+}
+
+impl HotPath {
+    pub(crate) fn new() -> Self {
+        HotPath {
+            writes: Slab::new(),
+            reads: Slab::new(),
+            flushes: Slab::new(),
+            zeroes: Slab::new(),
+            queue: VecDeque::new(),
+            blocked: VecDeque::new(),
+            waiting_space: VecDeque::new(),
+            waiting_index: Vec::new(),
+            locked_units: FxHashMap::default(),
+            commit: None,
+            writes_in_flight: 0,
+            completed: Vec::new(),
+            counters: HotCounters::default(),
+            zero_chunk: None,
+        }
+    }
+
+    pub(crate) fn enqueue(&mut self, tag: Tag, request: HostRequest) {
+        self.queue.push_back((tag, request));
+    }
+
+    /// Host operations started and not completed, plus queued ones.
+    pub(crate) fn outstanding(&self) -> usize {
+        self.writes.len() + self.reads.len() + self.flushes.len() + self.zeroes.len() + self.queue.len()
+    }
+
+    pub(crate) fn commit_in_flight(&self) -> bool {
+        self.commit.is_some()
+    }
+
+    pub(crate) fn has_blocked_writes(&self) -> bool {
+        !self.blocked.is_empty()
+    }
+}
+
+fn crc_of(buffers: &IoBuffers, offset: usize, len: usize) -> u32 {
+    let mut crc = 0u32;
+    let mut first = true;
+    let mut skip = offset;
+    let mut left = len;
+    for segment in buffers.segments() {
+        if left == 0 {
+            break;
+        }
+        let bytes = segment.as_slice();
+        if skip >= bytes.len() {
+            skip -= bytes.len();
+            continue;
+        }
+        let take = (bytes.len() - skip).min(left);
+        let part = &bytes[skip..skip + take];
+        crc = if first { crc32c(part) } else { crc32c_append(crc, part) };
+        first = false;
+        left -= take;
+        skip = 0;
+    }
+    assert_eq!(left, 0, "crc range beyond the buffers");
+    crc
+}
+
+/// The hot path's view of the volume for one step of the poll loop.
+pub(crate) struct HotStep<'a> {
+    pub shared: &'a mut Shared,
+    pub hub: &'a mut IoHub<HostRef>,
+}
+
+impl HotStep<'_> {
+    fn hot(&mut self) -> &mut HotPath {
+        &mut self.shared.hot
+    }
+
+    fn complete(&mut self, tag: Tag, result: Result<(), HostError>, payload: Payload) {
+        self.shared.hot.completed.push(HostCompletion { tag, result, payload });
+    }
+
+    /// Starts queued requests while the in-flight limit allows.
+    pub(crate) fn admit(&mut self) {
+        let limit = self.shared.options.max_host_in_flight;
+        loop {
+            let started = {
+                let hot = &self.shared.hot;
+                hot.writes.len() + hot.reads.len() + hot.flushes.len() + hot.zeroes.len()
+            };
+            if started >= limit {
+                return;
+            }
+            let is_write = matches!(
+                self.shared.hot.queue.front(),
+                Some((_, HostRequest::Write { .. } | HostRequest::Unmap { .. } | HostRequest::WriteZeroes { .. }))
+            );
+            if is_write && self.shared.marker_pending {
+                return; // Held until the marker has sealed the generation (FIG 9).
+            }
+            let Some((tag, request)) = self.shared.hot.queue.pop_front() else { return };
+            self.start(tag, request);
+        }
+    }
+
+    fn start(&mut self, tag: Tag, request: HostRequest) {
+        let volume_blocks = self.shared.meta.geometry.volume_device_blocks();
+        let block_size = self.shared.meta.block_size[0];
+        let out_of_range = |offset: u64, blocks: u64| {
+            (blocks == 0 || offset.checked_add(blocks).is_none_or(|end| end > volume_blocks))
+                .then_some(HostError::OutOfRange { offset_blocks: offset, num_blocks: blocks, volume_blocks })
+        };
+        match request {
+            HostRequest::Read { offset_blocks, buffers } => {
+                let blocks = buffers.len() as u64 / block_size;
+                if let Some(error) = out_of_range(offset_blocks, blocks).or(self.invalid_buffers(buffers.len())) {
+                    return self.complete(tag, Err(error), Payload::Read(buffers));
+                }
+                self.shared.hot.counters.host_reads += 1;
+                self.shared.hot.counters.host_bytes_read += buffers.len() as u64;
+                let id = self.shared.hot.reads.insert(tag) as u32;
+                self.hub.submit(Role::Base, Operation::Read { offset_blocks, buffers }, Some(HostRef::Read(id)));
+            }
+            HostRequest::Write { offset_blocks, buffers } => {
+                let blocks = buffers.len() as u64 / block_size;
+                if let Some(error) = out_of_range(offset_blocks, blocks).or(self.invalid_buffers(buffers.len())) {
+                    return self.complete(tag, Err(error), Payload::Write(buffers));
+                }
+                if let Some(error) = self.shared.failed.clone() {
+                    return self.complete(tag, Err(HostError::Failed(error)), Payload::Write(buffers));
+                }
+                let widening = self.shared.meta.geometry.widen(offset_blocks, blocks).expect("range checked above");
+                if self.shared.options.strict && !widening.aligned {
+                    let unit = self.shared.meta.unit_bytes();
+                    return self.complete(
+                        tag,
+                        Err(HostError::NotWholeUnits { offset_blocks, num_blocks: blocks, unit_bytes: unit }),
+                        Payload::Write(buffers),
+                    );
+                }
+                self.shared.hot.counters.host_writes += 1;
+                self.shared.hot.counters.host_bytes_written += buffers.len() as u64;
+                self.start_write(tag, None, offset_blocks, widening, buffers);
+            }
+            HostRequest::Flush => {
+                self.shared.hot.counters.host_flushes += 1;
+                let id = self.shared.hot.flushes.insert(HostFlush { tag, pending: 2, error: None }) as u32;
+                self.hub.submit(Role::Base, Operation::Flush, Some(HostRef::Flush(id)));
+                self.hub.submit(Role::Journal, Operation::Flush, Some(HostRef::Flush(id)));
+            }
+            HostRequest::Unmap { offset_blocks, num_blocks } | HostRequest::WriteZeroes { offset_blocks, num_blocks } => {
+                if let Some(error) = out_of_range(offset_blocks, num_blocks) {
+                    return self.complete(tag, Err(error), Payload::None);
+                }
+                if let Some(error) = self.shared.failed.clone() {
+                    return self.complete(tag, Err(HostError::Failed(error)), Payload::None);
+                }
+                let id = self.shared.hot.zeroes.insert(ZeroRequest {
+                    tag,
+                    next_block: offset_blocks,
+                    end_block: offset_blocks + num_blocks,
+                    in_flight: 0,
+                    error: None,
+                });
+                self.advance_zeroes(id as u32);
+            }
+        }
+    }
+
+    fn invalid_buffers(&self, bytes: usize) -> Option<HostError> {
+        let block_size = self.shared.meta.block_size[0] as usize;
+        (bytes == 0 || bytes % block_size != 0).then_some(HostError::InvalidBuffers { bytes, block_size })
+    }
+
+    /// Starts the next chunks of an unmap or write-zeroes; completes it when all are done.
+    fn advance_zeroes(&mut self, id: u32) {
+        let block_size = self.shared.meta.block_size[0];
+        let per_unit = self.shared.meta.blocks_per_unit(0);
+        let chunk_blocks = (ZERO_CHUNK_BYTES / block_size).max(per_unit) / per_unit * per_unit;
+        loop {
+            let request = &self.shared.hot.zeroes[id as usize];
+            if request.next_block >= request.end_block || request.in_flight >= ZERO_CHUNKS_IN_FLIGHT || request.error.is_some() {
+                break;
+            }
+            let start = request.next_block;
+            let boundary = (start / chunk_blocks + 1) * chunk_blocks;
+            let end = boundary.min(request.end_block);
+            let blocks = end - start;
+            let request = &mut self.shared.hot.zeroes[id as usize];
+            request.next_block = end;
+            request.in_flight += 1;
+            let data = if blocks == chunk_blocks {
+                self.zero_chunk(chunk_blocks * block_size)
+            } else {
+                Arc::new(IoBuffers::single(DmaBuf::zeroed((blocks * block_size) as usize)))
+            };
+            let widening = self.shared.meta.geometry.widen(start, blocks).expect("range checked at start");
+            self.start_write(0, Some(id), start, widening, data);
+        }
+        let request = &self.shared.hot.zeroes[id as usize];
+        if request.in_flight == 0 && (request.next_block >= request.end_block || request.error.is_some()) {
+            let request = self.shared.hot.zeroes.remove(id as usize);
+            self.complete(request.tag, request.error.map_or(Ok(()), Err), Payload::None);
+        }
+    }
+
+    fn zero_chunk(&mut self, bytes: u64) -> SharedBuffers {
+        self.hot().zero_chunk.get_or_insert_with(|| Arc::new(IoBuffers::single(DmaBuf::zeroed(bytes as usize)))).clone()
+    }
+
+    fn start_write(&mut self, tag: Tag, parent: Option<u32>, offset_blocks: u64, widening: Widening, host: SharedBuffers) {
+        let id = self.shared.hot.writes.insert(HostWrite {
+            tag,
+            parent,
+            offset_blocks,
+            widening,
+            host,
+            data: None,
+            head: None,
+            tail: None,
+            state: WriteState::Blocked,
+            pending: 0,
+            needed_entries: 0,
+            base_submitted: false,
+            error: None,
+        });
+        let overlaps = self.overlaps_locked(widening) || self.overlaps_blocked(widening, usize::MAX);
+        if overlaps || self.shared.marker_pending {
+            self.shared.hot.counters.overlap_waits += u64::from(overlaps);
+            self.shared.hot.blocked.push_back(id);
+            return;
+        }
+        self.begin(id);
+    }
+
+    fn overlaps_locked(&self, widening: Widening) -> bool {
+        widening.units().any(|unit| self.shared.hot.locked_units.contains_key(&unit))
+    }
+
+    /// Does `widening` overlap a blocked write that arrived before position `before`?
+    fn overlaps_blocked(&self, widening: Widening, before: usize) -> bool {
+        let units = widening.units();
+        self.shared.hot.blocked.iter().take(before).any(|other| {
+            let other = self.shared.hot.writes[*other].widening.units();
+            other.start < units.end && units.start < other.end
+        })
+    }
+
+    /// Takes the unit locks and starts reading or allocating.
+    fn begin(&mut self, id: usize) {
+        let widening = self.shared.hot.writes[id].widening;
+        for unit in widening.units() {
+            let previous = self.shared.hot.locked_units.insert(unit, id);
+            debug_assert!(previous.is_none(), "unit {unit} locked twice");
+        }
+        self.shared.hot.writes_in_flight += 1;
+        if widening.aligned {
+            let host = self.shared.hot.writes[id].host.clone();
+            self.shared.hot.writes[id].data = Some(host);
+            return self.allocate(id);
+        }
+        self.shared.hot.counters.read_modify_writes += 1;
+        let unit = self.shared.meta.unit_bytes() as usize;
+        let needs_head = widening.head_gap_blocks > 0;
+        let needs_tail = widening.tail_gap_blocks > 0 && (widening.unit_count > 1 || !needs_head);
+        let write = &mut self.shared.hot.writes[id];
+        write.state = WriteState::Reading;
+        if needs_head {
+            write.pending += 1;
+        }
+        if needs_tail {
+            write.pending += 1;
+        }
+        let lba = |unit_index: u64| self.shared.meta.volume_lba(0, unit_index);
+        let (head_lba, tail_lba) = (lba(widening.first_unit), lba(widening.first_unit + widening.unit_count - 1));
+        if needs_head {
+            let buffers = IoBuffers::single(self.hub.alloc(Role::Base, unit));
+            self.hub.submit(Role::Base, Operation::Read { offset_blocks: head_lba, buffers }, Some(HostRef::WriteHead(id as u32)));
+        }
+        if needs_tail {
+            let buffers = IoBuffers::single(self.hub.alloc(Role::Base, unit));
+            self.hub.submit(Role::Base, Operation::Read { offset_blocks: tail_lba, buffers }, Some(HostRef::WriteTail(id as u32)));
+        }
+    }
+
+    /// Builds whole units from the head/tail reads and the host data.
+    fn merge_partial(&mut self, id: usize) {
+        let unit = self.shared.meta.unit_bytes() as usize;
+        let block_size = self.shared.meta.block_size[0] as usize;
+        let write = &mut self.shared.hot.writes[id];
+        let total = write.widening.unit_count as usize * unit;
+        let mut merged = self.hub.alloc(Role::Base, total);
+        {
+            let bytes = merged.as_mut_slice();
+            if let Some(head) = &write.head {
+                head.read_at(0, &mut bytes[..unit]);
+            }
+            if let Some(tail) = &write.tail {
+                tail.read_at(0, &mut bytes[total - unit..]);
+            } else if write.head.is_some() && write.widening.unit_count == 1 {
+                // One unit with gaps at both ends: the head read covered it.
+            }
+            let offset = write.widening.head_gap_blocks as usize * block_size;
+            write.host.read_at(0, &mut bytes[offset..offset + write.host.len()]);
+        }
+        write.head = None;
+        write.tail = None;
+        write.data = Some(Arc::new(IoBuffers::single(merged)));
+    }
+
+    /// Takes journal segments for the write's units and submits its data.
+    fn allocate(&mut self, id: usize) {
+        let widening = self.shared.hot.writes[id].widening;
+        let meta = &mut self.shared.meta;
+        let per_page = meta.entries_per_page();
+        let new_units = widening.units().filter(|unit| !meta.open.entry_of.contains_key(unit)).count() as u64;
+        if new_units > 0 {
+            let entries_after = meta.open.blocks.len() + new_units as usize;
+            let pages_needed = (entries_after.div_ceil(per_page)).saturating_sub(meta.open.pages.len()) as u64;
+            if meta.ring.free() < new_units || meta.pages.free() < pages_needed {
+                return self.journal_full(id, new_units);
+            }
+            for _ in 0..pages_needed {
+                let page = meta.pages.append(1).expect("page space checked");
+                debug_assert_eq!(page, meta.open.page_start + meta.open.pages.len() as u64);
+                meta.open.pages.push(PageState::default());
+            }
+        }
+        let data = self.shared.hot.writes[id].data.clone().expect("data is ready before allocation");
+        let unit_bytes = meta.unit_bytes() as usize;
+        let written_upto = self.shared.hot.commit.as_ref().map_or(meta.open.durable, |c| c.upto);
+        let mut segments = Vec::with_capacity(widening.unit_count as usize);
+        let mut needed = 0usize;
+        for (index, unit) in widening.units().enumerate() {
+            let crc = crc_of(&data, index * unit_bytes, unit_bytes);
+            let entry = match meta.open.entry_of.get(&unit) {
+                Some(entry) => {
+                    let entry = *entry as usize;
+                    if meta.open.crcs[entry] != crc {
+                        meta.open.crcs[entry] = crc;
+                        if entry < written_upto {
+                            meta.open.stale_pages.insert(entry / per_page);
+                        }
+                    }
+                    entry
+                }
+                None => {
+                    let segment = meta.ring.append(1).expect("journal space checked");
+                    let entry = meta.open.blocks.len();
+                    debug_assert_eq!(segment, meta.open.element_start + entry as u64, "one generation's segments are consecutive");
+                    meta.open.blocks.push(unit);
+                    meta.open.crcs.push(crc);
+                    meta.open.entry_of.insert(unit, entry as u32);
+                    needed = entry + 1;
+                    entry
+                }
+            };
+            segments.push(meta.open.element_start + entry as u64);
+        }
+        let fua = meta.durability() == Durability::WriteThrough;
+        // Journal: the host's buffers themselves when the segments are one physical run.
+        let first = segments[0];
+        let consecutive = segments.windows(2).all(|w| w[1] == w[0] + 1);
+        let no_wrap = meta.ring.physical(first) + segments.len() as u64 <= meta.journal.element_capacity;
+        let mut journal_writes: Vec<(u64, SharedBuffers)> = Vec::new();
+        if consecutive && no_wrap {
+            journal_writes.push((meta.segment_lba(first), data.clone()));
+        } else {
+            // Bounce: copy each run of consecutive physical segments (rare: mixed rewrites).
+            self.shared.hot.counters.journal_bounce_copies += 1;
+            let mut start = 0;
+            while start < segments.len() {
+                let mut end = start + 1;
+                while end < segments.len()
+                    && segments[end] == segments[end - 1] + 1
+                    && meta.ring.physical(segments[end]) == meta.ring.physical(segments[end - 1]) + 1
+                {
+                    end += 1;
+                }
+                let mut buffer = DmaBuf::zeroed((end - start) * unit_bytes);
+                data.read_at(start * unit_bytes, buffer.as_mut_slice());
+                journal_writes.push((meta.segment_lba(segments[start]), Arc::new(IoBuffers::single(buffer))));
+                start = end;
+            }
+        }
+        let write = &mut self.shared.hot.writes[id];
+        write.pending += journal_writes.len() as u32;
+        write.needed_entries = needed;
+        for (lba, buffers) in journal_writes {
+            self.hub.submit(Role::Journal, Operation::Write { offset_blocks: lba, buffers, fua }, Some(HostRef::WriteData(id as u32)));
+        }
+        if needed > self.shared.meta.open.durable {
+            self.shared.hot.writes[id].state = WriteState::WaitingIndex;
+            self.shared.hot.waiting_index.push(id);
+        } else {
+            self.submit_base(id);
+        }
+    }
+
+    fn journal_full(&mut self, id: usize, new_units: u64) {
+        let policy = self.shared.meta.journal_full_policy();
+        let sort_will_free = !self.shared.meta.sealed.is_empty();
+        if policy == JournalFullPolicy::Block && sort_will_free {
+            self.shared.hot.counters.journal_full_waits += 1;
+            self.shared.hot.writes[id].state = WriteState::WaitingSpace;
+            self.shared.hot.waiting_space.push_back(id);
+            return;
+        }
+        let meta = &self.shared.meta;
+        let error = HostError::NoSpace {
+            needed_elements: new_units,
+            free_elements: meta.ring.free(),
+            capacity_elements: meta.ring.capacity(),
+        };
+        self.shared.hot.writes[id].error = Some(error);
+        self.finish_write(id);
+    }
+
+    /// Retries writes waiting for journal space (after the sort freed some).
+    pub(crate) fn retry_space(&mut self) {
+        let count = self.shared.hot.waiting_space.len();
+        for _ in 0..count {
+            let Some(id) = self.shared.hot.waiting_space.pop_front() else { break };
+            self.shared.hot.writes[id].state = WriteState::Writing;
+            self.allocate(id);
+        }
+    }
+
+    fn submit_base(&mut self, id: usize) {
+        let fua = self.shared.meta.durability() == Durability::WriteThrough;
+        let write = &mut self.shared.hot.writes[id];
+        let offset_blocks = if write.widening.aligned {
+            write.offset_blocks
+        } else {
+            write.widening.first_unit * (self.shared.meta.unit_bytes() / self.shared.meta.block_size[0])
+        };
+        write.state = WriteState::Writing;
+        write.base_submitted = true;
+        write.pending += 1;
+        let buffers = write.data.clone().expect("data is ready");
+        self.hub.submit(Role::Base, Operation::Write { offset_blocks, buffers, fua }, Some(HostRef::WriteData(id as u32)));
+    }
+
+    /// Writes the index pages of entries not yet durable, if no commit is in flight.
+    pub(crate) fn maybe_commit(&mut self) {
+        if self.shared.hot.commit.is_some() || self.shared.failed.is_some() {
+            return;
+        }
+        let meta = &mut self.shared.meta;
+        let target = meta.open.blocks.len();
+        if target <= meta.open.durable {
+            return;
+        }
+        let per_page = meta.entries_per_page();
+        let mut pages = Vec::new();
+        for index in meta.open.durable / per_page..=(target - 1) / per_page {
+            let (page, slot, sequence, bytes) = meta.next_index_page(index, target);
+            meta.open.stale_pages.remove(&index);
+            let offset = meta.index_slot_bytes(page, slot) / meta.block_size[1];
+            let mut buffer = self.hub.alloc(Role::Journal, bytes.len());
+            buffer.as_mut_slice().copy_from_slice(&bytes);
+            let buffers = Arc::new(IoBuffers::single(buffer));
+            self.hub.submit(Role::Journal, Operation::Write { offset_blocks: offset, buffers, fua: true }, Some(HostRef::Commit));
+            pages.push((index, slot, sequence));
+        }
+        self.shared.hot.counters.index_commits += 1;
+        self.shared.hot.counters.index_pages_written += pages.len() as u64;
+        self.shared.hot.commit = Some(Commit { upto: target, pending: pages.len() as u32, pages, error: None });
+    }
+
+    /// Routes one device completion of the hot path.
+    pub(crate) fn on_completion(&mut self, owner: HostRef, completion: Completion) {
+        match owner {
+            HostRef::Read(id) => {
+                let tag = self.shared.hot.reads.remove(id as usize);
+                let result = completion.result.map_err(HostError::Io);
+                self.complete(tag, result, completion.payload);
+            }
+            HostRef::Flush(id) => {
+                let flush = &mut self.shared.hot.flushes[id as usize];
+                if let Err(error) = completion.result {
+                    flush.error.get_or_insert(HostError::Io(error));
+                }
+                flush.pending -= 1;
+                if flush.pending == 0 {
+                    let flush = self.shared.hot.flushes.remove(id as usize);
+                    self.complete(flush.tag, flush.error.map_or(Ok(()), Err), Payload::None);
+                }
+            }
+            HostRef::Commit => self.on_commit(completion),
+            HostRef::WriteHead(id) | HostRef::WriteTail(id) => {
+                let id = id as usize;
+                let write = &mut self.shared.hot.writes[id];
+                write.pending -= 1;
+                match (completion.result, completion.payload) {
+                    (Ok(()), Payload::Read(buffers)) => {
+                        if matches!(owner, HostRef::WriteHead(_)) {
+                            write.head = Some(buffers);
+                        } else {
+                            write.tail = Some(buffers);
+                        }
+                    }
+                    (Err(error), _) => {
+                        write.error.get_or_insert(HostError::Io(error));
+                    }
+                    (Ok(()), other) => unreachable!("a read returns its buffers, got {other:?}"),
+                }
+                if write.pending == 0 {
+                    if write.error.is_some() {
+                        return self.finish_write(id);
+                    }
+                    self.merge_partial(id);
+                    self.allocate(id);
+                }
+            }
+            HostRef::WriteData(id) => {
+                let id = id as usize;
+                let write = &mut self.shared.hot.writes[id];
+                write.pending -= 1;
+                if let Err(error) = completion.result {
+                    write.error.get_or_insert(HostError::Io(error.clone()));
+                    // Base and journal may now disagree for this block: stop taking writes
+                    // until a reopen rebuilds the open generation from the base.
+                    self.shared.hot.counters.write_errors += 1;
+                    self.shared.failed.get_or_insert(format!("write failed: {error}"));
+                }
+                let write = &self.shared.hot.writes[id];
+                if write.pending == 0 && (write.base_submitted || write.error.is_some()) && write.state != WriteState::WaitingIndex {
+                    self.finish_write(id);
+                }
+            }
+        }
+    }
+
+    fn on_commit(&mut self, completion: Completion) {
+        let commit = self.shared.hot.commit.as_mut().expect("a commit is in flight");
+        commit.pending -= 1;
+        if let Err(error) = completion.result {
+            commit.error.get_or_insert(error);
+        }
+        if commit.pending > 0 {
+            return;
+        }
+        let commit = self.shared.hot.commit.take().expect("checked above");
+        if let Some(error) = commit.error {
+            self.shared.failed.get_or_insert(format!("element index write failed: {error}"));
+            let waiting = std::mem::take(&mut self.shared.hot.waiting_index);
+            for id in waiting {
+                let write = &mut self.shared.hot.writes[id];
+                write.error.get_or_insert(HostError::Io(error.clone()));
+                write.state = WriteState::Writing;
+                if write.pending == 0 {
+                    self.finish_write(id);
+                }
+            }
+            return;
+        }
+        let meta = &mut self.shared.meta;
+        for (index, slot, sequence) in commit.pages {
+            meta.open.pages[index] = PageState { sequence, newest_slot: Some(slot) };
+        }
+        debug_assert!(commit.upto >= meta.open.durable);
+        meta.open.durable = commit.upto;
+        let durable = meta.open.durable;
+        let waiting = std::mem::take(&mut self.shared.hot.waiting_index);
+        for id in waiting {
+            if self.shared.hot.writes[id].needed_entries <= durable {
+                self.submit_base(id);
+            } else {
+                self.shared.hot.waiting_index.push(id);
+            }
+        }
+        self.maybe_commit();
+    }
+
+    fn finish_write(&mut self, id: usize) {
+        let write = self.shared.hot.writes.remove(id);
+        for unit in write.widening.units() {
+            let holder = self.shared.hot.locked_units.remove(&unit);
+            debug_assert_eq!(holder, Some(id));
+        }
+        self.shared.hot.writes_in_flight -= 1;
+        let result = write.error.map_or(Ok(()), Err);
+        match write.parent {
+            None => self.complete(write.tag, result, Payload::Write(write.host)),
+            Some(parent) => {
+                let request = &mut self.shared.hot.zeroes[parent as usize];
+                request.in_flight -= 1;
+                if let Err(error) = result {
+                    request.error.get_or_insert(error);
+                }
+                self.advance_zeroes(parent);
+            }
+        }
+        self.unblock();
+    }
+
+    /// Starts blocked writes that no longer overlap anything before them.
+    pub(crate) fn unblock(&mut self) {
+        if self.shared.marker_pending {
+            return;
+        }
+        let mut position = 0;
+        while position < self.shared.hot.blocked.len() {
+            let id = self.shared.hot.blocked[position];
+            let widening = self.shared.hot.writes[id].widening;
+            if !self.overlaps_locked(widening) && !self.overlaps_blocked(widening, position) {
+                self.shared.hot.blocked.remove(position);
+                self.begin(id);
+            } else {
+                position += 1;
+            }
+        }
+    }
+}
