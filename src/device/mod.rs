@@ -182,7 +182,7 @@ pub trait Device {
 pub fn validate(name: &str, geometry: &DeviceGeometry, operation: &Operation) -> Result<(), IoError> {
     let block_size = geometry.block_size;
     let bytes_ok = |buffers: &IoBuffers| {
-        buffers.len() > 0
+        !buffers.is_empty()
             && buffers.len() % block_size as usize == 0
             && buffers.segments().iter().all(|s| s.is_aligned(geometry.buffer_alignment as usize))
     };

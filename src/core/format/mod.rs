@@ -9,6 +9,7 @@ pub mod catalog;
 pub mod control_block;
 pub mod element_index;
 pub mod header;
+pub mod layout;
 pub mod records;
 pub mod superblock;
 
@@ -106,9 +107,6 @@ impl<'a> Reader<'a> {
     }
     pub(crate) fn at(structure: &'static str, bytes: &'a [u8], position: usize) -> Self {
         Reader { structure, bytes, position: position.min(bytes.len()) }
-    }
-    pub(crate) fn position(&self) -> usize {
-        self.position
     }
     pub(crate) fn take(&mut self, count: usize) -> Result<&'a [u8], FormatError> {
         let end =
