@@ -108,7 +108,8 @@ impl MemoryDevice {
             "memory device {name}: {} bytes are not a whole number of {block_size}-byte blocks",
             bytes.len()
         );
-        let device = MemoryDevice::new(name, MemoryOptions::new(block_size, (bytes.len() / block_size as usize) as u64));
+        let device =
+            MemoryDevice::new(name, MemoryOptions::new(block_size, (bytes.len() / block_size as usize) as u64));
         *device.media() = bytes;
         device
     }

@@ -128,7 +128,7 @@ pub enum IoError {
     OutOfRange { device: String, kind: OperationKind, offset_blocks: u64, num_blocks: u64, block_count: u64 },
     #[error("{device}: buffers of {bytes} bytes are not a whole number of {block_size}-byte blocks or are misaligned")]
     Misaligned { device: String, bytes: usize, block_size: u32 },
-    #[error("{device}: {kind:?} of {num_blocks} blocks in {segments} buffers is larger than one operation may be: {limit}")]
+    #[error("{device}: {kind:?} of {num_blocks} blocks in {segments} buffers exceeds {limit}")]
     TooLarge { device: String, kind: OperationKind, num_blocks: u64, segments: usize, limit: String },
     #[error("{device}: {kind:?} is not supported")]
     Unsupported { device: String, kind: OperationKind },
@@ -218,7 +218,7 @@ pub fn validate(name: &str, geometry: &DeviceGeometry, operation: &Operation) ->
                 kind: operation.kind(),
                 num_blocks,
                 segments,
-                limit: format!("at most {} blocks", geometry.max_transfer_blocks),
+                limit: format!("the limit of {} blocks per operation", geometry.max_transfer_blocks),
             });
         }
     }
