@@ -128,6 +128,8 @@ pub enum IoError {
     OutOfRange { device: String, kind: OperationKind, offset_blocks: u64, num_blocks: u64, block_count: u64 },
     #[error("{device}: buffers of {bytes} bytes are not a whole number of {block_size}-byte blocks or are misaligned")]
     Misaligned { device: String, bytes: usize, block_size: u32 },
+    #[error("{device}: {kind:?} of {num_blocks} blocks in {segments} buffers exceeds {limit}")]
+    TooLarge { device: String, kind: OperationKind, num_blocks: u64, segments: usize, limit: String },
     #[error("{device}: {kind:?} is not supported")]
     Unsupported { device: String, kind: OperationKind },
     #[error("{device}: power was lost")]
@@ -202,6 +204,21 @@ pub fn validate(name: &str, geometry: &DeviceGeometry, operation: &Operation) ->
                 offset_blocks,
                 num_blocks,
                 block_count: geometry.block_count,
+            });
+        }
+        // Only data transfers are limited; unmap and write-zeroes carry no buffers.
+        let segments = match operation {
+            Operation::Read { buffers, .. } => buffers.segments().len(),
+            Operation::Write { buffers, .. } => buffers.segments().len(),
+            _ => 0,
+        };
+        if segments > 0 && num_blocks > u64::from(geometry.max_transfer_blocks) {
+            return Err(IoError::TooLarge {
+                device: name.into(),
+                kind: operation.kind(),
+                num_blocks,
+                segments,
+                limit: format!("the limit of {} blocks per operation", geometry.max_transfer_blocks),
             });
         }
     }
