@@ -112,13 +112,19 @@ async fn sort_generation(shared: &SharedRef, io: &ControlIo<HostRef>, sealed: Se
             let (history_extent, control_extent) = {
                 let mut s = shared.borrow_mut();
                 let control_units = control_block_units(&s.meta.shape, 0);
-                let control = s.meta.allocator.allocate(control_units).map_err(|e| EngineError::Damaged(format!("history full: {e}")))?;
+                let full = |allocator: &crate::core::allocator::SegmentAllocator| EngineError::HistoryFull {
+                    generation,
+                    needed: control_units + elements,
+                    free: allocator.free_units(),
+                    largest: allocator.largest_free(),
+                };
+                let control = s.meta.allocator.allocate(control_units).map_err(|_| full(&s.meta.allocator))?;
                 let history = if elements > 0 {
                     match s.meta.allocator.allocate(elements) {
                         Ok(extent) => extent,
-                        Err(e) => {
+                        Err(_) => {
                             s.meta.allocator.free(control).expect("just allocated");
-                            return Err(EngineError::Damaged(format!("history full: {e}")));
+                            return Err(full(&s.meta.allocator));
                         }
                     }
                 } else {

@@ -136,9 +136,9 @@ pub fn load(dir: &Path, seconds: f64, queue_depth: usize, marker_every_ms: Optio
     if let Some(mut log) = log {
         log.flush()?;
     }
-    let mut completions = Vec::new();
+    let flushed = std::cell::Cell::new(false);
     volume.submit(u64::MAX, HostRequest::Flush);
-    host::drive(&mut volume, |_, c| completions.push(c), |_| !completions.is_empty());
+    host::drive(&mut volume, |_, _| flushed.set(true), |_| flushed.get());
     let status = volume.status();
     volume.close()?;
     println!(
