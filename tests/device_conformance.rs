@@ -126,6 +126,10 @@ fn conformance(backend: &Backend, seed: u64) {
     let blocks = geometry.block_count.min(BLOCK_COUNT);
     let mut model = vec![0u8; blocks as usize * block_size];
     let mut completions = Vec::new();
+    // Start from zeroes whatever the device held (a block device under test may hold anything).
+    channel.submit(0, Operation::WriteZeroes { offset_blocks: 0, num_blocks: blocks }).expect("zero the device");
+    drain(backend, channel.as_mut(), &mut completions);
+    assert!(completions.drain(..).all(|c| c.result.is_ok()), "{label}, seed {seed}: zeroing failed");
     for batch in 0..BATCHES {
         // Operations of one batch never overlap, so any completion order is correct.
         let mut taken: Vec<(u64, u64)> = Vec::new();
@@ -403,4 +407,25 @@ fn uring_read_only_devices_refuse_writes_and_missing_files_fail_to_open() {
     }
     let missing = UringDevice::open(dir.path().join("missing.img"), &UringOptions::default(), ctx);
     assert!(matches!(missing, Err(chronicle::device::DeviceError::Open { .. })));
+}
+
+/// Runs the conformance check on a real block device when `CHRONICLE_TEST_BLOCK_DEVICE`
+/// names one (its first blocks are overwritten), e.g. a loop device; otherwise says so.
+#[test]
+fn uring_device_on_a_block_device_conforms_when_one_is_given() {
+    let Ok(path) = std::env::var("CHRONICLE_TEST_BLOCK_DEVICE") else {
+        println!("CHRONICLE_TEST_BLOCK_DEVICE is not set: no block device tested");
+        return;
+    };
+    all_checks(&|_| {
+        let ctx = uring_context();
+        let device = UringDevice::open(&path, &UringOptions::default(), ctx.clone()).expect("open the block device");
+        assert!(device.is_block_device(), "{path} is not a block device");
+        let label = format!("io_uring on block device {path} ({:?})", device.geometry());
+        Backend {
+            label,
+            device: Box::new(device),
+            idle: Box::new(move || _ = ctx.wait(Some(Duration::from_millis(20)))),
+        }
+    });
 }
