@@ -216,8 +216,7 @@ impl System {
         prop_assert_eq!(&self.stores.backup, &model.images[&self.backup_generation], "backup ≠ newest sorted image");
 
         // Every live generation restores exactly.
-        for index in 0..=self.records.len() {
-            let generation = live[index];
+        for (index, &generation) in live.iter().enumerate() {
             let map = plan_restore(&self.maps_from(index), self.blocks).map_err(fail)?;
             let image = self.stores.restore_image(&map).map_err(fail)?;
             prop_assert_eq!(&image, &model.images[&generation], "generation {} restores wrongly", generation);
@@ -319,10 +318,10 @@ proptest! {
     /// restores exactly, after every step.
     #[test]
     fn every_live_generation_restores_exactly(
-        blocks in 1u64..16,
+        blocks in 1u64..20,
         all_mode in any::<bool>(),
         weak_hash in any::<bool>(),
-        steps in proptest::collection::vec(step(), 0..64),
+        steps in proptest::collection::vec(step(), 0..96),
     ) {
         let hash = if weak_hash { HashKind::Weak } else { HashKind::Content };
         run(blocks, all_mode, hash, &steps)?;

@@ -486,3 +486,21 @@ fn settle_needs_a_cut() {
     let (_device, controller, _channel) = fault_over(&inner, 0);
     assert!(matches!(controller.settle(), Err(chronicle::device::fault::FaultError::PowerOn { .. })));
 }
+
+#[test]
+// FaultDevice::new takes Arc<dyn Device> like every wrapper; a fault device is single-threaded.
+#[allow(clippy::arc_with_non_send_sync)]
+fn inner_device_failures_reach_the_caller() {
+    let memory_device = memory(16, None);
+    let (inner, inner_controller) = FaultDevice::new(Arc::new(memory_device), 0);
+    let (outer, _controller) = FaultDevice::new(Arc::new(inner), 0);
+    let mut channel = outer.open_channel().unwrap();
+    inner_controller.power_cut();
+    // The inner device refuses everything now: reads and flushes fail; a plain write still
+    // completes into the outer cache.
+    let read = run(channel.as_mut(), 1, read_op(0, 1));
+    assert!(matches!(read.result, Err(IoError::PowerLost { .. })), "{read:?}");
+    assert!(run(channel.as_mut(), 2, write_op(0, 7, 1, false)).result.is_ok());
+    let flush = run(channel.as_mut(), 3, Operation::Flush);
+    assert!(matches!(flush.result, Err(IoError::PowerLost { .. })), "{flush:?}");
+}

@@ -244,7 +244,13 @@ impl Device for FaultDevice {
 impl FaultController {
     /// Adds a rule; rules are checked in the order they were added, and every rule that fires
     /// applies (an error and a delay combine).
+    ///
+    /// # Panics
+    /// If a probability is outside `0.0..=1.0`.
     pub fn add_rule(&self, rule: FaultRule) -> RuleId {
+        if let Trigger::Probability(p) = rule.trigger {
+            assert!((0.0..=1.0).contains(&p), "fault rule probability {p} is outside 0..=1");
+        }
         let mut core = self.core();
         let id = RuleId(core.next_rule_id);
         core.next_rule_id += 1;
@@ -549,9 +555,11 @@ impl Core {
                 Operation::Read { offset_blocks, buffers } => {
                     let num_blocks = (buffers.len() / self.geometry.block_size as usize) as u64;
                     let patch = self.overlay_patch(offset_blocks, num_blocks);
+                    // Recorded before the inner submit, which may complete it at once.
+                    self.ops.insert(op_id, Op { channel, tag, kind, delay_polls, state: OpState::Reading { patch } });
                     let inner_tag = self.inner_tag(InnerOp::UserRead { op_id });
                     self.submit_inner(inner_tag, Operation::Read { offset_blocks, buffers });
-                    OpState::Reading { patch }
+                    return Ok(());
                 }
                 Operation::Write { offset_blocks, buffers, fua: false } => {
                     OpState::Writing { offset_blocks, data: WriteData::Buffers(buffers) }
@@ -590,7 +598,7 @@ impl Core {
             let fires = match state.rule.trigger {
                 Trigger::Always => true,
                 Trigger::Nth(n) => state.matched == n,
-                Trigger::Probability(p) => self.trigger_rng.random_bool(p.clamp(0.0, 1.0)),
+                Trigger::Probability(p) => self.trigger_rng.random_bool(p),
                 Trigger::Once => true,
             };
             if !fires {
@@ -802,7 +810,10 @@ impl Core {
                     unreachable!("{}: op {op_id} got a read completion in state {:?}", self.name, op.state)
                 };
                 let Payload::Read(mut buffers) = payload else {
-                    unreachable!("{}: inner read completed without its buffers", self.name)
+                    // The inner device refused the read at submit and kept its buffers.
+                    assert!(result.is_err(), "{}: inner read completed without its buffers", self.name);
+                    op.state = OpState::Ready { result, payload: Payload::None };
+                    return;
                 };
                 if result.is_ok() {
                     let block_size = self.geometry.block_size as usize;

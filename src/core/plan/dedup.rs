@@ -13,12 +13,15 @@
 //! whose count reaches zero leaves the index.
 //!
 //! The index is one per volume and shared across merges, so it deduplicates across generations.
-//! Encoding it to disk is the format layer's job: [`DedupIndex::entries`] and
+//! Encoding it to disk is the format layer's job (`format::records::DedupTable`, whose
+//! [`DedupEntry`] this index yields and accepts): [`DedupIndex::entries`] and
 //! [`DedupIndex::from_entries`] are the round trip.
 
 use std::collections::HashMap;
 
 use super::PlanError;
+/// One stored element as the index knows it: the on-disk dedup table's entry.
+pub use crate::core::format::records::DedupEntry;
 
 /// xxh3-128 of an element's contents.
 pub fn content_hash(bytes: &[u8]) -> u128 {
@@ -33,14 +36,6 @@ pub enum DedupDecision {
     /// The element at this address has byte-equal contents: point at it, then
     /// [`DedupIndex::add_reference`].
     Share(u64),
-}
-
-/// One stored element as the index knows it; the unit of the on-disk form.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DedupEntry {
-    pub hash: u128,
-    pub address: u64,
-    pub references: u32,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
