@@ -15,7 +15,9 @@ use std::task::{Context, Poll, Waker};
 
 use rustc_hash::FxHashMap;
 
-use crate::device::{Channel, Completion, DeviceGeometry, IoBuffers, IoError, Operation, SharedBuffers, SubmitError, Tag};
+use crate::device::{
+    Channel, Completion, DeviceGeometry, IoBuffers, IoError, Operation, SharedBuffers, SubmitError, Tag,
+};
 
 /// The four devices of a volume (ARCHITECTURE §2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -231,7 +233,13 @@ impl<O: Copy> ControlIo<O> {
     }
 
     /// Writes `bytes` (a whole number of device blocks) at a block-aligned byte offset.
-    pub(crate) async fn write_bytes(&self, role: Role, offset_bytes: u64, bytes: &[u8], fua: bool) -> Result<(), IoError> {
+    pub(crate) async fn write_bytes(
+        &self,
+        role: Role,
+        offset_bytes: u64,
+        bytes: &[u8],
+        fua: bool,
+    ) -> Result<(), IoError> {
         let block = self.block_size(role);
         debug_assert_eq!(offset_bytes % block, 0, "metadata is block aligned");
         let mut buffer = self.alloc(role, bytes.len());
@@ -262,37 +270,35 @@ where
     let mut results: Vec<Option<T>> = Vec::new();
     let mut first_error: Option<E> = None;
     let mut exhausted = false;
-    std::future::poll_fn(|cx| {
-        loop {
-            while !exhausted && running.len() < limit && first_error.is_none() {
-                match pending.next() {
-                    Some((index, future)) => {
-                        if results.len() <= index {
-                            results.resize_with(index + 1, || None);
-                        }
-                        running.push((index, Box::pin(future)));
+    std::future::poll_fn(|cx| loop {
+        while !exhausted && running.len() < limit && first_error.is_none() {
+            match pending.next() {
+                Some((index, future)) => {
+                    if results.len() <= index {
+                        results.resize_with(index + 1, || None);
                     }
-                    None => exhausted = true,
+                    running.push((index, Box::pin(future)));
                 }
+                None => exhausted = true,
             }
-            let before = running.len();
-            running.retain_mut(|(index, future)| match future.as_mut().poll(cx) {
-                Poll::Ready(Ok(value)) => {
-                    results[*index] = Some(value);
-                    false
-                }
-                Poll::Ready(Err(error)) => {
-                    first_error.get_or_insert(error);
-                    false
-                }
-                Poll::Pending => true,
-            });
-            if running.is_empty() && (exhausted || first_error.is_some()) {
-                return Poll::Ready(());
+        }
+        let before = running.len();
+        running.retain_mut(|(index, future)| match future.as_mut().poll(cx) {
+            Poll::Ready(Ok(value)) => {
+                results[*index] = Some(value);
+                false
             }
-            if running.len() == before {
-                return Poll::Pending;
+            Poll::Ready(Err(error)) => {
+                first_error.get_or_insert(error);
+                false
             }
+            Poll::Pending => true,
+        });
+        if running.is_empty() && (exhausted || first_error.is_some()) {
+            return Poll::Ready(());
+        }
+        if running.len() == before {
+            return Poll::Pending;
         }
     })
     .await;

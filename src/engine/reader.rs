@@ -88,7 +88,13 @@ impl VolumeReader {
                     EntryKind::Backup => "backup",
                     _ => return None,
                 };
-                Some(GenerationInfo { generation: e.generation, state, time_ns: e.time_ns, comment: e.comment.clone(), blocks: e.blocks })
+                Some(GenerationInfo {
+                    generation: e.generation,
+                    state,
+                    time_ns: e.time_ns,
+                    comment: e.comment.clone(),
+                    blocks: e.blocks,
+                })
             })
             .collect();
         for sealed in &self.meta.sealed {

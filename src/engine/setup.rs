@@ -70,16 +70,19 @@ fn names<O: Copy>(io: &ControlIo<O>) -> [String; 4] {
 }
 
 /// Checks that the devices can hold a volume of the base's size at `host_write_size`.
-fn volume_geometry(devices: &[DeviceGeometry; 4], names: &[String; 4], host_write_size: u32) -> Result<VolumeGeometry, EngineError> {
+fn volume_geometry(
+    devices: &[DeviceGeometry; 4],
+    names: &[String; 4],
+    host_write_size: u32,
+) -> Result<VolumeGeometry, EngineError> {
     let geometry_error = |e: crate::core::geometry::GeometryError| EngineError::Geometry(e.to_string());
     let base_block = DeviceBlockSize::new(devices[0].block_size).map_err(geometry_error)?;
     let unit = HostWriteSize::for_device(host_write_size, base_block).map_err(geometry_error)?;
     for role in [Role::Journal, Role::Backup, Role::History] {
         let block = devices[role as usize].block_size;
         let block_size = DeviceBlockSize::new(block).map_err(geometry_error)?;
-        HostWriteSize::for_device(host_write_size, block_size).map_err(|e| {
-            EngineError::Geometry(format!("{} device {}: {e}", role.name(), names[role as usize]))
-        })?;
+        HostWriteSize::for_device(host_write_size, block_size)
+            .map_err(|e| EngineError::Geometry(format!("{} device {}: {e}", role.name(), names[role as usize])))?;
     }
     let unit_bytes = u64::from(unit.bytes());
     let volume_bytes = devices[0].size_bytes() / unit_bytes * unit_bytes;
@@ -240,7 +243,13 @@ async fn copy_volume<O: Copy>(
 }
 
 /// Reads a double-buffered structure's two copies.
-async fn read_pair<O: Copy>(io: &ControlIo<O>, role: Role, first: u64, second: u64, len: usize) -> Result<(Vec<u8>, Vec<u8>), EngineError> {
+async fn read_pair<O: Copy>(
+    io: &ControlIo<O>,
+    role: Role,
+    first: u64,
+    second: u64,
+    len: usize,
+) -> Result<(Vec<u8>, Vec<u8>), EngineError> {
     Ok((io.read_bytes(role, first, len).await?, io.read_bytes(role, second, len).await?))
 }
 
@@ -266,7 +275,11 @@ pub(crate) async fn open_volume<O: Copy>(io: &ControlIo<O>, read_only: bool) -> 
     let journal_superblock = superblock::choose(&a, &b).map_err(|e| EngineError::format("journal", journal_name, e))?;
     let (a, b) = read_pair(io, Role::History, 0, PAGE, METADATA_PAGE_BYTES).await?;
     let history_superblock = superblock::choose(&a, &b).map_err(|e| EngineError::format("history", history_name, e))?;
-    let mismatch = |role: Role, detail: String| EngineError::Mismatch { role: role.name(), name: device_names[role as usize].clone(), detail };
+    let mismatch = |role: Role, detail: String| EngineError::Mismatch {
+        role: role.name(),
+        name: device_names[role as usize].clone(),
+        detail,
+    };
     if journal_superblock.role != DeviceRole::Journal {
         return Err(mismatch(Role::Journal, format!("it is a {:?} device", journal_superblock.role)));
     }
@@ -285,7 +298,11 @@ pub(crate) async fn open_volume<O: Copy>(io: &ControlIo<O>, read_only: bool) -> 
     if geometry.volume_blocks() < journal_superblock.volume_blocks {
         return Err(mismatch(
             Role::Base,
-            format!("it holds {} bytes, the volume needs {}", devices[0].size_bytes(), journal_superblock.volume_bytes()),
+            format!(
+                "it holds {} bytes, the volume needs {}",
+                devices[0].size_bytes(),
+                journal_superblock.volume_bytes()
+            ),
         ));
     }
     let geometry = VolumeGeometry::new(
@@ -296,13 +313,25 @@ pub(crate) async fn open_volume<O: Copy>(io: &ControlIo<O>, read_only: bool) -> 
     .map_err(|e| EngineError::Geometry(e.to_string()))?;
     for (role, superblock) in [(Role::Journal, &journal_superblock), (Role::History, &history_superblock)] {
         if devices[role as usize].size_bytes() < superblock.device_bytes {
-            return Err(mismatch(role, format!("it shrank from {} to {} bytes", superblock.device_bytes, devices[role as usize].size_bytes())));
+            return Err(mismatch(
+                role,
+                format!("it shrank from {} to {} bytes", superblock.device_bytes, devices[role as usize].size_bytes()),
+            ));
         }
         if devices[role as usize].block_size != superblock.device_block_size {
-            return Err(mismatch(role, format!("its block size changed from {} to {}", superblock.device_block_size, devices[role as usize].block_size)));
+            return Err(mismatch(
+                role,
+                format!(
+                    "its block size changed from {} to {}",
+                    superblock.device_block_size, devices[role as usize].block_size
+                ),
+            ));
         }
     }
-    let shape = VolumeShape { host_write_size: journal_superblock.host_write_size, volume_blocks: journal_superblock.volume_blocks };
+    let shape = VolumeShape {
+        host_write_size: journal_superblock.host_write_size,
+        volume_blocks: journal_superblock.volume_blocks,
+    };
     let mut options = layout::LayoutOptions { mode: journal_superblock.journal_mode, ..Default::default() };
     let journal = JournalLayout::from_areas(&journal_superblock.areas, &shape, &options)
         .ok_or_else(|| EngineError::Damaged(format!("journal {journal_name}: the superblock lacks an area")))?;
@@ -311,28 +340,43 @@ pub(crate) async fn open_volume<O: Copy>(io: &ControlIo<O>, read_only: bool) -> 
 
     // 2. Catalogs and the sort cursor.
     let catalog_len = journal.catalogs[0].length_bytes as usize;
-    let (a, b) = read_pair(io, Role::Journal, journal.catalogs[0].start_bytes, journal.catalogs[1].start_bytes, catalog_len).await?;
+    let (a, b) =
+        read_pair(io, Role::Journal, journal.catalogs[0].start_bytes, journal.catalogs[1].start_bytes, catalog_len)
+            .await?;
     let (slot_a, slot_b) = (Catalog::decode(&a), Catalog::decode(&b));
     let journal_catalog_slot = newest_slot(&slot_a, &slot_b, |c| c.sequence);
     let journal_catalog = catalog::choose(&a, &b).map_err(|e| EngineError::format("journal", journal_name, e))?;
     options.catalog_entries = journal_catalog.capacity_entries;
     let catalog_len = history.catalogs[0].length_bytes as usize;
-    let (a, b) = read_pair(io, Role::History, history.catalogs[0].start_bytes, history.catalogs[1].start_bytes, catalog_len).await?;
+    let (a, b) =
+        read_pair(io, Role::History, history.catalogs[0].start_bytes, history.catalogs[1].start_bytes, catalog_len)
+            .await?;
     let (slot_a, slot_b) = (Catalog::decode(&a), Catalog::decode(&b));
     let history_catalog_slot = newest_slot(&slot_a, &slot_b, |c| c.sequence);
     let history_catalog = catalog::choose(&a, &b).map_err(|e| EngineError::format("history", history_name, e))?;
-    let (a, b) = read_pair(io, Role::History, history.sort_cursors.start_bytes, history.sort_cursors.start_bytes + PAGE, METADATA_PAGE_BYTES).await?;
+    let (a, b) = read_pair(
+        io,
+        Role::History,
+        history.sort_cursors.start_bytes,
+        history.sort_cursors.start_bytes + PAGE,
+        METADATA_PAGE_BYTES,
+    )
+    .await?;
     let (cursor_a, cursor_b) = (SortCursor::decode(&a), SortCursor::decode(&b));
     let cursor_slot = newest_slot(&cursor_a, &cursor_b, |c| c.sequence);
-    let cursor = superblock::newest(cursor_a, cursor_b, |c| c.sequence).map_err(|e| EngineError::format("history", history_name, e))?;
+    let cursor = superblock::newest(cursor_a, cursor_b, |c| c.sequence)
+        .map_err(|e| EngineError::format("history", history_name, e))?;
     if journal_catalog.role != DeviceRole::Journal || history_catalog.role != DeviceRole::History {
         return Err(EngineError::Damaged("a catalog names the wrong device role".into()));
     }
 
     // 3. Drop online generations the sort has already applied.
     let backup_generation = history_catalog.backup_generation;
-    let online: Vec<&CatalogEntry> =
-        journal_catalog.entries.iter().filter(|e| e.kind == EntryKind::Online && e.generation > backup_generation).collect();
+    let online: Vec<&CatalogEntry> = journal_catalog
+        .entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::Online && e.generation > backup_generation)
+        .collect();
     let Some((open_entry, sealed_entries)) = online.split_last() else {
         return Err(EngineError::Damaged("the journal catalog has no open generation".into()));
     };
@@ -365,12 +409,22 @@ pub(crate) async fn open_volume<O: Copy>(io: &ControlIo<O>, read_only: bool) -> 
 
     // 4. Element indexes. Ring positions must be consistent before addresses are computed.
     let tail_entry = sealed_entries.first().copied().unwrap_or(*open_entry);
-    meta.ring = RingAllocator::from_state(meta.journal.element_capacity, tail_entry.element_start, open_entry.element_start)
-        .map_err(|e| EngineError::Damaged(format!("journal ring: {e}")))?;
-    meta.pages = RingAllocator::from_state(meta.journal.index_pages, tail_entry.control_start, open_entry.control_start)
-        .map_err(|e| EngineError::Damaged(format!("journal index ring: {e}")))?;
+    meta.ring =
+        RingAllocator::from_state(meta.journal.element_capacity, tail_entry.element_start, open_entry.element_start)
+            .map_err(|e| EngineError::Damaged(format!("journal ring: {e}")))?;
+    meta.pages =
+        RingAllocator::from_state(meta.journal.index_pages, tail_entry.control_start, open_entry.control_start)
+            .map_err(|e| EngineError::Damaged(format!("journal index ring: {e}")))?;
     for entry in sealed_entries {
-        let (blocks, crcs, _) = read_index(io, &meta, entry.generation, entry.element_start, entry.control_start, Some(entry.control_count)).await?;
+        let (blocks, crcs, _) = read_index(
+            io,
+            &meta,
+            entry.generation,
+            entry.element_start,
+            entry.control_start,
+            Some(entry.control_count),
+        )
+        .await?;
         if blocks.len() as u64 != entry.element_count {
             return Err(EngineError::Damaged(format!(
                 "sealed generation {}: its element index holds {} elements, the catalog says {}",
@@ -397,10 +451,18 @@ pub(crate) async fn open_volume<O: Copy>(io: &ControlIo<O>, read_only: bool) -> 
         read_index(io, &meta, open_entry.generation, open_entry.element_start, open_entry.control_start, None).await?;
     let open_elements = blocks.len() as u64;
     let open_pages = pages.len() as u64;
-    meta.ring = RingAllocator::from_state(meta.journal.element_capacity, tail_entry.element_start, open_entry.element_start + open_elements)
-        .map_err(|e| EngineError::Damaged(format!("journal ring: {e}")))?;
-    meta.pages = RingAllocator::from_state(meta.journal.index_pages, tail_entry.control_start, open_entry.control_start + open_pages)
-        .map_err(|e| EngineError::Damaged(format!("journal index ring: {e}")))?;
+    meta.ring = RingAllocator::from_state(
+        meta.journal.element_capacity,
+        tail_entry.element_start,
+        open_entry.element_start + open_elements,
+    )
+    .map_err(|e| EngineError::Damaged(format!("journal ring: {e}")))?;
+    meta.pages = RingAllocator::from_state(
+        meta.journal.index_pages,
+        tail_entry.control_start,
+        open_entry.control_start + open_pages,
+    )
+    .map_err(|e| EngineError::Damaged(format!("journal index ring: {e}")))?;
     meta.open.durable = blocks.len();
     meta.open.pages = pages;
     for (k, block) in blocks.iter().enumerate() {
@@ -417,19 +479,30 @@ pub(crate) async fn open_volume<O: Copy>(io: &ControlIo<O>, read_only: bool) -> 
     // 6. History space: every extent is owned by a catalog entry (or by the running sort).
     for entry in &meta.history_catalog.entries {
         for (start, units) in [(entry.element_start, entry.element_count), (entry.control_start, entry.control_count)] {
-            if matches!(entry.kind, EntryKind::History | EntryKind::Merged | EntryKind::RestoreVolume | EntryKind::DedupIndex | EntryKind::Retained)
-                && units > 0
+            if matches!(
+                entry.kind,
+                EntryKind::History
+                    | EntryKind::Merged
+                    | EntryKind::RestoreVolume
+                    | EntryKind::DedupIndex
+                    | EntryKind::Retained
+            ) && units > 0
             {
-                meta.allocator
-                    .reserve(Extent::new(start, units))
-                    .map_err(|e| EngineError::Damaged(format!("history catalog generation {}: {e}", entry.generation)))?;
+                meta.allocator.reserve(Extent::new(start, units)).map_err(|e| {
+                    EngineError::Damaged(format!("history catalog generation {}: {e}", entry.generation))
+                })?;
             }
         }
     }
     if meta.cursor.state == SortState::Running && meta.cursor.generation > backup_generation {
-        for (start, units) in [(meta.cursor.history_start, meta.cursor.history_units), (meta.cursor.control_start, meta.cursor.control_units)] {
+        for (start, units) in [
+            (meta.cursor.history_start, meta.cursor.history_units),
+            (meta.cursor.control_start, meta.cursor.control_units),
+        ] {
             if units > 0 {
-                meta.allocator.reserve(Extent::new(start, units)).map_err(|e| EngineError::Damaged(format!("sort cursor: {e}")))?;
+                meta.allocator
+                    .reserve(Extent::new(start, units))
+                    .map_err(|e| EngineError::Damaged(format!("sort cursor: {e}")))?;
             }
         }
     }
@@ -458,7 +531,9 @@ async fn read_index<O: Copy>(
         let bytes = io.read_bytes(Role::Journal, meta.index_slot_bytes(page, 0), 2 * SLOT_BYTES).await?;
         let (slot_a, slot_b) = bytes.split_at(SLOT_BYTES);
         let expected_first = element_start + index * per_page as u64;
-        let belongs = |p: &IndexPage| p.generation == generation && p.page == page && p.first_segment == expected_first && p.mode == meta.mode();
+        let belongs = |p: &IndexPage| {
+            p.generation == generation && p.page == page && p.first_segment == expected_first && p.mode == meta.mode()
+        };
         let a = IndexPage::decode(slot_a).ok().filter(belongs);
         let b = IndexPage::decode(slot_b).ok().filter(belongs);
         let (chosen, slot) = match (a, b) {
@@ -500,12 +575,20 @@ async fn read_index<O: Copy>(
     }
     let mut seen = rustc_hash::FxHashSet::default();
     if let Some(duplicate) = blocks.iter().find(|b| !seen.insert(**b)) {
-        return Err(EngineError::Damaged(format!("generation {generation}: block {duplicate} appears twice in its element index")));
+        return Err(EngineError::Damaged(format!(
+            "generation {generation}: block {duplicate} appears twice in its element index"
+        )));
     }
     Ok((blocks, crcs, states))
 }
 
-async fn next_page_belongs<O: Copy>(io: &ControlIo<O>, meta: &Meta, generation: u64, page: u64, first: u64) -> Result<bool, EngineError> {
+async fn next_page_belongs<O: Copy>(
+    io: &ControlIo<O>,
+    meta: &Meta,
+    generation: u64,
+    page: u64,
+    first: u64,
+) -> Result<bool, EngineError> {
     if page >= meta.open.page_start + meta.journal.index_pages {
         return Ok(false);
     }
@@ -517,7 +600,11 @@ async fn next_page_belongs<O: Copy>(io: &ControlIo<O>, meta: &Meta, generation: 
 }
 
 /// Checks every element of a sealed generation against its checksum.
-async fn verify_sealed_elements<O: Copy>(io: &ControlIo<O>, meta: &Meta, sealed: &SealedGeneration) -> Result<(), EngineError> {
+async fn verify_sealed_elements<O: Copy>(
+    io: &ControlIo<O>,
+    meta: &Meta,
+    sealed: &SealedGeneration,
+) -> Result<(), EngineError> {
     let unit = meta.unit_bytes() as usize;
     let checks = sealed.blocks.iter().zip(&sealed.crcs).enumerate().map(|(k, (block, crc))| {
         let lba = meta.segment_lba(sealed.element_start + k as u64);

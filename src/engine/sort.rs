@@ -91,7 +91,11 @@ fn runs<'a>(steps: &'a [SortStep], key: impl Fn(&SortStep) -> u64 + 'a) -> impl 
     })
 }
 
-async fn sort_generation(shared: &SharedRef, io: &ControlIo<HostRef>, sealed: SealedGeneration) -> Result<(), EngineError> {
+async fn sort_generation(
+    shared: &SharedRef,
+    io: &ControlIo<HostRef>,
+    sealed: SealedGeneration,
+) -> Result<(), EngineError> {
     let generation = sealed.generation;
     let record = generation - 1;
     let (unit, blocks, options, backup_per_unit) = {
@@ -104,7 +108,8 @@ async fn sort_generation(shared: &SharedRef, io: &ControlIo<HostRef>, sealed: Se
     // Extents: those of an interrupted sort of this generation, or new ones.
     let resumed = {
         let s = shared.borrow();
-        (s.meta.cursor.state == SortState::Running && s.meta.cursor.generation == generation).then(|| s.meta.cursor.clone())
+        (s.meta.cursor.state == SortState::Running && s.meta.cursor.generation == generation)
+            .then(|| s.meta.cursor.clone())
     };
     let mut cursor = match resumed {
         Some(cursor) => cursor,

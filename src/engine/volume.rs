@@ -40,7 +40,9 @@ pub enum HostError {
     OutOfRange { offset_blocks: u64, num_blocks: u64, volume_blocks: u64 },
     #[error("buffers of {bytes} bytes are not a whole number of {block_size}-byte blocks")]
     InvalidBuffers { bytes: usize, block_size: usize },
-    #[error("blocks {offset_blocks}..+{num_blocks} are not whole {unit_bytes}-byte host-write-size units (strict mode)")]
+    #[error(
+        "blocks {offset_blocks}..+{num_blocks} are not whole {unit_bytes}-byte host-write-size units (strict mode)"
+    )]
     NotWholeUnits { offset_blocks: u64, num_blocks: u64, unit_bytes: u64 },
     #[error("journal full: {needed_elements} elements needed, {free_elements} of {capacity_elements} free, and nothing is waiting to be sorted (mark a generation or enlarge the journal)")]
     NoSpace { needed_elements: u64, free_elements: u64, capacity_elements: u64 },
@@ -231,6 +233,7 @@ impl Volume {
                 step.shared.space_freed = false;
                 step.retry_space();
             }
+            step.fail_space_waiters();
             step.unblock();
             step.admit();
             step.maybe_commit();
@@ -261,7 +264,12 @@ impl Volume {
     /// Cuts a generation: seals the open generation with `comment` and opens the next.
     pub fn mark(&mut self, comment: &str) -> MarkerHandle {
         let handle = MarkerHandle::default();
-        self.executor.spawn(marker::run_marker(self.shared.clone(), self.control_io(), comment.to_owned(), handle.clone()));
+        self.executor.spawn(marker::run_marker(
+            self.shared.clone(),
+            self.control_io(),
+            comment.to_owned(),
+            handle.clone(),
+        ));
         handle
     }
 
@@ -362,7 +370,10 @@ impl Volume {
     /// Finishes in-flight work and flushes every device (standalone host and tests).
     pub fn close(mut self) -> Result<(), EngineError> {
         let mut completions = Vec::new();
-        while self.shared.borrow().hot.outstanding() > 0 || self.shared.borrow().hot.commit_in_flight() || !self.executor.is_empty() {
+        while self.shared.borrow().hot.outstanding() > 0
+            || self.shared.borrow().hot.commit_in_flight()
+            || !self.executor.is_empty()
+        {
             if self.poll(&mut completions) == 0 {
                 std::hint::spin_loop();
             }

@@ -282,7 +282,8 @@ impl HotStep<'_> {
                 self.hub.submit(Role::Base, Operation::Flush, Some(HostRef::Flush(id)));
                 self.hub.submit(Role::Journal, Operation::Flush, Some(HostRef::Flush(id)));
             }
-            HostRequest::Unmap { offset_blocks, num_blocks } | HostRequest::WriteZeroes { offset_blocks, num_blocks } => {
+            HostRequest::Unmap { offset_blocks, num_blocks }
+            | HostRequest::WriteZeroes { offset_blocks, num_blocks } => {
                 if let Some(error) = out_of_range(offset_blocks, num_blocks) {
                     return self.complete(tag, Err(error), Payload::None);
                 }
@@ -313,7 +314,10 @@ impl HotStep<'_> {
         let chunk_blocks = (ZERO_CHUNK_BYTES / block_size).max(per_unit) / per_unit * per_unit;
         loop {
             let request = &self.shared.hot.zeroes[id as usize];
-            if request.next_block >= request.end_block || request.in_flight >= ZERO_CHUNKS_IN_FLIGHT || request.error.is_some() {
+            if request.next_block >= request.end_block
+                || request.in_flight >= ZERO_CHUNKS_IN_FLIGHT
+                || request.error.is_some()
+            {
                 break;
             }
             let start = request.next_block;
@@ -342,7 +346,14 @@ impl HotStep<'_> {
         self.hot().zero_chunk.get_or_insert_with(|| Arc::new(IoBuffers::single(DmaBuf::zeroed(bytes as usize)))).clone()
     }
 
-    fn start_write(&mut self, tag: Tag, parent: Option<u32>, offset_blocks: u64, widening: Widening, host: SharedBuffers) {
+    fn start_write(
+        &mut self,
+        tag: Tag,
+        parent: Option<u32>,
+        offset_blocks: u64,
+        widening: Widening,
+        host: SharedBuffers,
+    ) {
         let id = self.shared.hot.writes.insert(HostWrite {
             tag,
             parent,
@@ -409,11 +420,19 @@ impl HotStep<'_> {
         let (head_lba, tail_lba) = (lba(widening.first_unit), lba(widening.first_unit + widening.unit_count - 1));
         if needs_head {
             let buffers = IoBuffers::single(self.hub.alloc(Role::Base, unit));
-            self.hub.submit(Role::Base, Operation::Read { offset_blocks: head_lba, buffers }, Some(HostRef::WriteHead(id as u32)));
+            self.hub.submit(
+                Role::Base,
+                Operation::Read { offset_blocks: head_lba, buffers },
+                Some(HostRef::WriteHead(id as u32)),
+            );
         }
         if needs_tail {
             let buffers = IoBuffers::single(self.hub.alloc(Role::Base, unit));
-            self.hub.submit(Role::Base, Operation::Read { offset_blocks: tail_lba, buffers }, Some(HostRef::WriteTail(id as u32)));
+            self.hub.submit(
+                Role::Base,
+                Operation::Read { offset_blocks: tail_lba, buffers },
+                Some(HostRef::WriteTail(id as u32)),
+            );
         }
     }
 
@@ -481,7 +500,11 @@ impl HotStep<'_> {
                 None => {
                     let segment = meta.ring.append(1).expect("journal space checked");
                     let entry = meta.open.blocks.len();
-                    debug_assert_eq!(segment, meta.open.element_start + entry as u64, "one generation's segments are consecutive");
+                    debug_assert_eq!(
+                        segment,
+                        meta.open.element_start + entry as u64,
+                        "one generation's segments are consecutive"
+                    );
                     meta.open.blocks.push(unit);
                     meta.open.crcs.push(crc);
                     meta.open.entry_of.insert(unit, entry as u32);
@@ -521,7 +544,11 @@ impl HotStep<'_> {
         write.pending += journal_writes.len() as u32;
         write.needed_entries = needed;
         for (lba, buffers) in journal_writes {
-            self.hub.submit(Role::Journal, Operation::Write { offset_blocks: lba, buffers, fua }, Some(HostRef::WriteData(id as u32)));
+            self.hub.submit(
+                Role::Journal,
+                Operation::Write { offset_blocks: lba, buffers, fua },
+                Some(HostRef::WriteData(id as u32)),
+            );
         }
         if needed > self.shared.meta.open.durable {
             self.shared.hot.writes[id].state = WriteState::WaitingIndex;
@@ -533,7 +560,9 @@ impl HotStep<'_> {
 
     fn journal_full(&mut self, id: usize, new_units: u64) {
         let policy = self.shared.meta.journal_full_policy();
-        let sort_will_free = !self.shared.meta.sealed.is_empty();
+        // Waiting makes sense only while a sort can still free space.
+        let sort_will_free =
+            !self.shared.meta.sealed.is_empty() && self.shared.sort_error.is_none() && self.shared.failed.is_none();
         if policy == JournalFullPolicy::Block && sort_will_free {
             self.shared.hot.counters.journal_full_waits += 1;
             self.shared.hot.writes[id].state = WriteState::WaitingSpace;
@@ -548,6 +577,21 @@ impl HotStep<'_> {
         };
         self.shared.hot.writes[id].error = Some(error);
         self.finish_write(id);
+    }
+
+    /// Fails the writes waiting for journal space once nothing can free it (the sort stopped).
+    pub(crate) fn fail_space_waiters(&mut self) {
+        if self.shared.hot.waiting_space.is_empty()
+            || (self.shared.sort_error.is_none() && self.shared.failed.is_none())
+        {
+            return;
+        }
+        while let Some(id) = self.shared.hot.waiting_space.pop_front() {
+            let widening = self.shared.hot.writes[id].widening;
+            let new_units = widening.units().filter(|u| !self.shared.meta.open.entry_of.contains_key(u)).count() as u64;
+            self.shared.hot.writes[id].state = WriteState::Writing;
+            self.journal_full(id, new_units);
+        }
     }
 
     /// Retries writes waiting for journal space (after the sort freed some).
@@ -572,7 +616,11 @@ impl HotStep<'_> {
         write.base_submitted = true;
         write.pending += 1;
         let buffers = write.data.clone().expect("data is ready");
-        self.hub.submit(Role::Base, Operation::Write { offset_blocks, buffers, fua }, Some(HostRef::WriteData(id as u32)));
+        self.hub.submit(
+            Role::Base,
+            Operation::Write { offset_blocks, buffers, fua },
+            Some(HostRef::WriteData(id as u32)),
+        );
     }
 
     /// Writes the index pages of entries not yet durable, if no commit is in flight.
@@ -594,7 +642,11 @@ impl HotStep<'_> {
             let mut buffer = self.hub.alloc(Role::Journal, bytes.len());
             buffer.as_mut_slice().copy_from_slice(&bytes);
             let buffers = Arc::new(IoBuffers::single(buffer));
-            self.hub.submit(Role::Journal, Operation::Write { offset_blocks: offset, buffers, fua: true }, Some(HostRef::Commit));
+            self.hub.submit(
+                Role::Journal,
+                Operation::Write { offset_blocks: offset, buffers, fua: true },
+                Some(HostRef::Commit),
+            );
             pages.push((index, slot, sequence));
         }
         self.shared.hot.counters.index_commits += 1;
@@ -659,7 +711,10 @@ impl HotStep<'_> {
                     self.shared.failed.get_or_insert(format!("write failed: {error}"));
                 }
                 let write = &self.shared.hot.writes[id];
-                if write.pending == 0 && (write.base_submitted || write.error.is_some()) && write.state != WriteState::WaitingIndex {
+                if write.pending == 0
+                    && (write.base_submitted || write.error.is_some())
+                    && write.state != WriteState::WaitingIndex
+                {
                     self.finish_write(id);
                 }
             }

@@ -26,7 +26,14 @@ pub enum Workload {
 /// Device block size of volumes made by `chronicle format`.
 const BLOCK: u64 = 4096;
 
-pub fn run(dir: &Path, workload: Workload, block_size: u64, queue_depth: usize, seconds: f64, json: bool) -> Result<ExitCode> {
+pub fn run(
+    dir: &Path,
+    workload: Workload,
+    block_size: u64,
+    queue_depth: usize,
+    seconds: f64,
+    json: bool,
+) -> Result<ExitCode> {
     if block_size == 0 || block_size % BLOCK != 0 {
         bail!("--block-size {block_size} must be a positive multiple of {BLOCK} bytes");
     }
@@ -49,7 +56,8 @@ pub fn run(dir: &Path, workload: Workload, block_size: u64, queue_depth: usize, 
             Arc::new(IoBuffers::single(buffer))
         })
         .collect();
-    let mut read_pool: Vec<IoBuffers> = (0..queue_depth).map(|_| IoBuffers::single(DmaBuf::zeroed(block_size as usize))).collect();
+    let mut read_pool: Vec<IoBuffers> =
+        (0..queue_depth).map(|_| IoBuffers::single(DmaBuf::zeroed(block_size as usize))).collect();
     let mut started_at: Vec<Instant> = vec![Instant::now(); queue_depth];
     let mut free_slots: Vec<usize> = (0..queue_depth).collect();
     let mut latencies_ns: Vec<u64> = Vec::with_capacity(1 << 20);
@@ -71,8 +79,13 @@ pub fn run(dir: &Path, workload: Workload, block_size: u64, queue_depth: usize, 
                 _ => rng.random_range(0..slots),
             } * (block_size / BLOCK);
             let request = match workload {
-                Workload::Randread => HostRequest::Read { offset_blocks: offset, buffers: read_pool.pop().expect("one buffer per slot") },
-                _ => HostRequest::Write { offset_blocks: offset, buffers: write_pool.pop().expect("one buffer per slot") },
+                Workload::Randread => {
+                    HostRequest::Read { offset_blocks: offset, buffers: read_pool.pop().expect("one buffer per slot") }
+                }
+                _ => HostRequest::Write {
+                    offset_blocks: offset,
+                    buffers: write_pool.pop().expect("one buffer per slot"),
+                },
             };
             started_at[slot] = Instant::now();
             volume.submit(slot as u64, request);
@@ -121,8 +134,14 @@ pub fn run(dir: &Path, workload: Workload, block_size: u64, queue_depth: usize, 
     if !json {
         println!(
             "{:?} {} B QD{}: {:.0} IOPS, {:.1} MiB/s, p50 {:.1} µs, p99 {:.1} µs, {} errors",
-            workload, block_size, queue_depth, result["iops"].as_f64().unwrap_or(0.0), result["mib_per_s"].as_f64().unwrap_or(0.0),
-            percentile(0.5), percentile(0.99), errors
+            workload,
+            block_size,
+            queue_depth,
+            result["iops"].as_f64().unwrap_or(0.0),
+            result["mib_per_s"].as_f64().unwrap_or(0.0),
+            percentile(0.5),
+            percentile(0.99),
+            errors
         );
     }
     println!("{result}");

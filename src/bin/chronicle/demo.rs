@@ -29,7 +29,12 @@ fn unit_crcs(image: &[u8], unit: usize) -> Vec<u32> {
 
 pub fn run(dir: Option<PathBuf>, size: u64, generations: u32, seed: u64) -> Result<ExitCode> {
     let temporary = match &dir {
-        None => Some(tempfile::Builder::new().prefix("chronicle-demo-").tempdir().context("cannot create a temporary directory")?),
+        None => Some(
+            tempfile::Builder::new()
+                .prefix("chronicle-demo-")
+                .tempdir()
+                .context("cannot create a temporary directory")?,
+        ),
         Some(_) => None,
     };
     let dir = dir.unwrap_or_else(|| temporary.as_ref().expect("created above").path().to_path_buf());
@@ -37,8 +42,16 @@ pub fn run(dir: Option<PathBuf>, size: u64, generations: u32, seed: u64) -> Resu
         bail!("--generations must be at least 1");
     }
     let unit = 4096usize;
-    crate::format_dir(&dir, size, unit as u32, None, None, Durability::Flush, false)?;
-    println!("chronicle demo: {} volume in {}, host write size {} B, {} generations", human(size), dir.display(), unit, generations);
+    // Engine I keeps every generation's history (no retention yet): give the history room for
+    // all of them.
+    crate::format_dir(&dir, size, unit as u32, None, Some(size + (8 << 20)), Durability::Flush, false)?;
+    println!(
+        "chronicle demo: {} volume in {}, host write size {} B, {} generations",
+        human(size),
+        dir.display(),
+        unit,
+        generations
+    );
 
     let mut volume = Volume::open(host::open_channels(&dir, None, false, None)?, VolumeOptions::default())
         .context("cannot open the new volume")?;
@@ -46,9 +59,13 @@ pub fn run(dir: Option<PathBuf>, size: u64, generations: u32, seed: u64) -> Resu
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut model = vec![0u8; size as usize];
     let mut expected: Vec<Vec<u32>> = vec![unit_crcs(&model, unit)];
-    let writes_per_generation = (units / 6).max(64);
+    // About a tenth of the volume per generation: each generation fits the journal (a quarter
+    // of the volume) and all of them fit the history.
+    let writes_per_generation = (units / 25).max(64);
     let progress = ProgressBar::new(u64::from(generations));
-    progress.set_style(ProgressStyle::with_template("  writing  {bar:30} generation {pos}/{len} {msg}").expect("valid template"));
+    progress.set_style(
+        ProgressStyle::with_template("  writing  {bar:30} generation {pos}/{len} {msg}").expect("valid template"),
+    );
 
     let started = Instant::now();
     let mut bytes_written = 0u64;
@@ -58,6 +75,7 @@ pub fn run(dir: Option<PathBuf>, size: u64, generations: u32, seed: u64) -> Resu
         let mut submitted = 0u64;
         let mut in_flight = 0usize;
         let mut next_tag = 0u64;
+        let mut last_progress = Instant::now();
         while submitted < writes_per_generation || in_flight > 0 {
             while submitted < writes_per_generation && in_flight < QUEUE_DEPTH {
                 let length = rng.random_range(1..=4u64).min(units);
@@ -69,13 +87,24 @@ pub fn run(dir: Option<PathBuf>, size: u64, generations: u32, seed: u64) -> Resu
                 let at = first as usize * unit;
                 model[at..at + buffer.len()].copy_from_slice(buffer.as_slice());
                 bytes_written += buffer.len() as u64;
-                volume.submit(next_tag, HostRequest::Write { offset_blocks: first, buffers: Arc::new(IoBuffers::single(buffer)) });
+                volume.submit(
+                    next_tag,
+                    HostRequest::Write { offset_blocks: first, buffers: Arc::new(IoBuffers::single(buffer)) },
+                );
                 next_tag += 1;
                 submitted += 1;
                 in_flight += 1;
             }
             let mut completions = Vec::new();
             volume.poll(&mut completions);
+            if !completions.is_empty() {
+                last_progress = Instant::now();
+            } else if last_progress.elapsed().as_secs() > 30 {
+                bail!(
+                    "no write completed for 30 s; volume status: {}",
+                    serde_json::to_string_pretty(&volume.status())?
+                );
+            }
             for completion in completions {
                 in_flight -= 1;
                 writes += 1;
@@ -113,16 +142,22 @@ pub fn run(dir: Option<PathBuf>, size: u64, generations: u32, seed: u64) -> Resu
     volume.close()?;
 
     // Read every generation back and compare it block by block with the model.
-    let reader = VolumeReader::open(host::open_channels(&dir, None, true, None)?).context("cannot reopen the volume")?;
+    let reader =
+        VolumeReader::open(host::open_channels(&dir, None, true, None)?).context("cannot reopen the volume")?;
     let check = ProgressBar::new(expected.len() as u64);
-    check.set_style(ProgressStyle::with_template("  checking {bar:30} generation {pos}/{len}").expect("valid template"));
+    check
+        .set_style(ProgressStyle::with_template("  checking {bar:30} generation {pos}/{len}").expect("valid template"));
     let mut blocks_checked = 0u64;
     for (generation, crcs) in expected.iter().enumerate() {
-        let image = reader.read_image(generation as u64).with_context(|| format!("cannot read generation {generation}"))?;
+        let image =
+            reader.read_image(generation as u64).with_context(|| format!("cannot read generation {generation}"))?;
         let actual = unit_crcs(&image, unit);
         let wrong = actual.iter().zip(crcs).filter(|(a, b)| a != b).count();
         if wrong > 0 {
-            failures.push(format!("generation {generation}: {wrong} of {} blocks differ from what was written", crcs.len()));
+            failures.push(format!(
+                "generation {generation}: {wrong} of {} blocks differ from what was written",
+                crcs.len()
+            ));
         }
         blocks_checked += crcs.len() as u64;
         check.inc(1);
@@ -130,7 +165,12 @@ pub fn run(dir: Option<PathBuf>, size: u64, generations: u32, seed: u64) -> Resu
     check.finish_and_clear();
     let report = reader.verify().context("structure check failed")?;
 
-    println!("  writes        {writes} ({}), {:.0} IOPS, {:.1} MiB/s", human(bytes_written), writes as f64 / write_seconds, bytes_written as f64 / write_seconds / (1 << 20) as f64);
+    println!(
+        "  writes        {writes} ({}), {:.0} IOPS, {:.1} MiB/s",
+        human(bytes_written),
+        writes as f64 / write_seconds,
+        bytes_written as f64 / write_seconds / (1 << 20) as f64
+    );
     println!(
         "  markers       {} (hold max {} µs), sort {} elements in {:.2} s",
         status.control.markers, status.control.marker_hold_max_us, status.control.elements_sorted, sort_seconds
@@ -141,9 +181,18 @@ pub fn run(dir: Option<PathBuf>, size: u64, generations: u32, seed: u64) -> Resu
     );
     println!(
         "  journal       {} of {} elements in use; history {} of {} units ({} records)",
-        status.journal_used_elements, status.journal_capacity_elements, status.history_used_units, status.history_capacity_units, report.history_records
+        status.journal_used_elements,
+        status.journal_capacity_elements,
+        status.history_used_units,
+        status.history_capacity_units,
+        report.history_records
     );
-    println!("  checked       {} generations × {} blocks = {} blocks against the model", expected.len(), units, blocks_checked);
+    println!(
+        "  checked       {} generations × {} blocks = {} blocks against the model",
+        expected.len(),
+        units,
+        blocks_checked
+    );
     if failures.is_empty() {
         println!("verified");
         Ok(ExitCode::SUCCESS)

@@ -19,7 +19,12 @@ pub fn paths(dir: &Path) -> [PathBuf; 4] {
 
 /// Opens the four files of `dir` as channels of one io_uring context. `create` gives the
 /// sizes of files to create (format); `block_size` the device block size.
-pub fn open_channels(dir: &Path, create: Option<[u64; 4]>, read_only: bool, block_size: Option<u32>) -> Result<Vec<Box<dyn Channel>>> {
+pub fn open_channels(
+    dir: &Path,
+    create: Option<[u64; 4]>,
+    read_only: bool,
+    block_size: Option<u32>,
+) -> Result<Vec<Box<dyn Channel>>> {
     let ctx = UringContext::new(&UringContextOptions::default())
         .context("cannot set up io_uring (is it disabled on this system? see /proc/sys/kernel/io_uring_disabled)")?;
     open_channels_in(&ctx, dir, create, read_only, block_size)
@@ -35,7 +40,11 @@ pub fn open_channels_in(
     if create.is_none() {
         for path in paths(dir) {
             if !path.exists() {
-                bail!("{} does not exist: {} is not a chronicle volume directory (create one with `chronicle format`)", path.display(), dir.display());
+                bail!(
+                    "{} does not exist: {} is not a chronicle volume directory (create one with `chronicle format`)",
+                    path.display(),
+                    dir.display()
+                );
             }
         }
     }
@@ -49,14 +58,19 @@ pub fn open_channels_in(
             read_only,
             queue_depth: 256,
         };
-        let device = UringDevice::open(path, &options, ctx.clone()).with_context(|| format!("cannot open {}", path.display()))?;
+        let device = UringDevice::open(path, &options, ctx.clone())
+            .with_context(|| format!("cannot open {}", path.display()))?;
         channels.push(device.open_channel().with_context(|| format!("cannot open a channel to {}", path.display()))?);
     }
     Ok(channels)
 }
 
 /// Polls the volume until `done` says so; host completions go to `on_completion`.
-pub fn drive(volume: &mut Volume, mut on_completion: impl FnMut(&mut Volume, HostCompletion), mut done: impl FnMut(&Volume) -> bool) {
+pub fn drive(
+    volume: &mut Volume,
+    mut on_completion: impl FnMut(&mut Volume, HostCompletion),
+    mut done: impl FnMut(&Volume) -> bool,
+) {
     let mut completions = Vec::with_capacity(256);
     while !done(volume) {
         let progressed = volume.poll(&mut completions);

@@ -68,7 +68,14 @@ fn parse(buffer: &[u8], block: u64) -> Content {
     Content::Write { sequence: field(16) }
 }
 
-pub fn load(dir: &Path, seconds: f64, queue_depth: usize, marker_every_ms: Option<u64>, seed: u64, ack_log: Option<&Path>) -> Result<ExitCode> {
+pub fn load(
+    dir: &Path,
+    seconds: f64,
+    queue_depth: usize,
+    marker_every_ms: Option<u64>,
+    seed: u64,
+    ack_log: Option<&Path>,
+) -> Result<ExitCode> {
     let mut volume = Volume::open(host::open_channels(dir, None, false, None)?, VolumeOptions::default())
         .with_context(|| format!("cannot open {}", dir.display()))?;
     let status = volume.status();
@@ -77,13 +84,18 @@ pub fn load(dir: &Path, seconds: f64, queue_depth: usize, marker_every_ms: Optio
     let blocks_per_unit = unit as u64 / 4096;
     let mut log = match ack_log {
         Some(path) => Some(BufWriter::new(
-            std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("cannot open {}", path.display()))?,
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("cannot open {}", path.display()))?,
         )),
         None => None,
     };
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     // Sequences grow across runs: a run starts above every earlier run's sequences.
-    let base_sequence = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let base_sequence =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     let mut next = 0u64;
     let mut in_flight: HashMap<u64, (u64, u64)> = HashMap::new();
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
@@ -99,7 +111,13 @@ pub fn load(dir: &Path, seconds: f64, queue_depth: usize, marker_every_ms: Optio
             let sequence = base_sequence + next;
             let mut buffer = DmaBuf::zeroed(unit);
             fill(buffer.as_mut_slice(), block, sequence, seed);
-            volume.submit(next, HostRequest::Write { offset_blocks: block * blocks_per_unit, buffers: Arc::new(IoBuffers::single(buffer)) });
+            volume.submit(
+                next,
+                HostRequest::Write {
+                    offset_blocks: block * blocks_per_unit,
+                    buffers: Arc::new(IoBuffers::single(buffer)),
+                },
+            );
             in_flight.insert(next, (block, sequence));
             next += 1;
         }
@@ -178,7 +196,8 @@ pub fn check(dir: &Path, ack_log: Option<&Path>) -> Result<ExitCode> {
     }
 
     // Every readable generation, oldest first; the base (open generation) last.
-    let generations: Vec<u64> = reader.generations().iter().map(|g| g.generation).filter(|g| reader.source(*g).is_some()).collect();
+    let generations: Vec<u64> =
+        reader.generations().iter().map(|g| g.generation).filter(|g| reader.source(*g).is_some()).collect();
     let mut previous: Option<(u64, Vec<u64>)> = None;
     let mut final_sequences = Vec::new();
     for generation in &generations {
@@ -197,7 +216,9 @@ pub fn check(dir: &Path, ack_log: Option<&Path>) -> Result<ExitCode> {
         if let Some((older, older_sequences)) = &previous {
             let regressions = older_sequences.iter().zip(&sequences).filter(|(a, b)| a > b).count();
             if regressions > 0 {
-                problems.push(format!("{regressions} blocks of generation {generation} are older than in generation {older}"));
+                problems.push(format!(
+                    "{regressions} blocks of generation {generation} are older than in generation {older}"
+                ));
             }
         }
         final_sequences = sequences.clone();

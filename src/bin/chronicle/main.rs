@@ -164,7 +164,11 @@ pub fn format_dir(
     }
     let existing: Vec<_> = host::paths(dir).into_iter().filter(|p| p.exists()).collect();
     if !existing.is_empty() && !force {
-        bail!("{} already holds volume files ({}); pass --force to overwrite them", dir.display(), existing[0].display());
+        bail!(
+            "{} already holds volume files ({}); pass --force to overwrite them",
+            dir.display(),
+            existing[0].display()
+        );
     }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     for path in existing {
@@ -177,7 +181,8 @@ pub fn format_dir(
     let round = |bytes: u64| bytes.div_ceil(4096) * 4096;
     let channels = host::open_channels(dir, Some([size, round(journal), size, round(history)]), false, None)?;
     let names = host::FILES.map(String::from);
-    let options = FormatOptions { host_write_size, durability, names, copy_base_to_backup: false, ..Default::default() };
+    let options =
+        FormatOptions { host_write_size, durability, names, copy_base_to_backup: false, ..Default::default() };
     engine::format(channels, &options, &mut |_| {}).with_context(|| format!("cannot format {}", dir.display()))?;
     Ok(())
 }
