@@ -208,6 +208,9 @@ impl SiteRecord {
         let [shipped_sequence, shipped_generation, acknowledged_generation, lag_limit_bytes, lag_limit_ms, out_of_sync_since_generation, bitmap_blocks] =
             v;
         let name = get_fixed_str(&mut r, S, "name", SITE_NAME_BYTES)?;
+        if name.len() >= SITE_NAME_BYTES {
+            return Err(FormatError::invalid(S, "name", "no terminating zero"));
+        }
         let words = bitmap_blocks.div_ceil(64);
         if (SITE_PREFIX_BYTES as u64).checked_add(words.saturating_mul(8)) != Some(body.len() as u64) {
             return Err(FormatError::invalid(S, "bitmap blocks", "do not match the length"));
