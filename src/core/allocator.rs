@@ -12,6 +12,11 @@
 //!   appended and whole generations are released oldest first once sorted, so the area is a
 //!   ring of monotonic virtual positions `tail..head`.
 //!
+//! Cost: allocation scans the free extents from the lowest address and `largest_free` visits
+//! them all, so both are linear in the number of free extents. That number stays small because
+//! history is freed a whole generation (one or a few extents) at a time and frees coalesce; an
+//! allocator over millions of fragments would want a size index beside the address map.
+//!
 //! Both report a [`CapacityStatus`] against a threshold, table 203's "insufficient capacity
 //! when free space < threshold" status.
 //!
