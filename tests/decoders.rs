@@ -564,6 +564,7 @@ impl Codec for IndexPageCodec {
             entries: (0..count)
                 .map(|_| IndexEntry {
                     block: random_u64(rng),
+                    crc: random_u64(rng) as u32,
                     sequence: if all { random_u64(rng) } else { 0 },
                     time_ns: if all { random_u64(rng) } else { 0 },
                 })

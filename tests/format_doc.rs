@@ -708,6 +708,7 @@ fn index_page_fields_sit_where_the_document_says() {
         let entries: Vec<IndexEntry> = (0..count as u64)
             .map(|k| IndexEntry {
                 block: distinct(k as u8) >> 4,
+                crc: distinct(k as u8 + 3) as u32,
                 sequence: if mode == JournalMode::All { distinct(k as u8 + 1) } else { 0 },
                 time_ns: if mode == JournalMode::All { distinct(k as u8 + 2) } else { 0 },
             })
