@@ -1,6 +1,7 @@
 //! Marker (seed 001 FIG 9, S9001–S9005): seal the open generation and open the next.
 //!
-//! New host writes are held while in-flight writes drain; then the pages whose element
+//! Host writes submitted after the marker are held while every write submitted before it
+//! completes (so the generation holds exactly the writes that preceded the marker); then the pages whose element
 //! checksums changed are rewritten, base and journal are flushed (the generation's elements
 //! and the base's image are durable), and the journal catalog is written with the generation
 //! sealed and the next one open — that write is the seal. Held writes then go to the new
@@ -17,8 +18,14 @@ use super::meta::{OpenGeneration, PageState, SealedGeneration};
 use super::volume::{elapsed_us, write_journal_catalog, HostRef, MarkerHandle, SharedRef};
 use super::{now_ns, EngineError};
 
-pub(crate) async fn run_marker(shared: SharedRef, io: ControlIo<HostRef>, comment: String, handle: MarkerHandle) {
-    let result = mark(&shared, &io, comment).await;
+pub(crate) async fn run_marker(
+    shared: SharedRef,
+    io: ControlIo<HostRef>,
+    comment: String,
+    barrier: u64,
+    handle: MarkerHandle,
+) {
+    let result = mark(&shared, &io, comment, barrier).await;
     if let Err(error) = &result {
         let mut s = shared.borrow_mut();
         if matches!(error, EngineError::Io(_)) {
@@ -28,7 +35,7 @@ pub(crate) async fn run_marker(shared: SharedRef, io: ControlIo<HostRef>, commen
     handle.set(result.map_err(|e| e.to_string()));
 }
 
-async fn mark(shared: &SharedRef, io: &ControlIo<HostRef>, comment: String) -> Result<u64, EngineError> {
+async fn mark(shared: &SharedRef, io: &ControlIo<HostRef>, comment: String, barrier: u64) -> Result<u64, EngineError> {
     if comment.len() >= crate::core::format::catalog::COMMENT_BYTES {
         return Err(EngineError::Geometry(format!(
             "marker comment of {} bytes is too long (at most {})",
@@ -39,18 +46,18 @@ async fn mark(shared: &SharedRef, io: &ControlIo<HostRef>, comment: String) -> R
     // One marker at a time.
     std::future::poll_fn(|_| {
         let mut s = shared.borrow_mut();
-        if s.marker_pending {
+        if s.marker_barrier.is_some() {
             Poll::Pending
         } else {
-            s.marker_pending = true;
+            s.marker_barrier = Some(barrier);
             Poll::Ready(())
         }
     })
     .await;
     let held_since = Instant::now();
-    let result = seal(shared, io, comment).await;
+    let result = seal(shared, io, comment, barrier).await;
     let mut s = shared.borrow_mut();
-    s.marker_pending = false;
+    s.marker_barrier = None;
     if result.is_ok() {
         let hold = elapsed_us(held_since);
         s.control.markers += 1;
@@ -60,7 +67,7 @@ async fn mark(shared: &SharedRef, io: &ControlIo<HostRef>, comment: String) -> R
     result
 }
 
-async fn seal(shared: &SharedRef, io: &ControlIo<HostRef>, comment: String) -> Result<u64, EngineError> {
+async fn seal(shared: &SharedRef, io: &ControlIo<HostRef>, comment: String, barrier: u64) -> Result<u64, EngineError> {
     {
         let s = shared.borrow();
         if let Some(failed) = &s.failed {
@@ -71,10 +78,10 @@ async fn seal(shared: &SharedRef, io: &ControlIo<HostRef>, comment: String) -> R
             return Err(EngineError::TooManyGenerations { count: s.meta.sealed.len(), limit: limit - 1 });
         }
     }
-    // Drain: every write admitted before the marker completes in this generation.
+    // Drain: every write submitted before the marker completes in this generation.
     std::future::poll_fn(|_| {
         let s = shared.borrow();
-        if s.hot.writes_in_flight == 0 && !s.hot.commit_in_flight() {
+        if !s.hot.writes_before(barrier) && !s.hot.commit_in_flight() {
             Poll::Ready(())
         } else {
             Poll::Pending
@@ -129,9 +136,14 @@ async fn seal(shared: &SharedRef, io: &ControlIo<HostRef>, comment: String) -> R
             page_count: open.pages.len() as u64,
             blocks: open.blocks,
             crcs: open.crcs,
+            durable: false,
         });
         open.generation
     };
     write_journal_catalog(shared, io).await?;
+    let mut s = shared.borrow_mut();
+    let sealed = s.meta.sealed.back_mut().expect("sealed above");
+    debug_assert_eq!(sealed.generation, generation);
+    sealed.durable = true;
     Ok(generation)
 }

@@ -77,6 +77,8 @@ pub(crate) struct SealedGeneration {
     pub page_count: u64,
     pub blocks: Vec<u64>,
     pub crcs: Vec<u32>,
+    /// The catalog write that seals it is durable: only then may the sort touch it.
+    pub durable: bool,
 }
 
 impl SealedGeneration {

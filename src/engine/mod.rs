@@ -119,6 +119,8 @@ pub enum EngineError {
     Unsupported(String),
     #[error("history full: the sort of generation {generation} needs {needed} contiguous units, {free} are free (largest run {largest}); enlarge the history or delete old generations")]
     HistoryFull { generation: u64, needed: u64, free: u64, largest: u64 },
+    #[error("history catalog full: the sort of generation {generation} needs a new record but the catalog holds {capacity}; delete old generations")]
+    HistoryCatalogFull { generation: u64, capacity: u32 },
     #[error("{count} generations are waiting for the sort; at most {limit} may (let the sort catch up)")]
     TooManyGenerations { count: usize, limit: usize },
     #[error("the volume stopped after a device error and must be reopened to recover: {0}")]

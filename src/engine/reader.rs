@@ -195,6 +195,27 @@ impl VolumeReader {
         Ok(block_on(&self.hub, io.read(role, lba, bytes as usize))?.to_vec())
     }
 
+    /// The image of the backup generation. While a sort is interrupted the backup is part old,
+    /// part new: blocks the sort already saved are taken from the history units it saved them to.
+    fn read_backup_image(&self) -> Result<Vec<u8>, EngineError> {
+        let mut image = self.read_whole(Role::Backup)?;
+        let cursor = &self.meta.cursor;
+        let interrupted = cursor.state == crate::core::format::records::SortState::Running
+            && cursor.generation == self.backup_generation() + 1;
+        if let (true, Some(sealed)) = (interrupted, self.meta.sealed.front()) {
+            let unit = self.meta.unit_bytes();
+            let mut blocks = sealed.blocks.clone();
+            blocks.sort_unstable();
+            for (rank, block) in blocks.iter().enumerate().take_while(|(_, b)| **b < cursor.saved_through) {
+                let lba = self.meta.history_lba(cursor.history_start + rank as u64);
+                let data = self.read_units(Role::History, lba, unit)?;
+                let at = (block * unit) as usize;
+                image[at..at + unit as usize].copy_from_slice(&data);
+            }
+        }
+        Ok(image)
+    }
+
     fn read_whole(&self, role: Role) -> Result<Vec<u8>, EngineError> {
         let total = self.meta.geometry.volume_bytes();
         let chunk = 4u64 << 20;
@@ -240,9 +261,9 @@ impl VolumeReader {
         match self.source(generation) {
             None => Err(EngineError::Damaged(format!("generation {generation} cannot be restored from this volume"))),
             Some(ImageSource::Base) => self.read_whole(Role::Base),
-            Some(ImageSource::Backup) => self.read_whole(Role::Backup),
+            Some(ImageSource::Backup) => self.read_backup_image(),
             Some(ImageSource::Journal) => {
-                let mut image = self.read_whole(Role::Backup)?;
+                let mut image = self.read_backup_image()?;
                 for sealed in self.meta.sealed.iter().take_while(|s| s.generation <= generation) {
                     for (block, segment) in sealed.elements() {
                         let data = self.read_units(Role::Journal, self.meta.segment_lba(segment), unit)?;
@@ -253,7 +274,7 @@ impl VolumeReader {
                 Ok(image)
             }
             Some(ImageSource::History) => {
-                let mut image = self.read_whole(Role::Backup)?;
+                let mut image = self.read_backup_image()?;
                 let records = self.history_records(generation);
                 let mut covered = crate::core::bitmap::DifferenceBitmap::new(self.meta.shape.volume_blocks);
                 // Oldest record first: the first hit wins (FIG 13 S12003–S12006).

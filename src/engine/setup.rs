@@ -332,9 +332,15 @@ pub(crate) async fn open_volume<O: Copy>(io: &ControlIo<O>, read_only: bool) -> 
         host_write_size: journal_superblock.host_write_size,
         volume_blocks: journal_superblock.volume_blocks,
     };
-    let mut options = layout::LayoutOptions { mode: journal_superblock.journal_mode, ..Default::default() };
-    let journal = JournalLayout::from_areas(&journal_superblock.areas, &shape, &options)
-        .ok_or_else(|| EngineError::Damaged(format!("journal {journal_name}: the superblock lacks an area")))?;
+    let journal = JournalLayout::from_areas(&journal_superblock.areas, &shape, journal_superblock.journal_mode)
+        .ok_or_else(|| {
+            EngineError::Damaged(format!("journal {journal_name}: the superblock's areas are incomplete"))
+        })?;
+    let mut options = layout::LayoutOptions {
+        mode: journal_superblock.journal_mode,
+        max_online_generations: journal.max_online_generations(journal_superblock.journal_mode) as u32,
+        ..Default::default()
+    };
     let history = HistoryLayout::from_areas(&history_superblock.areas, &shape)
         .ok_or_else(|| EngineError::Damaged(format!("history {history_name}: the superblock lacks an area")))?;
 
@@ -442,6 +448,7 @@ pub(crate) async fn open_volume<O: Copy>(io: &ControlIo<O>, read_only: bool) -> 
             page_count: entry.control_count,
             blocks,
             crcs,
+            durable: true,
         });
     }
     for sealed in &meta.sealed {

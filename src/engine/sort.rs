@@ -43,7 +43,9 @@ pub(crate) async fn run_sorts(shared: SharedRef, io: ControlIo<HostRef>) {
             if s.failed.is_some() {
                 None
             } else {
-                s.meta.sealed.front().cloned()
+                // Only a generation whose seal is durable: a power cut could otherwise undo
+                // the seal after the sort had started on it.
+                s.meta.sealed.front().filter(|g| g.durable).cloned()
             }
         };
         let Some(sealed) = next else { break };
@@ -111,6 +113,13 @@ async fn sort_generation(
         (s.meta.cursor.state == SortState::Running && s.meta.cursor.generation == generation)
             .then(|| s.meta.cursor.clone())
     };
+    {
+        let s = shared.borrow();
+        let catalog = &s.meta.history_catalog;
+        if catalog.entries.len() >= catalog.capacity_entries as usize {
+            return Err(EngineError::HistoryCatalogFull { generation, capacity: catalog.capacity_entries });
+        }
+    }
     let mut cursor = match resumed {
         Some(cursor) => cursor,
         None => {

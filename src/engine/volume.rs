@@ -82,8 +82,8 @@ pub(crate) struct Shared {
     pub meta: Meta,
     pub options: VolumeOptions,
     pub hot: HotPath,
-    /// A marker is sealing the generation: new writes wait.
-    pub marker_pending: bool,
+    /// A marker is sealing the generation: writes submitted at or after this sequence wait.
+    pub marker_barrier: Option<u64>,
     /// Set after a device error on the write path; writes fail until reopened.
     pub failed: Option<String>,
     pub sort_running: bool,
@@ -196,7 +196,7 @@ impl Volume {
             meta,
             options,
             hot: HotPath::new(),
-            marker_pending: false,
+            marker_barrier: None,
             failed: None,
             sort_running: false,
             sort_error: None,
@@ -253,7 +253,7 @@ impl Volume {
                 && !shared.sort_running
                 && shared.sort_error.is_none()
                 && shared.failed.is_none()
-                && !shared.meta.sealed.is_empty()
+                && shared.meta.sealed.front().is_some_and(|g| g.durable)
         };
         if start {
             self.shared.borrow_mut().sort_running = true;
@@ -264,10 +264,13 @@ impl Volume {
     /// Cuts a generation: seals the open generation with `comment` and opens the next.
     pub fn mark(&mut self, comment: &str) -> MarkerHandle {
         let handle = MarkerHandle::default();
+        // The marker covers every write submitted before this call, and none after.
+        let barrier = self.shared.borrow().hot.next_seq();
         self.executor.spawn(marker::run_marker(
             self.shared.clone(),
             self.control_io(),
             comment.to_owned(),
+            barrier,
             handle.clone(),
         ));
         handle

@@ -62,6 +62,8 @@ enum WriteState {
 
 struct HostWrite {
     tag: Tag,
+    /// Submission order: a marker includes exactly the writes submitted before it.
+    seq: u64,
     parent: Option<u32>,
     offset_blocks: u64,
     widening: Widening,
@@ -80,6 +82,7 @@ struct HostWrite {
 /// An unmap or write-zeroes, split into chunk writes.
 struct ZeroRequest {
     tag: Tag,
+    seq: u64,
     next_block: u64,
     end_block: u64,
     in_flight: usize,
@@ -121,8 +124,10 @@ pub(crate) struct HotPath {
     reads: Slab<Tag>,
     flushes: Slab<HostFlush>,
     zeroes: Slab<ZeroRequest>,
-    /// Requests not started yet, in arrival order.
-    queue: VecDeque<(Tag, HostRequest)>,
+    /// Requests not started yet, in arrival order, with their submission sequence.
+    queue: VecDeque<(Tag, HostRequest, u64)>,
+    /// Sequence the next submitted request gets.
+    next_seq: u64,
     /// Writes waiting for an overlapping earlier write, in arrival order.
     blocked: VecDeque<usize>,
     waiting_space: VecDeque<usize>,
@@ -144,6 +149,7 @@ impl HotPath {
             flushes: Slab::new(),
             zeroes: Slab::new(),
             queue: VecDeque::new(),
+            next_seq: 0,
             blocked: VecDeque::new(),
             waiting_space: VecDeque::new(),
             waiting_index: Vec::new(),
@@ -157,7 +163,25 @@ impl HotPath {
     }
 
     pub(crate) fn enqueue(&mut self, tag: Tag, request: HostRequest) {
-        self.queue.push_back((tag, request));
+        self.queue.push_back((tag, request, self.next_seq));
+        self.next_seq += 1;
+    }
+
+    /// Sequence the next submitted request will get: a marker requested now includes every
+    /// request below it.
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Writes submitted before `barrier` that have not finished (queued, blocked or started).
+    pub(crate) fn writes_before(&self, barrier: u64) -> bool {
+        let is_write = |r: &HostRequest| {
+            matches!(r, HostRequest::Write { .. } | HostRequest::Unmap { .. } | HostRequest::WriteZeroes { .. })
+        };
+        self.writes_in_flight > 0
+            || self.queue.iter().any(|(_, r, seq)| *seq < barrier && is_write(r))
+            || self.blocked.iter().any(|id| self.writes[*id].seq < barrier)
+            || self.zeroes.iter().any(|(_, z)| z.seq < barrier)
     }
 
     /// Host operations started and not completed, plus queued ones.
@@ -167,10 +191,6 @@ impl HotPath {
 
     pub(crate) fn commit_in_flight(&self) -> bool {
         self.commit.is_some()
-    }
-
-    pub(crate) fn has_blocked_writes(&self) -> bool {
-        !self.blocked.is_empty()
     }
 }
 
@@ -225,19 +245,28 @@ impl HotStep<'_> {
             if started >= limit {
                 return;
             }
-            let is_write = matches!(
-                self.shared.hot.queue.front(),
-                Some((_, HostRequest::Write { .. } | HostRequest::Unmap { .. } | HostRequest::WriteZeroes { .. }))
-            );
-            if is_write && self.shared.marker_pending {
-                return; // Held until the marker has sealed the generation (FIG 9).
+            let held = match self.shared.hot.queue.front() {
+                Some((
+                    _,
+                    HostRequest::Write { .. } | HostRequest::Unmap { .. } | HostRequest::WriteZeroes { .. },
+                    seq,
+                )) => self.held(*seq),
+                _ => false,
+            };
+            if held {
+                return; // Submitted after a marker: waits until the generation is sealed (FIG 9).
             }
-            let Some((tag, request)) = self.shared.hot.queue.pop_front() else { return };
-            self.start(tag, request);
+            let Some((tag, request, seq)) = self.shared.hot.queue.pop_front() else { return };
+            self.start(tag, request, seq);
         }
     }
 
-    fn start(&mut self, tag: Tag, request: HostRequest) {
+    /// Is a write of submission sequence `seq` held by a marker in progress?
+    fn held(&self, seq: u64) -> bool {
+        self.shared.marker_barrier.is_some_and(|barrier| seq >= barrier)
+    }
+
+    fn start(&mut self, tag: Tag, request: HostRequest, seq: u64) {
         let volume_blocks = self.shared.meta.geometry.volume_device_blocks();
         let block_size = self.shared.meta.block_size[0];
         let out_of_range = |offset: u64, blocks: u64| {
@@ -274,7 +303,7 @@ impl HotStep<'_> {
                 }
                 self.shared.hot.counters.host_writes += 1;
                 self.shared.hot.counters.host_bytes_written += buffers.len() as u64;
-                self.start_write(tag, None, offset_blocks, widening, buffers);
+                self.start_write(tag, seq, None, offset_blocks, widening, buffers);
             }
             HostRequest::Flush => {
                 self.shared.hot.counters.host_flushes += 1;
@@ -292,6 +321,7 @@ impl HotStep<'_> {
                 }
                 let id = self.shared.hot.zeroes.insert(ZeroRequest {
                     tag,
+                    seq,
                     next_block: offset_blocks,
                     end_block: offset_blocks + num_blocks,
                     in_flight: 0,
@@ -333,7 +363,8 @@ impl HotStep<'_> {
                 Arc::new(IoBuffers::single(DmaBuf::zeroed((blocks * block_size) as usize)))
             };
             let widening = self.shared.meta.geometry.widen(start, blocks).expect("range checked at start");
-            self.start_write(0, Some(id), start, widening, data);
+            let seq = self.shared.hot.zeroes[id as usize].seq;
+            self.start_write(0, seq, Some(id), start, widening, data);
         }
         let request = &self.shared.hot.zeroes[id as usize];
         if request.in_flight == 0 && (request.next_block >= request.end_block || request.error.is_some()) {
@@ -349,6 +380,7 @@ impl HotStep<'_> {
     fn start_write(
         &mut self,
         tag: Tag,
+        seq: u64,
         parent: Option<u32>,
         offset_blocks: u64,
         widening: Widening,
@@ -356,6 +388,7 @@ impl HotStep<'_> {
     ) {
         let id = self.shared.hot.writes.insert(HostWrite {
             tag,
+            seq,
             parent,
             offset_blocks,
             widening,
@@ -370,7 +403,7 @@ impl HotStep<'_> {
             error: None,
         });
         let overlaps = self.overlaps_locked(widening) || self.overlaps_blocked(widening, usize::MAX);
-        if overlaps || self.shared.marker_pending {
+        if overlaps || self.held(seq) {
             self.shared.hot.counters.overlap_waits += u64::from(overlaps);
             self.shared.hot.blocked.push_back(id);
             return;
@@ -786,14 +819,12 @@ impl HotStep<'_> {
 
     /// Starts blocked writes that no longer overlap anything before them.
     pub(crate) fn unblock(&mut self) {
-        if self.shared.marker_pending {
-            return;
-        }
         let mut position = 0;
         while position < self.shared.hot.blocked.len() {
             let id = self.shared.hot.blocked[position];
             let widening = self.shared.hot.writes[id].widening;
-            if !self.overlaps_locked(widening) && !self.overlaps_blocked(widening, position) {
+            let seq = self.shared.hot.writes[id].seq;
+            if !self.held(seq) && !self.overlaps_locked(widening) && !self.overlaps_blocked(widening, position) {
                 self.shared.hot.blocked.remove(position);
                 self.begin(id);
             } else {

@@ -75,12 +75,12 @@ impl JournalLayout {
     }
 
     /// Rebuilds the layout from a superblock's areas.
-    pub fn from_areas(areas: &[Area], shape: &VolumeShape, options: &LayoutOptions) -> Option<Self> {
+    pub fn from_areas(areas: &[Area], shape: &VolumeShape, mode: JournalMode) -> Option<Self> {
         let find = |kind| areas.iter().copied().find(|a: &Area| a.kind == kind);
         let index = find(AreaKind::ElementIndex)?;
         let elements = find(AreaKind::Elements)?;
         let sites = find(AreaKind::Sites)?;
-        Some(JournalLayout {
+        let layout = JournalLayout {
             catalogs: [find(AreaKind::CatalogA)?, find(AreaKind::CatalogB)?],
             sites,
             site_slot_bytes: SiteRecord::slot_bytes(shape.volume_blocks) as u64,
@@ -88,8 +88,14 @@ impl JournalLayout {
             index_pages: index.length_bytes / (2 * SLOT_BYTES as u64),
             elements,
             element_capacity: elements.length_bytes / u64::from(shape.host_write_size),
-        })
-        .filter(|layout| layout.index_pages >= options.max_online_generations as u64)
+        };
+        (layout.max_online_generations(mode) > 0).then_some(layout)
+    }
+
+    /// Online generations the index has room for: the pages beyond those the elements need
+    /// (each generation starts a page of its own).
+    pub fn max_online_generations(&self, mode: JournalMode) -> u64 {
+        self.index_pages.saturating_sub(self.element_capacity.div_ceil(entries_per_page(mode) as u64))
     }
 }
 
@@ -276,7 +282,8 @@ mod tests {
             // Adding one more element would not fit (the capacity is the largest possible).
             assert!(journal_bytes_for(&SHAPE, &options, layout.element_capacity + 1) > device_bytes);
             assert!(layout.index_pages * entries_per_page(JournalMode::Latest) as u64 >= layout.element_capacity);
-            assert_eq!(JournalLayout::from_areas(&areas, &SHAPE, &options).unwrap(), layout);
+            assert_eq!(JournalLayout::from_areas(&areas, &SHAPE, options.mode).unwrap(), layout);
+            assert_eq!(layout.max_online_generations(options.mode), u64::from(options.max_online_generations));
         }
     }
 
