@@ -83,10 +83,6 @@ impl<O: Copy> IoHub<O> {
         self.channels[role as usize].alloc(len)
     }
 
-    pub(crate) fn in_flight(&self) -> usize {
-        self.outstanding.len()
-    }
-
     /// Submits `operation`; its completion goes to `owner` (hot path) or, with `None`, waits
     /// for a control-path future holding the returned tag.
     pub(crate) fn submit(&mut self, role: Role, operation: Operation, owner: Option<O>) -> Tag {

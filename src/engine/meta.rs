@@ -60,10 +60,6 @@ impl OpenGeneration {
             pages: Vec::new(),
         }
     }
-
-    pub fn segment_of(&self, block: u64) -> Option<u64> {
-        self.entry_of.get(&block).map(|entry| self.element_start + u64::from(*entry))
-    }
 }
 
 /// A sealed generation waiting for (or in) the sort.

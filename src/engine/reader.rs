@@ -130,6 +130,8 @@ impl VolumeReader {
         };
         serde_json::json!({
             "volume_uuid": uuid::Uuid::from_bytes(meta.journal_superblock.volume_uuid).to_string(),
+            "journal_device_uuid": uuid::Uuid::from_bytes(meta.journal_superblock.device_uuid).to_string(),
+            "history_device_uuid": uuid::Uuid::from_bytes(meta.history_superblock.device_uuid).to_string(),
             "volume_bytes": meta.geometry.volume_bytes(),
             "host_write_size": meta.shape.host_write_size,
             "volume_blocks": meta.shape.volume_blocks,

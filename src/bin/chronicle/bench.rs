@@ -68,8 +68,7 @@ pub fn run(
     let mut completions = Vec::with_capacity(queue_depth);
     loop {
         let running = Instant::now() < deadline;
-        while running {
-            let Some(slot) = free_slots.pop() else { break };
+        while let Some(slot) = if running { free_slots.pop() } else { None } {
             let offset = match workload {
                 Workload::Seqwrite => {
                     let offset = sequential % slots;
