@@ -10,9 +10,13 @@
 //! that decode to the same value (round-trip stability); unmutated valid encodings must decode
 //! to exactly what was encoded.
 //!
+//! Decoded control blocks must also have every element address computable within 56 bits.
+//! Regression tests for decoder bugs found so far close the file.
+//!
 //! Seed: `CHRONICLE_DECODER_SEED` (decimal or 0x-hex) or a fixed default, so a run is
-//! reproducible. `chronicle::core::delta::decode` is not in this checkout (the module is a
-//! placeholder), so it is not covered here.
+//! reproducible. The replication delta frame (`chronicle::core::delta`) is a wire format, not a
+//! `CHRN` structure; its own property tests and the `delta_decode` fuzz target cover it. The
+//! libFuzzer targets in `fuzz/` run the same decoders for longer (fuzz/README.md).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -97,6 +101,9 @@ trait Codec {
     fn encode(value: &Self::Value) -> Vec<u8>;
     /// A random valid value.
     fn sample(rng: &mut ChaCha8Rng) -> Self::Value;
+    /// What must hold of any decoded value beyond the round trip (e.g. every address of a
+    /// control block can be computed without overflow).
+    fn check(_value: &Self::Value) {}
 }
 
 #[derive(Default, Debug)]
@@ -146,6 +153,9 @@ fn exercise<C: Codec>(input: &[u8], seed: u64, iteration: usize, how: &str, tall
         Ok(value) => {
             tally.ok += 1;
             tally.past_checksum += 1;
+            if catch_unwind(AssertUnwindSafe(|| C::check(&value))).is_err() {
+                panic!("a decoded value is inconsistent: {value:?} — {}", context());
+            }
             let encoded = match catch_unwind(AssertUnwindSafe(|| C::encode(&value))) {
                 Ok(bytes) => bytes,
                 Err(_) => panic!("re-encoding a decoded value panicked: {value:?} — {}", context()),
@@ -537,6 +547,19 @@ impl Codec for ControlBlockCodec {
             map: ElementMap::new(bitmap, addressing).unwrap(),
         }
     }
+    fn check(value: &ControlBlock) {
+        // Every element's address is computable and within 56 bits plus the shared flag.
+        let mut count = 0u64;
+        for (block, raw) in value.map.iter() {
+            assert_eq!(raw & !(ADDRESS_MASK | ADDRESS_SHARED), 0, "reserved address bits of block {block}");
+            assert_eq!(value.map.address_of(block), Some(raw & ADDRESS_MASK));
+            count += 1;
+        }
+        assert_eq!(count, value.map.len());
+        if let Addressing::Contiguous { first } = value.map.addressing() {
+            assert!(first.checked_add(count).is_some_and(|end| end <= ADDRESS_MASK + 1));
+        }
+    }
 }
 
 struct IndexPageCodec;
@@ -732,4 +755,76 @@ fn site_name_without_terminating_zero_is_refused() {
     bytes[112..176].fill(b'n');
     reseal(&mut bytes);
     assert!(matches!(SiteRecord::decode(&bytes), Err(FormatError::Invalid { .. })));
+}
+
+/// A valid control block with three elements (blocks 1, 64, 199 of 200).
+fn three_element_control_block(addressing: Addressing) -> ControlBlock {
+    let mut bitmap = DifferenceBitmap::new(200);
+    for block in [1u64, 64, 199] {
+        bitmap.set(block);
+    }
+    ControlBlock { generation: 3, through_generation: 3, map: ElementMap::new(bitmap, addressing).unwrap() }
+}
+
+/// Overwrites the u64 at `at` and reseals.
+fn patched(bytes: &[u8], at: usize, value: u64) -> Vec<u8> {
+    let mut bytes = bytes.to_vec();
+    bytes[at..at + 8].copy_from_slice(&value.to_le_bytes());
+    reseal(&mut bytes);
+    bytes
+}
+
+fn invalid_field(result: Result<ControlBlock, FormatError>) -> &'static str {
+    match result {
+        Err(FormatError::Invalid { field, .. }) => field,
+        other => panic!("expected an invalid field, got {other:?}"),
+    }
+}
+
+/// Regression: a contiguous control block whose `first_address + elements` passes 2^56 (or
+/// overflows u64) decoded, and computing its last element's address then overflowed.
+#[test]
+fn contiguous_control_block_past_2_pow_56_is_refused() {
+    const FIRST_ADDRESS_AT: usize = 72;
+    let limit = ADDRESS_MASK + 1 - 3; // three elements end exactly at 2^56
+    let valid = three_element_control_block(Addressing::Contiguous { first: limit });
+    let bytes = valid.encode();
+    assert_eq!(ControlBlock::decode(&bytes).unwrap(), valid);
+    for first in [limit + 1, ADDRESS_MASK, 1 << 56, 1 << 63, u64::MAX - 1, u64::MAX] {
+        let bytes = patched(&bytes, FIRST_ADDRESS_AT, first);
+        assert_eq!(invalid_field(ControlBlock::decode(&bytes)), "first address", "first address {first:#x}");
+    }
+    // The encoder refuses to write one (it asserts what the decoder checks); such a map
+    // cannot even be built.
+    assert!(ElementMap::new(valid.map.bitmap().clone(), Addressing::Contiguous { first: limit + 1 }).is_err());
+}
+
+/// Regression: explicit addresses with reserved bits 56..62 set decoded; bit 63 (shared) is
+/// the only flag.
+#[test]
+fn explicit_address_with_reserved_bits_is_refused() {
+    let valid = three_element_control_block(Addressing::Explicit(vec![9, 4, ADDRESS_SHARED | 2]));
+    let bytes = valid.encode();
+    let table_at = 128 + 4 * 8;
+    for bit in 56..63 {
+        let bytes = patched(&bytes, table_at + 8, 4 | 1 << bit);
+        assert_eq!(invalid_field(ControlBlock::decode(&bytes)), "address table", "bit {bit}");
+    }
+    let shared = patched(&bytes, table_at + 8, 4 | ADDRESS_SHARED);
+    assert!(ControlBlock::decode(&shared).is_ok(), "the shared flag is allowed");
+    assert!(ElementMap::new(valid.map.bitmap().clone(), Addressing::Explicit(vec![9, 4 | 1 << 60, 2])).is_err());
+}
+
+/// Regression: `DedupTable::encode` wrote entries with zero references, which `decode` refuses.
+#[test]
+fn dedup_table_encoder_refuses_zero_references() {
+    let table = DedupTable { sequence: 1, entries: vec![DedupEntry { hash: 5, address: 77, references: 0 }] };
+    let result = catch_unwind(AssertUnwindSafe(|| table.encode()));
+    assert!(result.is_err(), "encoding a zero reference count must panic");
+    let mut valid = table.clone();
+    valid.entries[0].references = 1;
+    let mut bytes = valid.encode();
+    bytes[64 + 24..64 + 28].fill(0);
+    reseal(&mut bytes);
+    assert!(matches!(DedupTable::decode(&bytes), Err(FormatError::Invalid { field: "references", .. })));
 }

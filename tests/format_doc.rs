@@ -17,7 +17,8 @@ use chronicle::core::format::catalog::{
 };
 use chronicle::core::format::control_block::{ControlBlock, CONTROL_PREFIX_BYTES};
 use chronicle::core::format::element_index::{
-    IndexEntry, IndexPage, ALL_ENTRIES_PER_PAGE, LATEST_ENTRIES_PER_PAGE, PAGE_PREFIX_BYTES, SLOT_BYTES,
+    IndexEntry, IndexPage, ALL_ENTRIES_PER_PAGE, ALL_ENTRY_BYTES, LATEST_ENTRIES_PER_PAGE, LATEST_ENTRY_BYTES,
+    PAGE_PREFIX_BYTES, SLOT_BYTES,
 };
 use chronicle::core::format::layout::{
     plan_history, plan_journal, recommended_history_bytes, recommended_journal_bytes, LayoutOptions, VolumeShape,
@@ -46,6 +47,7 @@ struct Row {
     /// Numeric size, or `None` for a variable-length row (`8 × words`).
     size: Option<usize>,
     field: String,
+    meaning: String,
 }
 
 #[derive(Debug, Clone)]
@@ -151,6 +153,7 @@ fn parse_layouts() -> HashMap<String, Layout> {
                     offset_text: strip_ticks(&cells[0]),
                     size: cells[1].parse().ok(),
                     field: strip_ticks(&cells[2]),
+                    meaning: cells[3].clone(),
                 }
             })
             .collect();
@@ -293,7 +296,7 @@ fn every_layout_tiles_its_documented_size() {
 /// The documented sizes are the code's constants and the numbers the format promises.
 #[test]
 fn documented_sizes_match_the_code() {
-    let sizes: [(&str, usize, usize); 14] = [
+    let sizes: [(&str, usize, usize); 15] = [
         ("header", HEADER_BYTES, 32),
         ("superblock", SUPERBLOCK_BYTES, 1024),
         ("superblock.area", AREA_ENTRY_BYTES, 24),
@@ -302,7 +305,8 @@ fn documented_sizes_match_the_code() {
         ("catalog.entry", ENTRY_BYTES, 256),
         ("control_block", CONTROL_PREFIX_BYTES, 128),
         ("index_page", PAGE_PREFIX_BYTES, 64),
-        ("index_entry.all", 24, 24),
+        ("index_entry.latest", LATEST_ENTRY_BYTES, 16),
+        ("index_entry.all", ALL_ENTRY_BYTES, 32),
         ("sort_cursor", SORT_CURSOR_BYTES, 128),
         ("site_record", SITE_PREFIX_BYTES, 192),
         ("dedup_table", DEDUP_PREFIX_BYTES, 64),
@@ -313,12 +317,25 @@ fn documented_sizes_match_the_code() {
         assert_eq!(layout(name).bytes, code, "FORMAT.md `{name}` size differs from the code");
         assert_eq!(code, promised, "`{name}` is no longer {promised} bytes");
     }
-    assert_eq!(layout("index_entry.latest").bytes, 8);
-    // Entries per page follow from the documented prefix and entry sizes.
+    // Entries per page follow from the documented prefix and entry sizes, fill a page exactly,
+    // and are the numbers the text states.
     let room = METADATA_PAGE_BYTES - layout("index_page").bytes;
     assert_eq!(room / layout("index_entry.latest").bytes, LATEST_ENTRIES_PER_PAGE);
     assert_eq!(room / layout("index_entry.all").bytes, ALL_ENTRIES_PER_PAGE);
-    assert_eq!((LATEST_ENTRIES_PER_PAGE, ALL_ENTRIES_PER_PAGE), (504, 168));
+    assert_eq!(room % layout("index_entry.latest").bytes, 0);
+    assert_eq!(room % layout("index_entry.all").bytes, 0);
+    assert_eq!((LATEST_ENTRIES_PER_PAGE, ALL_ENTRIES_PER_PAGE), (252, 126));
+    let entry_count = layout("index_page").row("entry_count");
+    assert_eq!(entry_count.offset, Some(56));
+    for stated in [
+        format!("(4096 − 64) / 16 = {LATEST_ENTRIES_PER_PAGE}"),
+        format!("(4096 − 64) / 32 = {ALL_ENTRIES_PER_PAGE}"),
+        format!("at most {LATEST_ENTRIES_PER_PAGE} (latest) or {ALL_ENTRIES_PER_PAGE} (all)"),
+        format!("{LATEST_ENTRIES_PER_PAGE} / {ALL_ENTRIES_PER_PAGE} per page"),
+        format!("`entries_per_page` is {LATEST_ENTRIES_PER_PAGE} in \"latest\" mode and {ALL_ENTRIES_PER_PAGE} in \"all\" mode"),
+    ] {
+        assert!(FORMAT_MD.contains(&stated), "FORMAT.md must state {stated:?}");
+    }
     assert_eq!(SLOT_BYTES, METADATA_PAGE_BYTES);
     // Tables inside the superblock.
     let superblock = layout("superblock");
@@ -521,7 +538,9 @@ fn catalog_variant(variant: u8) -> Catalog {
         let history = CatalogEntry::new(4, EntryKind::History, EntryState::Live);
         let dedup = CatalogEntry::new(0, EntryKind::DedupIndex, EntryState::Live);
         let retained = CatalogEntry::new(2, EntryKind::Retained, EntryState::Held);
-        entries.extend([merged, restore, history, dedup, retained]);
+        let mut backup = CatalogEntry::new(distinct(22) >> 10, EntryKind::Backup, EntryState::Live);
+        backup.comment = "nightly".into();
+        entries.extend([merged, restore, history, dedup, retained, backup]);
     }
     for (index, entry) in entries.iter_mut().enumerate() {
         let tag = 60 + 16 * index as u8 + variant;
@@ -745,14 +764,33 @@ fn index_page_fields_sit_where_the_document_says() {
         assert_eq!(doc.row("entries").offset, Some(doc.bytes));
         for (k, entry) in page.entries.iter().enumerate() {
             let base = doc.offset("entries") + k * entry_doc.bytes;
-            let mut expected = vec![int("block", entry.block)];
+            let mut expected = vec![int("block", entry.block), int("crc", entry.crc.into()), int("flags", 0)];
             if mode == JournalMode::All {
                 expected.push(int("sequence", entry.sequence));
                 expected.push(int("time_ns", entry.time_ns));
             }
             check(entry_doc, &bytes, base, &expected, &[]);
         }
+        // The entry `flags` are documented as refused when set.
+        if count > 0 {
+            let mut flagged = bytes.clone();
+            let at = doc.offset("entries") + entry_doc.offset("flags");
+            flagged[at] = 1;
+            reseal_by_definition(&mut flagged);
+            assert!(IndexPage::decode(&flagged).is_err(), "a set entry flag must be refused");
+        }
     }
+}
+
+/// Recomputes the header crc of `bytes` by the documented rule (crc32c over `[0, length)` with
+/// the crc field taken as zero).
+fn reseal_by_definition(bytes: &mut [u8]) {
+    let header = layout("header");
+    let (length_at, crc_at) = (header.offset("length"), header.offset("crc"));
+    let length = u32::from_le_bytes(bytes[length_at..length_at + 4].try_into().unwrap()) as usize;
+    bytes[crc_at..crc_at + 4].fill(0);
+    let crc = crc32c_by_definition(&bytes[..length]);
+    bytes[crc_at..crc_at + 4].copy_from_slice(&crc.to_le_bytes());
 }
 
 fn entries_per_page_of(mode: JournalMode) -> usize {
@@ -970,4 +1008,373 @@ fn worked_layout_examples_match_the_planner() {
     let planned = plan_history(&shape, &options, history.device_bytes).unwrap();
     assert_eq!(history.counts, vec![planned.unit_count]);
     assert_eq!(history.areas, documented_areas(&planned.areas()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Enumerations: the values listed in a field's meaning are exactly the code's
+// ---------------------------------------------------------------------------------------------
+
+/// `(value, name)` pairs listed after ``"`Enum`:"`` in the meaning of `layout.field`, e.g.
+/// "`EntryKind`: 1 online, 2 history — …".
+fn documented_values(layout_name: &str, field: &str, enum_name: &str) -> Vec<(u8, String)> {
+    let meaning = &layout(layout_name).row(field).meaning;
+    let marker = format!("`{enum_name}`:");
+    let start = meaning
+        .find(&marker)
+        .unwrap_or_else(|| panic!("layout `{layout_name}` field `{field}` does not list `{enum_name}` values"))
+        + marker.len();
+    let list = meaning[start..].split(" — ").next().unwrap().split(" (").next().unwrap();
+    list.split(',')
+        .map(|item| {
+            let item = item.trim();
+            let value = leading_number(item);
+            (value as u8, item[value.to_string().len()..].trim().to_lowercase())
+        })
+        .collect()
+}
+
+/// "RestoreVolume" → "restore volume", "CatalogA" → "catalog a".
+fn words(debug_name: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in debug_name.chars().enumerate() {
+        if c.is_uppercase() && i > 0 {
+            out.push(' ');
+        }
+        out.extend(c.to_lowercase());
+    }
+    out
+}
+
+/// Every documented value decodes to the documented name, and no other byte decodes.
+fn check_enum<T: std::fmt::Debug>(documented: &[(u8, String)], decode: impl Fn(u8) -> Option<T>, what: &str) {
+    assert!(!documented.is_empty());
+    for (value, name) in documented {
+        let decoded =
+            decode(*value).unwrap_or_else(|| panic!("{what}: documented value {value} is refused by the code"));
+        assert_eq!(&words(&format!("{decoded:?}")), name, "{what}: value {value}");
+    }
+    for value in 0..=u8::MAX {
+        if !documented.iter().any(|(v, _)| *v == value) {
+            assert!(decode(value).is_none(), "{what}: the code accepts value {value}, which FORMAT.md does not list");
+        }
+    }
+}
+
+#[test]
+fn documented_enumerations_match_the_code() {
+    check_enum(
+        &documented_values("catalog.entry", "kind", "EntryKind"),
+        |v| EntryKind::from_byte("test", "kind", v).ok(),
+        "catalog entry kind",
+    );
+    check_enum(
+        &documented_values("catalog.entry", "state", "EntryState"),
+        |v| EntryState::from_byte("test", "state", v).ok(),
+        "catalog entry state",
+    );
+    // Area kinds decode only inside a superblock: patch the kind of its single area.
+    let mut superblock = superblock_variant(1);
+    superblock.areas.truncate(1);
+    let bytes = superblock.encode();
+    let kind_at = layout("superblock").offset("area_table") + layout("superblock.area").offset("kind");
+    check_enum(
+        &documented_values("superblock.area", "kind", "AreaKind"),
+        |v| {
+            let mut patched = bytes.clone();
+            patched[kind_at..kind_at + 4].copy_from_slice(&u32::from(v).to_le_bytes());
+            reseal_by_definition(&mut patched);
+            Superblock::decode(&patched).ok().map(|s| s.areas[0].kind)
+        },
+        "area kind",
+    );
+    assert_eq!(EntryKind::Backup as u8, 7);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The engine writes what the document says: format (§14.9), element checksums and the marker
+// (§9.1, §14.5), reading the index back (§9.2), the sort's backup entry (§7.1, §14.6). Devices
+// are read raw, by the placement rules of §3 and §4, and decoded with the documented structures.
+// ---------------------------------------------------------------------------------------------
+
+mod engine_on_disk {
+    use std::sync::Arc;
+
+    use chronicle::device::memory::{MemoryDevice, MemoryOptions};
+    use chronicle::device::{Channel, Device, DmaBuf, IoBuffers};
+    use chronicle::engine::{format, EngineError, FormatOptions, HostRequest, Volume, VolumeOptions};
+    use rand::{RngCore, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    use super::*;
+
+    const DEVICE_BLOCK: u32 = 512;
+    const UNIT: u32 = 4096;
+    const VOLUME_BYTES: u64 = 4 << 20;
+    const VOLUME_BLOCKS: u64 = VOLUME_BYTES / UNIT as u64;
+    const JOURNAL: usize = 1;
+    const HISTORY: usize = 3;
+
+    /// Base, journal, backup and history; the journal and history start full of junk so that
+    /// what format zeroes can be seen.
+    fn devices() -> [MemoryDevice; 4] {
+        let shape = VolumeShape { host_write_size: UNIT, volume_blocks: VOLUME_BLOCKS };
+        let options = LayoutOptions::default();
+        let sizes = [
+            VOLUME_BYTES,
+            recommended_journal_bytes(&shape, &options),
+            VOLUME_BYTES,
+            recommended_history_bytes(&shape, &options) * 4,
+        ];
+        let names = ["base", "journal", "backup", "history"];
+        std::array::from_fn(|i| {
+            let bytes = sizes[i].div_ceil(u64::from(DEVICE_BLOCK)) * u64::from(DEVICE_BLOCK);
+            if i == JOURNAL || i == HISTORY {
+                MemoryDevice::from_bytes(names[i], DEVICE_BLOCK, vec![0xA5; bytes as usize])
+            } else {
+                MemoryDevice::new(names[i], MemoryOptions::new(DEVICE_BLOCK, bytes / u64::from(DEVICE_BLOCK)))
+            }
+        })
+    }
+
+    fn channels(devices: &[MemoryDevice; 4]) -> Vec<Box<dyn Channel>> {
+        devices.iter().map(|d| d.open_channel().unwrap()).collect()
+    }
+
+    fn manual_sort() -> VolumeOptions {
+        let mut options = VolumeOptions::default();
+        options.sort.automatic = false;
+        options
+    }
+
+    /// Writes whole units with fresh random data and waits for them.
+    fn write_units(volume: &mut Volume, rng: &mut ChaCha8Rng, units: &[u64]) {
+        for unit in units {
+            let mut data = vec![0u8; UNIT as usize];
+            rng.fill_bytes(&mut data);
+            let offset_blocks = unit * u64::from(UNIT / DEVICE_BLOCK);
+            let buffers = Arc::new(IoBuffers::single(DmaBuf::copy_from(&data)));
+            volume.submit(offset_blocks, HostRequest::Write { offset_blocks, buffers });
+        }
+        let mut completions = Vec::new();
+        volume.run_until_idle(&mut completions);
+        for completion in completions {
+            completion.result.expect("host write succeeds");
+        }
+    }
+
+    /// A device image read by the documented rules.
+    struct Image {
+        bytes: Vec<u8>,
+        superblock: Superblock,
+    }
+
+    impl Image {
+        fn of(device: &MemoryDevice) -> Image {
+            let bytes = device.snapshot();
+            let superblock = Superblock::decode(&bytes[..METADATA_PAGE_BYTES]).expect("superblock copy 0");
+            Image { bytes, superblock }
+        }
+
+        fn area(&self, kind: AreaKind) -> Area {
+            *self.superblock.areas.iter().find(|a| a.kind == kind).unwrap_or_else(|| panic!("no {kind:?} area"))
+        }
+
+        fn range(&self, start: u64, length: u64) -> &[u8] {
+            &self.bytes[start as usize..(start + length) as usize]
+        }
+
+        fn area_bytes(&self, kind: AreaKind) -> &[u8] {
+            let area = self.area(kind);
+            self.range(area.start_bytes, area.length_bytes)
+        }
+
+        fn catalog(&self) -> Catalog {
+            catalog::choose(self.area_bytes(AreaKind::CatalogA), self.area_bytes(AreaKind::CatalogB)).unwrap()
+        }
+
+        /// Slot `k` of virtual index page `page` (§3: physical page `page mod index_pages`).
+        fn index_slot(&self, page: u64, k: u64) -> &[u8] {
+            let index = self.area(AreaKind::ElementIndex);
+            let pages = index.length_bytes / (2 * METADATA_PAGE_BYTES as u64);
+            let at = index.start_bytes + (2 * (page % pages) + k) * METADATA_PAGE_BYTES as u64;
+            self.range(at, METADATA_PAGE_BYTES as u64)
+        }
+
+        /// The element in virtual journal segment `segment` (§3).
+        fn element(&self, segment: u64) -> &[u8] {
+            let elements = self.area(AreaKind::Elements);
+            let unit = u64::from(self.superblock.host_write_size);
+            let capacity = elements.length_bytes / unit;
+            self.range(elements.start_bytes + (segment % capacity) * unit, unit)
+        }
+
+        fn element_offset(&self, segment: u64) -> u64 {
+            let elements = self.area(AreaKind::Elements);
+            let unit = u64::from(self.superblock.host_write_size);
+            elements.start_bytes + (segment % (elements.length_bytes / unit)) * unit
+        }
+
+        /// Page `j` of a generation by §9.2: the belonging slot with the higher sequence.
+        fn index_page(&self, entry: &CatalogEntry, j: u64) -> Option<IndexPage> {
+            let page = entry.control_start + j;
+            let first = entry.element_start + j * LATEST_ENTRIES_PER_PAGE as u64;
+            [0, 1]
+                .into_iter()
+                .filter_map(|k| IndexPage::decode(self.index_slot(page, k)).ok())
+                .filter(|p| p.generation == entry.generation && p.page == page && p.first_segment == first)
+                .max_by_key(|p| p.sequence)
+        }
+    }
+
+    #[test]
+    fn format_writes_the_documented_initial_state() {
+        let devices = devices();
+        format(channels(&devices), &FormatOptions::default(), &mut |_| {}).unwrap();
+        let page = METADATA_PAGE_BYTES;
+        let journal = Image::of(&devices[JOURNAL]);
+        let history = Image::of(&devices[HISTORY]);
+        for (image, role) in [(&journal, DeviceRole::Journal), (&history, DeviceRole::History)] {
+            assert_eq!(image.superblock.role, role);
+            assert_eq!(image.superblock.sequence, 1, "superblock copy 0 has sequence 1");
+            assert!(image.bytes[page..2 * page].iter().all(|b| *b == 0), "{role:?}: superblock copy 1 is zero");
+            assert!(image.area_bytes(AreaKind::CatalogB).iter().all(|b| *b == 0), "{role:?}: catalog B is zero");
+        }
+        assert_eq!(journal.superblock.volume_uuid, history.superblock.volume_uuid);
+        let created = journal.superblock.created_ns;
+        for kind in [AreaKind::Sites, AreaKind::ElementIndex] {
+            assert!(journal.area_bytes(kind).iter().all(|b| *b == 0), "journal {kind:?} area is zero");
+        }
+        // Journal catalog: slot A, sequence 1, generation 1 open at segment 0 and index page 0.
+        let catalog = Catalog::decode(journal.area_bytes(AreaKind::CatalogA)).unwrap();
+        assert_eq!((catalog.sequence, catalog.role, catalog.next_generation), (1, DeviceRole::Journal, 1));
+        let mut open = CatalogEntry::new(1, EntryKind::Online, EntryState::Open);
+        open.time_ns = created;
+        assert_eq!(catalog.entries, vec![open]);
+        // History catalog: slot A, sequence 1, one backup entry for generation 0 ("format").
+        let catalog = Catalog::decode(history.area_bytes(AreaKind::CatalogA)).unwrap();
+        assert_eq!((catalog.sequence, catalog.role, catalog.backup_generation), (1, DeviceRole::History, 0));
+        let mut backup = CatalogEntry::new(0, EntryKind::Backup, EntryState::Live);
+        backup.time_ns = created;
+        backup.comment = "format".into();
+        assert_eq!(catalog.entries, vec![backup]);
+        // Sort cursor: slot 0 idle with sequence 1, slot 1 zero.
+        let cursors = history.area_bytes(AreaKind::SortCursors);
+        assert_eq!(SortCursor::decode(&cursors[..page]).unwrap(), SortCursor::idle(1));
+        assert!(cursors[page..].iter().all(|b| *b == 0), "sort cursor slot 1 is zero");
+    }
+
+    #[test]
+    fn index_entries_carry_element_crcs_and_the_sort_moves_the_backup_entry() {
+        let devices = devices();
+        format(channels(&devices), &FormatOptions::default(), &mut |_| {}).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(17);
+        let mut volume = Volume::open(channels(&devices), manual_sort()).unwrap();
+        // 300 new blocks: two index pages (252 + 48 entries), both written by group commit.
+        let units: Vec<u64> = (0..300).map(|k| (k * 7) % VOLUME_BLOCKS).collect();
+        write_units(&mut volume, &mut rng, &units);
+        // Rewrites after their pages were written: the crcs change in memory only, and the
+        // marker must rewrite both (now stale) pages before sealing.
+        write_units(&mut volume, &mut rng, &[units[5], units[251], units[260]]);
+        let mut completions = Vec::new();
+        assert_eq!(volume.mark_and_wait("g1", &mut completions).unwrap(), 1);
+        // Generation 2: open, three pages' worth of entries (the last partly filled).
+        let open_units: Vec<u64> = (0..600).map(|k| (k * 3 + 1) % VOLUME_BLOCKS).collect();
+        write_units(&mut volume, &mut rng, &open_units);
+        volume.close().unwrap();
+
+        let journal = Image::of(&devices[JOURNAL]);
+        let catalog = journal.catalog();
+        assert_eq!(catalog.entries.len(), 2);
+        let (sealed, open) = (&catalog.entries[0], &catalog.entries[1]);
+        assert_eq!((sealed.generation, sealed.kind, sealed.state), (1, EntryKind::Online, EntryState::Sealed));
+        assert_eq!(sealed.comment, "g1");
+        assert_eq!((sealed.element_start, sealed.element_count, sealed.blocks), (0, 300, 300));
+        assert_eq!((sealed.control_start, sealed.control_count), (0, 2));
+        assert_eq!((open.generation, open.state), (2, EntryState::Open));
+        assert_eq!((open.element_start, open.element_count, open.control_start, open.control_count), (300, 0, 2, 0));
+        // Sealed: every entry's crc is the crc32c of its element, rewrites included.
+        let mut blocks = Vec::new();
+        for j in 0..sealed.control_count {
+            let page = journal.index_page(sealed, j).unwrap_or_else(|| panic!("sealed page {j} reads back"));
+            for (k, entry) in page.entries.iter().enumerate() {
+                let segment = page.first_segment + k as u64;
+                assert_eq!(entry.crc, crc32c_by_definition(journal.element(segment)), "segment {segment}");
+                blocks.push(entry.block);
+            }
+        }
+        assert_eq!(blocks, units, "entry k names the block in segment element_start + k");
+        // Open: pages read until the first not-full page (600 = 252 + 252 + 96).
+        let counts: Vec<usize> = (0..4).map(|j| journal.index_page(open, j).map_or(0, |p| p.entries.len())).collect();
+        assert_eq!(counts, vec![252, 252, 96, 0]);
+
+        // Open verifies every element of a sealed generation against its crc.
+        let damaged_at = journal.element_offset(sealed.element_start + 123);
+        let good = devices[JOURNAL].read_blocks(damaged_at / u64::from(DEVICE_BLOCK), 1);
+        let mut bad = good.clone();
+        bad[100] ^= 0x10;
+        devices[JOURNAL].write_blocks(damaged_at / u64::from(DEVICE_BLOCK), &bad);
+        match Volume::open(channels(&devices), manual_sort()) {
+            Err(EngineError::Damaged(message)) => {
+                assert!(
+                    message.contains("sealed generation 1") && message.contains(&format!("block {}", units[123])),
+                    "{message}"
+                )
+            }
+            Err(other) => panic!("expected damage, got {other}"),
+            Ok(_) => panic!("a damaged sealed element must refuse the open"),
+        }
+        devices[JOURNAL].write_blocks(damaged_at / u64::from(DEVICE_BLOCK), &good);
+
+        // The sort of generation 1: H(0) takes the backup entry's time and comment ("format"),
+        // the backup entry becomes generation 1 with marker 1's.
+        let format_time = journal.superblock.created_ns;
+        let mut volume = Volume::open(channels(&devices), VolumeOptions::default()).unwrap();
+        volume.run_until_idle(&mut completions);
+        assert_eq!(volume.status().backup_generation, 1);
+        volume.close().unwrap();
+        let history = Image::of(&devices[HISTORY]);
+        let catalog = history.catalog();
+        assert_eq!(catalog.backup_generation, 1);
+        let backups: Vec<&CatalogEntry> = catalog.entries.iter().filter(|e| e.kind == EntryKind::Backup).collect();
+        assert_eq!(backups.len(), 1, "exactly one backup entry");
+        assert_eq!((backups[0].generation, backups[0].time_ns, backups[0].comment.as_str()), (1, sealed.time_ns, "g1"));
+        let record = catalog.entry(0, EntryKind::History).expect("H(0)");
+        assert_eq!((record.state, record.time_ns, record.comment.as_str()), (EntryState::Live, format_time, "format"));
+        assert_eq!((record.blocks, record.element_count), (300, 300));
+        let cursors = history.area_bytes(AreaKind::SortCursors);
+        let (a, b) = cursors.split_at(METADATA_PAGE_BYTES);
+        let cursor = [SortCursor::decode(a), SortCursor::decode(b)].into_iter().flatten().max_by_key(|c| c.sequence);
+        assert_eq!(cursor.unwrap().state, SortState::Idle, "the finished sort leaves the cursor idle");
+        let journal = Image::of(&devices[JOURNAL]);
+        let catalog = journal.catalog();
+        assert_eq!(catalog.entries.len(), 1, "generation 1 dropped from the journal");
+        assert_eq!((catalog.ring_tail, catalog.index_tail), (300, 2));
+    }
+
+    /// §9.2: a missing page of the open generation followed by a valid one is damage.
+    #[test]
+    fn open_generation_with_a_gap_in_its_index_is_refused() {
+        let devices = devices();
+        format(channels(&devices), &FormatOptions::default(), &mut |_| {}).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let mut volume = Volume::open(channels(&devices), manual_sort()).unwrap();
+        let units: Vec<u64> = (0..400).collect();
+        write_units(&mut volume, &mut rng, &units);
+        volume.close().unwrap();
+        let journal = Image::of(&devices[JOURNAL]);
+        let index = journal.area(AreaKind::ElementIndex);
+        // Both slots of virtual page 0 (physical page 0) destroyed; page 1 still valid.
+        let zero = vec![0u8; 2 * METADATA_PAGE_BYTES];
+        let saved = journal.range(index.start_bytes, zero.len() as u64).to_vec();
+        devices[JOURNAL].write_blocks(index.start_bytes / u64::from(DEVICE_BLOCK), &zero);
+        match Volume::open(channels(&devices), manual_sort()) {
+            Err(EngineError::Damaged(message)) => assert!(message.contains("later pages exist"), "{message}"),
+            Err(other) => panic!("expected damage, got {other}"),
+            Ok(_) => panic!("a gap in the open generation's index must refuse the open"),
+        }
+        devices[JOURNAL].write_blocks(index.start_bytes / u64::from(DEVICE_BLOCK), &saved);
+        let volume = Volume::open(channels(&devices), manual_sort()).unwrap();
+        assert_eq!(volume.status().journal_used_elements, 400);
+        volume.close().unwrap();
+    }
 }

@@ -21,6 +21,8 @@ pub enum Addressing {
 pub const ADDRESS_MASK: u64 = (1 << 56) - 1;
 /// Flag on an explicit address: the element is shared through dedup (another map owns it).
 pub const ADDRESS_SHARED: u64 = 1 << 63;
+/// Bits 56..62 of an explicit address: reserved, always zero.
+pub const ADDRESS_RESERVED: u64 = !(ADDRESS_MASK | ADDRESS_SHARED);
 
 const RANK_STRIDE_WORDS: usize = 8;
 
@@ -46,18 +48,25 @@ impl std::fmt::Debug for ElementMap {
 pub enum ElementMapError {
     #[error("address table has {table} entries but the bitmap has {ones} set bits")]
     TableLength { table: u64, ones: u64 },
+    #[error("contiguous addresses from {first} for {count} elements pass 2^56")]
+    ContiguousOverflow { first: u64, count: u64 },
+    #[error("address {address:#x} of element {index} has reserved bits 56..62 set")]
+    ReservedAddressBits { index: u64, address: u64 },
 }
 
 impl ElementMap {
+    /// Builds a map; refuses an address table whose length is not the population count, a
+    /// contiguous range that passes 2^56 (`first + count` overflowing or above
+    /// `ADDRESS_MASK + 1`), and explicit addresses with reserved bits 56..62 set.
     pub fn new(bitmap: DifferenceBitmap, addressing: Addressing) -> Result<Self, ElementMapError> {
-        if let Addressing::Explicit(table) = &addressing {
-            let ones = bitmap.count_ones();
-            if table.len() as u64 != ones {
-                return Err(ElementMapError::TableLength { table: table.len() as u64, ones });
-            }
-        }
+        check_addressing(&bitmap, &addressing)?;
         let rank_index = build_rank_index(&bitmap);
         Ok(ElementMap { bitmap, addressing, rank_index })
+    }
+
+    /// Re-checks what [`ElementMap::new`] checked (encoders assert it before writing).
+    pub fn validate(&self) -> Result<(), ElementMapError> {
+        check_addressing(&self.bitmap, &self.addressing)
     }
 
     /// A map with no elements over a volume of `blocks` blocks.
@@ -137,6 +146,25 @@ impl ElementMap {
     }
 }
 
+fn check_addressing(bitmap: &DifferenceBitmap, addressing: &Addressing) -> Result<(), ElementMapError> {
+    let ones = bitmap.count_ones();
+    match addressing {
+        Addressing::Contiguous { first } => match first.checked_add(ones) {
+            Some(end) if end <= ADDRESS_MASK + 1 => Ok(()),
+            _ => Err(ElementMapError::ContiguousOverflow { first: *first, count: ones }),
+        },
+        Addressing::Explicit(table) => {
+            if table.len() as u64 != ones {
+                return Err(ElementMapError::TableLength { table: table.len() as u64, ones });
+            }
+            match table.iter().position(|address| address & ADDRESS_RESERVED != 0) {
+                Some(index) => Err(ElementMapError::ReservedAddressBits { index: index as u64, address: table[index] }),
+                None => Ok(()),
+            }
+        }
+    }
+}
+
 fn build_rank_index(bitmap: &DifferenceBitmap) -> Vec<u64> {
     let words = bitmap.words();
     let mut index = Vec::with_capacity(words.len() / RANK_STRIDE_WORDS + 1);
@@ -175,5 +203,37 @@ mod tests {
         let mut bitmap = DifferenceBitmap::new(10);
         bitmap.set(3);
         assert!(ElementMap::new(bitmap, Addressing::Explicit(vec![])).is_err());
+    }
+
+    #[test]
+    fn contiguous_range_must_stay_below_2_pow_56() {
+        let mut bitmap = DifferenceBitmap::new(10);
+        bitmap.set(3);
+        bitmap.set(7);
+        let map = |first| ElementMap::new(bitmap.clone(), Addressing::Contiguous { first });
+        assert!(map(ADDRESS_MASK - 1).is_ok(), "last element at 2^56 - 1");
+        assert_eq!(
+            map(ADDRESS_MASK).unwrap_err(),
+            ElementMapError::ContiguousOverflow { first: ADDRESS_MASK, count: 2 }
+        );
+        assert!(map(u64::MAX - 1).is_err(), "first + count overflows u64");
+        let empty = ElementMap::new(DifferenceBitmap::new(10), Addressing::Contiguous { first: ADDRESS_MASK + 1 });
+        assert!(empty.is_ok(), "no element, nothing addressed");
+    }
+
+    #[test]
+    fn explicit_reserved_bits_are_refused_and_the_shared_flag_allowed() {
+        let mut bitmap = DifferenceBitmap::new(10);
+        bitmap.set(3);
+        bitmap.set(7);
+        let map = |table: Vec<u64>| ElementMap::new(bitmap.clone(), Addressing::Explicit(table));
+        assert!(map(vec![ADDRESS_MASK, 5 | ADDRESS_SHARED]).is_ok());
+        for bit in 56..63 {
+            assert_eq!(
+                map(vec![1, 5 | 1 << bit]).unwrap_err(),
+                ElementMapError::ReservedAddressBits { index: 1, address: 5 | 1 << bit },
+                "bit {bit}"
+            );
+        }
     }
 }

@@ -6,7 +6,7 @@
 use super::header::{seal, Header, HEADER_BYTES};
 use super::{pad_to_pages, FormatError, Reader, Writer};
 use crate::core::bitmap::DifferenceBitmap;
-use crate::core::element_map::{Addressing, ElementMap};
+use crate::core::element_map::{Addressing, ElementMap, ElementMapError};
 
 pub const MAGIC: &[u8; 8] = b"CHRNCTRL";
 const STRUCTURE: &str = "control block";
@@ -38,7 +38,13 @@ impl ControlBlock {
         pad_to_pages(CONTROL_PREFIX_BYTES + 8 * (blocks.div_ceil(64) + explicit_elements) as usize) as u64
     }
 
+    /// Encodes into whole pages. Asserts what `decode` checks of the addresses: a contiguous
+    /// range ends at or below 2^56, explicit addresses have no reserved bit (56..62) set.
     pub fn encode(&self) -> Vec<u8> {
+        if let Err(error) = self.map.validate() {
+            panic!("control block of generation {}: {error}", self.generation);
+        }
+        assert!(self.through_generation >= self.generation, "through generation older than the generation");
         let length = self.encoded_len();
         let mut bytes = vec![0u8; pad_to_pages(length)];
         Header::write(&mut bytes, MAGIC, length, 0);
@@ -121,8 +127,14 @@ impl ControlBlock {
         if through_generation < generation {
             return Err(FormatError::invalid(STRUCTURE, "through generation", "older than the generation"));
         }
-        let map = ElementMap::new(bitmap, addressing)
-            .map_err(|e| FormatError::invalid(STRUCTURE, "addresses", e.to_string()))?;
+        let map = ElementMap::new(bitmap, addressing).map_err(|e| {
+            let field = match e {
+                ElementMapError::ContiguousOverflow { .. } => "first address",
+                ElementMapError::ReservedAddressBits { .. } => "address table",
+                ElementMapError::TableLength { .. } => "elements",
+            };
+            FormatError::invalid(STRUCTURE, field, e.to_string())
+        })?;
         Ok(ControlBlock { generation, through_generation, map })
     }
 }

@@ -194,12 +194,17 @@ pub fn plan_journal(
         });
     }
     // Each element costs its unit plus its share of two index slots; start from that estimate
-    // and step down until the layout fits (a few steps at most).
+    // and step down until the layout fits (a few steps at most). A step can undershoot (index
+    // pages and the elements area's alignment are not paid per element), so then step up one
+    // element at a time to the largest capacity that fits.
     let per_element = u64::from(shape.host_write_size) + 2 * SLOT_BYTES as u64 / entries_per_page(options.mode) as u64;
     let mut capacity = (device_bytes / per_element).max(MIN_JOURNAL_ELEMENTS);
     while journal_bytes_for(shape, options, capacity) > device_bytes {
         let over = journal_bytes_for(shape, options, capacity) - device_bytes;
         capacity -= (over / per_element).max(1);
+    }
+    while journal_bytes_for(shape, options, capacity + 1) <= device_bytes {
+        capacity += 1;
     }
     let layout = journal_with_capacity(shape, options, capacity);
     debug_assert!(layout.elements.end_bytes() <= device_bytes);
@@ -270,20 +275,41 @@ mod tests {
 
     #[test]
     fn journal_layout_fills_the_device_without_overlap() {
-        let options = LayoutOptions::default();
-        for device_bytes in [2u64 << 20, 16 << 20, 64 << 20, (64 << 20) + 12345] {
-            let layout = plan_journal(&SHAPE, &options, device_bytes).unwrap();
-            let areas = layout.areas();
-            for pair in areas.windows(2) {
-                assert!(pair[0].end_bytes() <= pair[1].start_bytes, "{pair:?}");
+        const TIB_4K: VolumeShape = VolumeShape { host_write_size: 4096, volume_blocks: 1 << 28 };
+        const SMALL_UNITS: VolumeShape = VolumeShape { host_write_size: 512, volume_blocks: 16 << 20 };
+        let mut cases: Vec<(VolumeShape, u64)> =
+            [2u64 << 20, 16 << 20, 64 << 20, (64 << 20) + 12345].into_iter().map(|bytes| (SHAPE, bytes)).collect();
+        for shape in [TIB_4K, SMALL_UNITS] {
+            for mode in [JournalMode::Latest, JournalMode::All] {
+                let options = LayoutOptions { mode, ..LayoutOptions::default() };
+                let recommended = recommended_journal_bytes(&shape, &options);
+                let minimum = journal_bytes_for(&shape, &options, MIN_JOURNAL_ELEMENTS);
+                for bytes in [minimum, minimum + 4095, recommended, recommended + 8191, recommended * 3 + 12345] {
+                    cases.push((shape, bytes));
+                }
             }
-            assert!(layout.elements.end_bytes() <= device_bytes);
-            assert_eq!(layout.elements.start_bytes % 4096, 0);
-            // Adding one more element would not fit (the capacity is the largest possible).
-            assert!(journal_bytes_for(&SHAPE, &options, layout.element_capacity + 1) > device_bytes);
-            assert!(layout.index_pages * entries_per_page(JournalMode::Latest) as u64 >= layout.element_capacity);
-            assert_eq!(JournalLayout::from_areas(&areas, &SHAPE, options.mode).unwrap(), layout);
-            assert_eq!(layout.max_online_generations(options.mode), u64::from(options.max_online_generations));
+        }
+        for (shape, device_bytes) in cases {
+            for mode in [JournalMode::Latest, JournalMode::All] {
+                let options = LayoutOptions { mode, ..LayoutOptions::default() };
+                let Ok(layout) = plan_journal(&shape, &options, device_bytes) else {
+                    assert!(device_bytes < journal_bytes_for(&shape, &options, MIN_JOURNAL_ELEMENTS));
+                    continue;
+                };
+                let here = format!("{shape:?} {mode:?} on {device_bytes} bytes");
+                let areas = layout.areas();
+                for pair in areas.windows(2) {
+                    assert!(pair[0].end_bytes() <= pair[1].start_bytes, "{here}: {pair:?}");
+                }
+                assert!(layout.elements.end_bytes() <= device_bytes, "{here}");
+                assert_eq!(layout.elements.start_bytes % 4096, 0, "{here}");
+                assert_eq!(layout.elements.start_bytes % u64::from(shape.host_write_size), 0, "{here}");
+                // Adding one more element would not fit (the capacity is the largest possible).
+                assert!(journal_bytes_for(&shape, &options, layout.element_capacity + 1) > device_bytes, "{here}");
+                assert!(layout.index_pages * entries_per_page(mode) as u64 >= layout.element_capacity, "{here}");
+                assert_eq!(JournalLayout::from_areas(&areas, &shape, mode).unwrap(), layout, "{here}");
+                assert_eq!(layout.max_online_generations(mode), u64::from(options.max_online_generations), "{here}");
+            }
         }
     }
 

@@ -265,7 +265,12 @@ impl DedupTable {
         DEDUP_PREFIX_BYTES + self.entries.len() * DEDUP_ENTRY_BYTES
     }
 
+    /// Encodes into whole pages. Asserts what `decode` checks: every entry has at least one
+    /// reference (an entry whose count reached zero is removed, not written).
     pub fn encode(&self) -> Vec<u8> {
+        if let Some(entry) = self.entries.iter().find(|e| e.references == 0) {
+            panic!("dedup entry for address {} has no references; it must be removed, not written", entry.address);
+        }
         let length = self.encoded_len();
         let mut bytes = vec![0u8; pad_to_pages(length)];
         Header::write(&mut bytes, DEDUP_MAGIC, length, self.sequence);
@@ -370,8 +375,18 @@ mod tests {
         let bytes = table.encode();
         assert_eq!(DedupTable::decode(&bytes).unwrap(), table);
         assert_eq!(u64::from_le_bytes(bytes[80..88].try_into().unwrap()), 77, "address at entry + 16");
-        let mut zero = table.clone();
-        zero.entries[0].references = 0;
-        assert!(DedupTable::decode(&zero.encode()).is_err());
+        // A zero count can only come from the disk: write it by hand and reseal.
+        let mut zero = bytes.clone();
+        zero[88..92].fill(0);
+        seal(&mut zero, table.encoded_len());
+        assert!(matches!(DedupTable::decode(&zero), Err(FormatError::Invalid { field: "references", .. })));
+    }
+
+    /// Regression: the encoder wrote entries with zero references, which its own decoder refuses.
+    #[test]
+    #[should_panic(expected = "has no references")]
+    fn dedup_table_encode_refuses_zero_references() {
+        let table = DedupTable { sequence: 1, entries: vec![DedupEntry { hash: 1, address: 77, references: 0 }] };
+        table.encode();
     }
 }
