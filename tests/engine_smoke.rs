@@ -175,3 +175,56 @@ fn journal_full_blocks_until_the_sort_frees_space() {
         assert!(reader.read_image(generation as u64).unwrap() == *image, "generation {generation} differs");
     }
 }
+
+#[test]
+fn unmap_and_write_zeroes_are_journaled_into_generations() {
+    let devices = Devices::new();
+    format(devices.channels(), &FormatOptions::default(), &mut |_| {}).unwrap();
+    let mut volume = Volume::open(devices.channels(), VolumeOptions::default()).unwrap();
+    let mut model = vec![0u8; VOLUME_BYTES as usize];
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let mut data = vec![0u8; VOLUME_BYTES as usize];
+    rng.fill_bytes(&mut data);
+    write(&mut volume, &mut model, 0, data);
+    drain(&mut volume);
+    let mut completions = Vec::new();
+    volume.mark_and_wait("full", &mut completions).unwrap();
+    let full = model.clone();
+    // Unmap 1.5 MiB from a partial unit onwards (chunks and read-modify-write), write-zeroes a
+    // few blocks inside one unit.
+    let device_blocks = VOLUME_BYTES / u64::from(BLOCK);
+    let (unmap_start, unmap_blocks) = (3u64, device_blocks * 3 / 4);
+    volume.submit(1, HostRequest::Unmap { offset_blocks: unmap_start, num_blocks: unmap_blocks });
+    let start = (unmap_start * u64::from(BLOCK)) as usize;
+    model[start..start + (unmap_blocks * u64::from(BLOCK)) as usize].fill(0);
+    volume.submit(2, HostRequest::WriteZeroes { offset_blocks: device_blocks - 5, num_blocks: 2 });
+    let start = ((device_blocks - 5) * u64::from(BLOCK)) as usize;
+    model[start..start + 2 * BLOCK as usize].fill(0);
+    drain(&mut volume);
+    volume.mark_and_wait("zeroed", &mut completions).unwrap();
+    drain(&mut volume);
+    volume.close().unwrap();
+    let reader = VolumeReader::open(devices.channels()).unwrap();
+    assert!(reader.read_image(1).unwrap() == full);
+    assert!(reader.read_image(2).unwrap() == model, "the unmapped ranges read back as zeroes in generation 2");
+}
+
+#[test]
+fn strict_mode_refuses_partial_units_and_changes_nothing() {
+    let devices = Devices::new();
+    format(devices.channels(), &FormatOptions::default(), &mut |_| {}).unwrap();
+    let options = VolumeOptions { strict: true, ..VolumeOptions::default() };
+    let mut volume = Volume::open(devices.channels(), options).unwrap();
+    volume.submit(
+        7,
+        HostRequest::Write { offset_blocks: 1, buffers: Arc::new(IoBuffers::single(DmaBuf::copy_from(&[9u8; 512]))) },
+    );
+    let mut completions = Vec::new();
+    volume.run_until_idle(&mut completions);
+    assert_eq!(completions.len(), 1);
+    let error = completions[0].result.as_ref().unwrap_err().to_string();
+    assert!(error.contains("not whole 4096-byte"), "{error}");
+    assert_eq!(volume.status().journal_used_elements, 0);
+    volume.close().unwrap();
+    assert!(devices.0[0].snapshot().iter().all(|b| *b == 0), "the base is untouched");
+}
