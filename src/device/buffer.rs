@@ -180,6 +180,12 @@ impl IoBuffers {
         out
     }
 
+    /// Visits the bytes `[offset, offset + len)` of the list, one contiguous slice at a time.
+    pub fn for_each_slice(&self, offset: usize, len: usize, mut visit: impl FnMut(&[u8])) {
+        assert!(offset + len <= self.len, "range beyond the buffers");
+        self.walk(offset, len, |bytes, range| visit(&bytes[range]));
+    }
+
     fn walk(&self, offset: usize, len: usize, mut visit: impl FnMut(&[u8], std::ops::Range<usize>)) {
         let mut skip = offset;
         let mut left = len;

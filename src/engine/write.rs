@@ -195,28 +195,11 @@ impl HotPath {
 }
 
 fn crc_of(buffers: &IoBuffers, offset: usize, len: usize) -> u32 {
-    let mut crc = 0u32;
-    let mut first = true;
-    let mut skip = offset;
-    let mut left = len;
-    for segment in buffers.segments() {
-        if left == 0 {
-            break;
-        }
-        let bytes = segment.as_slice();
-        if skip >= bytes.len() {
-            skip -= bytes.len();
-            continue;
-        }
-        let take = (bytes.len() - skip).min(left);
-        let part = &bytes[skip..skip + take];
-        crc = if first { crc32c(part) } else { crc32c_append(crc, part) };
-        first = false;
-        left -= take;
-        skip = 0;
-    }
-    assert_eq!(left, 0, "crc range beyond the buffers");
-    crc
+    let mut crc: Option<u32> = None;
+    buffers.for_each_slice(offset, len, |part| {
+        crc = Some(crc.map_or_else(|| crc32c(part), |crc| crc32c_append(crc, part)));
+    });
+    crc.expect("a unit is never empty")
 }
 
 /// The hot path's view of the volume for one step of the poll loop.
