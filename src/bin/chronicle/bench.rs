@@ -62,12 +62,13 @@ pub fn run(
     let mut free_slots: Vec<usize> = (0..queue_depth).collect();
     let mut latencies_ns: Vec<u64> = Vec::with_capacity(1 << 20);
     let mut sequential = 0u64;
-    let mut errors = 0u64;
+    let mut errors = host::ErrorTally::default();
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let started = Instant::now();
     let mut completions = Vec::with_capacity(queue_depth);
     loop {
         let running = Instant::now() < deadline;
+        // Keep the queue full until the deadline.
         while let Some(slot) = if running { free_slots.pop() } else { None } {
             let offset = match workload {
                 Workload::Seqwrite => {
@@ -96,8 +97,10 @@ pub fn run(
         for completion in completions.drain(..) {
             let slot = completion.tag as usize;
             latencies_ns.push(started_at[slot].elapsed().as_nanos() as u64);
-            if completion.result.is_err() {
-                errors += 1;
+            if let Err(error) = &completion.result {
+                if errors.add(error) {
+                    eprintln!("chronicle bench: I/O failed: {error}");
+                }
             }
             match completion.payload {
                 Payload::Read(buffers) => read_pool.push(buffers),
@@ -108,7 +111,9 @@ pub fn run(
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let status = volume.status();
     volume.close()?;
+    let error_count = errors.total();
     latencies_ns.sort_unstable();
     let percentile = |p: f64| -> f64 {
         if latencies_ns.is_empty() {
@@ -124,11 +129,18 @@ pub fn run(
         "queue_depth": queue_depth,
         "seconds": elapsed,
         "ios": ios as u64,
-        "errors": errors,
+        "errors": error_count,
+        "errors_by_kind": errors.to_json(),
         "iops": ios / elapsed,
         "mib_per_s": ios * block_size as f64 / elapsed / (1 << 20) as f64,
         "p50_us": percentile(0.50),
         "p99_us": percentile(0.99),
+        // Where write time goes: each index commit is one FUA page write to the journal.
+        "index_commits": status.host.index_commits,
+        "index_pages_written": status.host.index_pages_written,
+        "journal_full_waits": status.host.journal_full_waits,
+        "journal_used_elements": status.journal_used_elements,
+        "journal_capacity_elements": status.journal_capacity_elements,
     });
     if !json {
         println!(
@@ -140,9 +152,12 @@ pub fn run(
             result["mib_per_s"].as_f64().unwrap_or(0.0),
             percentile(0.5),
             percentile(0.99),
-            errors
+            error_count
         );
+        for line in errors.lines() {
+            eprintln!("chronicle bench: errors: {line}");
+        }
     }
     println!("{result}");
-    Ok(if errors == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if error_count == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

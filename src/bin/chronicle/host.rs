@@ -8,7 +8,7 @@ use std::rc::Rc;
 use anyhow::{bail, Context, Result};
 use chronicle::device::uring::{UringContext, UringContextOptions, UringDevice, UringOptions};
 use chronicle::device::{Channel, Device};
-use chronicle::engine::{HostCompletion, Volume};
+use chronicle::engine::{HostCompletion, HostError, Volume};
 
 /// Files of a volume directory, in role order (base, journal, backup, history).
 pub const FILES: [&str; 4] = ["base.img", "journal.img", "backup.img", "history.img"];
@@ -103,4 +103,45 @@ pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
     };
     let value: u64 = number.trim().parse().map_err(|_| format!("{text:?} is not a size (try 64M or 1G)"))?;
     value.checked_mul(multiplier).ok_or_else(|| format!("{text} is too large"))
+}
+
+/// A short name for the kind of a failed host operation, for counting failures by kind.
+pub fn error_kind(error: &HostError) -> &'static str {
+    match error {
+        HostError::Io(_) => "io",
+        HostError::OutOfRange { .. } => "out_of_range",
+        HostError::InvalidBuffers { .. } => "invalid_buffers",
+        HostError::NotWholeUnits { .. } => "not_whole_units",
+        HostError::NoSpace { .. } => "journal_full",
+        HostError::Failed(_) => "volume_failed",
+    }
+}
+
+/// Failures counted by kind, with the first message of each kind (to print once).
+#[derive(Default)]
+pub struct ErrorTally {
+    counts: std::collections::BTreeMap<&'static str, (u64, String)>,
+}
+
+impl ErrorTally {
+    /// Counts `error`; returns true the first time its kind is seen.
+    pub fn add(&mut self, error: &HostError) -> bool {
+        let entry = self.counts.entry(error_kind(error)).or_insert_with(|| (0, error.to_string()));
+        entry.0 += 1;
+        entry.0 == 1
+    }
+
+    pub fn total(&self) -> u64 {
+        self.counts.values().map(|(count, _)| count).sum()
+    }
+
+    /// `{"journal_full": 12, ...}`
+    pub fn to_json(&self) -> serde_json::Value {
+        self.counts.iter().map(|(kind, (count, _))| ((*kind).to_owned(), serde_json::json!(count))).collect()
+    }
+
+    /// One line per kind: count and first message.
+    pub fn lines(&self) -> impl Iterator<Item = String> + '_ {
+        self.counts.iter().map(|(kind, (count, first))| format!("{count} × {kind}, first: {first}"))
+    }
 }

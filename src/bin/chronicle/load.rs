@@ -100,7 +100,8 @@ pub fn load(
     let mut in_flight: HashMap<u64, (u64, u64)> = HashMap::new();
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let mut next_marker = marker_every_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
-    let (mut acknowledged, mut failed, mut markers) = (0u64, 0u64, 0u64);
+    let (mut acknowledged, mut markers) = (0u64, 0u64);
+    let mut failures = host::ErrorTally::default();
     let started = Instant::now();
     let mut completions = Vec::new();
     loop {
@@ -132,6 +133,7 @@ pub fn load(
             break;
         }
         volume.poll(&mut completions);
+        let logged = acknowledged;
         for completion in completions.drain(..) {
             let (block, sequence) = in_flight.remove(&completion.tag).expect("every completion was submitted");
             match completion.result {
@@ -142,11 +144,17 @@ pub fn load(
                     }
                 }
                 Err(error) => {
-                    failed += 1;
-                    if failed <= 5 {
+                    if failures.add(&error) {
                         eprintln!("chronicle load: write to block {block} failed: {error}");
                     }
                 }
+            }
+        }
+        // Hand acknowledgements to the kernel at once, so that a `kill -9` loses none of them
+        // (the page cache keeps them; a power loss is not what this log is for).
+        if acknowledged > logged {
+            if let Some(log) = log.as_mut() {
+                log.flush()?;
             }
         }
     }
@@ -159,22 +167,92 @@ pub fn load(
     host::drive(&mut volume, |_, _| flushed.set(true), |_| flushed.get());
     let status = volume.status();
     volume.close()?;
+    let failed = failures.total();
     println!(
-        "chronicle load: {acknowledged} writes acknowledged ({:.0} IOPS), {failed} failed, {markers} markers; open generation {}, backup generation {}",
+        "chronicle load: {acknowledged} writes acknowledged ({:.0} IOPS), {failed} failed, {markers} markers; open generation {}, backup generation {}, marker hold max {} µs",
         acknowledged as f64 / elapsed,
         status.open_generation,
-        status.backup_generation
+        status.backup_generation,
+        status.control.marker_hold_max_us
     );
+    for line in failures.lines() {
+        eprintln!("chronicle load: failed writes: {line}");
+    }
+    if let Some(error) = &status.sort_error {
+        eprintln!("chronicle load: the sort stopped: {error}");
+    }
     Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-pub fn check(dir: &Path, ack_log: Option<&Path>) -> Result<ExitCode> {
-    // Recovery first: open and close the volume read-write.
-    let volume = Volume::open(host::open_channels(dir, None, false, None)?, VolumeOptions::default())
-        .with_context(|| format!("{} cannot be opened", dir.display()))?;
-    volume.close()?;
-    let reader = VolumeReader::open(host::open_channels(dir, None, true, None)?)?;
+/// The sequences found in one generation's image (0: never written), and its problems.
+fn scan_generation(reader: &VolumeReader, generation: u64, problems: &mut Vec<String>) -> Result<Vec<u64>> {
     let unit = reader.unit_bytes() as usize;
+    let image = reader.read_image(generation).with_context(|| format!("cannot read generation {generation}"))?;
+    let mut sequences = Vec::with_capacity(image.len() / unit);
+    for (block, data) in image.chunks(unit).enumerate() {
+        match parse(data, block as u64) {
+            Content::Zero => sequences.push(0),
+            Content::Write { sequence } => sequences.push(sequence),
+            Content::Invalid(why) => {
+                problems.push(format!("generation {generation}, block {block}: {why}"));
+                sequences.push(0);
+            }
+        }
+    }
+    Ok(sequences)
+}
+
+/// Blocks of `newer` that hold an older write than `older`.
+fn regressions(older: &[u64], newer: &[u64]) -> usize {
+    older.iter().zip(newer).filter(|(a, b)| a > b).count()
+}
+
+/// What one checker thread found over a run of consecutive generations.
+struct Scanned {
+    first: Vec<u64>,
+    last: Vec<u64>,
+    problems: Vec<String>,
+}
+
+/// Scans consecutive `generations` with a reader of its own, comparing each with the previous.
+fn scan_run(dir: &Path, generations: &[u64]) -> Result<Scanned> {
+    let reader = VolumeReader::open(host::open_channels(dir, None, true, None)?)
+        .with_context(|| format!("{} cannot be opened", dir.display()))?;
+    let mut problems = Vec::new();
+    let mut first = Vec::new();
+    let mut previous: Option<(u64, Vec<u64>)> = None;
+    for generation in generations {
+        let sequences = scan_generation(&reader, *generation, &mut problems)?;
+        match &previous {
+            None => first = sequences.clone(),
+            Some((older, older_sequences)) => {
+                let count = regressions(older_sequences, &sequences);
+                if count > 0 {
+                    problems.push(format!(
+                        "{count} blocks of generation {generation} are older than in generation {older}"
+                    ));
+                }
+            }
+        }
+        previous = Some((*generation, sequences));
+    }
+    Ok(Scanned { first, last: previous.map(|(_, s)| s).unwrap_or_default(), problems })
+}
+
+pub fn check(dir: &Path, ack_log: Option<&Path>, since_generation: u64, threads: usize) -> Result<ExitCode> {
+    // Recovery first: open and close the volume read-write (closing lets the sort catch up).
+    let mut volume = Volume::open(host::open_channels(dir, None, false, None)?, VolumeOptions::default())
+        .with_context(|| format!("{} cannot be opened", dir.display()))?;
+    let mut completions = Vec::new();
+    volume.run_until_idle(&mut completions);
+    let status = volume.status();
+    volume.close()?;
+    if let Some(error) = &status.sort_error {
+        // Not a consistency problem: the sealed generations stay in the journal and are
+        // checked from there.
+        eprintln!("chronicle check: warning: the sort stopped: {error}");
+    }
+    let reader = VolumeReader::open(host::open_channels(dir, None, true, None)?)?;
     let mut problems = Vec::new();
 
     let mut newest_acknowledged: HashMap<u64, u64> = HashMap::new();
@@ -195,34 +273,39 @@ pub fn check(dir: &Path, ack_log: Option<&Path>) -> Result<ExitCode> {
         }
     }
 
-    // Every readable generation, oldest first; the base (open generation) last.
-    let generations: Vec<u64> =
-        reader.generations().iter().map(|g| g.generation).filter(|g| reader.source(*g).is_some()).collect();
-    let mut previous: Option<(u64, Vec<u64>)> = None;
+    // Every readable generation from `since_generation` on, oldest first; the base (open
+    // generation) last. Generations are read by up to `threads` readers at once, each over a
+    // run of consecutive generations (reading is mostly waiting for single-unit reads), with
+    // no more than about 1 GiB of images in memory at once.
+    let open_generation = reader.open_generation();
+    let generations: Vec<u64> = reader
+        .generations()
+        .iter()
+        .map(|g| g.generation)
+        .filter(|g| *g >= since_generation.min(open_generation) && reader.source(*g).is_some())
+        .collect();
+    let volume_bytes = reader.volume_bytes();
+    drop(reader);
+    let threads = threads.clamp(1, ((1u64 << 30) / volume_bytes.max(1)).max(1) as usize).min(generations.len().max(1));
+    let run_length = generations.len().div_ceil(threads).max(1);
+    let scanned: Vec<Result<Scanned>> = std::thread::scope(|scope| {
+        let handles: Vec<_> =
+            generations.chunks(run_length).map(|run| scope.spawn(move || scan_run(dir, run))).collect();
+        handles.into_iter().map(|h| h.join().expect("a checker thread panicked")).collect()
+    });
     let mut final_sequences = Vec::new();
-    for generation in &generations {
-        let image = reader.read_image(*generation)?;
-        let mut sequences = Vec::with_capacity(image.len() / unit);
-        for (block, data) in image.chunks(unit).enumerate() {
-            match parse(data, block as u64) {
-                Content::Zero => sequences.push(0),
-                Content::Write { sequence } => sequences.push(sequence),
-                Content::Invalid(why) => {
-                    problems.push(format!("generation {generation}, block {block}: {why}"));
-                    sequences.push(0);
-                }
+    let mut previous_last: Option<(u64, Vec<u64>)> = None;
+    for (run, scanned) in generations.chunks(run_length).zip(scanned) {
+        let scanned = scanned?;
+        if let Some((older, older_sequences)) = &previous_last {
+            let count = regressions(older_sequences, &scanned.first);
+            if count > 0 {
+                problems.push(format!("{count} blocks of generation {} are older than in generation {older}", run[0]));
             }
         }
-        if let Some((older, older_sequences)) = &previous {
-            let regressions = older_sequences.iter().zip(&sequences).filter(|(a, b)| a > b).count();
-            if regressions > 0 {
-                problems.push(format!(
-                    "{regressions} blocks of generation {generation} are older than in generation {older}"
-                ));
-            }
-        }
-        final_sequences = sequences.clone();
-        previous = Some((*generation, sequences));
+        problems.extend(scanned.problems);
+        final_sequences = scanned.last.clone();
+        previous_last = Some((*run.last().expect("chunks are not empty"), scanned.last));
     }
     let mut lost = 0u64;
     for (block, sequence) in &newest_acknowledged {

@@ -81,11 +81,19 @@ enum Command {
         #[arg(long)]
         ack_log: Option<PathBuf>,
     },
-    /// Open (recover) the volume and verify its data against the payloads written by `load`.
+    /// Open (recover) the volume, let the sort catch up, and verify every generation against
+    /// the payloads written by `load` (and the last one against the log of acknowledged writes).
     Check {
         dir: PathBuf,
         #[arg(long)]
         ack_log: Option<PathBuf>,
+        /// Check only generations from this one on (older images were checked by an earlier
+        /// `check`; history records added since are checked through the newer generations).
+        #[arg(long, default_value_t = 0)]
+        since_generation: u64,
+        /// Readers working at once (reading an image from history is mostly waiting for I/O).
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
     },
     /// Show a volume's superblocks, catalogs and generations (changes nothing).
     Inspect {
@@ -137,7 +145,9 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::Load { dir, seconds, queue_depth, marker_every_ms, seed, ack_log } => {
             load::load(&dir, seconds, queue_depth, marker_every_ms, seed, ack_log.as_deref())
         }
-        Command::Check { dir, ack_log } => load::check(&dir, ack_log.as_deref()),
+        Command::Check { dir, ack_log, since_generation, threads } => {
+            load::check(&dir, ack_log.as_deref(), since_generation, threads)
+        }
         Command::Inspect { dir, json } => inspect(&dir, json),
         Command::Verify { dir } => verify(&dir),
         Command::Bench { dir, workload, block_size, queue_depth, seconds, json } => {
@@ -170,58 +180,83 @@ pub fn format_dir(
             existing[0].display()
         );
     }
+    let shape = VolumeShape { host_write_size, volume_blocks: size / u64::from(host_write_size) };
+    let options = LayoutOptions::default();
+    let round = |bytes: u64| bytes.div_ceil(4096) * 4096;
+    let journal = round(journal_size.unwrap_or_else(|| layout::recommended_journal_bytes(&shape, &options)));
+    let history = round(history_size.unwrap_or_else(|| layout::recommended_history_bytes(&shape, &options)));
+    // Refuse devices that are too small before anything on disk changes (the engine would
+    // refuse them too, but only after the files exist).
+    layout::plan_journal(&shape, &options, journal).context("--journal-size is too small")?;
+    layout::plan_history(&shape, &options, history).context("--history-size is too small")?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     for path in existing {
         std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
     }
-    let shape = VolumeShape { host_write_size, volume_blocks: size / u64::from(host_write_size) };
-    let options = LayoutOptions::default();
-    let journal = journal_size.unwrap_or_else(|| layout::recommended_journal_bytes(&shape, &options));
-    let history = history_size.unwrap_or_else(|| layout::recommended_history_bytes(&shape, &options));
-    let round = |bytes: u64| bytes.div_ceil(4096) * 4096;
-    let channels = host::open_channels(dir, Some([size, round(journal), size, round(history)]), false, None)?;
-    let names = host::FILES.map(String::from);
-    let options =
-        FormatOptions { host_write_size, durability, names, copy_base_to_backup: false, ..Default::default() };
-    engine::format(channels, &options, &mut |_| {}).with_context(|| format!("cannot format {}", dir.display()))?;
-    Ok(())
+    let result = host::open_channels(dir, Some([size, journal, size, history]), false, None).and_then(|channels| {
+        let names = host::FILES.map(String::from);
+        let options =
+            FormatOptions { host_write_size, durability, names, copy_base_to_backup: false, ..Default::default() };
+        engine::format(channels, &options, &mut |_| {}).with_context(|| format!("cannot format {}", dir.display()))
+    });
+    if result.is_err() {
+        // Half-formatted files are not a volume: leave no files that look like one.
+        for path in host::paths(dir) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    result
 }
 
 fn inspect(dir: &Path, json: bool) -> Result<ExitCode> {
+    use std::fmt::Write as _;
     let reader = VolumeReader::open(host::open_channels(dir, None, true, None)?)
         .with_context(|| format!("{} cannot be opened", dir.display()))?;
     let description = reader.describe();
     if json {
-        println!("{}", serde_json::to_string_pretty(&description)?);
-        return Ok(ExitCode::SUCCESS);
+        return print_out(&format!("{}\n", serde_json::to_string_pretty(&description)?));
     }
-    println!("volume {}", description["volume_uuid"].as_str().unwrap_or("?"));
-    println!(
+    let mut out = String::new();
+    writeln!(out, "volume {}", description["volume_uuid"].as_str().unwrap_or("?"))?;
+    writeln!(
+        out,
         "  size {}, host write size {} B, journal mode {}, durability {}",
         human(reader.volume_bytes()),
         description["host_write_size"],
         description["journal_mode"].as_str().unwrap_or("?"),
         description["durability"].as_str().unwrap_or("?")
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "  journal: {} of {} elements used; history: {} of {} units used",
         description["journal"]["used_elements"],
         description["journal"]["capacity_elements"],
         description["history"]["used_units"],
         description["history"]["capacity_units"]
-    );
-    println!("  generations:");
+    )?;
+    writeln!(out, "  generations:")?;
     for generation in reader.generations() {
-        println!(
+        writeln!(
+            out,
             "    {:>6}  {:<8} {:>8} blocks  {}  {}",
             generation.generation,
             generation.state,
             generation.blocks,
             format_time(generation.time_ns),
             generation.comment
-        );
+        )?;
     }
-    Ok(ExitCode::SUCCESS)
+    print_out(&out)
+}
+
+/// Writes `text` to stdout; a closed pipe (`chronicle inspect DIR | head`) is not an error.
+fn print_out(text: &str) -> Result<ExitCode> {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+        Err(error) if error.kind() != std::io::ErrorKind::BrokenPipe => Err(error).context("cannot write to stdout"),
+        _ => Ok(ExitCode::SUCCESS),
+    }
 }
 
 fn verify(dir: &Path) -> Result<ExitCode> {

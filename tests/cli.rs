@@ -1,0 +1,617 @@
+//! The `chronicle` command on real files: format's refusals, the demo, crash consistency under
+//! SIGKILL, damaged metadata, offline tools that change nothing, and the bench's JSON line.
+//!
+//! Volumes are 16 MiB files in a temporary directory (`CHRONICLE_TEST_DIR`, default the system's
+//! temporary directory). `CHRONICLE_KILL_ROUNDS` sets the rounds of the SIGKILL test (default 5)
+//! and `CHRONICLE_KILL_SEED` its seed, for a longer soak:
+//!
+//! ```text
+//! CHRONICLE_KILL_ROUNDS=200 cargo test --release --test cli sigkill -- --nocapture
+//! ```
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use chronicle::core::format::superblock::{self, AreaKind};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const BIN: &str = env!("CARGO_BIN_EXE_chronicle");
+const FILES: [&str; 4] = ["base.img", "journal.img", "backup.img", "history.img"];
+/// No command in these tests should take this long; a hang fails the test instead of the run.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn test_dir() -> tempfile::TempDir {
+    let base = std::env::var("CHRONICLE_TEST_DIR").map(PathBuf::from).unwrap_or_else(|_| std::env::temp_dir());
+    tempfile::Builder::new().prefix("chronicle-cli-").tempdir_in(base).expect("temporary directory")
+}
+
+/// A finished `chronicle` run.
+struct Outcome {
+    args: String,
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl Outcome {
+    fn ok(&self) -> bool {
+        self.status.success()
+    }
+
+    fn panicked(&self) -> bool {
+        self.stderr.contains("panicked") || self.status.code() == Some(101) || self.status.signal().is_some()
+    }
+
+    /// Everything about the run, for assertion messages.
+    fn describe(&self) -> String {
+        format!(
+            "chronicle {}\n  status: {}\n  stdout:\n{}\n  stderr:\n{}",
+            self.args, self.status, self.stdout, self.stderr
+        )
+    }
+
+    #[track_caller]
+    fn expect_ok(self) -> Self {
+        assert!(self.ok(), "expected success:\n{}", self.describe());
+        self
+    }
+
+    /// Refused cleanly: exit code 1, no panic, and a message on stderr.
+    #[track_caller]
+    fn expect_refused(self) -> Self {
+        assert!(!self.panicked(), "panicked instead of refusing:\n{}", self.describe());
+        assert_eq!(self.status.code(), Some(1), "expected exit code 1:\n{}", self.describe());
+        assert!(!self.stderr.trim().is_empty(), "refused without a message:\n{}", self.describe());
+        self
+    }
+}
+
+fn read_all(mut file: File) -> String {
+    let mut text = String::new();
+    file.seek(SeekFrom::Start(0)).expect("seek");
+    file.read_to_string(&mut text).expect("utf-8 output");
+    text
+}
+
+/// Runs `chronicle ARGS`, with output captured in files (no pipe can fill) and a time limit.
+fn chronicle<S: AsRef<OsStr>>(args: &[S]) -> Outcome {
+    let (stdout, stderr) = (tempfile::tempfile().expect("tempfile"), tempfile::tempfile().expect("tempfile"));
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(stdout.try_clone().expect("dup"))
+        .stderr(stderr.try_clone().expect("dup"))
+        .spawn()
+        .expect("chronicle starts");
+    let deadline = Instant::now() + COMMAND_TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            child.kill().expect("kill");
+            child.wait().expect("wait");
+            panic!(
+                "chronicle {:?} did not finish in {COMMAND_TIMEOUT:?}; stdout:\n{}\nstderr:\n{}",
+                args.iter().map(|a| a.as_ref().to_string_lossy().into_owned()).collect::<Vec<_>>(),
+                read_all(stdout),
+                read_all(stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    Outcome {
+        args: args.iter().map(|a| a.as_ref().to_string_lossy().into_owned()).collect::<Vec<_>>().join(" "),
+        status,
+        stdout: read_all(stdout),
+        stderr: read_all(stderr),
+    }
+}
+
+/// `chronicle format DIR --size 16M EXTRA...`, which must succeed.
+fn format(dir: &Path, extra: &[&str]) {
+    let mut args: Vec<&OsStr> = vec!["format".as_ref(), dir.as_ref(), "--size".as_ref(), "16M".as_ref()];
+    args.extend(extra.iter().map(OsStr::new));
+    chronicle(&args).expect_ok();
+}
+
+/// Content hashes of every file in `dir`, by name.
+fn file_hashes(dir: &Path) -> Vec<(String, u64)> {
+    let mut hashes: Vec<(String, u64)> = std::fs::read_dir(dir)
+        .expect("read_dir")
+        .map(|entry| {
+            let path = entry.expect("entry").path();
+            let data = std::fs::read(&path).expect("read");
+            (path.file_name().expect("name").to_string_lossy().into_owned(), xxhash_rust::xxh3::xxh3_64(&data))
+        })
+        .collect();
+    hashes.sort();
+    hashes
+}
+
+fn copy_volume(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for name in FILES {
+        std::fs::copy(from.join(name), to.join(name)).expect("copy");
+    }
+}
+
+fn inspect_json(dir: &Path) -> serde_json::Value {
+    let outcome = chronicle(&["inspect".as_ref(), dir.as_os_str(), "--json".as_ref()]).expect_ok();
+    serde_json::from_str(&outcome.stdout)
+        .unwrap_or_else(|e| panic!("inspect --json is not JSON ({e}):\n{}", outcome.stdout))
+}
+
+/// XORs each `(offset, mask)` (mask nonzero) into the bytes of `path`. Buffered writes: the
+/// kernel writes them back before the engine's O_DIRECT reads of the same range.
+fn flip(path: &Path, flips: &[(u64, u8)]) {
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(path).expect("open");
+    for (offset, mask) in flips {
+        assert_ne!(*mask, 0);
+        let mut byte = [0u8];
+        file.read_exact_at(&mut byte, *offset).expect("read");
+        byte[0] ^= mask;
+        file.write_all_at(&byte, *offset).expect("write");
+    }
+}
+
+/// Where the journal's areas are, from its superblock (as the engine finds them).
+struct JournalMap {
+    file_bytes: u64,
+    catalogs: [u64; 2],
+    index_start: u64,
+    index_pages: u64,
+    elements_start: u64,
+    element_capacity: u64,
+    unit: u64,
+}
+
+impl JournalMap {
+    fn read(dir: &Path) -> JournalMap {
+        let bytes = std::fs::read(dir.join("journal.img")).expect("read journal");
+        let superblock = superblock::choose(&bytes[..4096], &bytes[4096..8192]).expect("a valid journal superblock");
+        let area = |kind| superblock.area(kind).unwrap_or_else(|| panic!("journal superblock lacks {kind:?}"));
+        let (index, elements) = (area(AreaKind::ElementIndex), area(AreaKind::Elements));
+        let unit = u64::from(superblock.host_write_size);
+        JournalMap {
+            file_bytes: bytes.len() as u64,
+            catalogs: [area(AreaKind::CatalogA).start_bytes, area(AreaKind::CatalogB).start_bytes],
+            index_start: index.start_bytes,
+            index_pages: index.length_bytes / 8192,
+            elements_start: elements.start_bytes,
+            element_capacity: elements.length_bytes / unit,
+            unit,
+        }
+    }
+
+    /// Byte offset of slot `slot` of virtual index page `page` (FORMAT.md §3).
+    fn index_slot(&self, page: u64, slot: u64) -> u64 {
+        self.index_start + (2 * (page % self.index_pages) + slot) * 4096
+    }
+
+    /// Byte offset of virtual segment `segment`.
+    fn segment(&self, segment: u64) -> u64 {
+        self.elements_start + (segment % self.element_capacity) * self.unit
+    }
+}
+
+#[test]
+fn format_refuses_bad_input_and_changes_nothing() {
+    let root = test_dir();
+    let fresh = root.path().join("fresh");
+    let refusals: [(&[&str], &[&str]); 4] = [
+        (&["--size", "16777000"], &["16777000", "multiple of the host write size"]),
+        (&["--size", "16M", "--host-write-size", "3000"], &["3000", "power of two"]),
+        (&["--size", "16M", "--journal-size", "100K"], &["journal", "100 KiB", "needs at least", "16 MiB volume"]),
+        (&["--size", "16M", "--history-size", "100K"], &["history", "100 KiB", "needs at least", "16 MiB volume"]),
+    ];
+    for (args, words) in refusals {
+        let mut all: Vec<&OsStr> = vec!["format".as_ref(), fresh.as_os_str()];
+        all.extend(args.iter().map(OsStr::new));
+        let outcome = chronicle(&all).expect_refused();
+        for word in words {
+            assert!(outcome.stderr.contains(word), "the message should name {word:?}:\n{}", outcome.describe());
+        }
+        assert!(!fresh.exists(), "a refused format left {} behind:\n{}", fresh.display(), outcome.describe());
+    }
+
+    // An existing volume is kept: without --force, and with --force but impossible sizes.
+    let volume = root.path().join("volume");
+    format(&volume, &["--journal-size", "20M"]);
+    chronicle(&["load".as_ref(), volume.as_os_str(), "--seconds".as_ref(), "0.2".as_ref()]).expect_ok();
+    let before = file_hashes(&volume);
+    let outcome =
+        chronicle(&["format".as_ref(), volume.as_os_str(), "--size".as_ref(), "16M".as_ref()]).expect_refused();
+    assert!(
+        outcome.stderr.contains("already holds volume files") && outcome.stderr.contains("--force"),
+        "{}",
+        outcome.describe()
+    );
+    assert_eq!(file_hashes(&volume), before, "a refused format changed the volume");
+    let outcome = chronicle(&[
+        "format".as_ref(),
+        volume.as_os_str(),
+        "--size".as_ref(),
+        "16M".as_ref(),
+        "--journal-size".as_ref(),
+        "100K".as_ref(),
+        "--force".as_ref(),
+    ])
+    .expect_refused();
+    assert!(outcome.stderr.contains("journal"), "{}", outcome.describe());
+    assert_eq!(file_hashes(&volume), before, "format --force with an impossible journal destroyed the volume");
+    chronicle(&["verify".as_ref(), volume.as_os_str()]).expect_ok();
+
+    // --force with good sizes replaces it with an empty volume.
+    format(&volume, &["--force"]);
+    let description = inspect_json(&volume);
+    assert_eq!(description["open_generation"]["generation"], 1, "{description:#}");
+    assert_eq!(description["open_generation"]["elements"], 0, "{description:#}");
+}
+
+#[test]
+fn demo_verifies_three_generations() {
+    let root = test_dir();
+    let dir = root.path().join("demo");
+    let outcome = chronicle(&[
+        "demo".as_ref(),
+        "--dir".as_ref(),
+        dir.as_os_str(),
+        "--size".as_ref(),
+        "16M".as_ref(),
+        "--generations".as_ref(),
+        "3".as_ref(),
+    ])
+    .expect_ok();
+    assert!(outcome.stdout.lines().any(|line| line == "verified"), "{}", outcome.describe());
+    assert!(!outcome.stderr.contains("MISMATCH"), "{}", outcome.describe());
+}
+
+fn env_number(name: &str, default: u64) -> u64 {
+    match std::env::var(name) {
+        Ok(text) => text.parse().unwrap_or_else(|_| panic!("{name}={text} is not a number")),
+        Err(_) => default,
+    }
+}
+
+/// Rounds on one volume before a fresh one is formatted (bounds history space and check time).
+const ROUNDS_PER_VOLUME: u64 = 10;
+
+/// `load` is killed with SIGKILL at a random moment, over and over; after each kill, `check`
+/// recovers the volume and finds every acknowledged write (or a newer one) in the newest
+/// generation, every generation self-consistent and none older than the one before.
+#[test]
+fn sigkill_during_load_loses_no_acknowledged_write() {
+    let rounds = env_number("CHRONICLE_KILL_ROUNDS", 5);
+    let seed = env_number("CHRONICLE_KILL_SEED", 20_241_105);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let root = test_dir();
+    let (mut dir, mut log) = (PathBuf::new(), PathBuf::new());
+    // Generations before the backup generation of the previous check were checked then; only
+    // newer ones (whose images new history records can change) are checked again.
+    let mut since_generation = 0u64;
+    let mut interrupted_sorts = 0u64;
+    for round in 0..rounds {
+        if round % ROUNDS_PER_VOLUME == 0 {
+            let epoch = round / ROUNDS_PER_VOLUME;
+            dir = root.path().join(format!("volume-{epoch}"));
+            log = root.path().join(format!("acknowledged-{epoch}.log"));
+            if epoch > 0 {
+                std::fs::remove_dir_all(root.path().join(format!("volume-{}", epoch - 1))).expect("remove");
+            }
+            // A journal that holds every block of the volume (20 MiB: 16 MiB of elements plus
+            // metadata) never fills in latest mode; a large (sparse) history keeps every
+            // generation of ten rounds.
+            format(&dir, &["--journal-size", "20M", "--history-size", "1G"]);
+            since_generation = 0;
+        }
+        let delay = Duration::from_millis(rng.random_range(300..=1500));
+        let mut child = Command::new(BIN)
+            .arg("load")
+            .arg(&dir)
+            .args(["--seconds", "30", "--queue-depth", "16", "--marker-every-ms", "50", "--seed"])
+            .arg((round + 1).to_string())
+            .arg("--ack-log")
+            .arg(&log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("load starts");
+        std::thread::sleep(delay);
+        if let Some(status) = child.try_wait().expect("wait") {
+            let mut stderr = String::new();
+            child.stderr.take().expect("piped").read_to_string(&mut stderr).expect("stderr");
+            panic!("round {round} (seed {seed}): load ended by itself before the kill: {status}\n{stderr}");
+        }
+        child.kill().expect("SIGKILL");
+        let status = child.wait().expect("wait");
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "round {round}: load was not killed");
+
+        let before = inspect_json(&dir);
+        let cursor = &before["history"]["sort_cursor"];
+        if cursor["state"] == "Running"
+            && cursor["generation"].as_u64() > before["history"]["backup_generation"].as_u64()
+        {
+            interrupted_sorts += 1;
+        }
+        let outcome = chronicle(&[
+            "check".as_ref(),
+            dir.as_os_str(),
+            "--ack-log".as_ref(),
+            log.as_os_str(),
+            "--since-generation".as_ref(),
+            since_generation.to_string().as_ref(),
+        ]);
+        assert!(
+            outcome.ok(),
+            "round {round} (seed {seed}, killed after {delay:?}): check failed:\n{}",
+            outcome.describe()
+        );
+        let after = inspect_json(&dir);
+        since_generation = after["history"]["backup_generation"].as_u64().expect("backup generation");
+        println!(
+            "round {round}: killed after {} ms; {}",
+            delay.as_millis(),
+            outcome.stdout.lines().next().unwrap_or("").chars().take(120).collect::<String>()
+        );
+    }
+    println!("{rounds} rounds (seed {seed}); {interrupted_sorts} kills interrupted a sort");
+}
+
+/// A volume with sealed generations that stay in the journal (the history is too small for
+/// their sort) and an open generation spanning several element index pages, written by `load`
+/// with an acknowledgement log.
+fn damage_volume(root: &Path) -> (PathBuf, PathBuf) {
+    let dir = root.join("pristine");
+    let log = root.join("acknowledged.log");
+    format(&dir, &["--journal-size", "64M", "--history-size", "1M"]);
+    let load = |extra: &[&str]| {
+        let mut args: Vec<&OsStr> = vec!["load".as_ref(), dir.as_os_str(), "--ack-log".as_ref(), log.as_os_str()];
+        args.extend(extra.iter().map(OsStr::new));
+        chronicle(&args).expect_ok()
+    };
+    // Generations of a few hundred blocks each: the first sort needs more history than 1 MiB.
+    load(&["--seconds", "0.4", "--queue-depth", "16", "--marker-every-ms", "100", "--seed", "11"]);
+    // Then the open generation grows past one index page (504 entries) without markers.
+    for seed in 12..17 {
+        if inspect_json(&dir)["open_generation"]["elements"].as_u64().expect("elements") > 2 * 504 {
+            break;
+        }
+        load(&["--seconds", "0.5", "--queue-depth", "16", "--seed", &seed.to_string()]);
+    }
+    (dir, log)
+}
+
+/// Damage that no copy can make up for is refused by `verify`, `check` and `inspect`, with a
+/// message that says what is damaged, and never with a panic.
+#[test]
+fn damaged_journal_metadata_is_refused_with_a_message() {
+    let root = test_dir();
+    let (pristine, log) = damage_volume(root.path());
+    chronicle(&["verify".as_ref(), pristine.as_os_str()]).expect_ok();
+    let map = JournalMap::read(&pristine);
+    let description = inspect_json(&pristine);
+    let entries = description["journal"]["entries"].as_array().expect("journal entries").clone();
+
+    // Each case: name, the byte offsets to flip, and words the refusal must contain.
+    let mut cases: Vec<(&str, Vec<u64>, Vec<String>)> = vec![
+        ("both journal superblock copies", vec![40, 4096 + 40], vec!["journal".into()]),
+        ("both journal catalog slots", vec![map.catalogs[0] + 64, map.catalogs[1] + 64], vec!["journal".into()]),
+    ];
+    let mut skipped = Vec::new();
+    let open = entries.iter().find(|e| e["state"] == "Open").expect("an open generation");
+    let open_elements = description["open_generation"]["elements"].as_u64().expect("elements");
+    if open_elements > 504 {
+        // Page 0 of the open generation in both slots, while page 1 is intact: the engine must
+        // not mistake the damage for the end of the generation.
+        let page = open["control_start"].as_u64().expect("control_start");
+        cases.push((
+            "open generation's first index page, both slots",
+            vec![map.index_slot(page, 0) + 100, map.index_slot(page, 1) + 100],
+            vec!["element index page 0".into(), "later pages".into()],
+        ));
+    } else {
+        skipped.push(format!("the open generation has only {open_elements} elements (one index page)"));
+    }
+    match entries.iter().find(|e| e["state"] == "Sealed" && e["element_count"].as_u64() > Some(0)) {
+        Some(sealed) => {
+            let segment = sealed["element_start"].as_u64().expect("element_start");
+            cases.push((
+                "a sealed generation's journal element",
+                vec![map.segment(segment) + 1000],
+                vec![format!("sealed generation {}", sealed["generation"])],
+            ));
+        }
+        // The sort caught up with every sealed generation (it should not: the history is
+        // smaller than one generation); the case is skipped, not passed.
+        None => skipped.push("no sealed generation with elements is left in the journal".into()),
+    }
+    assert!(cases.len() >= 3, "too few damage cases could be built: {skipped:?}\n{description:#}");
+    for why in &skipped {
+        println!("skipped: {why}");
+    }
+
+    for (index, (name, offsets, words)) in cases.iter().enumerate() {
+        let dir = root.path().join(format!("case-{index}"));
+        copy_volume(&pristine, &dir);
+        flip(&dir.join("journal.img"), &offsets.iter().map(|offset| (*offset, 0x5A)).collect::<Vec<_>>());
+        let verify = chronicle(&["verify".as_ref(), dir.as_os_str()]).expect_refused();
+        for word in words {
+            assert!(
+                verify.stderr.contains(word.as_str()),
+                "{name}: verify should say {word:?}:\n{}",
+                verify.describe()
+            );
+        }
+        let inspect = chronicle(&["inspect".as_ref(), dir.as_os_str()]).expect_refused();
+        assert!(inspect.stderr.contains(words[0].as_str()), "{name}:\n{}", inspect.describe());
+        let before = file_hashes(&dir);
+        let check =
+            chronicle(&["check".as_ref(), dir.as_os_str(), "--ack-log".as_ref(), log.as_os_str()]).expect_refused();
+        assert!(check.stderr.contains(words[0].as_str()), "{name}:\n{}", check.describe());
+        assert_eq!(file_hashes(&dir), before, "{name}: a refused open changed the volume");
+        println!("{name}: refused: {}", verify.stderr.trim());
+    }
+}
+
+/// Many random flipped bytes: `verify` and `check` answer (0 or 1), never panic, and whenever
+/// `verify` finds the volume sound, `check` recovers it and finds every acknowledged write.
+#[test]
+fn random_flips_never_panic_and_verify_ok_implies_check_ok() {
+    let root = test_dir();
+    let (pristine, log) = damage_volume(root.path());
+    let map = JournalMap::read(&pristine);
+    // The undamaged volume passes, so a failure below is the damage's.
+    let intact = root.path().join("intact");
+    copy_volume(&pristine, &intact);
+    chronicle(&["check".as_ref(), intact.as_os_str(), "--ack-log".as_ref(), log.as_os_str()]).expect_ok();
+    let (mut sound, mut damaged) = (0, 0);
+    for seed in 0..6u64 {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        // Even seeds flip anywhere in the journal file; odd ones only in its metadata (before
+        // the elements), where most decoders are.
+        let end = if seed % 2 == 0 { map.file_bytes } else { map.elements_start };
+        let dir = root.path().join(format!("seed-{seed}"));
+        copy_volume(&pristine, &dir);
+        let flips: Vec<(u64, u8)> = (0..200).map(|_| (rng.random_range(0..end), rng.random_range(1..=255u8))).collect();
+        flip(&dir.join("journal.img"), &flips);
+        let verify = chronicle(&["verify".as_ref(), dir.as_os_str()]);
+        assert!(
+            !verify.panicked() && matches!(verify.status.code(), Some(0 | 1)),
+            "seed {seed}:\n{}",
+            verify.describe()
+        );
+        let check = chronicle(&["check".as_ref(), dir.as_os_str(), "--ack-log".as_ref(), log.as_os_str()]);
+        assert!(!check.panicked() && matches!(check.status.code(), Some(0 | 1)), "seed {seed}:\n{}", check.describe());
+        if verify.ok() {
+            sound += 1;
+            assert!(check.ok(), "seed {seed}: verify found the volume sound, check did not:\n{}", check.describe());
+        } else {
+            damaged += 1;
+        }
+        println!("seed {seed}: verify {}, check {}", verify.status, check.status);
+    }
+    println!("{sound} volumes verified sound, {damaged} refused");
+}
+
+#[test]
+fn inspect_json_names_generations_and_offline_tools_change_nothing() {
+    let root = test_dir();
+    let dir = root.path().join("volume");
+    format(&dir, &["--journal-size", "20M"]);
+    let log = root.path().join("acknowledged.log");
+    chronicle(&[
+        "load".as_ref(),
+        dir.as_os_str(),
+        "--seconds".as_ref(),
+        "0.5".as_ref(),
+        "--marker-every-ms".as_ref(),
+        "100".as_ref(),
+        "--ack-log".as_ref(),
+        log.as_os_str(),
+    ])
+    .expect_ok();
+    let before = file_hashes(&dir);
+    let description = inspect_json(&dir);
+    let text = chronicle(&["inspect".as_ref(), dir.as_os_str()]).expect_ok();
+    let verify = chronicle(&["verify".as_ref(), dir.as_os_str()]).expect_ok();
+    assert_eq!(file_hashes(&dir), before, "inspect or verify changed the volume");
+    assert!(verify.stdout.contains(": ok"), "{}", verify.describe());
+
+    let generations = description["generations"].as_array().expect("generations");
+    let numbers: Vec<u64> = generations.iter().map(|g| g["generation"].as_u64().expect("number")).collect();
+    let open = description["open_generation"]["generation"].as_u64().expect("open generation");
+    assert!(open >= 2, "markers every 100 ms for 0.5 s seal generations:\n{description:#}");
+    assert_eq!(numbers, (0..=open).collect::<Vec<_>>(), "every generation is named once, in order");
+    assert_eq!(generations.last().expect("open")["state"], "open");
+    assert_eq!(generations[0]["comment"], "format");
+    for generation in &generations[1..generations.len() - 1] {
+        assert!(generation["comment"].as_str().expect("comment").starts_with("load marker"), "{generation}");
+        assert!(["history", "backup", "sealed"].contains(&generation["state"].as_str().expect("state")));
+    }
+    for number in &numbers {
+        assert!(
+            text.stdout.lines().any(|line| line.split_whitespace().next() == Some(number.to_string().as_str())),
+            "inspect names generation {number}:\n{}",
+            text.stdout
+        );
+    }
+    // check (recovery) may write, but then the volume verifies again.
+    chronicle(&["check".as_ref(), dir.as_os_str(), "--ack-log".as_ref(), log.as_os_str()]).expect_ok();
+    chronicle(&["verify".as_ref(), dir.as_os_str()]).expect_ok();
+}
+
+#[test]
+fn bench_randwrite_prints_a_json_last_line() {
+    let root = test_dir();
+    let dir = root.path().join("volume");
+    // A journal that holds every block of the volume (plus metadata) never fills in latest
+    // mode; 16 MiB would hold only 3798 of the 4096 blocks.
+    format(&dir, &["--journal-size", "20M"]);
+    let outcome = chronicle(&[
+        "bench".as_ref(),
+        dir.as_os_str(),
+        "--workload".as_ref(),
+        "randwrite".as_ref(),
+        "--seconds".as_ref(),
+        "1".as_ref(),
+        "--queue-depth".as_ref(),
+        "16".as_ref(),
+        "--json".as_ref(),
+    ])
+    .expect_ok();
+    let last = outcome.stdout.lines().last().expect("output");
+    let result: serde_json::Value =
+        serde_json::from_str(last).unwrap_or_else(|e| panic!("last line is not JSON ({e}):\n{}", outcome.describe()));
+    for field in ["iops", "mib_per_s", "p50_us", "p99_us"] {
+        let value = result[field].as_f64().unwrap_or_else(|| panic!("{field} missing:\n{result:#}"));
+        assert!(value > 0.0, "{field} = {value}:\n{result:#}");
+    }
+    assert_eq!(result["errors"], 0, "{result:#}");
+    assert!(result["p99_us"].as_f64() >= result["p50_us"].as_f64(), "{result:#}");
+    chronicle(&["verify".as_ref(), dir.as_os_str()]).expect_ok();
+}
+
+/// FORMAT.md §6 and §14.1: the superblock has two copies, so one damaged copy leaves a volume
+/// that opens. Format writes only the copy at byte 0 (the page at 4096 stays zero).
+#[test]
+#[ignore = "engine bug: format writes only superblock copy 0 (journal and history); copy 1 at byte 4096 stays zero, so one damaged sector at byte 0 makes the volume unopenable"]
+fn one_damaged_superblock_copy_is_survived() {
+    let root = test_dir();
+    let dir = root.path().join("volume");
+    format(&dir, &["--journal-size", "20M"]);
+    chronicle(&["load".as_ref(), dir.as_os_str(), "--seconds".as_ref(), "0.2".as_ref()]).expect_ok();
+    for name in ["journal.img", "history.img"] {
+        let copy = root.path().join(format!("copy-{name}"));
+        copy_volume(&dir, &copy);
+        flip(&copy.join(name), &[(40, 0x5A)]);
+        let verify = chronicle(&["verify".as_ref(), copy.as_os_str()]);
+        assert!(verify.ok(), "{name}: one damaged superblock copy made the volume unopenable:\n{}", verify.describe());
+    }
+}
+
+/// `inspect DIR | head` ends quietly when the reader goes away.
+#[test]
+fn inspect_into_a_closed_pipe_does_not_panic() {
+    let root = test_dir();
+    let dir = root.path().join("volume");
+    format(&dir, &[]);
+    let mut child = Command::new(BIN)
+        .args(["inspect".as_ref(), dir.as_os_str(), "--json".as_ref()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("inspect starts");
+    drop(child.stdout.take());
+    let output = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
