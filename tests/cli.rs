@@ -583,7 +583,6 @@ fn bench_randwrite_prints_a_json_last_line() {
 /// FORMAT.md §6 and §14.1: the superblock has two copies, so one damaged copy leaves a volume
 /// that opens. Format writes only the copy at byte 0 (the page at 4096 stays zero).
 #[test]
-#[ignore = "engine bug: format writes only superblock copy 0 (journal and history); copy 1 at byte 4096 stays zero, so one damaged sector at byte 0 makes the volume unopenable"]
 fn one_damaged_superblock_copy_is_survived() {
     let root = test_dir();
     let dir = root.path().join("volume");

@@ -413,7 +413,6 @@ fn sort_interrupted_by_crashes_resumes_exactly() {
 /// a no-space error, as when the sort has stopped): nothing will free space unless the host
 /// calls `sort_now`, and until then `run_until_idle` and `close` never return.
 #[test]
-#[ignore = "engine bug: with sort.automatic = false, journal-full writes wait for a sort that never starts (write.rs journal_full: sort_will_free ignores options.sort.automatic); run_until_idle and close spin forever"]
 fn journal_full_with_the_sort_off_fails_writes_instead_of_hanging() {
     let files = Files::format_with_journal(4096, 128);
     let mut volume = files.open(manual_sort());
@@ -443,7 +442,6 @@ fn journal_full_with_the_sort_off_fails_writes_instead_of_hanging() {
 /// Superblock copies: FORMAT.md §6 keeps two, so that one bad sector at byte 0 does not lose
 /// the volume.
 #[test]
-#[ignore = "engine bug: format writes only superblock copy 0 of the journal and history devices; copy 1 (byte 4096) stays zero"]
 fn format_writes_both_superblock_copies() {
     let files = Files::format(4096);
     for name in ["journal.img", "history.img"] {

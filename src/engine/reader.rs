@@ -328,7 +328,8 @@ impl VolumeReader {
         report.open_elements = self.meta.open.blocks.len() as u64;
         let unit = self.meta.unit_bytes();
         for (k, block) in self.meta.open.blocks.iter().enumerate() {
-            let element = self.read_units(Role::Journal, self.meta.segment_lba(self.meta.open.element_start + k as u64), unit)?;
+            let element =
+                self.read_units(Role::Journal, self.meta.segment_lba(self.meta.open.element_start + k as u64), unit)?;
             let base = self.read_units(Role::Base, self.meta.volume_lba(0, *block), unit)?;
             if element != base {
                 report.open_elements_differing += 1;

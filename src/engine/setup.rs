@@ -195,10 +195,15 @@ pub(crate) async fn format_volume<O: Copy>(
     };
     let history_superblock =
         make(DeviceRole::History, 3, history.areas(), vec![peer(Role::Base), peer(Role::Journal), peer(Role::Backup)]);
-    io.write_bytes(Role::History, 0, &history_superblock.encode(), true).await?;
+    // Both copies, so a damaged sector holding one of them leaves the other.
+    let encoded = history_superblock.encode();
+    io.write_bytes(Role::History, PAGE, &encoded, true).await?;
+    io.write_bytes(Role::History, 0, &encoded, true).await?;
     let journal_superblock =
         make(DeviceRole::Journal, 1, journal.areas(), vec![peer(Role::Base), peer(Role::Backup), peer(Role::History)]);
-    io.write_bytes(Role::Journal, 0, &journal_superblock.encode(), true).await?;
+    let encoded = journal_superblock.encode();
+    io.write_bytes(Role::Journal, PAGE, &encoded, true).await?;
+    io.write_bytes(Role::Journal, 0, &encoded, true).await?;
     Ok(())
 }
 

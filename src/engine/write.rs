@@ -577,8 +577,10 @@ impl HotStep<'_> {
     fn journal_full(&mut self, id: usize, new_units: u64) {
         let policy = self.shared.meta.journal_full_policy();
         // Waiting makes sense only while a sort can still free space.
-        let sort_will_free =
-            !self.shared.meta.sealed.is_empty() && self.shared.sort_error.is_none() && self.shared.failed.is_none();
+        let sort_will_free = !self.shared.meta.sealed.is_empty()
+            && self.shared.options.sort.automatic
+            && self.shared.sort_error.is_none()
+            && self.shared.failed.is_none();
         if policy == JournalFullPolicy::Block && sort_will_free {
             self.shared.hot.counters.journal_full_waits += 1;
             self.shared.hot.writes[id].state = WriteState::WaitingSpace;
@@ -597,9 +599,9 @@ impl HotStep<'_> {
 
     /// Fails the writes waiting for journal space once nothing can free it (the sort stopped).
     pub(crate) fn fail_space_waiters(&mut self) {
-        if self.shared.hot.waiting_space.is_empty()
-            || (self.shared.sort_error.is_none() && self.shared.failed.is_none())
-        {
+        let sort_can_run =
+            self.shared.options.sort.automatic && self.shared.sort_error.is_none() && self.shared.failed.is_none();
+        if self.shared.hot.waiting_space.is_empty() || sort_can_run {
             return;
         }
         while let Some(id) = self.shared.hot.waiting_space.pop_front() {
