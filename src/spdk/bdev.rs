@@ -9,6 +9,7 @@ use std::mem::{align_of, size_of};
 use std::ptr::NonNull;
 
 use super::bdev_module::ModuleRef;
+use super::dma::DmaBuf;
 use super::thread::{Thread, ThreadHandle};
 use super::{ffi, Errno, NotSend};
 
@@ -249,6 +250,98 @@ impl BdevDesc {
         // SAFETY: the descriptor is open; the channel belongs to the calling thread.
         let raw = unsafe { ffi::spdk_bdev_get_io_channel(self.raw.as_ptr()) };
         NonNull::new(raw).map(|raw| IoChannel { raw, _not_send: NotSend::default() }).ok_or(Errno::ENOMEM)
+    }
+
+    /// Reads `num_blocks` blocks at `offset_blocks` into `buffer`; `done` gets the result and
+    /// the buffer back, later, on this thread. Gives the buffer back with `ENOMEM` when the bdev
+    /// layer is out of I/O structures: then wait with [`queue_io_wait`](Self::queue_io_wait)
+    /// and submit again (back-pressure, not a failure); `EINVAL` when the range is outside the
+    /// bdev or the buffer is too small.
+    pub fn read_blocks<F>(
+        &self,
+        channel: &IoChannel,
+        buffer: DmaBuf,
+        offset_blocks: u64,
+        num_blocks: u64,
+        done: F,
+    ) -> Result<(), (Errno, DmaBuf)>
+    where
+        F: FnOnce(Result<(), Errno>, DmaBuf) + 'static,
+    {
+        struct Pending<F> {
+            buffer: DmaBuf,
+            done: F,
+        }
+        unsafe extern "C" fn complete<F: FnOnce(Result<(), Errno>, DmaBuf)>(
+            bdev_io: *mut ffi::spdk_bdev_io,
+            success: bool,
+            arg: *mut c_void,
+        ) {
+            // SAFETY: the child I/O is ours to free, once, and nothing below uses it.
+            unsafe { ffi::spdk_bdev_free_io(bdev_io) };
+            // SAFETY: `arg` is the Box::into_raw below; SPDK calls this once.
+            let pending = unsafe { Box::from_raw(arg.cast::<Pending<F>>()) };
+            let result = if success { Ok(()) } else { Err(Errno(libc::EIO)) };
+            (pending.done)(result, pending.buffer);
+        }
+        let bytes = u64::from(self.bdev().block_size()).checked_mul(num_blocks);
+        if bytes.is_none_or(|bytes| bytes > buffer.len() as u64) {
+            return Err((Errno::EINVAL, buffer));
+        }
+        let mut pending = Box::new(Pending { buffer, done });
+        let data = pending.buffer.iovec().iov_base;
+        let arg = Box::into_raw(pending);
+        // SAFETY: open descriptor and this thread's channel; `data` holds `num_blocks` blocks
+        // and stays allocated (inside `pending`) until `complete` runs, exactly once on success.
+        let rc = unsafe {
+            ffi::spdk_bdev_read_blocks(
+                self.raw.as_ptr(),
+                channel.as_ptr(),
+                data,
+                offset_blocks,
+                num_blocks,
+                Some(complete::<F>),
+                arg.cast(),
+            )
+        };
+        if let Err(error) = Errno::check(rc) {
+            // SAFETY: submission failed, the callback will not run: `pending` is ours again.
+            pending = unsafe { Box::from_raw(arg) };
+            return Err((error, pending.buffer));
+        }
+        Ok(())
+    }
+
+    /// Calls `retry` on this thread once the bdev layer has I/O structures for `channel` again
+    /// (`spdk_bdev_queue_io_wait`), after a submission failed with `ENOMEM`.
+    pub fn queue_io_wait<F: FnOnce() + 'static>(&self, channel: &IoChannel, retry: F) -> Result<(), Errno> {
+        #[repr(C)]
+        struct Waiting<F> {
+            // First field: SPDK links this entry into its wait queue until the callback.
+            entry: ffi::spdk_bdev_io_wait_entry,
+            retry: F,
+        }
+        unsafe extern "C" fn resume<F: FnOnce()>(arg: *mut c_void) {
+            // SAFETY: `arg` is the Box::into_raw below; SPDK unlinks the entry and calls this once.
+            let waiting = unsafe { Box::from_raw(arg.cast::<Waiting<F>>()) };
+            (waiting.retry)();
+        }
+        let bdev = self.bdev().as_ptr();
+        let waiting = Box::into_raw(Box::new(Waiting { entry: ffi::spdk_bdev_io_wait_entry::default(), retry }));
+        // SAFETY: `waiting` is a live allocation; the entry names the bdev and channel the
+        // submission failed on, as SPDK requires, and stays allocated until `resume`.
+        let rc = unsafe {
+            (*waiting).entry.bdev = bdev;
+            (*waiting).entry.cb_fn = Some(resume::<F>);
+            (*waiting).entry.cb_arg = waiting.cast();
+            ffi::spdk_bdev_queue_io_wait(bdev, channel.as_ptr(), std::ptr::addr_of_mut!((*waiting).entry))
+        };
+        if let Err(error) = Errno::check(rc) {
+            // SAFETY: not queued, the callback will not run.
+            drop(unsafe { Box::from_raw(waiting) });
+            return Err(error);
+        }
+        Ok(())
     }
 
     /// Claims the bdev for `module`; the claim ends when the descriptor closes.

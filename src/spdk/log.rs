@@ -8,6 +8,7 @@
 
 use std::cell::UnsafeCell;
 use std::ffi::{CStr, CString};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::ffi;
 
@@ -38,6 +39,7 @@ impl Level {
 /// [`register`](Self::register) from a constructor.
 pub struct LogFlag {
     raw: UnsafeCell<ffi::spdk_log_flag>,
+    registered: AtomicBool,
 }
 
 // SAFETY: SPDK links the flag into its global list at registration (before main, one thread)
@@ -56,11 +58,16 @@ impl LogFlag {
                 name: name.as_ptr(),
                 enabled: false,
             }),
+            registered: AtomicBool::new(false),
         }
     }
 
-    /// Adds the component to SPDK's list (once; SPDK refuses a second flag of the same name).
+    /// Adds the component to SPDK's list; later calls do nothing (linking the same flag twice
+    /// would corrupt SPDK's list).
     pub fn register(&'static self) {
+        if self.registered.swap(true, Ordering::AcqRel) {
+            return;
+        }
         let raw = self.raw.get();
         // SAFETY: `raw` is a 'static, never-moved flag; SPDK keeps the pointer in its list and
         // reads the name from it. Called from a constructor, before any other thread exists.
