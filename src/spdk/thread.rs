@@ -1,0 +1,108 @@
+//! SPDK threads (`spdk_thread`): the calling thread, and messages to another thread.
+//!
+//! [`Thread`] is the handle of an SPDK thread as seen from code running on an SPDK thread; it is
+//! `!Send`. [`ThreadHandle`] is the one `Send` handle: all it can do is post a closure to its
+//! thread (`spdk_thread_send_msg` is safe to call from any thread) and compare itself with the
+//! current thread.
+
+use std::ffi::{c_void, CStr};
+use std::ptr::NonNull;
+
+use super::{ffi, Errno, NotSend};
+
+/// An SPDK thread, from code running on an SPDK thread.
+pub struct Thread {
+    raw: NonNull<ffi::spdk_thread>,
+    _not_send: NotSend,
+}
+
+impl Thread {
+    /// The SPDK thread the caller runs on; `None` outside SPDK threads.
+    pub fn current() -> Option<Thread> {
+        // SAFETY: spdk_get_thread only reads a thread-local pointer.
+        let raw = unsafe { ffi::spdk_get_thread() };
+        NonNull::new(raw).map(|raw| Thread { raw, _not_send: NotSend::default() })
+    }
+
+    /// The application thread (where RPCs, module init and examine run); `None` before the
+    /// thread library is initialised.
+    pub fn app() -> Option<Thread> {
+        // SAFETY: spdk_thread_get_app_thread only reads a global set at thread library init.
+        let raw = unsafe { ffi::spdk_thread_get_app_thread() };
+        NonNull::new(raw).map(|raw| Thread { raw, _not_send: NotSend::default() })
+    }
+
+    /// The thread's name (as given to `spdk_thread_create`).
+    pub fn name(&self) -> String {
+        // SAFETY: `raw` is a live thread (see ThreadHandle's lifetime rule); the name is a
+        // NUL-terminated string owned by the thread, copied before returning.
+        let name = unsafe { CStr::from_ptr(ffi::spdk_thread_get_name(self.raw.as_ptr())) };
+        name.to_string_lossy().into_owned()
+    }
+
+    /// SPDK's numeric id of the thread.
+    pub fn id(&self) -> u64 {
+        // SAFETY: `raw` is a live thread.
+        unsafe { ffi::spdk_thread_get_id(self.raw.as_ptr()) }
+    }
+
+    /// Whether the caller runs on this thread.
+    pub fn is_current(&self) -> bool {
+        self.handle().is_current()
+    }
+
+    /// A `Send` handle to post messages to this thread.
+    pub fn handle(&self) -> ThreadHandle {
+        ThreadHandle { raw: self.raw }
+    }
+}
+
+/// A thread to send messages to, from any thread.
+///
+/// Lifetime rule (as in C): the target must outlive the handle's use. The module only keeps
+/// handles of the app thread and of reactor threads, which live until the application stops.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct ThreadHandle {
+    raw: NonNull<ffi::spdk_thread>,
+}
+
+// SAFETY: a ThreadHandle is only an address used with spdk_thread_send_msg, which SPDK documents
+// as callable from any thread, and with pointer comparison; it never touches the thread's state.
+unsafe impl Send for ThreadHandle {}
+// SAFETY: as above; no method mutates through the pointer.
+unsafe impl Sync for ThreadHandle {}
+
+impl std::fmt::Debug for ThreadHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ThreadHandle({:p})", self.raw)
+    }
+}
+
+impl ThreadHandle {
+    /// Whether the caller runs on this thread.
+    pub fn is_current(&self) -> bool {
+        // SAFETY: spdk_get_thread only reads a thread-local pointer.
+        let current = unsafe { ffi::spdk_get_thread() };
+        current == self.raw.as_ptr()
+    }
+
+    /// Runs `message` on the thread, later (never inline, even when called from that thread).
+    /// Fails with `ENOMEM` when SPDK's message pool is exhausted; `message` is dropped then.
+    pub fn send_msg<F: FnOnce() + Send + 'static>(&self, message: F) -> Result<(), Errno> {
+        unsafe extern "C" fn run<F: FnOnce()>(ctx: *mut c_void) {
+            // SAFETY: `ctx` is the Box::into_raw below, handed to SPDK once and given back
+            // exactly once, to this function.
+            let message = unsafe { Box::from_raw(ctx.cast::<F>()) };
+            message();
+        }
+        let ctx = Box::into_raw(Box::new(message));
+        // SAFETY: `raw` is a live thread; `run::<F>` matches `ctx`'s type; SPDK calls it once.
+        let rc = unsafe { ffi::spdk_thread_send_msg(self.raw.as_ptr(), Some(run::<F>), ctx.cast()) };
+        if rc != 0 {
+            // SAFETY: SPDK refused the message, so `ctx` is still ours and was never run.
+            drop(unsafe { Box::from_raw(ctx) });
+            return Err(Errno(rc.abs()));
+        }
+        Ok(())
+    }
+}
