@@ -250,9 +250,15 @@ fn finish(reading: Rc<Reading>, result: Result<DmaBuf, Errno>) {
 /// Registers everything chronicle adds to an SPDK application. Runs once, from the ELF
 /// constructor below, before `main` and before any SPDK thread exists.
 extern "C" fn constructor() {
-    LOG.register();
-    bdev_module::register::<Chronicle>();
-    bdev_chronicle_rpc::register();
+    if let Err(errno) = LOG.register() {
+        spdk_error!("chronicle: cannot register the log component: {errno}");
+    }
+    if let Err(errno) = bdev_module::register::<Chronicle>() {
+        spdk_error!("chronicle: cannot register the bdev module: {errno}");
+    }
+    if let Err(errno) = bdev_chronicle_rpc::register() {
+        spdk_error!("chronicle: cannot register the RPC methods: {errno}");
+    }
 }
 
 /// The constructor entry: what `__attribute__((constructor))` emits in C. `#[used]` keeps it

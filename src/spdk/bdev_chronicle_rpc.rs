@@ -5,8 +5,8 @@ use std::ffi::CStr;
 
 use serde::Deserialize;
 
-use super::bdev_chronicle;
 use super::rpc::{self, RpcError, RpcMethod, RpcRequest, RpcState};
+use super::{bdev_chronicle, Errno};
 
 /// For methods without parameters: `{}` or no `params`; anything else is refused.
 #[derive(Debug, Deserialize)]
@@ -50,7 +50,7 @@ impl RpcMethod for Inspect {
 }
 
 /// Registers every `bdev_chronicle_*` method.
-pub fn register() {
-    rpc::register::<GetVersion>();
-    rpc::register::<Inspect>();
+pub fn register() -> Result<(), Errno> {
+    rpc::register::<GetVersion>()?;
+    rpc::register::<Inspect>()
 }

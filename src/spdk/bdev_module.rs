@@ -10,6 +10,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::bdev::{driver_ctx_size, Bdev};
+use super::rpc::on_registration_thread;
 use super::{ffi, Errno, NotSend};
 
 /// A bdev module. All hooks run on the app thread.
@@ -78,11 +79,16 @@ pub fn module<M: BdevModule>() -> Option<ModuleRef> {
     slot.registered.load(Ordering::Acquire).then(|| slot.module_ref())
 }
 
-/// Adds `M` to SPDK's module list, once (later calls return the same module).
-pub fn register<M: BdevModule>() -> ModuleRef {
+/// Adds `M` to SPDK's module list, once (later calls return the same module). Only before the
+/// bdev subsystem starts is this useful, and only from a constructor or the app thread is it
+/// safe: `EPERM` elsewhere.
+pub fn register<M: BdevModule>() -> Result<ModuleRef, Errno> {
+    if !on_registration_thread() {
+        return Err(Errno::EPERM);
+    }
     let slot = M::slot();
     if slot.registered.swap(true, Ordering::AcqRel) {
-        return slot.module_ref();
+        return Ok(slot.module_ref());
     }
     let module = ffi::spdk_bdev_module {
         name: M::NAME.as_ptr(),
@@ -98,7 +104,7 @@ pub fn register<M: BdevModule>() -> ModuleRef {
     // SAFETY: the slot is a 'static, initialised module; SPDK links it into its list and
     // initialises its `internal` fields.
     unsafe { ffi::spdk_bdev_module_list_add((*raw).as_mut_ptr()) };
-    slot.module_ref()
+    Ok(slot.module_ref())
 }
 
 unsafe extern "C" fn module_init<M: BdevModule>() -> c_int {

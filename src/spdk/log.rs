@@ -10,7 +10,8 @@ use std::cell::UnsafeCell;
 use std::ffi::{CStr, CString};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::ffi;
+use super::rpc::on_registration_thread;
+use super::{ffi, Errno};
 
 /// Severity of a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,15 +64,19 @@ impl LogFlag {
     }
 
     /// Adds the component to SPDK's list; later calls do nothing (linking the same flag twice
-    /// would corrupt SPDK's list).
-    pub fn register(&'static self) {
+    /// would corrupt SPDK's list). From a constructor or the app thread only (`EPERM`).
+    pub fn register(&'static self) -> Result<(), Errno> {
+        if !on_registration_thread() {
+            return Err(Errno::EPERM);
+        }
         if self.registered.swap(true, Ordering::AcqRel) {
-            return;
+            return Ok(());
         }
         let raw = self.raw.get();
         // SAFETY: `raw` is a 'static, never-moved flag; SPDK keeps the pointer in its list and
-        // reads the name from it. Called from a constructor, before any other thread exists.
-        unsafe { ffi::spdk_log_register_flag((*raw).name, raw) }
+        // reads the name from it. No other thread changes the list (checked above).
+        unsafe { ffi::spdk_log_register_flag((*raw).name, raw) };
+        Ok(())
     }
 
     /// Whether info/debug messages of this component are shown.

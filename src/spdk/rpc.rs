@@ -14,6 +14,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::json::{self, JsonWriter};
+use super::thread::Thread;
 use super::{ffi, Errno, NotSend};
 
 /// JSON-RPC error codes (as SPDK uses them).
@@ -80,12 +81,26 @@ pub trait RpcMethod: 'static {
     fn call(request: RpcRequest, params: Self::Params);
 }
 
-/// Registers `M` with SPDK's RPC server. Call it before the RPC server starts (from the module's
-/// constructor); SPDK logs an error and refuses a duplicate name.
-pub fn register<M: RpcMethod>() {
+/// Registers `M` with SPDK's RPC server: from a constructor (before SPDK's threads exist) or
+/// on the app thread, which owns the method list; `EPERM` elsewhere. SPDK logs an error and
+/// refuses a duplicate name.
+pub fn register<M: RpcMethod>() -> Result<(), Errno> {
+    if !on_registration_thread() {
+        return Err(Errno::EPERM);
+    }
     // SAFETY: `M::NAME` is 'static, `handler::<M>` matches spdk_rpc_method_handler; SPDK keeps
-    // both pointers for the life of the process.
-    unsafe { ffi::spdk_rpc_register_method(M::NAME.as_ptr(), Some(handler::<M>), M::STATE.mask()) }
+    // both pointers for the life of the process. No other thread walks the list (checked above).
+    unsafe { ffi::spdk_rpc_register_method(M::NAME.as_ptr(), Some(handler::<M>), M::STATE.mask()) };
+    Ok(())
+}
+
+/// Before SPDK's thread library is up (constructors, `main` before `spdk_app_start`), or on
+/// the app thread: where SPDK's global lists of modules, methods and flags may be changed.
+pub(crate) fn on_registration_thread() -> bool {
+    match Thread::app() {
+        None => true,
+        Some(app) => app.is_current(),
+    }
 }
 
 unsafe extern "C" fn handler<M: RpcMethod>(raw: *mut ffi::spdk_jsonrpc_request, params: *const ffi::spdk_json_val) {
