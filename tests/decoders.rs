@@ -445,6 +445,7 @@ impl Codec for SuperblockCodec {
             created_ns: rng.random(),
             areas,
             peers,
+            volume_name: random_text(rng, 63),
         }
     }
 }

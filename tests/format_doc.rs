@@ -30,6 +30,7 @@ use chronicle::core::format::records::{
 use chronicle::core::format::superblock::{
     Area, AreaKind, DeviceRole, Durability, JournalFullPolicy, JournalMode, PeerDevice, Superblock, AREA_ENTRY_BYTES,
     AREA_TABLE_OFFSET, MAX_AREAS, MAX_PEERS, PEER_ENTRY_BYTES, PEER_NAME_BYTES, PEER_TABLE_OFFSET, SUPERBLOCK_BYTES,
+    VOLUME_NAME_BYTES, VOLUME_NAME_OFFSET,
 };
 use chronicle::core::format::{HEADER_BYTES, METADATA_PAGE_BYTES};
 
@@ -386,7 +387,7 @@ fn check_header(bytes: &[u8], magic: &[u8; 8], length: usize, sequence: u64) {
         &[
             raw("magic", magic),
             int("major", 1),
-            int("minor", 0),
+            int("minor", u64::from(chronicle::core::format::FORMAT_MINOR)),
             int("length", length as u64),
             int("sequence", sequence),
             int("crc", u64::from(crc)),
@@ -444,6 +445,7 @@ fn superblock_variant(variant: u8) -> Superblock {
         created_ns: distinct(9 + variant),
         areas,
         peers: peers.into_iter().take(2 + usize::from(variant)).collect(),
+        volume_name: if variant == 0 { String::new() } else { "Chronicle0".into() },
     }
 }
 
@@ -481,7 +483,7 @@ fn superblock_fields_sit_where_the_document_says() {
                 int("features_ro_compat", s.features_ro_compat),
                 int("created_ns", s.created_ns),
             ],
-            &["header", "area_table", "peer_table"],
+            &["header", "area_table", "peer_table", "volume_name"],
         );
         for index in 0..MAX_AREAS {
             let base = doc.offset("area_table") + index * area.bytes;
@@ -517,6 +519,10 @@ fn superblock_fields_sit_where_the_document_says() {
                 None => assert!(bytes[base..base + peer.bytes].iter().all(|b| *b == 0), "unused peer entry {index}"),
             }
         }
+        let name_at = doc.offset("volume_name");
+        assert_eq!(name_at, VOLUME_NAME_OFFSET);
+        assert_eq!(doc.size("volume_name"), VOLUME_NAME_BYTES);
+        assert_eq!(&bytes[name_at..name_at + VOLUME_NAME_BYTES], padded(&s.volume_name, VOLUME_NAME_BYTES).as_slice());
     }
 }
 

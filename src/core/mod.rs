@@ -11,3 +11,4 @@ pub mod element_map;
 pub mod format;
 pub mod geometry;
 pub mod plan;
+pub mod time;

@@ -71,6 +71,25 @@ impl<O: Copy> IoHub<O> {
         }
     }
 
+    /// A hub without devices, as a placeholder while the real one is taken apart.
+    pub(crate) fn new_empty() -> Self {
+        IoHub {
+            channels: Vec::new(),
+            next_tag: 1,
+            retry: Default::default(),
+            outstanding: FxHashMap::default(),
+            control_done: FxHashMap::default(),
+            host_done: VecDeque::new(),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// The channels back, once nothing is in flight on them.
+    pub(crate) fn into_channels(self) -> Vec<Box<dyn Channel>> {
+        assert!(self.outstanding.is_empty(), "channels are given back with operations in flight");
+        self.channels
+    }
+
     pub(crate) fn geometry(&self, role: Role) -> DeviceGeometry {
         self.channels[role as usize].geometry()
     }

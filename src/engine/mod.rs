@@ -28,8 +28,10 @@ use crate::core::format::FormatError;
 use crate::device::IoError;
 
 pub use io::Role;
-pub use setup::{format, FormatProgress};
-pub use volume::{HostCompletion, HostError, HostRequest, MarkerHandle, Status, Volume};
+pub use setup::{begin_format, format, FormatProgress, Formatting};
+pub use volume::{
+    GenerationInfo, HostCompletion, HostError, HostRequest, Identity, MarkerHandle, Opening, Status, Volume,
+};
 
 /// Everything `format` needs besides the devices.
 #[derive(Debug, Clone)]
@@ -41,6 +43,9 @@ pub struct FormatOptions {
     pub layout: LayoutOptions,
     /// Names recorded in the superblocks so a device opened alone names its partners.
     pub names: [String; 4],
+    /// Name the volume is exposed under (the SPDK bdev name), recorded in the superblocks so
+    /// that a restarted application finds the volume under the same name; may be empty.
+    pub volume_name: String,
     /// Copy the base to the backup (generation 0 = the base as it is now). Not needed when
     /// both are known to be zero, as for freshly created files.
     pub copy_base_to_backup: bool,
@@ -55,6 +60,7 @@ impl Default for FormatOptions {
             journal_mode: JournalMode::Latest,
             layout: LayoutOptions::default(),
             names: ["base".into(), "journal".into(), "backup".into(), "history".into()],
+            volume_name: String::new(),
             copy_base_to_backup: true,
         }
     }
@@ -111,6 +117,8 @@ pub enum EngineError {
     Io(#[from] IoError),
     #[error("{0}")]
     Geometry(String),
+    #[error("{0}")]
+    Invalid(String),
     #[error("the {role} device ({name}) does not belong with the others: {detail}")]
     Mismatch { role: &'static str, name: String, detail: String },
     #[error("volume metadata is damaged: {0}")]

@@ -16,8 +16,13 @@
 //! Every step only reads, or writes idempotently through the double-buffer protocol, so a crash
 //! during recovery is recovered the same way.
 
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 
 use crate::core::allocator::{Extent, RingAllocator, SegmentAllocator};
 use crate::core::checksum::crc32c;
@@ -54,9 +59,56 @@ pub fn format(
     options: &FormatOptions,
     progress: &mut dyn FnMut(FormatProgress),
 ) -> Result<(), EngineError> {
-    let hub = std::rc::Rc::new(std::cell::RefCell::new(IoHub::<()>::new(channels)));
+    let hub = Rc::new(RefCell::new(IoHub::<()>::new(channels)));
     let io = ControlIo { hub: hub.clone() };
     block_on(&hub, format_volume(&io, options, progress))
+}
+
+type FormatFuture = Pin<Box<dyn Future<Output = Result<(), EngineError>>>>;
+
+/// A volume's four channels, in [`Role`] order.
+pub type Channels = Vec<Box<dyn Channel>>;
+
+/// A format in progress ([`begin_format`]): poll it from the owner's loop (an SPDK poller)
+/// until it gives the channels back, ready for [`Volume::begin_open`](super::Volume::begin_open).
+pub struct Formatting {
+    hub: Rc<RefCell<IoHub<()>>>,
+    future: Option<FormatFuture>,
+    progress: Rc<Cell<FormatProgress>>,
+}
+
+/// Starts formatting the four devices (channels in [`Role`] order) without blocking.
+pub fn begin_format(channels: Vec<Box<dyn Channel>>, options: FormatOptions) -> Formatting {
+    let hub = Rc::new(RefCell::new(IoHub::<()>::new(channels)));
+    let io = ControlIo { hub: hub.clone() };
+    let progress = Rc::new(Cell::new(FormatProgress { done_bytes: 0, total_bytes: 0 }));
+    let report = progress.clone();
+    let future = Box::pin(async move {
+        let mut report = move |step: FormatProgress| report.set(step);
+        format_volume(&io, &options, &mut report).await
+    });
+    Formatting { hub, future: Some(future), progress }
+}
+
+impl Formatting {
+    /// Bytes of the base copied to the backup so far (the long step of a format).
+    pub fn progress(&self) -> FormatProgress {
+        self.progress.get()
+    }
+
+    /// Ready with the channels once the format has finished, successfully or not (then with
+    /// the error too): nothing is in flight on them any more.
+    pub fn poll(&mut self) -> Poll<(Result<(), EngineError>, Channels)> {
+        let future = self.future.as_mut().expect("a format yields once");
+        self.hub.borrow_mut().poll();
+        let mut context = Context::from_waker(Waker::noop());
+        let Poll::Ready(result) = future.as_mut().poll(&mut context) else { return Poll::Pending };
+        // The future held the other reference to the hub (through its ControlIo).
+        self.future = None;
+        let hub = std::mem::replace(&mut self.hub, Rc::new(RefCell::new(IoHub::new_empty())));
+        let hub = Rc::try_unwrap(hub).ok().expect("the finished format released the hub").into_inner();
+        Poll::Ready((result, hub.into_channels()))
+    }
 }
 
 fn geometries<O: Copy>(io: &ControlIo<O>) -> [DeviceGeometry; 4] {
@@ -110,6 +162,13 @@ pub(crate) async fn format_volume<O: Copy>(
     }
     if matches!(options.journal_full_policy, JournalFullPolicy::MergeOldest | JournalFullPolicy::BitmapOnly) {
         return Err(EngineError::Unsupported(format!("journal-full policy {:?}", options.journal_full_policy)));
+    }
+    if options.volume_name.len() >= superblock::VOLUME_NAME_BYTES || options.volume_name.contains('\0') {
+        return Err(EngineError::Invalid(format!(
+            "volume name {:?} is longer than {} bytes or holds a NUL",
+            options.volume_name,
+            superblock::VOLUME_NAME_BYTES - 1
+        )));
     }
     let devices = geometries(io);
     let device_names = names(io);
@@ -192,6 +251,7 @@ pub(crate) async fn format_volume<O: Copy>(
         created_ns,
         areas,
         peers,
+        volume_name: options.volume_name.clone(),
     };
     let history_superblock =
         make(DeviceRole::History, 3, history.areas(), vec![peer(Role::Base), peer(Role::Journal), peer(Role::Backup)]);

@@ -40,7 +40,7 @@ pub(crate) async fn run_sorts(shared: SharedRef, io: ControlIo<HostRef>) {
     loop {
         let next = {
             let s = shared.borrow();
-            if s.failed.is_some() {
+            if s.failed.is_some() || s.stopping {
                 None
             } else {
                 // Only a generation whose seal is durable: a power cut could otherwise undo
@@ -54,9 +54,14 @@ pub(crate) async fn run_sorts(shared: SharedRef, io: ControlIo<HostRef>) {
         let mut s = shared.borrow_mut();
         s.control.sort_busy_us += elapsed_us(started);
         s.sort_progress = None;
-        if let Err(error) = result {
-            s.sort_error = Some(error.to_string());
-            break;
+        match result {
+            Ok(()) => {}
+            // Stopped between batches for a close: the cursor resumes it at the next open.
+            Err(EngineError::Closing) => break,
+            Err(error) => {
+                s.sort_error = Some(error.to_string());
+                break;
+            }
         }
     }
     shared.borrow_mut().sort_running = false;
@@ -172,6 +177,11 @@ async fn sort_generation(
     let mut done = 0u64;
     let rate_start = Instant::now();
     for batch in plan.batches(options.batch_elements.max(1)) {
+        if shared.borrow().stopping {
+            // A batch boundary is a resumable point: everything before it is recorded in the
+            // cursor (saved) or idempotent to redo (applied).
+            return Err(EngineError::Closing);
+        }
         let last = batch.last().expect("batches are not empty").block;
         // Save: backup blocks (image g−1) into the record's contiguous history units.
         let to_save: Vec<SortStep> = batch.iter().copied().filter(|s| s.block >= cursor.saved_through).collect();

@@ -14,7 +14,7 @@ use std::time::Instant;
 use crate::core::format::catalog::{Catalog, EntryKind};
 use crate::device::{Channel, IoBuffers, IoError, Payload, SharedBuffers, Tag};
 
-use super::io::{block_on, ControlIo, Executor, Hub, IoHub, Role};
+use super::io::{ControlIo, Executor, Hub, IoHub, Role};
 use super::meta::Meta;
 use super::write::{HotCounters, HotPath, HotStep};
 use super::{marker, setup, sort, EngineError, VolumeOptions};
@@ -87,6 +87,8 @@ pub(crate) struct Shared {
     /// Set after a device error on the write path; writes fail until reopened.
     pub failed: Option<String>,
     pub sort_running: bool,
+    /// The volume is closing: the sort stops at its next batch boundary and none starts.
+    pub stopping: bool,
     pub sort_error: Option<String>,
     pub sort_progress: Option<SortProgress>,
     pub space_freed: bool,
@@ -128,6 +130,17 @@ pub struct Status {
     pub control: ControlCounters,
 }
 
+/// A volume's identity and the choices fixed when it was formatted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub volume_uuid: [u8; 16],
+    pub volume_name: String,
+    pub host_write_size: u32,
+    pub volume_bytes: u64,
+    pub durability: crate::core::format::superblock::Durability,
+    pub journal_full_policy: crate::core::format::superblock::JournalFullPolicy,
+}
+
 /// The result of a marker, filled in when it completes.
 #[derive(Clone, Default)]
 pub struct MarkerHandle {
@@ -149,6 +162,16 @@ pub struct Volume {
     shared: SharedRef,
     hub: Hub<HostRef>,
     executor: Executor,
+    closing: Option<Closing>,
+}
+
+/// Steps of a non-blocking close ([`Volume::begin_close`]).
+enum Closing {
+    /// Waiting for host operations, the index commit, a marker and the sort's current batch.
+    Draining,
+    /// Flushing every device.
+    Flushing(Pin<Box<dyn Future<Output = Result<(), IoError>>>>),
+    Done(Result<(), IoError>),
 }
 
 /// A volume being opened (recovery in progress); poll until it yields the volume.
@@ -199,13 +222,14 @@ impl Volume {
             marker_barrier: None,
             failed: None,
             sort_running: false,
+            stopping: false,
             sort_error: None,
             sort_progress: None,
             space_freed: false,
             catalog_busy: [false; 2],
             control: ControlCounters::default(),
         }));
-        Volume { shared, hub, executor: Executor::default() }
+        Volume { shared, hub, executor: Executor::default(), closing: None }
     }
 
     fn control_io(&self) -> ControlIo<HostRef> {
@@ -250,6 +274,7 @@ impl Volume {
         let start = {
             let shared = self.shared.borrow();
             shared.options.sort.automatic
+                && !shared.stopping
                 && !shared.sort_running
                 && shared.sort_error.is_none()
                 && shared.failed.is_none()
@@ -316,6 +341,20 @@ impl Volume {
         }
     }
 
+    /// What the volume is, as recorded when it was formatted.
+    pub fn identity(&self) -> Identity {
+        let shared = self.shared.borrow();
+        let meta = &shared.meta;
+        Identity {
+            volume_uuid: meta.journal_superblock.volume_uuid,
+            volume_name: meta.journal_superblock.volume_name.clone(),
+            host_write_size: meta.shape.host_write_size,
+            volume_bytes: meta.geometry.volume_bytes(),
+            durability: meta.durability(),
+            journal_full_policy: meta.journal_full_policy(),
+        }
+    }
+
     pub fn status(&self) -> Status {
         let shared = self.shared.borrow();
         let meta = &shared.meta;
@@ -372,23 +411,65 @@ impl Volume {
 
     /// Finishes in-flight work and flushes every device (standalone host and tests).
     pub fn close(mut self) -> Result<(), EngineError> {
+        self.begin_close();
         let mut completions = Vec::new();
-        while self.shared.borrow().hot.outstanding() > 0
-            || self.shared.borrow().hot.commit_in_flight()
-            || !self.executor.is_empty()
-        {
-            if self.poll(&mut completions) == 0 {
-                std::hint::spin_loop();
+        loop {
+            if let Poll::Ready(result) = self.poll_close(&mut completions) {
+                return result;
             }
         }
-        let io = self.control_io();
-        block_on(&self.hub, async {
-            for role in Role::ALL {
-                io.flush(role).await?;
+    }
+
+    /// Starts closing without blocking (SPDK: delete and hot-remove): the sort stops at its
+    /// next batch boundary (resumed from its cursor at the next open), operations already
+    /// submitted finish, then every device is flushed. Submit nothing more; drive it with
+    /// [`poll_close`](Self::poll_close).
+    pub fn begin_close(&mut self) {
+        if self.closing.is_none() {
+            self.shared.borrow_mut().stopping = true;
+            self.closing = Some(Closing::Draining);
+        }
+    }
+
+    /// Advances a close begun with [`begin_close`](Self::begin_close); host completions that
+    /// arrive meanwhile go to `completions`. Ready once every device is flushed; the volume
+    /// may then be dropped (nothing of it is in flight on any device).
+    pub fn poll_close(&mut self, completions: &mut Vec<HostCompletion>) -> Poll<Result<(), EngineError>> {
+        self.begin_close();
+        loop {
+            match self.closing.as_mut().expect("closing was begun") {
+                Closing::Draining => {
+                    self.poll(completions);
+                    let drained = {
+                        let shared = self.shared.borrow();
+                        shared.hot.outstanding() == 0 && !shared.hot.commit_in_flight()
+                    } && self.executor.is_empty();
+                    if !drained {
+                        return Poll::Pending;
+                    }
+                    let io = self.control_io();
+                    self.closing = Some(Closing::Flushing(Box::pin(async move {
+                        let flushes: Vec<_> = Role::ALL.into_iter().map(|role| io.flush(role)).collect();
+                        let mut first_error = None;
+                        for flush in flushes {
+                            if let Err(error) = flush.await {
+                                first_error.get_or_insert(error);
+                            }
+                        }
+                        first_error.map_or(Ok(()), Err)
+                    })));
+                }
+                Closing::Flushing(future) => {
+                    self.hub.borrow_mut().poll();
+                    let mut context = Context::from_waker(Waker::noop());
+                    match future.as_mut().poll(&mut context) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(result) => self.closing = Some(Closing::Done(result)),
+                    }
+                }
+                Closing::Done(result) => return Poll::Ready(result.clone().map_err(EngineError::Io)),
             }
-            Ok::<(), IoError>(())
-        })?;
-        Ok(())
+        }
     }
 }
 

@@ -24,7 +24,7 @@ use slab::Slab;
 use crate::core::checksum::{crc32c, crc32c_append};
 use crate::core::format::superblock::{Durability, JournalFullPolicy};
 use crate::core::geometry::Widening;
-use crate::device::{Completion, DmaBuf, IoBuffers, IoError, Operation, Payload, SharedBuffers, Tag};
+use crate::device::{Completion, IoBuffers, IoError, Operation, Payload, SharedBuffers, Tag};
 
 use super::io::{IoHub, Role};
 use super::meta::PageState;
@@ -209,10 +209,6 @@ pub(crate) struct HotStep<'a> {
 }
 
 impl HotStep<'_> {
-    fn hot(&mut self) -> &mut HotPath {
-        &mut self.shared.hot
-    }
-
     fn complete(&mut self, tag: Tag, result: Result<(), HostError>, payload: Payload) {
         self.shared.hot.completed.push(HostCompletion { tag, result, payload });
     }
@@ -343,7 +339,8 @@ impl HotStep<'_> {
             let data = if blocks == chunk_blocks {
                 self.zero_chunk(chunk_blocks * block_size)
             } else {
-                Arc::new(IoBuffers::single(DmaBuf::zeroed((blocks * block_size) as usize)))
+                // The backend's allocator: DMA-capable memory under SPDK, zeroed.
+                Arc::new(IoBuffers::single(self.hub.alloc(Role::Base, (blocks * block_size) as usize)))
             };
             let widening = self.shared.meta.geometry.widen(start, blocks).expect("range checked at start");
             let seq = self.shared.hot.zeroes[id as usize].seq;
@@ -357,7 +354,12 @@ impl HotStep<'_> {
     }
 
     fn zero_chunk(&mut self, bytes: u64) -> SharedBuffers {
-        self.hot().zero_chunk.get_or_insert_with(|| Arc::new(IoBuffers::single(DmaBuf::zeroed(bytes as usize)))).clone()
+        let hub = &self.hub;
+        self.shared
+            .hot
+            .zero_chunk
+            .get_or_insert_with(|| Arc::new(IoBuffers::single(hub.alloc(Role::Base, bytes as usize))))
+            .clone()
     }
 
     fn start_write(
@@ -550,7 +552,7 @@ impl HotStep<'_> {
                 {
                     end += 1;
                 }
-                let mut buffer = DmaBuf::zeroed((end - start) * unit_bytes);
+                let mut buffer = self.hub.alloc(Role::Journal, (end - start) * unit_bytes);
                 data.read_at(start * unit_bytes, buffer.as_mut_slice());
                 journal_writes.push((meta.segment_lba(segments[start]), Arc::new(IoBuffers::single(buffer))));
                 start = end;

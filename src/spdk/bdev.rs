@@ -10,8 +10,9 @@ use std::ptr::NonNull;
 
 use super::bdev_module::ModuleRef;
 use super::dma::DmaBuf;
-use super::thread::{Thread, ThreadHandle};
+use super::thread::{Message, Thread, ThreadHandle};
 use super::{ffi, Errno, NotSend};
+use crate::device::IoBuffers;
 
 /// Kinds of bdev I/O the module deals with; everything else is [`IoType::Other`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,7 +27,7 @@ pub enum IoType {
 }
 
 impl IoType {
-    fn from_raw(raw: u32) -> Self {
+    pub(crate) fn from_raw(raw: u32) -> Self {
         match raw {
             ffi::SPDK_BDEV_IO_TYPE_READ => IoType::Read,
             ffi::SPDK_BDEV_IO_TYPE_WRITE => IoType::Write,
@@ -135,6 +136,26 @@ impl Bdev<'_> {
         // SAFETY: asks the bdev's module through its fn_table; the bdev is registered.
         unsafe { ffi::spdk_bdev_io_type_supported(self.raw.as_ptr(), io_type.raw()) }
     }
+
+    /// Name of the module that created the bdev (`"malloc"`, `"aio"`, `"chronicle"`, …).
+    pub fn module_name(&self) -> String {
+        // SAFETY: a registered bdev names its module with a static string.
+        unsafe { CStr::from_ptr(ffi::spdk_bdev_get_module_name(self.raw.as_ptr())) }.to_string_lossy().into_owned()
+    }
+
+    /// Whether a module has claimed the bdev (it can then not be claimed for writing again).
+    pub fn is_claimed(&self) -> bool {
+        // SAFETY: reads the claim state of a registered bdev (on the app thread, where claims
+        // are made); `internal.claim_type` is the public header's record of it.
+        unsafe { (*self.raw.as_ptr()).internal.claim_type != ffi::SPDK_BDEV_CLAIM_NONE }
+    }
+}
+
+/// Whether a bdev named `name` is registered now.
+pub fn bdev_exists(name: &str) -> bool {
+    let Ok(name) = CString::new(name) else { return false };
+    // SAFETY: looks the name up in SPDK's bdev list (app thread); the pointer is not kept.
+    !unsafe { ffi::spdk_bdev_get_by_name(name.as_ptr()) }.is_null()
 }
 
 /// What happened to an opened bdev.
@@ -314,7 +335,8 @@ impl BdevDesc {
 
     /// Calls `retry` on this thread once the bdev layer has I/O structures for `channel` again
     /// (`spdk_bdev_queue_io_wait`), after a submission failed with `ENOMEM`.
-    pub fn queue_io_wait<F: FnOnce() + 'static>(&self, channel: &IoChannel, retry: F) -> Result<(), Errno> {
+    /// `retry` is given back if it cannot be queued.
+    pub fn queue_io_wait<F: FnOnce() + 'static>(&self, channel: &IoChannel, retry: F) -> Result<(), (Errno, F)> {
         #[repr(C)]
         struct Waiting<F> {
             // First field: SPDK links this entry into its wait queue until the callback.
@@ -337,11 +359,59 @@ impl BdevDesc {
             ffi::spdk_bdev_queue_io_wait(bdev, channel.as_ptr(), std::ptr::addr_of_mut!((*waiting).entry))
         };
         if let Err(error) = Errno::check(rc) {
-            // SAFETY: not queued, the callback will not run.
-            drop(unsafe { Box::from_raw(waiting) });
-            return Err(error);
+            // SAFETY: not queued, the callback will not run: the entry is ours again.
+            let waiting = unsafe { Box::from_raw(waiting) };
+            return Err((error, waiting.retry));
         }
         Ok(())
+    }
+
+    /// Submits one block operation through `channel`; `done(success)` runs later, on this
+    /// thread, exactly once. On failure to submit, `done` is given back with the error
+    /// (`ENOMEM`: wait with [`queue_io_wait`](Self::queue_io_wait) and submit again).
+    ///
+    /// # Safety
+    /// For reads and writes, `iovs` and the memory they describe must stay valid (and, for a
+    /// read, not be accessed) until `done` runs; the usual way is for `done` to own them.
+    pub unsafe fn submit<F>(&self, channel: &IoChannel, request: BlockRequest, done: F) -> Result<(), (Errno, F)>
+    where
+        F: IoDone,
+    {
+        unsafe extern "C" fn complete<F: IoDone>(bdev_io: *mut ffi::spdk_bdev_io, success: bool, arg: *mut c_void) {
+            // SAFETY: the child I/O is ours to free, once, and nothing below uses it.
+            unsafe { ffi::spdk_bdev_free_io(bdev_io) };
+            // SAFETY: `arg` is the Box::into_raw below; SPDK calls this once.
+            let done = unsafe { Box::from_raw(arg.cast::<F>()) };
+            done.done(success);
+        }
+        let arg = Box::into_raw(Box::new(done)).cast::<c_void>();
+        let (desc, ch, cb) = (self.raw.as_ptr(), channel.as_ptr(), Some(complete::<F> as _));
+        // SAFETY: open descriptor and this thread's channel (IoChannel is !Send); iovecs valid
+        // until completion (caller contract); `arg` matches `complete::<F>`, called once.
+        let rc = unsafe {
+            match request {
+                BlockRequest::Read { iovs, iovcnt, offset_blocks, num_blocks } => {
+                    ffi::spdk_bdev_readv_blocks(desc, ch, iovs, iovcnt, offset_blocks, num_blocks, cb, arg)
+                }
+                BlockRequest::Write { iovs, iovcnt, offset_blocks, num_blocks } => {
+                    ffi::spdk_bdev_writev_blocks(desc, ch, iovs, iovcnt, offset_blocks, num_blocks, cb, arg)
+                }
+                BlockRequest::Flush { offset_blocks, num_blocks } => {
+                    ffi::spdk_bdev_flush_blocks(desc, ch, offset_blocks, num_blocks, cb, arg)
+                }
+                BlockRequest::Unmap { offset_blocks, num_blocks } => {
+                    ffi::spdk_bdev_unmap_blocks(desc, ch, offset_blocks, num_blocks, cb, arg)
+                }
+                BlockRequest::WriteZeroes { offset_blocks, num_blocks } => {
+                    ffi::spdk_bdev_write_zeroes_blocks(desc, ch, offset_blocks, num_blocks, cb, arg)
+                }
+            }
+        };
+        match Errno::check(rc) {
+            Ok(()) => Ok(()),
+            // SAFETY: submission failed, the callback will not run: the closure is ours again.
+            Err(error) => Err((error, *unsafe { Box::from_raw(arg.cast::<F>()) })),
+        }
     }
 
     /// Claims the bdev for `module`; the claim ends when the descriptor closes.
@@ -356,6 +426,22 @@ impl BdevDesc {
         };
         Errno::check(rc)
     }
+}
+
+/// What runs when an operation of [`BdevDesc::submit`] completes; given back, unchanged, when
+/// the submission fails (so that it can be retried).
+pub trait IoDone: 'static {
+    fn done(self, success: bool);
+}
+
+/// One block operation for [`BdevDesc::submit`]; offsets and lengths in the bdev's blocks.
+#[derive(Debug, Clone, Copy)]
+pub enum BlockRequest {
+    Read { iovs: *mut libc::iovec, iovcnt: i32, offset_blocks: u64, num_blocks: u64 },
+    Write { iovs: *mut libc::iovec, iovcnt: i32, offset_blocks: u64, num_blocks: u64 },
+    Flush { offset_blocks: u64, num_blocks: u64 },
+    Unmap { offset_blocks: u64, num_blocks: u64 },
+    WriteZeroes { offset_blocks: u64, num_blocks: u64 },
 }
 
 /// Closes `raw` and frees its event state; runs on the opening thread.
@@ -458,7 +544,6 @@ impl<C: 'static> BdevIo<C> {
     /// # Safety
     /// `raw` is an I/O just submitted to a bdev of the module whose `get_ctx_size` is
     /// `driver_ctx_size::<C>()`, not wrapped by any other BdevIo.
-    #[allow(dead_code)] // the entry of the chronicle bdev's submit_request (next step)
     pub(crate) unsafe fn begin(raw: NonNull<ffi::spdk_bdev_io>) -> Self {
         let io = BdevIo { raw, _ctx: PhantomData, _not_send: NotSend::default() };
         debug_assert_eq!(io.ctx_ptr() as usize % align_of::<DriverCtx<C>>(), 0);
@@ -468,6 +553,15 @@ impl<C: 'static> BdevIo<C> {
             io.ctx_ptr().write(DriverCtx { wait: ffi::spdk_bdev_io_wait_entry::default(), retry: None, user: None })
         };
         io
+    }
+
+    /// Takes back an I/O that [`begin`](Self::begin) initialised and that was forgotten while
+    /// SPDK held it (waiting for a buffer).
+    ///
+    /// # Safety
+    /// `raw` went through `begin` for this `C`, and no other BdevIo wraps it.
+    pub(crate) unsafe fn resume(raw: NonNull<ffi::spdk_bdev_io>) -> Self {
+        BdevIo { raw, _ctx: PhantomData, _not_send: NotSend::default() }
     }
 
     fn ctx_ptr(&self) -> *mut DriverCtx<C> {
@@ -508,6 +602,36 @@ impl<C: 'static> BdevIo<C> {
         }
         // SAFETY: SPDK sets `iovcnt` iovecs at `iovs` for the life of the I/O.
         unsafe { std::slice::from_raw_parts(params.iovs, params.iovcnt as usize) }
+    }
+
+    /// The I/O's data buffers as device-layer buffers over the same memory (zero copy): what
+    /// the engine reads from (writes) or fills (reads) and passes on to the base bdevs.
+    ///
+    /// # Safety
+    /// Every returned buffer (and clone of the list) must be dropped before the I/O completes:
+    /// the memory belongs to whoever submitted the I/O once it has completed.
+    pub unsafe fn host_buffers(&self) -> IoBuffers {
+        let segments = self
+            .iovs()
+            .iter()
+            .filter(|iov| iov.iov_len > 0)
+            .map(|iov| {
+                // SAFETY: SPDK gives non-null buffers to submit_request (reads without one got
+                // one through spdk_bdev_io_get_buf first); valid until completion (contract).
+                let ptr = NonNull::new(iov.iov_base.cast::<u8>()).expect("a data buffer");
+                crate::device::DmaBuf::foreign(Box::new(HostMemory { ptr, len: iov.iov_len }))
+            })
+            .collect();
+        IoBuffers::from_segments(segments)
+    }
+
+    /// Hands the I/O to another thread (for the volume's owner thread); only the submitting
+    /// thread can take it back ([`DetachedIo::attach`]) and complete it.
+    pub fn detach(self) -> DetachedIo<C> {
+        let thread = Thread::current().expect("bdev I/O is submitted on an SPDK thread").handle();
+        let raw = self.raw;
+        std::mem::forget(self);
+        DetachedIo { raw, thread, _ctx: PhantomData }
     }
 
     /// The module's per-I/O state.
@@ -575,6 +699,81 @@ impl<C: 'static> BdevIo<C> {
                 Ok(())
             }
             Err(error) => Err((error, self)),
+        }
+    }
+}
+
+/// Host memory of an I/O in flight (an iovec of a [`BdevIo`]), seen as a device buffer.
+struct HostMemory {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: plain memory that the submitter lends for the life of the I/O; the engine reads or
+// fills it from the volume's thread while the I/O waits (BdevIo::host_buffers' contract keeps
+// every use before the completion).
+unsafe impl Send for HostMemory {}
+// SAFETY: as above; `&HostMemory` only reads.
+unsafe impl Sync for HostMemory {}
+
+impl crate::device::ForeignMemory for HostMemory {
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `len` bytes at `ptr` are valid until the I/O completes (host_buffers' contract).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above; `&mut self` is the only path to the bytes through this buffer.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+/// A [`BdevIo`] on its way to or from another SPDK thread. `Send`, but it can only become a
+/// `BdevIo` again (and be completed) on the thread that submitted it, as SPDK requires.
+pub struct DetachedIo<C: 'static> {
+    raw: NonNull<ffi::spdk_bdev_io>,
+    thread: ThreadHandle,
+    _ctx: PhantomData<C>,
+}
+
+// SAFETY: the pointer is not dereferenced while detached; `attach` gives it back only on the
+// submitting thread. The per-I/O state `C` is not touched in between.
+unsafe impl<C: 'static> Send for DetachedIo<C> {}
+
+impl<C: 'static> DetachedIo<C> {
+    /// The thread that submitted the I/O: send the completion there.
+    pub fn thread(&self) -> ThreadHandle {
+        self.thread
+    }
+
+    /// The I/O again, on its submitting thread; given back unchanged on any other thread.
+    pub fn attach(self) -> Result<BdevIo<C>, Self> {
+        if !self.thread.is_current() {
+            return Err(self);
+        }
+        let raw = self.raw;
+        std::mem::forget(self);
+        Ok(BdevIo { raw, _ctx: PhantomData, _not_send: NotSend::default() })
+    }
+}
+
+impl<C: 'static> Drop for DetachedIo<C> {
+    fn drop(&mut self) {
+        // Never complete on a foreign thread: send it home to fail there (BdevIo's Drop).
+        struct GoHome<C: 'static>(DetachedIo<C>);
+        impl<C: 'static> Message for GoHome<C> {
+            fn run(self) {
+                if let Ok(io) = self.0.attach() {
+                    drop(io);
+                }
+            }
+        }
+        let detached = DetachedIo { raw: self.raw, thread: self.thread, _ctx: PhantomData::<C> };
+        let sent = self.thread.send(GoHome(detached));
+        if let Err((errno, message)) = sent {
+            // Dropping the message would come back here: leak it (the I/O stays pending).
+            std::mem::forget(message);
+            spdk_error!("chronicle: a detached bdev I/O could not be sent home ({errno}); it stays pending");
         }
     }
 }

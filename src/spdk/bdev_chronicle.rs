@@ -1,4 +1,5 @@
-//! The `chronicle` bdev module: registration, module init/fini, examine.
+//! The `chronicle` bdev module: registration, module init/fini, examine, the chronicle bdev's
+//! hooks (channels, submit, destruct, info and config JSON) and superblock reading.
 //!
 //! Loading `libchronicle.so` (e.g. `LD_PRELOAD` into `spdk_tgt`, `bdevperf` or fio's
 //! `spdk_bdev` plugin) runs [`constructor`] before the application's `main`: it registers the
@@ -6,23 +7,28 @@
 //! methods, as SPDK's `SPDK_LOG_REGISTER_COMPONENT`, `SPDK_BDEV_MODULE_REGISTER` and
 //! `SPDK_RPC_REGISTER` constructors do for modules written in C.
 //!
-//! Now: the module exists, initialises, answers `bdev_chronicle_get_version`, and finishes
-//! examine at once. Next (docs/SPDK.md): chronicle bdevs over the engine, their channels and
-//! I/O path, the create/delete/mark/get_generations/get_status RPCs, examine from superblocks,
-//! and `write_config_json`.
+//! Volumes themselves (create, format or open, the poller, close) live in
+//! [`bdev_chronicle_volume`](super::bdev_chronicle_volume); this file is what SPDK calls.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
+use std::sync::Arc;
 
+use rustc_hash::FxHashMap;
 use serde::Serialize;
 
-use super::bdev::{Bdev, BdevDesc, IoChannel};
+use super::bdev::{bdev_exists, Bdev, BdevDesc, BdevIo, IoChannel, IoStatus, IoType};
+use super::bdev_chronicle_volume::{self as volume, CreateMode, VolumeConfig};
 use super::bdev_module::{self, BdevModule, ExamineDone, ModuleSlot};
 use super::dma::DmaBuf;
+use super::json::JsonWriter;
 use super::log::LogFlag;
+use super::thread::ThreadHandle;
+use super::vbdev::{DestructDone, VirtualBdev};
 use super::{bdev_chronicle_rpc, Errno, SPDK_VERSION};
-use crate::core::format::superblock::{self, Superblock, SUPERBLOCK_OFFSETS};
-use crate::core::format::{FORMAT_MAJOR, METADATA_PAGE_BYTES};
+use crate::core::format::superblock::{self, DeviceRole, Superblock, SUPERBLOCK_OFFSETS};
+use crate::core::format::{FormatError, FORMAT_MAJOR, METADATA_PAGE_BYTES};
+use crate::engine::HostRequest;
 
 /// Log component `chronicle` (`--logflag chronicle`, `log_set_flag chronicle`).
 pub static LOG: LogFlag = LogFlag::new(c"chronicle");
@@ -34,9 +40,9 @@ pub struct Chronicle;
 
 impl BdevModule for Chronicle {
     const NAME: &'static std::ffi::CStr = c"chronicle";
-    // Installed now so the hook is exercised on every bdev; it finds nothing yet.
+    // Every new bdev is looked at: it may hold a chronicle volume's superblock.
     const EXAMINE_DISK: bool = true;
-    // No chronicle bdev yet, hence no per-I/O state.
+    // Host I/O needs no per-I/O state beyond the I/O itself (the volume keeps its own).
     type IoCtx = ();
 
     fn slot() -> &'static ModuleSlot {
@@ -55,15 +61,120 @@ impl BdevModule for Chronicle {
     }
 
     fn fini() {
+        volume::clear();
         spdk_info!(LOG, "chronicle: module stopped");
     }
 
     fn examine_disk(bdev: Bdev<'_>, done: ExamineDone) {
-        // Looking for chronicle superblocks on new bdevs (and re-registering the volumes found)
-        // is later work; until then every examine finishes at once.
-        spdk_debug!(LOG, "chronicle: examine {}: not looking for superblocks yet", bdev.name());
-        done.finish();
+        if bdev.module_name() == "chronicle" {
+            return done.finish();
+        }
+        examine(bdev.name(), done);
     }
+}
+
+/// A volume seen by examine, waiting for its four bdevs (named in its superblocks).
+#[derive(Debug, Clone)]
+struct Candidate {
+    volume_name: String,
+    /// Base, journal, backup, history.
+    names: [String; 4],
+}
+
+thread_local! {
+    /// Volumes whose journal or history examine found, by volume uuid (app thread).
+    static CANDIDATES: RefCell<FxHashMap<[u8; 16], Candidate>> = RefCell::new(FxHashMap::default());
+}
+
+/// examine: a bdev holding a chronicle superblock names its volume and the volume's other
+/// bdevs; once all four exist the volume is opened (recovering, never formatting) and its
+/// bdev registered under the name recorded at format. `done` is held until then, so
+/// `bdev_wait_for_examine` and startup wait for the volume.
+fn examine(name: String, done: ExamineDone) {
+    read_superblocks(&name, move |read| {
+        if let Ok(SuperblockRead { state: SuperblockState::Chronicle(superblock), bdev_name, .. }) = &read {
+            remember(bdev_name, superblock);
+        }
+        assemble(done);
+    });
+}
+
+fn remember(bdev_name: &str, superblock: &Superblock) {
+    let mut names: [String; 4] = Default::default();
+    let index = |role: DeviceRole| role as usize - 1;
+    names[index(superblock.role)] = bdev_name.to_string();
+    for peer in &superblock.peers {
+        names[index(peer.role)].clone_from(&peer.name);
+    }
+    if superblock.volume_name.is_empty() {
+        spdk_notice!(
+            "chronicle: {bdev_name} holds the {:?} device of an unnamed volume {}; create it with bdev_chronicle_create",
+            superblock.role,
+            uuid::Uuid::from_bytes(superblock.volume_uuid)
+        );
+        return;
+    }
+    spdk_info!(
+        LOG,
+        "chronicle: {bdev_name} holds the {:?} device of volume {}",
+        superblock.role,
+        superblock.volume_name
+    );
+    CANDIDATES.with(|candidates| {
+        candidates
+            .borrow_mut()
+            .insert(superblock.volume_uuid, Candidate { volume_name: superblock.volume_name.clone(), names });
+    });
+}
+
+/// Opens every remembered volume whose four bdevs now exist; `done` finishes when they are
+/// registered (or failed).
+fn assemble(done: ExamineDone) {
+    let ready: Vec<Candidate> = CANDIDATES.with(|candidates| {
+        let mut candidates = candidates.borrow_mut();
+        let ready: Vec<[u8; 16]> = candidates
+            .iter()
+            .filter(|(_, c)| c.names.iter().all(|name| !name.is_empty() && bdev_exists(name)))
+            .map(|(uuid, _)| *uuid)
+            .collect();
+        ready.iter().filter_map(|uuid| candidates.remove(uuid)).collect()
+    });
+    if ready.is_empty() {
+        return done.finish();
+    }
+    // Every volume's callback holds the examine open; the last one to finish ends it.
+    let done = Rc::new(done);
+    for candidate in ready {
+        let [base, journal, backup, history] = candidate.names;
+        let config = VolumeConfig {
+            name: candidate.volume_name,
+            base_bdev: base,
+            journal_bdev: journal,
+            backup_bdev: backup,
+            history_bdev: history,
+            host_write_size: None,
+            durability: None,
+            journal_full: None,
+            strict: false,
+            copy_base_to_backup: false,
+            automatic_sort: true,
+            sort_rate_limit_bytes_per_second: None,
+        };
+        let name = config.name.clone();
+        let hold = done.clone();
+        volume::create(
+            config,
+            CreateMode::OpenOnly,
+            Box::new(move |result| {
+                match result {
+                    Ok(name) => spdk_notice!("chronicle: examine found volume {name} and registered it"),
+                    Err(error) => spdk_error!("chronicle: examine found volume {name} but cannot open it: {error}"),
+                }
+                drop(hold);
+            }),
+        );
+    }
+    drop(done);
 }
 
 /// What `bdev_chronicle_get_version` reports.
@@ -134,7 +245,7 @@ impl SuperblockInfo {
     }
 }
 
-/// Why a bdev could not be inspected.
+/// Why a bdev's superblocks could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InspectError {
     #[error("cannot open bdev {bdev_name}: {errno}")]
@@ -153,44 +264,72 @@ impl InspectError {
             | InspectError::Read { errno, .. } => *errno,
         }
     }
+
+    pub fn bdev_name(&self) -> &str {
+        match self {
+            InspectError::Open { bdev_name, .. }
+            | InspectError::Resources { bdev_name, .. }
+            | InspectError::Read { bdev_name, .. } => bdev_name,
+        }
+    }
 }
 
-type InspectDone = Box<dyn FnOnce(Result<Inspection, InspectError>)>;
+/// What a bdev's first 8 KiB say.
+#[derive(Debug, Clone)]
+pub enum SuperblockState {
+    /// Neither copy is a chronicle superblock (no magic): not a chronicle device.
+    Blank,
+    /// Smaller than a superblock pair.
+    TooSmall,
+    /// The newest valid copy.
+    Chronicle(Superblock),
+    /// A chronicle superblock that cannot be used (checksum, version, fields).
+    Damaged(FormatError),
+}
 
-/// One inspection in flight. Field order is drop order: the channel is put back before the
-/// descriptor closes.
+/// The superblocks of one bdev.
+#[derive(Debug, Clone)]
+pub struct SuperblockRead {
+    pub bdev_name: String,
+    pub block_size: u32,
+    pub num_blocks: u64,
+    pub state: SuperblockState,
+}
+
+type ReadDone = Box<dyn FnOnce(Result<SuperblockRead, InspectError>)>;
+
+/// One superblock read in flight. Field order is drop order: the channel is put back before
+/// the descriptor closes.
 struct Reading {
     channel: IoChannel,
     desc: BdevDesc,
-    inspection: Inspection,
+    read: SuperblockRead,
     num_blocks: u64,
-    done: Cell<Option<InspectDone>>,
+    done: Cell<Option<ReadDone>>,
 }
 
-/// Reads both superblock copies of bdev `bdev_name` (read-only, unclaimed) and reports what
-/// they say; `done` runs on this thread, later, or now if the bdev cannot be opened. This is
-/// the first half of examine (which will also register the volumes it finds).
-pub fn inspect(bdev_name: &str, done: impl FnOnce(Result<Inspection, InspectError>) + 'static) {
+/// Reads both superblock copies of bdev `bdev_name` (read-only, unclaimed); `done` runs on
+/// this thread, later, or now if the bdev cannot be opened.
+pub fn read_superblocks(bdev_name: &str, done: impl FnOnce(Result<SuperblockRead, InspectError>) + 'static) {
     // Nothing to do on hot-remove: the read then fails, and the descriptor closes with it.
     let desc = match BdevDesc::open(bdev_name, false, |_, _| {}) {
         Ok(desc) => desc,
         Err(errno) => return done(Err(InspectError::Open { bdev_name: bdev_name.to_string(), errno })),
     };
     let bdev = desc.bdev();
-    let mut inspection = Inspection {
+    let mut read = SuperblockRead {
         bdev_name: bdev.name(),
         block_size: bdev.block_size(),
         num_blocks: bdev.num_blocks(),
-        chronicle: None,
-        detail: None,
+        state: SuperblockState::TooSmall,
     };
     // Both copies, each a whole metadata page.
     let bytes_needed = SUPERBLOCK_OFFSETS[1] + METADATA_PAGE_BYTES as u64;
-    let block_size = u64::from(inspection.block_size);
-    if inspection.num_blocks.saturating_mul(block_size) < bytes_needed {
-        inspection.detail = Some(format!("smaller than the {bytes_needed} bytes of a chronicle superblock pair"));
-        return done(Ok(inspection));
+    let block_size = u64::from(read.block_size);
+    if read.num_blocks.saturating_mul(block_size) < bytes_needed {
+        return done(Ok(read));
     }
+    read.state = SuperblockState::Blank;
     let num_blocks = bytes_needed.div_ceil(block_size);
     let resources =
         |what: &'static str, errno: Errno| InspectError::Resources { bdev_name: bdev_name.to_string(), what, errno };
@@ -202,7 +341,7 @@ pub fn inspect(bdev_name: &str, done: impl FnOnce(Result<Inspection, InspectErro
         Ok(channel) => channel,
         Err(errno) => return done(Err(resources("no I/O channel", errno))),
     };
-    let reading = Reading { channel, desc, inspection, num_blocks, done: Cell::new(Some(Box::new(done))) };
+    let reading = Reading { channel, desc, read, num_blocks, done: Cell::new(Some(Box::new(done))) };
     submit(Rc::new(reading), buffer);
 }
 
@@ -216,7 +355,7 @@ fn submit(reading: Rc<Reading>, buffer: DmaBuf) {
         // Back-pressure: resubmit when the bdev layer has room again.
         Err((Errno::ENOMEM, buffer)) => {
             let again = reading.clone();
-            if let Err(errno) = reading.desc.queue_io_wait(&reading.channel, move || submit(again, buffer)) {
+            if let Err((errno, _retry)) = reading.desc.queue_io_wait(&reading.channel, move || submit(again, buffer)) {
                 finish(reading, Err(errno));
             }
         }
@@ -226,25 +365,147 @@ fn submit(reading: Rc<Reading>, buffer: DmaBuf) {
 
 fn finish(reading: Rc<Reading>, result: Result<DmaBuf, Errno>) {
     let Some(done) = reading.done.take() else { return };
-    let mut inspection = reading.inspection.clone();
-    let bdev_name = inspection.bdev_name.clone();
+    let mut read = reading.read.clone();
     // Last reference (the other went with the completion closure): put the channel back and
     // close the descriptor before answering.
     drop(reading);
     let buffer = match result {
         Ok(buffer) => buffer,
-        Err(errno) => return done(Err(InspectError::Read { bdev_name, errno })),
+        Err(errno) => return done(Err(InspectError::Read { bdev_name: read.bdev_name, errno })),
     };
     let copy = |offset: u64| {
         let start = offset as usize;
         &buffer.as_slice()[start..start + METADATA_PAGE_BYTES]
     };
-    match superblock::choose(copy(SUPERBLOCK_OFFSETS[0]), copy(SUPERBLOCK_OFFSETS[1])) {
-        Ok(superblock) => inspection.chronicle = Some(SuperblockInfo::new(&superblock)),
-        Err(error) => inspection.detail = Some(format!("no chronicle superblock: {error}")),
+    let (a, b) = (copy(SUPERBLOCK_OFFSETS[0]), copy(SUPERBLOCK_OFFSETS[1]));
+    read.state = match superblock::choose(a, b) {
+        Ok(superblock) => SuperblockState::Chronicle(superblock),
+        Err(error) => {
+            let no_magic = |bytes: &[u8]| &bytes[..superblock::MAGIC.len()] != superblock::MAGIC;
+            if no_magic(a) && no_magic(b) {
+                SuperblockState::Blank
+            } else {
+                SuperblockState::Damaged(error)
+            }
+        }
+    };
+    spdk_debug!(LOG, "chronicle: superblocks of {}: {:?}", read.bdev_name, read.state);
+    done(Ok(read));
+}
+
+/// Reads bdev `bdev_name`'s superblocks and reports what they say (`bdev_chronicle_inspect`).
+pub fn inspect(bdev_name: &str, done: impl FnOnce(Result<Inspection, InspectError>) + 'static) {
+    read_superblocks(bdev_name, move |read| {
+        done(read.map(|read| {
+            let (chronicle, detail) = match &read.state {
+                SuperblockState::Chronicle(superblock) => (Some(SuperblockInfo::new(superblock)), None),
+                SuperblockState::Blank => (None, Some("no chronicle superblock (no magic in either copy)".to_string())),
+                SuperblockState::TooSmall => (
+                    None,
+                    Some(format!(
+                        "smaller than the {} bytes of a chronicle superblock pair",
+                        SUPERBLOCK_OFFSETS[1] + METADATA_PAGE_BYTES as u64
+                    )),
+                ),
+                SuperblockState::Damaged(error) => (None, Some(format!("damaged chronicle superblock: {error}"))),
+            };
+            Inspection {
+                bdev_name: read.bdev_name,
+                block_size: read.block_size,
+                num_blocks: read.num_blocks,
+                chronicle,
+                detail,
+            }
+        }))
+    });
+}
+
+/// The chronicle bdev as SPDK sees it: shared by every thread that does I/O to it, so only
+/// the volume's id and owner thread; the volume itself stays on its owner thread.
+pub struct ChronicleBdev {
+    id: u64,
+    name: String,
+    owner: ThreadHandle,
+}
+
+impl ChronicleBdev {
+    pub(crate) fn new(id: u64, name: String, owner: ThreadHandle) -> Self {
+        ChronicleBdev { id, name, owner }
     }
-    spdk_info!(LOG, "chronicle: inspected {bdev_name}: {:?}", inspection.chronicle.as_ref().map(|info| &info.role));
-    done(Ok(inspection));
+}
+
+/// A thread's channel to a chronicle bdev.
+pub struct ChronicleChannel {
+    id: u64,
+    owner: ThreadHandle,
+}
+
+impl VirtualBdev for ChronicleBdev {
+    type Module = Chronicle;
+    type Channel = ChronicleChannel;
+
+    fn create_channel(&self) -> Result<ChronicleChannel, Errno> {
+        Ok(ChronicleChannel { id: self.id, owner: self.owner })
+    }
+
+    fn submit_request(&self, channel: &mut ChronicleChannel, io: BdevIo<()>) {
+        let (offset_blocks, num_blocks) = (io.offset_blocks(), io.num_blocks());
+        let request = match io.io_type() {
+            IoType::Read => {
+                // SAFETY: the volume drops the buffers before the I/O completes (finish_io
+                // drops the payload first; teardown completes only I/Os the engine never saw).
+                HostRequest::Read { offset_blocks, buffers: unsafe { io.host_buffers() } }
+            }
+            IoType::Write => {
+                // SAFETY: as for reads.
+                HostRequest::Write { offset_blocks, buffers: Arc::new(unsafe { io.host_buffers() }) }
+            }
+            IoType::Flush => HostRequest::Flush,
+            IoType::Unmap => HostRequest::Unmap { offset_blocks, num_blocks },
+            IoType::WriteZeroes => HostRequest::WriteZeroes { offset_blocks, num_blocks },
+            IoType::Reset | IoType::Other(_) => return io.complete(IoStatus::Failed),
+        };
+        volume::submit_io(channel.id, channel.owner, io, request);
+    }
+
+    fn io_type_supported(&self, io_type: IoType) -> bool {
+        // Unmap and write-zeroes are journaled as writes of zeroes: supported whatever the base.
+        matches!(io_type, IoType::Read | IoType::Write | IoType::Flush | IoType::Unmap | IoType::WriteZeroes)
+    }
+
+    fn destruct(&self, done: DestructDone) {
+        spdk_info!(LOG, "chronicle: destruct {}", self.name);
+        volume::destruct_by_id(self.id, done);
+    }
+
+    fn dump_info_json(&self, writer: &mut JsonWriter<'_>) {
+        // bdev_get_bdevs runs on the app thread, the volume's owner.
+        if !self.owner.is_current() {
+            return;
+        }
+        if let Some(report) = volume::status_by_id(self.id) {
+            let summary = serde_json::json!({
+                "state": report.state,
+                "volume_uuid": report.volume_uuid,
+                "base_bdev": report.base_bdev,
+                "journal_bdev": report.journal_bdev,
+                "backup_bdev": report.backup_bdev,
+                "history_bdev": report.history_bdev,
+                "open_generation": report.volume.as_ref().map(|v| v.open_generation),
+                "backup_generation": report.volume.as_ref().map(|v| v.backup_generation),
+            });
+            let _ = writer.write_named("chronicle", &summary);
+        }
+    }
+
+    fn write_config_json(&self, writer: &mut JsonWriter<'_>) {
+        if !self.owner.is_current() {
+            return;
+        }
+        if let Some(config) = volume::config_by_id(self.id) {
+            let _ = writer.write(&serde_json::json!({"method": "bdev_chronicle_create", "params": config}));
+        }
+    }
 }
 
 /// Registers everything chronicle adds to an SPDK application. Runs once, from the ELF

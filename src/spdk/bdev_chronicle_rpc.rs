@@ -5,6 +5,7 @@ use std::ffi::CStr;
 
 use serde::Deserialize;
 
+use super::bdev_chronicle_volume::{self as volume, CreateMode, VolumeConfig};
 use super::rpc::{self, RpcError, RpcMethod, RpcRequest, RpcState};
 use super::{bdev_chronicle, Errno};
 
@@ -49,8 +50,115 @@ impl RpcMethod for Inspect {
     }
 }
 
+/// `bdev_chronicle_create {name, base_bdev, journal_bdev, backup_bdev, history_bdev, …}` →
+/// the bdev's name: formats blank journal and history bdevs or opens the volume they hold
+/// (recovering it), claims the four bdevs and registers the chronicle bdev. Answered when the
+/// bdev is registered, or with why nothing was created (nothing is left behind).
+pub struct Create;
+
+impl RpcMethod for Create {
+    const NAME: &'static CStr = c"bdev_chronicle_create";
+    type Params = VolumeConfig;
+
+    fn call(request: RpcRequest, params: VolumeConfig) {
+        volume::create(
+            params,
+            CreateMode::FormatOrOpen,
+            Box::new(move |result| match result {
+                Ok(name) => request.respond(&name),
+                Err(error) => request.error(RpcError::errno(error.errno(), error.to_string())),
+            }),
+        );
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NameParams {
+    pub name: String,
+}
+
+/// `bdev_chronicle_delete {name}` → `true`: unregisters the bdev and closes the volume (the
+/// sort stops at a resumable point, every device is flushed, the four bdevs are released).
+/// The data stays on the devices: create (or examine) opens it again.
+pub struct Delete;
+
+impl RpcMethod for Delete {
+    const NAME: &'static CStr = c"bdev_chronicle_delete";
+    type Params = NameParams;
+
+    fn call(request: RpcRequest, params: NameParams) {
+        volume::delete(&params.name, move |result| match result {
+            Ok(()) => request.respond(&true),
+            Err(error) => request.error(RpcError::errno(error.errno(), error.to_string())),
+        });
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MarkParams {
+    pub name: String,
+    #[serde(default)]
+    pub comment: String,
+}
+
+/// `bdev_chronicle_mark {name, comment?}` → the number of the generation the marker sealed.
+pub struct Mark;
+
+impl RpcMethod for Mark {
+    const NAME: &'static CStr = c"bdev_chronicle_mark";
+    type Params = MarkParams;
+
+    fn call(request: RpcRequest, params: MarkParams) {
+        volume::mark(
+            &params.name,
+            &params.comment,
+            Box::new(move |result| match result {
+                Ok(generation) => request.respond(&generation),
+                Err(error) => request.error(RpcError::errno(error.errno(), error.to_string())),
+            }),
+        );
+    }
+}
+
+/// `bdev_chronicle_get_generations {name}` → `[{generation, state, time, time_ns, comment, blocks}]`.
+pub struct GetGenerations;
+
+impl RpcMethod for GetGenerations {
+    const NAME: &'static CStr = c"bdev_chronicle_get_generations";
+    type Params = NameParams;
+
+    fn call(request: RpcRequest, params: NameParams) {
+        match volume::generations(&params.name) {
+            Ok(generations) => request.respond(&generations),
+            Err(error) => request.error(RpcError::errno(error.errno(), error.to_string())),
+        }
+    }
+}
+
+/// `bdev_chronicle_get_status {name}` → state, journal and history use, sort progress, counters.
+pub struct GetStatus;
+
+impl RpcMethod for GetStatus {
+    const NAME: &'static CStr = c"bdev_chronicle_get_status";
+    type Params = NameParams;
+
+    fn call(request: RpcRequest, params: NameParams) {
+        match volume::status(&params.name) {
+            Ok(report) => request.respond(&report),
+            Err(error) => request.error(RpcError::errno(error.errno(), error.to_string())),
+        }
+    }
+}
+
 /// Registers every `bdev_chronicle_*` method.
 pub fn register() -> Result<(), Errno> {
     rpc::register::<GetVersion>()?;
-    rpc::register::<Inspect>()
+    rpc::register::<Inspect>()?;
+    rpc::register::<Create>()?;
+    rpc::register::<Delete>()?;
+    rpc::register::<Mark>()?;
+    rpc::register::<GetGenerations>()?;
+    rpc::register::<GetStatus>()
 }

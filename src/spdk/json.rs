@@ -173,6 +173,15 @@ impl JsonWriter<'_> {
         self.write_raw(&text)
     }
 
+    /// Writes `"name": value` inside an object (e.g. `bdev_get_bdevs`' `driver_specific`).
+    pub fn write_named<T: serde::Serialize + ?Sized>(&mut self, name: &str, value: &T) -> Result<(), Errno> {
+        let name = std::ffi::CString::new(name).map_err(|_| Errno::EINVAL)?;
+        // SAFETY: `raw` is live (constructor contract); SPDK copies the name.
+        let rc = unsafe { ffi::spdk_json_write_name(self.raw, name.as_ptr()) };
+        Errno::check(rc)?;
+        self.write(value)
+    }
+
     /// Writes `text`, which must be one complete JSON value (serde_json output).
     pub(crate) fn write_raw(&mut self, text: &[u8]) -> Result<(), Errno> {
         // SAFETY: `raw` is live (constructor contract); SPDK copies `text` to its output.

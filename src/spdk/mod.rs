@@ -29,9 +29,13 @@ pub mod json;
 pub mod poller;
 pub mod rpc;
 pub mod thread;
+pub mod vbdev;
+
+pub mod device;
 
 pub mod bdev_chronicle;
 pub mod bdev_chronicle_rpc;
+pub mod bdev_chronicle_volume;
 
 use std::fmt;
 

@@ -57,6 +57,20 @@ impl Thread {
     }
 }
 
+/// Something to run on another SPDK thread ([`ThreadHandle::send`]).
+pub trait Message: Send + 'static {
+    fn run(self);
+}
+
+/// A closure as a [`Message`].
+struct Closure<F>(F);
+
+impl<F: FnOnce() + Send + 'static> Message for Closure<F> {
+    fn run(self) {
+        (self.0)()
+    }
+}
+
 /// A thread to send messages to, from any thread.
 ///
 /// Lifetime rule (as in C): the target must outlive the handle's use. The module only keeps
@@ -89,19 +103,25 @@ impl ThreadHandle {
     /// Runs `message` on the thread, later (never inline, even when called from that thread).
     /// Fails with `ENOMEM` when SPDK's message pool is exhausted; `message` is dropped then.
     pub fn send_msg<F: FnOnce() + Send + 'static>(&self, message: F) -> Result<(), Errno> {
-        unsafe extern "C" fn run<F: FnOnce()>(ctx: *mut c_void) {
+        self.send(Closure(message)).map_err(|(errno, _message)| errno)
+    }
+
+    /// Runs `message` on the thread, later; a message SPDK refuses (`ENOMEM`) is given back,
+    /// to retry or to handle here, instead of being dropped.
+    pub fn send<M: Message>(&self, message: M) -> Result<(), (Errno, M)> {
+        unsafe extern "C" fn run<M: Message>(ctx: *mut c_void) {
             // SAFETY: `ctx` is the Box::into_raw below, handed to SPDK once and given back
             // exactly once, to this function.
-            let message = unsafe { Box::from_raw(ctx.cast::<F>()) };
-            message();
+            let message = unsafe { Box::from_raw(ctx.cast::<M>()) };
+            message.run();
         }
         let ctx = Box::into_raw(Box::new(message));
-        // SAFETY: `raw` is a live thread; `run::<F>` matches `ctx`'s type; SPDK calls it once.
-        let rc = unsafe { ffi::spdk_thread_send_msg(self.raw.as_ptr(), Some(run::<F>), ctx.cast()) };
+        // SAFETY: `raw` is a live thread; `run::<M>` matches `ctx`'s type; SPDK calls it once.
+        let rc = unsafe { ffi::spdk_thread_send_msg(self.raw.as_ptr(), Some(run::<M>), ctx.cast()) };
         if rc != 0 {
             // SAFETY: SPDK refused the message, so `ctx` is still ours and was never run.
-            drop(unsafe { Box::from_raw(ctx) });
-            return Err(Errno(rc.abs()));
+            let message = unsafe { Box::from_raw(ctx) };
+            return Err((Errno(rc.abs()), *message));
         }
         Ok(())
     }

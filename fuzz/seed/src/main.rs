@@ -49,6 +49,7 @@ fn superblocks() -> Vec<Vec<u8>> {
         created_ns: 1_800_000_000_000_000_000,
         areas,
         peers,
+        volume_name: "chronicle0".into(),
     };
     vec![
         make(

@@ -23,7 +23,7 @@ pub const METADATA_PAGE_BYTES: usize = 4096;
 pub const FORMAT_MAJOR: u16 = 1;
 /// The format's minor version: a reader accepts higher minors (additions only, in reserved
 /// space or behind compatible feature flags).
-pub const FORMAT_MINOR: u16 = 0;
+pub const FORMAT_MINOR: u16 = 1;
 
 /// Why bytes could not be decoded as a chronicle structure.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

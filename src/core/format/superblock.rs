@@ -21,6 +21,9 @@ pub const AREA_TABLE_OFFSET: usize = 128;
 pub const AREA_ENTRY_BYTES: usize = 24;
 pub const PEER_TABLE_OFFSET: usize = AREA_TABLE_OFFSET + MAX_AREAS * AREA_ENTRY_BYTES;
 pub const PEER_ENTRY_BYTES: usize = 64;
+/// Where the volume's name sits (format 1.1; zero in 1.0 superblocks: unnamed).
+pub const VOLUME_NAME_OFFSET: usize = PEER_TABLE_OFFSET + MAX_PEERS * PEER_ENTRY_BYTES;
+pub const VOLUME_NAME_BYTES: usize = 64;
 
 /// Incompatible features this build understands (none yet in format 1.0).
 pub const KNOWN_INCOMPAT_FEATURES: u64 = 0;
@@ -134,6 +137,9 @@ pub struct Superblock {
     pub created_ns: u64,
     pub areas: Vec<Area>,
     pub peers: Vec<PeerDevice>,
+    /// Name the volume is exposed under (the SPDK bdev name), at most 63 bytes of UTF-8; empty
+    /// when unnamed. Lets a restarted application register the volume under the same name.
+    pub volume_name: String,
 }
 
 impl Superblock {
@@ -197,6 +203,8 @@ impl Superblock {
                 None => w.skip(PEER_ENTRY_BYTES),
             }
         }
+        debug_assert_eq!(w.position(), VOLUME_NAME_OFFSET);
+        put_fixed_str(&mut w, &self.volume_name, VOLUME_NAME_BYTES);
         seal(&mut bytes, SUPERBLOCK_BYTES);
         bytes
     }
@@ -239,6 +247,8 @@ impl Superblock {
             let name = get_fixed_str(&mut r, STRUCTURE, "peer name", PEER_NAME_BYTES)?;
             peers.push(PeerDevice { role, bytes, name });
         }
+        r.skip((MAX_PEERS - peer_count) * PEER_ENTRY_BYTES)?;
+        let volume_name = get_fixed_str(&mut r, STRUCTURE, "volume name", VOLUME_NAME_BYTES)?;
         let superblock = Superblock {
             sequence: header.sequence,
             volume_uuid,
@@ -257,6 +267,7 @@ impl Superblock {
             created_ns,
             areas,
             peers,
+            volume_name,
         };
         superblock.validate()?;
         Ok(superblock)
@@ -313,6 +324,12 @@ impl Superblock {
                 return bad("peer name", format!("{:?} is longer than {} bytes", peer.name, PEER_NAME_BYTES - 1));
             }
         }
+        if self.volume_name.len() >= VOLUME_NAME_BYTES || self.volume_name.contains('\0') {
+            return bad(
+                "volume name",
+                format!("{:?} is longer than {} bytes or holds a NUL", self.volume_name, VOLUME_NAME_BYTES - 1),
+            );
+        }
         Ok(())
     }
 }
@@ -364,6 +381,7 @@ pub(crate) mod tests {
                 Area { kind: AreaKind::Elements, start_bytes: 1 << 20, length_bytes: 32 << 20 },
             ],
             peers: vec![PeerDevice { role: DeviceRole::Base, bytes: 64 << 20, name: "base.img".into() }],
+            volume_name: "vol0".into(),
         }
     }
 

@@ -1,0 +1,1058 @@
+//! A chronicle volume hosted inside SPDK: the engine's [`Volume`] on the app thread (the
+//! volume's owner thread, ARCHITECTURE §4), over four bdevs through the SPDK device backend,
+//! driven by a poller, exposed as the chronicle bdev once it is open.
+//!
+//! Lifecycle of a [`VolumeHost`], one explicit state per step:
+//!
+//! ```text
+//! Inspecting ──► Formatting ──► Opening ──► Running ──► Closing ──► (removed)
+//!     │  (blank devices)  │  (recovery)  │   (bdev registered)   ▲
+//!     └──────────(chronicle devices)─────┘                       └─ delete RPC, hot-remove,
+//!   any failure before Running: descriptors closed, claims released,  application stop
+//!   nothing registered, the waiting RPC answered with the reason
+//! ```
+//!
+//! Host I/O reaches the volume by message from any SPDK thread (directly on the app thread)
+//! and completes on the thread that submitted it.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, VecDeque};
+use std::rc::Rc;
+use std::task::Poll;
+use std::time::Duration;
+
+use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
+use slab::Slab;
+
+use super::bdev::{bdev_exists, BdevDesc, BdevEvent, BdevIo, ClaimKind, DetachedIo, IoStatus};
+use super::bdev_chronicle::{Chronicle, ChronicleBdev, SuperblockRead, SuperblockState};
+use super::bdev_module;
+use super::device::SpdkDevice;
+use super::poller::{PollStatus, Poller};
+use super::thread::{Message, Thread, ThreadHandle};
+use super::{bdev_chronicle, vbdev, Errno};
+use crate::core::format::superblock::{DeviceRole, Durability, JournalFullPolicy, Superblock, VOLUME_NAME_BYTES};
+use crate::device::{Channel, Device, Payload, Tag};
+use crate::engine::{
+    begin_format, EngineError, FormatOptions, FormatProgress, Formatting, HostCompletion, HostRequest, MarkerHandle,
+    Opening, SortOptions, Status, Volume, VolumeOptions,
+};
+
+/// The four bdev roles, in the engine's device order.
+const ROLES: [&str; 4] = ["base", "journal", "backup", "history"];
+
+/// Replies that could not be sent (SPDK's message pool was empty) wait here; bounded by the
+/// I/Os in flight, which the bdev layer bounds.
+const REPLY_RETRY_LIMIT: usize = 1 << 16;
+
+/// When a write is acknowledged (superblock `durability`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DurabilityName {
+    /// On completion; durable after the next flush (a volatile write cache, like a disk's).
+    Flush,
+    /// Only once durable.
+    WriteThrough,
+}
+
+/// What happens when the journal has no room for the open generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JournalFullName {
+    /// Hold writes until the sort frees space (fail them if nothing can).
+    Block,
+    /// Fail writes with a no-space error.
+    Fail,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Parameters of `bdev_chronicle_create`, also what `save_config` writes to re-create it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeConfig {
+    /// Name of the chronicle bdev (recorded on the devices, at most 63 bytes).
+    pub name: String,
+    pub base_bdev: String,
+    pub journal_bdev: String,
+    pub backup_bdev: String,
+    pub history_bdev: String,
+    /// Bytes per journal element (default 4096 for a new volume; an existing volume keeps its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_write_size: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub durability: Option<DurabilityName>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub journal_full: Option<JournalFullName>,
+    /// Refuse writes that are not whole host-write-size units (SPDK splits at unit
+    /// boundaries) instead of widening them by read-modify-write.
+    #[serde(default)]
+    pub strict: bool,
+    /// On format: copy the base to the backup (generation 0 = the base as it is). Turn off
+    /// only for bases known to be zero, like new files or malloc bdevs.
+    #[serde(default = "yes")]
+    pub copy_base_to_backup: bool,
+    /// Sort sealed generations into the backup in the background.
+    #[serde(default = "yes")]
+    pub automatic_sort: bool,
+    /// Limit on sort bandwidth, bytes per second read from the journal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sort_rate_limit_bytes_per_second: Option<u64>,
+}
+
+impl VolumeConfig {
+    pub fn bdev_names(&self) -> [&str; 4] {
+        [&self.base_bdev, &self.journal_bdev, &self.backup_bdev, &self.history_bdev]
+    }
+
+    fn volume_options(&self) -> VolumeOptions {
+        VolumeOptions {
+            strict: self.strict,
+            sort: SortOptions {
+                automatic: self.automatic_sort,
+                rate_limit_bytes_per_second: self.sort_rate_limit_bytes_per_second,
+                ..SortOptions::default()
+            },
+            ..VolumeOptions::default()
+        }
+    }
+}
+
+/// Whether create may format blank devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreateMode {
+    /// `bdev_chronicle_create`: format blank devices, open chronicle ones.
+    FormatOrOpen,
+    /// examine: only open devices that already hold the volume.
+    OpenOnly,
+}
+
+/// Why a volume could not be created; each maps to a JSON-RPC error (`-errno`).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CreateError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("a bdev named {0} already exists")]
+    Exists(String),
+    #[error("the {role} bdev {name} does not exist")]
+    Missing { role: &'static str, name: String },
+    #[error("the {role} bdev {name} is already claimed (used by {module} or another volume; see bdev_get_bdevs)")]
+    Claimed { role: &'static str, name: String, module: String },
+    #[error("cannot open the {role} bdev {name}: {errno}")]
+    Open { role: &'static str, name: String, errno: Errno },
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    Engine(String),
+    #[error("the {0} was removed while the volume was being created")]
+    Removed(String),
+    #[error("cannot register the chronicle bdev: {0}")]
+    Register(Errno),
+}
+
+impl CreateError {
+    pub fn errno(&self) -> Errno {
+        match self {
+            CreateError::Invalid(_) | CreateError::Refused(_) => Errno::EINVAL,
+            CreateError::Exists(_) => Errno(libc::EEXIST),
+            CreateError::Missing { .. } | CreateError::Removed(_) => Errno::ENODEV,
+            CreateError::Claimed { .. } => Errno(libc::EBUSY),
+            CreateError::Open { errno, .. } | CreateError::Register(errno) => *errno,
+            CreateError::Engine(_) => Errno(libc::EIO),
+        }
+    }
+}
+
+fn engine_error(error: &EngineError) -> CreateError {
+    match error {
+        EngineError::Io(_) | EngineError::Failed(_) => CreateError::Engine(error.to_string()),
+        _ => CreateError::Refused(error.to_string()),
+    }
+}
+
+/// Why a request about an existing volume failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum VolumeError {
+    #[error("no chronicle volume named {0}")]
+    NotFound(String),
+    #[error("chronicle volume {name} is {state}; try again when it is running")]
+    Busy { name: String, state: &'static str },
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl VolumeError {
+    pub fn errno(&self) -> Errno {
+        match self {
+            VolumeError::NotFound(_) => Errno::ENODEV,
+            VolumeError::Busy { .. } => Errno(libc::EBUSY),
+            VolumeError::Failed(_) => Errno(libc::EIO),
+        }
+    }
+}
+
+type Waiter = Box<dyn FnOnce(Result<String, CreateError>)>;
+type MarkerWaiter = Box<dyn FnOnce(Result<u64, VolumeError>)>;
+type IoCtx = <Chronicle as bdev_module::BdevModule>::IoCtx;
+
+enum HostState {
+    /// Reading the journal's and history's superblocks to decide between format and open.
+    Inspecting,
+    Formatting(Formatting),
+    Opening(Opening),
+    Running(Volume),
+    Closing(Volume),
+    /// Torn down; the host is about to leave the registry.
+    Gone,
+}
+
+impl HostState {
+    fn name(&self) -> &'static str {
+        match self {
+            HostState::Inspecting => "inspecting",
+            HostState::Formatting(_) => "formatting",
+            HostState::Opening(_) => "opening",
+            HostState::Running(_) => "running",
+            HostState::Closing(_) => "closing",
+            HostState::Gone => "gone",
+        }
+    }
+}
+
+/// A host I/O waiting for the volume: where to complete it.
+enum PendingIo {
+    /// Submitted on the app thread: completed in place.
+    Local(BdevIo<IoCtx>),
+    /// Submitted on another thread: completed there, by message.
+    Remote(DetachedIo<IoCtx>),
+}
+
+/// Counters of the module's I/O path (the engine counts the rest).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HostCounters {
+    pub local_submissions: u64,
+    pub remote_submissions: u64,
+    pub reply_retries: u64,
+    pub completed_with_error: u64,
+}
+
+/// One volume and everything it holds in SPDK.
+pub(crate) struct VolumeHost {
+    id: u64,
+    config: RefCell<VolumeConfig>,
+    state: RefCell<HostState>,
+    /// Open descriptors of the four bdevs (claimed), in role order, once opened.
+    descs: RefCell<Vec<Rc<BdevDesc>>>,
+    poller: RefCell<Option<Poller>>,
+    pending: RefCell<Slab<PendingIo>>,
+    replies: RefCell<VecDeque<Reply>>,
+    completions: RefCell<Vec<HostCompletion>>,
+    waiters: RefCell<Vec<Waiter>>,
+    markers: RefCell<Vec<(MarkerHandle, MarkerWaiter)>>,
+    destruct: RefCell<Option<vbdev::DestructDone>>,
+    /// The chronicle bdev is registered with SPDK.
+    registered: Cell<bool>,
+    /// A bdev below was hot-removed (its role), while the volume was being created.
+    removed: RefCell<Option<String>>,
+    uuid: Cell<Option<[u8; 16]>>,
+    counters: RefCell<HostCounters>,
+}
+
+#[derive(Default)]
+struct Registry {
+    by_name: BTreeMap<String, Rc<VolumeHost>>,
+    by_id: FxHashMap<u64, Rc<VolumeHost>>,
+    next_id: u64,
+}
+
+thread_local! {
+    /// The volumes, on the app thread (their owner); other threads reach them by message.
+    static REGISTRY: RefCell<Registry> = RefCell::new(Registry { next_id: 1, ..Default::default() });
+}
+
+fn host_by_id(id: u64) -> Option<Rc<VolumeHost>> {
+    REGISTRY.with(|registry| registry.borrow().by_id.get(&id).cloned())
+}
+
+fn host_by_name(name: &str) -> Option<Rc<VolumeHost>> {
+    REGISTRY.with(|registry| registry.borrow().by_name.get(name).cloned())
+}
+
+fn unregister_host(host: &VolumeHost) {
+    REGISTRY.with(|registry| {
+        let mut registry = registry.borrow_mut();
+        registry.by_id.remove(&host.id);
+        let name = host.config.borrow().name.clone();
+        if registry.by_name.get(&name).is_some_and(|h| h.id == host.id) {
+            registry.by_name.remove(&name);
+        }
+    });
+}
+
+/// Drops every volume left (application stop after every bdev is gone: only failed leftovers).
+pub(crate) fn clear() {
+    let hosts: Vec<Rc<VolumeHost>> =
+        REGISTRY.with(|registry| registry.borrow_mut().by_id.drain().map(|(_, host)| host).collect());
+    REGISTRY.with(|registry| registry.borrow_mut().by_name.clear());
+    for host in hosts {
+        host.teardown();
+    }
+}
+
+fn check_config(config: &VolumeConfig) -> Result<(), CreateError> {
+    let name = &config.name;
+    if name.is_empty() || name.len() >= VOLUME_NAME_BYTES || name.contains('\0') {
+        return Err(CreateError::Invalid(format!(
+            "name {name:?} must be 1 to {} bytes without NUL (it is recorded on the devices)",
+            VOLUME_NAME_BYTES - 1
+        )));
+    }
+    if let Some(size) = config.host_write_size {
+        if !size.is_power_of_two() || !(512..=1 << 20).contains(&size) {
+            return Err(CreateError::Invalid(format!(
+                "host_write_size {size} is not a power of two from 512 to 1048576 bytes"
+            )));
+        }
+    }
+    let names = config.bdev_names();
+    for (i, a) in names.iter().enumerate() {
+        if a.is_empty() {
+            return Err(CreateError::Invalid(format!("{}_bdev is empty", ROLES[i])));
+        }
+        if *a == name.as_str() {
+            return Err(CreateError::Invalid(format!("the {} bdev cannot be the volume itself ({name})", ROLES[i])));
+        }
+        for (j, b) in names.iter().enumerate().skip(i + 1) {
+            if a == b {
+                return Err(CreateError::Invalid(format!(
+                    "bdev {a} is given as both the {} and the {} device; every role needs its own bdev",
+                    ROLES[i], ROLES[j]
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Creates (formats or opens) the volume of `config`; `done` runs on the app thread with the
+/// bdev's name once it is registered, or with why nothing was created. A second create of
+/// the same volume (same name and bdevs, e.g. `load_config` after examine found it) waits for
+/// the first and succeeds with it.
+pub fn create(config: VolumeConfig, mode: CreateMode, done: Waiter) {
+    if let Err(error) = check_config(&config) {
+        return done(Err(error));
+    }
+    if let Some(existing) = host_by_name(&config.name) {
+        let same = existing.config.borrow().bdev_names() == config.bdev_names();
+        if !same {
+            return done(Err(CreateError::Exists(config.name.clone())));
+        }
+        let state = existing.state.borrow().name();
+        return match state {
+            "running" => done(Ok(config.name.clone())),
+            "inspecting" | "formatting" | "opening" => existing.waiters.borrow_mut().push(done),
+            _ => done(Err(CreateError::Exists(config.name.clone()))),
+        };
+    }
+    if bdev_exists(&config.name) {
+        return done(Err(CreateError::Exists(config.name.clone())));
+    }
+    for (role, name) in ROLES.iter().zip(config.bdev_names()) {
+        if !bdev_exists(name) {
+            return done(Err(CreateError::Missing { role, name: name.to_string() }));
+        }
+    }
+    let host = REGISTRY.with(|registry| {
+        let mut registry = registry.borrow_mut();
+        let id = registry.next_id;
+        registry.next_id += 1;
+        let host = Rc::new(VolumeHost {
+            id,
+            config: RefCell::new(config.clone()),
+            state: RefCell::new(HostState::Inspecting),
+            descs: RefCell::new(Vec::new()),
+            poller: RefCell::new(None),
+            pending: RefCell::new(Slab::new()),
+            replies: RefCell::new(VecDeque::new()),
+            completions: RefCell::new(Vec::with_capacity(256)),
+            waiters: RefCell::new(vec![done]),
+            markers: RefCell::new(Vec::new()),
+            destruct: RefCell::new(None),
+            registered: Cell::new(false),
+            removed: RefCell::new(None),
+            uuid: Cell::new(None),
+            counters: RefCell::new(HostCounters::default()),
+        });
+        registry.by_name.insert(config.name.clone(), host.clone());
+        registry.by_id.insert(id, host.clone());
+        host
+    });
+    spdk_info!(bdev_chronicle::LOG, "chronicle: creating {} over {:?}", config.name, config.bdev_names());
+    // The journal's and the history's superblocks decide between format and open.
+    let journal = config.journal_bdev.clone();
+    let history = config.history_bdev.clone();
+    bdev_chronicle::read_superblocks(&journal, move |journal_read| {
+        bdev_chronicle::read_superblocks(&history, move |history_read| {
+            let decision = decide(&host.config.borrow(), mode, journal_read, history_read);
+            match decision {
+                Ok(format) => host.start(format),
+                Err(error) => host.fail(error),
+            }
+        })
+    });
+}
+
+/// Format (`true`) or open (`false`), from what the journal and the history hold.
+fn decide(
+    config: &VolumeConfig,
+    mode: CreateMode,
+    journal: Result<SuperblockRead, bdev_chronicle::InspectError>,
+    history: Result<SuperblockRead, bdev_chronicle::InspectError>,
+) -> Result<bool, CreateError> {
+    let read_error = |role: &'static str, error: bdev_chronicle::InspectError| CreateError::Open {
+        role,
+        name: error.bdev_name().to_string(),
+        errno: error.errno(),
+    };
+    let journal = journal.map_err(|e| read_error("journal", e))?;
+    let history = history.map_err(|e| read_error("history", e))?;
+    let chronicle = |read: &SuperblockRead, role: DeviceRole| -> Result<Option<Superblock>, CreateError> {
+        match &read.state {
+            SuperblockState::Blank | SuperblockState::TooSmall => Ok(None),
+            SuperblockState::Chronicle(superblock) if superblock.role == role => Ok(Some(superblock.clone())),
+            SuperblockState::Chronicle(superblock) => Err(CreateError::Refused(format!(
+                "bdev {} holds the {:?} device of chronicle volume {} ({}), not a {role:?} device",
+                read.bdev_name,
+                superblock.role,
+                display_name(superblock),
+                uuid::Uuid::from_bytes(superblock.volume_uuid)
+            ))),
+            SuperblockState::Damaged(error) => Err(CreateError::Refused(format!(
+                "bdev {} holds a damaged chronicle superblock ({error}); refusing to format over it \
+                 (zero its first 8 KiB to reuse it)",
+                read.bdev_name
+            ))),
+        }
+    };
+    let journal_superblock = chronicle(&journal, DeviceRole::Journal)?;
+    let history_superblock = chronicle(&history, DeviceRole::History)?;
+    match (journal_superblock, history_superblock) {
+        (None, None) if mode == CreateMode::FormatOrOpen => Ok(true),
+        (None, None) => Err(CreateError::Refused("the journal and history bdevs hold no chronicle volume".into())),
+        (Some(j), Some(h)) if j.volume_uuid == h.volume_uuid => {
+            if let Some(size) = config.host_write_size {
+                if size != j.host_write_size {
+                    return Err(CreateError::Refused(format!(
+                        "volume {} was formatted with host_write_size {}, not {size}",
+                        display_name(&j),
+                        j.host_write_size
+                    )));
+                }
+            }
+            let durability = match j.durability {
+                Durability::Flush => DurabilityName::Flush,
+                Durability::WriteThrough => DurabilityName::WriteThrough,
+            };
+            if config.durability.is_some_and(|asked| asked != durability) {
+                return Err(CreateError::Refused(format!(
+                    "volume {} was formatted with durability {durability:?}, not {:?}",
+                    display_name(&j),
+                    config.durability.expect("checked")
+                )));
+            }
+            Ok(false)
+        }
+        (Some(j), Some(h)) => Err(CreateError::Refused(format!(
+            "the journal {} belongs to volume {} and the history {} to volume {}: they are not one volume",
+            journal.bdev_name,
+            uuid::Uuid::from_bytes(j.volume_uuid),
+            history.bdev_name,
+            uuid::Uuid::from_bytes(h.volume_uuid)
+        ))),
+        (Some(j), None) => Err(CreateError::Refused(format!(
+            "the journal {} holds chronicle volume {} but the history {} holds none; refusing to format \
+             over a volume's journal",
+            journal.bdev_name,
+            display_name(&j),
+            history.bdev_name
+        ))),
+        (None, Some(h)) => Err(CreateError::Refused(format!(
+            "the history {} holds chronicle volume {} but the journal {} holds none; refusing to format \
+             over a volume's history",
+            history.bdev_name,
+            display_name(&h),
+            journal.bdev_name
+        ))),
+    }
+}
+
+fn display_name(superblock: &Superblock) -> String {
+    if superblock.volume_name.is_empty() {
+        format!("(unnamed) {}", uuid::Uuid::from_bytes(superblock.volume_uuid))
+    } else {
+        superblock.volume_name.clone()
+    }
+}
+
+impl VolumeHost {
+    /// Opens and claims the four bdevs and starts the format or the open.
+    fn start(self: &Rc<Self>, format: bool) {
+        let config = self.config.borrow().clone();
+        let module = bdev_module::module::<Chronicle>().expect("the module is registered");
+        let mut descs = Vec::with_capacity(4);
+        for (role, name) in ROLES.iter().zip(config.bdev_names()) {
+            let id = self.id;
+            let role_name = *role;
+            let desc = match BdevDesc::open(name, true, move |event, _bdev| {
+                if event == BdevEvent::Remove {
+                    on_remove(id, role_name);
+                }
+            }) {
+                Ok(desc) => desc,
+                Err(errno) if errno == Errno::ENODEV => {
+                    return self.fail(CreateError::Missing { role, name: name.to_string() });
+                }
+                Err(errno) => return self.fail(CreateError::Open { role, name: name.to_string(), errno }),
+            };
+            if desc.claim(module, ClaimKind::ReadManyWriteOne).is_err() {
+                let module = desc.bdev().module_name();
+                return self.fail(CreateError::Claimed { role, name: name.to_string(), module });
+            }
+            descs.push(Rc::new(desc));
+        }
+        let mut channels: Vec<Box<dyn Channel>> = Vec::with_capacity(4);
+        for (role, desc) in ROLES.iter().zip(&descs) {
+            match SpdkDevice::new(desc.clone()).open_channel() {
+                Ok(channel) => channels.push(channel),
+                Err(error) => return self.fail(CreateError::Engine(format!("{role}: {error}"))),
+            }
+        }
+        *self.descs.borrow_mut() = descs;
+        let state = if format {
+            let options = FormatOptions {
+                host_write_size: config.host_write_size.unwrap_or(4096),
+                durability: match config.durability.unwrap_or(DurabilityName::Flush) {
+                    DurabilityName::Flush => Durability::Flush,
+                    DurabilityName::WriteThrough => Durability::WriteThrough,
+                },
+                journal_full_policy: match config.journal_full.unwrap_or(JournalFullName::Block) {
+                    JournalFullName::Block => JournalFullPolicy::Block,
+                    JournalFullName::Fail => JournalFullPolicy::Fail,
+                },
+                names: config.bdev_names().map(str::to_owned),
+                volume_name: config.name.clone(),
+                copy_base_to_backup: config.copy_base_to_backup,
+                ..FormatOptions::default()
+            };
+            spdk_notice!("chronicle: formatting {} (base {})", config.name, config.base_bdev);
+            HostState::Formatting(begin_format(channels, options))
+        } else {
+            spdk_notice!("chronicle: opening {} (recovering from its journal)", config.name);
+            HostState::Opening(Volume::begin_open(channels, config.volume_options()))
+        };
+        *self.state.borrow_mut() = state;
+        let host = self.clone();
+        match Poller::register(&format!("chronicle_{}", config.name), Duration::ZERO, move || host.poll()) {
+            Ok(poller) => *self.poller.borrow_mut() = Some(poller),
+            Err(errno) => self.fail(CreateError::Engine(format!("cannot register the volume's poller: {errno}"))),
+        }
+    }
+
+    /// Ends a create that did not succeed: nothing stays open, claimed or registered.
+    fn fail(self: &Rc<Self>, error: CreateError) {
+        spdk_error!("chronicle: cannot create {}: {error}", self.config.borrow().name);
+        self.teardown();
+        let waiters = std::mem::take(&mut *self.waiters.borrow_mut());
+        for waiter in waiters {
+            waiter(Err(error.clone()));
+        }
+    }
+
+    /// Releases everything: poller, volume, channels, descriptors (claims), registry entry.
+    fn teardown(&self) {
+        let poller = self.poller.borrow_mut().take();
+        let state = std::mem::replace(&mut *self.state.borrow_mut(), HostState::Gone);
+        drop(state);
+        self.descs.borrow_mut().clear();
+        unregister_host(self);
+        // I/Os still waiting (none after a close: defensive) fail where they were submitted.
+        let pending: Vec<PendingIo> = self.pending.borrow_mut().drain().collect();
+        for io in pending {
+            self.complete(io, IoStatus::Failed);
+        }
+        drop(poller);
+    }
+
+    /// One turn of the volume's poller.
+    fn poll(self: &Rc<Self>) -> PollStatus {
+        let mut busy = self.retry_replies();
+        let mut completions = std::mem::take(&mut *self.completions.borrow_mut());
+        let event = {
+            let mut state = self.state.borrow_mut();
+            match &mut *state {
+                HostState::Inspecting | HostState::Gone => None,
+                HostState::Formatting(formatting) => match formatting.poll() {
+                    Poll::Pending => None,
+                    Poll::Ready((Ok(()), channels)) => {
+                        busy = true;
+                        let options = self.config.borrow().volume_options();
+                        *state = HostState::Opening(Volume::begin_open(channels, options));
+                        None
+                    }
+                    Poll::Ready((Err(error), _channels)) => Some(Event::CreateFailed(engine_error(&error))),
+                },
+                HostState::Opening(opening) => match opening.poll() {
+                    Poll::Pending => None,
+                    Poll::Ready(Ok(volume)) => {
+                        *state = HostState::Running(volume);
+                        Some(Event::Opened)
+                    }
+                    Poll::Ready(Err(error)) => Some(Event::CreateFailed(engine_error(&error))),
+                },
+                HostState::Running(volume) => {
+                    busy |= volume.poll(&mut completions) > 0;
+                    None
+                }
+                HostState::Closing(volume) => match volume.poll_close(&mut completions) {
+                    Poll::Pending => None,
+                    Poll::Ready(result) => Some(Event::Closed(result)),
+                },
+            }
+        };
+        // Borrows are released: completing an I/O may submit the next one at once.
+        busy |= !completions.is_empty();
+        for completion in completions.drain(..) {
+            self.finish_io(completion);
+        }
+        *self.completions.borrow_mut() = completions;
+        busy |= self.finish_markers();
+        match event {
+            None => {}
+            Some(Event::Opened) => self.opened(),
+            Some(Event::CreateFailed(error)) => self.fail(error),
+            Some(Event::Closed(result)) => self.closed(result),
+        }
+        if busy {
+            PollStatus::Busy
+        } else {
+            PollStatus::Idle
+        }
+    }
+
+    /// Registers the chronicle bdev over the opened volume.
+    fn opened(self: &Rc<Self>) {
+        if let Some(role) = self.removed.borrow().clone() {
+            return self.fail_after_open(CreateError::Removed(format!("{role} bdev")));
+        }
+        let (identity, base_block, alignment) = {
+            let state = self.state.borrow();
+            let HostState::Running(volume) = &*state else { unreachable!("opened in Running") };
+            let descs = self.descs.borrow();
+            let base = descs[0].bdev();
+            let alignment = descs.iter().map(|d| d.bdev().buffer_alignment()).max().unwrap_or(1).max(1);
+            (volume.identity(), base.block_size(), alignment)
+        };
+        self.uuid.set(Some(identity.volume_uuid));
+        let mut config = self.config.borrow_mut();
+        // What the volume is, so that save_config replays exactly this volume.
+        config.host_write_size = Some(identity.host_write_size);
+        config.durability = Some(match identity.durability {
+            Durability::Flush => DurabilityName::Flush,
+            Durability::WriteThrough => DurabilityName::WriteThrough,
+        });
+        config.journal_full = Some(match identity.journal_full_policy {
+            JournalFullPolicy::Fail => JournalFullName::Fail,
+            _ => JournalFullName::Block,
+        });
+        let properties = vbdev::BdevProperties {
+            name: config.name.clone(),
+            product_name: "chronicle".into(),
+            block_size: base_block,
+            num_blocks: identity.volume_bytes / u64::from(base_block),
+            write_unit_blocks: identity.host_write_size / base_block,
+            split_on_write_unit: config.strict,
+            buffer_alignment: alignment.next_power_of_two(),
+            write_cache: identity.durability == Durability::Flush,
+            uuid: Some(identity.volume_uuid),
+        };
+        let owner = Thread::current().expect("on the app thread").handle();
+        let data = ChronicleBdev::new(self.id, config.name.clone(), owner);
+        drop(config);
+        match vbdev::register(&properties, data) {
+            Ok(()) => {
+                self.registered.set(true);
+                spdk_notice!(
+                    "chronicle: {} registered ({} bytes, host write size {}, {:?})",
+                    properties.name,
+                    identity.volume_bytes,
+                    identity.host_write_size,
+                    identity.durability
+                );
+                let name = properties.name.clone();
+                let waiters = std::mem::take(&mut *self.waiters.borrow_mut());
+                for waiter in waiters {
+                    waiter(Ok(name.clone()));
+                }
+            }
+            Err((errno, _data)) => self.fail_after_open(CreateError::Register(errno)),
+        }
+    }
+
+    /// A failure after the volume opened: close it cleanly (flush), then fail the create.
+    fn fail_after_open(self: &Rc<Self>, error: CreateError) {
+        spdk_error!("chronicle: {}: {error}; closing it", self.config.borrow().name);
+        let mut state = self.state.borrow_mut();
+        if let HostState::Running(_) = &*state {
+            let HostState::Running(mut volume) = std::mem::replace(&mut *state, HostState::Gone) else {
+                unreachable!()
+            };
+            volume.begin_close();
+            *state = HostState::Closing(volume);
+        }
+        drop(state);
+        let waiters = std::mem::take(&mut *self.waiters.borrow_mut());
+        for waiter in waiters {
+            waiter(Err(error.clone()));
+        }
+    }
+
+    fn closed(self: &Rc<Self>, result: Result<(), EngineError>) {
+        let name = self.config.borrow().name.clone();
+        match &result {
+            Ok(()) => spdk_notice!("chronicle: {name} closed"),
+            Err(error) => spdk_error!("chronicle: {name} closed with an error: {error}"),
+        }
+        self.teardown();
+        if let Some(done) = self.destruct.borrow_mut().take() {
+            done.finish();
+        }
+    }
+
+    /// SPDK destructs the chronicle bdev (delete, hot-remove, application stop): close.
+    pub(crate) fn begin_destruct(&self, done: vbdev::DestructDone) {
+        self.registered.set(false);
+        *self.destruct.borrow_mut() = Some(done);
+        let mut state = self.state.borrow_mut();
+        match std::mem::replace(&mut *state, HostState::Gone) {
+            HostState::Running(mut volume) => {
+                volume.begin_close();
+                *state = HostState::Closing(volume);
+            }
+            other => *state = other,
+        }
+    }
+
+    /// Queues a host I/O (on the app thread).
+    fn submit(&self, io: PendingIo, request: HostRequest) {
+        let mut state = self.state.borrow_mut();
+        let HostState::Running(volume) = &mut *state else {
+            drop(state);
+            // The bdev is going away (or not there yet): nothing accepts I/O.
+            return self.complete(io, IoStatus::Failed);
+        };
+        let tag = self.pending.borrow_mut().insert(io) as Tag;
+        volume.submit(tag, request);
+    }
+
+    fn finish_io(&self, completion: HostCompletion) {
+        let HostCompletion { tag, result, payload } = completion;
+        // The host's memory is given back before the I/O completes (BdevIo::host_buffers).
+        if let Payload::Write(buffers) = &payload {
+            debug_assert_eq!(std::sync::Arc::strong_count(buffers), 1, "the engine kept a host buffer");
+        }
+        drop(payload);
+        let Some(io) = self.pending.borrow_mut().try_remove(tag as usize) else {
+            spdk_error!("chronicle: completion for unknown I/O {tag}");
+            return;
+        };
+        let status = match result {
+            Ok(()) => IoStatus::Success,
+            Err(error) => {
+                let mut counters = self.counters.borrow_mut();
+                counters.completed_with_error += 1;
+                if counters.completed_with_error.is_power_of_two() {
+                    spdk_error!(
+                        "chronicle: {}: I/O failed ({} so far): {error}",
+                        self.config.borrow().name,
+                        counters.completed_with_error
+                    );
+                }
+                IoStatus::Failed
+            }
+        };
+        self.complete(io, status);
+    }
+
+    fn complete(&self, io: PendingIo, status: IoStatus) {
+        match io {
+            PendingIo::Local(io) => io.complete(status),
+            PendingIo::Remote(io) => {
+                let thread = io.thread();
+                if let Err((_, reply)) = thread.send(Reply { io, status }) {
+                    self.counters.borrow_mut().reply_retries += 1;
+                    let mut replies = self.replies.borrow_mut();
+                    assert!(replies.len() < REPLY_RETRY_LIMIT, "replies to other threads pile up");
+                    replies.push_back(reply);
+                }
+            }
+        }
+    }
+
+    /// Sends the replies SPDK's message pool refused earlier.
+    fn retry_replies(&self) -> bool {
+        let count = self.replies.borrow().len();
+        for _ in 0..count {
+            let Some(reply) = self.replies.borrow_mut().pop_front() else { break };
+            let thread = reply.io.thread();
+            if let Err((_, reply)) = thread.send(reply) {
+                self.replies.borrow_mut().push_front(reply);
+                break;
+            }
+        }
+        count > 0
+    }
+
+    fn finish_markers(&self) -> bool {
+        let ready: Vec<(MarkerHandle, MarkerWaiter)> = {
+            let mut markers = self.markers.borrow_mut();
+            let (ready, waiting) = markers.drain(..).partition(|(handle, _)| handle.result().is_some());
+            *markers = waiting;
+            ready
+        };
+        let any = !ready.is_empty();
+        for (handle, waiter) in ready {
+            waiter(handle.result().expect("partitioned on Some").map_err(VolumeError::Failed));
+        }
+        any
+    }
+
+    fn running<T>(&self, f: impl FnOnce(&mut Volume) -> T) -> Result<T, VolumeError> {
+        let mut state = self.state.borrow_mut();
+        match &mut *state {
+            HostState::Running(volume) => Ok(f(volume)),
+            other => Err(VolumeError::Busy { name: self.config.borrow().name.clone(), state: other.name() }),
+        }
+    }
+
+    pub(crate) fn config(&self) -> VolumeConfig {
+        self.config.borrow().clone()
+    }
+}
+
+enum Event {
+    Opened,
+    CreateFailed(CreateError),
+    Closed(Result<(), EngineError>),
+}
+
+/// A completion on its way back to the submitting thread.
+struct Reply {
+    io: DetachedIo<IoCtx>,
+    status: IoStatus,
+}
+
+impl Message for Reply {
+    fn run(self) {
+        match self.io.attach() {
+            Ok(io) => io.complete(self.status),
+            Err(_) => unreachable!("a reply runs on the I/O's own thread"),
+        }
+    }
+}
+
+/// A host I/O on its way from another thread to the volume's thread.
+struct Delivery {
+    id: u64,
+    io: DetachedIo<IoCtx>,
+    request: HostRequest,
+}
+
+impl Message for Delivery {
+    fn run(self) {
+        match host_by_id(self.id) {
+            Some(host) => {
+                host.counters.borrow_mut().remote_submissions += 1;
+                host.submit(PendingIo::Remote(self.io), self.request)
+            }
+            None => {
+                // The volume is gone: fail the I/O at home.
+                let thread = self.io.thread();
+                let _ = thread.send(Reply { io: self.io, status: IoStatus::Failed });
+            }
+        }
+    }
+}
+
+/// The chronicle bdev's entry for host I/O, on the submitting thread: `owner` is the volume's
+/// thread. Zero copy: the request carries the I/O's own buffers.
+pub(crate) fn submit_io(id: u64, owner: ThreadHandle, io: BdevIo<IoCtx>, request: HostRequest) {
+    if owner.is_current() {
+        match host_by_id(id) {
+            Some(host) => {
+                host.counters.borrow_mut().local_submissions += 1;
+                host.submit(PendingIo::Local(io), request)
+            }
+            None => io.complete(IoStatus::Failed),
+        }
+        return;
+    }
+    let delivery = Delivery { id, io: io.detach(), request };
+    if let Err((_, delivery)) = owner.send(delivery) {
+        // SPDK's message pool is empty: the bdev layer retries a NOMEM I/O later.
+        drop(delivery.request);
+        match delivery.io.attach() {
+            Ok(io) => io.complete(IoStatus::NoMem),
+            Err(_) => unreachable!("still on the submitting thread"),
+        }
+    }
+}
+
+/// A bdev below a volume is being removed (on the app thread).
+fn on_remove(id: u64, role: &'static str) {
+    let Some(host) = host_by_id(id) else { return };
+    let name = host.config.borrow().name.clone();
+    spdk_notice!("chronicle: the {role} bdev of {name} is being removed; closing {name}");
+    if host.registered.get() {
+        vbdev::unregister::<Chronicle, _>(&name.clone(), move |result| {
+            if let Err(errno) = result {
+                spdk_error!("chronicle: cannot unregister {name} after a hot-remove: {errno}");
+            }
+        });
+    } else {
+        host.removed.borrow_mut().get_or_insert_with(|| role.to_string());
+    }
+}
+
+/// Deletes the volume `name`: unregisters its bdev, which closes the volume (every device
+/// flushed, the sort stopped at a resumable point) and releases its bdevs.
+pub fn delete(name: &str, done: impl FnOnce(Result<(), VolumeError>) + 'static) {
+    let Some(host) = host_by_name(name) else { return done(Err(VolumeError::NotFound(name.to_string()))) };
+    if !host.registered.get() {
+        let state = host.state.borrow().name();
+        return done(Err(VolumeError::Busy { name: name.to_string(), state }));
+    }
+    let name = name.to_string();
+    vbdev::unregister::<Chronicle, _>(&name.clone(), move |result| {
+        done(result.map_err(|errno| VolumeError::Failed(format!("cannot delete {name}: {errno}"))))
+    });
+}
+
+/// Cuts a generation of volume `name`; `done` gets the sealed generation's number.
+pub fn mark(name: &str, comment: &str, done: MarkerWaiter) {
+    let Some(host) = host_by_name(name) else { return done(Err(VolumeError::NotFound(name.to_string()))) };
+    match host.running(|volume| volume.mark(comment)) {
+        Ok(handle) => host.markers.borrow_mut().push((handle, done)),
+        Err(error) => done(Err(error)),
+    }
+}
+
+/// One generation as `bdev_chronicle_get_generations` reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerationReport {
+    pub generation: u64,
+    pub state: &'static str,
+    pub time: String,
+    pub time_ns: u64,
+    pub comment: String,
+    pub blocks: u64,
+}
+
+pub fn generations(name: &str) -> Result<Vec<GenerationReport>, VolumeError> {
+    let host = host_by_name(name).ok_or_else(|| VolumeError::NotFound(name.to_string()))?;
+    host.running(|volume| {
+        volume
+            .status()
+            .generations
+            .into_iter()
+            .map(|g| GenerationReport {
+                generation: g.generation,
+                state: g.state,
+                time: crate::core::time::rfc3339(g.time_ns),
+                time_ns: g.time_ns,
+                comment: g.comment,
+                blocks: g.blocks,
+            })
+            .collect()
+    })
+}
+
+/// What `bdev_chronicle_get_status` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct VolumeReport {
+    pub name: String,
+    /// inspecting, formatting, opening, running, closing.
+    pub state: &'static str,
+    pub volume_uuid: Option<String>,
+    pub base_bdev: String,
+    pub journal_bdev: String,
+    pub backup_bdev: String,
+    pub history_bdev: String,
+    /// Progress of a format's copy of the base to the backup.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub format_progress: Option<FormatReport>,
+    /// The engine's status (journal and history use, sort progress, counters, generations).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub volume: Option<Status>,
+    pub io: HostCounters,
+    pub io_pending: usize,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct FormatReport {
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+}
+
+impl From<FormatProgress> for FormatReport {
+    fn from(progress: FormatProgress) -> Self {
+        FormatReport { done_bytes: progress.done_bytes, total_bytes: progress.total_bytes }
+    }
+}
+
+pub fn status(name: &str) -> Result<VolumeReport, VolumeError> {
+    let host = host_by_name(name).ok_or_else(|| VolumeError::NotFound(name.to_string()))?;
+    Ok(host.report())
+}
+
+pub(crate) fn status_by_id(id: u64) -> Option<VolumeReport> {
+    host_by_id(id).map(|host| host.report())
+}
+
+pub(crate) fn config_by_id(id: u64) -> Option<VolumeConfig> {
+    host_by_id(id).map(|host| host.config())
+}
+
+pub(crate) fn destruct_by_id(id: u64, done: vbdev::DestructDone) {
+    match host_by_id(id) {
+        Some(host) => host.begin_destruct(done),
+        None => done.finish(),
+    }
+}
+
+impl VolumeHost {
+    fn report(&self) -> VolumeReport {
+        let config = self.config.borrow();
+        let state = self.state.borrow();
+        let (format_progress, volume) = match &*state {
+            HostState::Formatting(formatting) => (Some(formatting.progress().into()), None),
+            HostState::Running(volume) | HostState::Closing(volume) => (None, Some(volume.status())),
+            _ => (None, None),
+        };
+        VolumeReport {
+            name: config.name.clone(),
+            state: state.name(),
+            volume_uuid: self.uuid.get().map(|uuid| uuid::Uuid::from_bytes(uuid).to_string()),
+            base_bdev: config.base_bdev.clone(),
+            journal_bdev: config.journal_bdev.clone(),
+            backup_bdev: config.backup_bdev.clone(),
+            history_bdev: config.history_bdev.clone(),
+            format_progress,
+            volume,
+            io: self.counters.borrow().clone(),
+            io_pending: self.pending.borrow().len(),
+        }
+    }
+}

@@ -1,0 +1,265 @@
+//! The device backend over SPDK bdevs (ARCHITECTURE §4): a [`Device`] is an open descriptor
+//! (`spdk_bdev_desc`), a [`Channel`] the calling thread's `spdk_io_channel` to it. The engine
+//! runs on SPDK unchanged: operations go to the bdev with the buffers they carry (host iovecs
+//! on the write path, so the same memory reaches base and journal without a copy), internal
+//! buffers come from SPDK's DMA allocator, and `ENOMEM` waits in `spdk_bdev_queue_io_wait` and
+//! resubmits — back-pressure, never an error.
+//!
+//! SPDK bdevs have no FUA flag: on a bdev with a volatile write cache a FUA write is followed
+//! by a flush of its range before it completes.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+
+use super::bdev::{BdevDesc, BlockRequest, IoChannel, IoDone};
+use super::dma;
+use super::Errno;
+use crate::device::{
+    validate, Channel, Completion, Device, DeviceError, DeviceGeometry, DmaBuf, ForeignMemory, IoError, Operation,
+    Payload, SubmitError, Tag,
+};
+
+/// Alignment of internal buffers: enough for every bdev (`O_DIRECT` files under bdev_aio).
+const DMA_ALIGNMENT: usize = 4096;
+
+/// An open bdev as an engine device.
+pub struct SpdkDevice {
+    desc: Rc<BdevDesc>,
+    name: String,
+    geometry: DeviceGeometry,
+}
+
+impl SpdkDevice {
+    pub fn new(desc: Rc<BdevDesc>) -> Self {
+        let bdev = desc.bdev();
+        let geometry = DeviceGeometry {
+            block_size: bdev.block_size(),
+            block_count: bdev.num_blocks(),
+            // The bdev layer bounces misaligned buffers itself; host iovecs are taken as they are.
+            buffer_alignment: 1,
+            // The bdev layer splits large operations for the bdev below.
+            max_transfer_blocks: u32::MAX,
+            volatile_cache: bdev.has_write_cache(),
+        };
+        SpdkDevice { name: bdev.name(), desc, geometry }
+    }
+}
+
+impl Device for SpdkDevice {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn geometry(&self) -> DeviceGeometry {
+        self.geometry
+    }
+
+    fn open_channel(&self) -> Result<Box<dyn Channel>, DeviceError> {
+        let channel = self.desc.io_channel().map_err(|errno| DeviceError::Channel {
+            device: self.name.clone(),
+            detail: format!("no I/O channel on this thread: {errno}"),
+        })?;
+        Ok(Box::new(SpdkChannel {
+            shared: Rc::new(ChannelShared {
+                desc: self.desc.clone(),
+                channel,
+                name: self.name.clone(),
+                geometry: self.geometry,
+                done: RefCell::new(Vec::new()),
+                in_flight: Cell::new(0),
+                alloc_fallbacks: Cell::new(0),
+            }),
+        }))
+    }
+}
+
+/// What a channel and its operations in flight share: an operation keeps the descriptor and
+/// the channel alive until it completes, even if the channel is dropped first.
+struct ChannelShared {
+    // Field order is drop order: the channel is put back before the descriptor closes.
+    channel: IoChannel,
+    desc: Rc<BdevDesc>,
+    name: String,
+    geometry: DeviceGeometry,
+    done: RefCell<Vec<Completion>>,
+    in_flight: Cell<usize>,
+    alloc_fallbacks: Cell<u64>,
+}
+
+/// This thread's channel to an SPDK bdev.
+pub struct SpdkChannel {
+    shared: Rc<ChannelShared>,
+}
+
+impl Channel for SpdkChannel {
+    fn geometry(&self) -> DeviceGeometry {
+        self.shared.geometry
+    }
+
+    fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    fn submit(&mut self, tag: Tag, operation: Operation) -> Result<(), SubmitError> {
+        validate(&self.shared.name, &self.shared.geometry, &operation).map_err(SubmitError::Invalid)?;
+        let fua_flush = matches!(operation, Operation::Write { fua: true, .. }) && self.shared.geometry.volatile_cache;
+        self.shared.in_flight.set(self.shared.in_flight.get() + 1);
+        InFlight::new(self.shared.clone(), tag, operation, fua_flush).start();
+        Ok(())
+    }
+
+    fn poll(&mut self, completions: &mut Vec<Completion>) -> usize {
+        let mut done = self.shared.done.borrow_mut();
+        let count = done.len();
+        completions.append(&mut done);
+        count
+    }
+
+    fn in_flight(&self) -> usize {
+        self.shared.in_flight.get()
+    }
+
+    fn alloc(&self, len: usize) -> DmaBuf {
+        match dma::DmaBuf::zeroed(len.max(1), DMA_ALIGNMENT) {
+            Ok(buffer) => DmaBuf::foreign(Box::new(SpdkMemory { buffer, len })),
+            Err(errno) => {
+                // Heap memory still works for bdevs that do not DMA (malloc, aio, NVMe/TCP);
+                // say so once, since PCIe devices would fail the I/O.
+                let fallbacks = self.shared.alloc_fallbacks.get();
+                self.shared.alloc_fallbacks.set(fallbacks + 1);
+                if fallbacks == 0 {
+                    spdk_warn!(
+                        "chronicle: {}: no DMA memory for {len} bytes ({errno}); using heap memory",
+                        self.shared.name
+                    );
+                }
+                DmaBuf::zeroed(len)
+            }
+        }
+    }
+}
+
+/// SPDK DMA memory as a device buffer (`len` may be 0, the allocation is never empty).
+struct SpdkMemory {
+    buffer: dma::DmaBuf,
+    len: usize,
+}
+
+impl ForeignMemory for SpdkMemory {
+    fn bytes(&self) -> &[u8] {
+        &self.buffer.as_slice()[..self.len]
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.buffer.as_mut_slice()[..self.len]
+    }
+}
+
+/// Steps of one operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// The operation itself.
+    Data,
+    /// The flush that makes a FUA write durable on a bdev with a volatile cache.
+    Flush,
+}
+
+/// One operation in flight: its buffers, the iovecs SPDK reads them through, and where its
+/// completion goes.
+struct InFlight {
+    shared: Rc<ChannelShared>,
+    tag: Tag,
+    operation: Operation,
+    iovecs: Vec<libc::iovec>,
+    stage: Stage,
+    fua_flush: bool,
+}
+
+impl InFlight {
+    fn new(shared: Rc<ChannelShared>, tag: Tag, operation: Operation, fua_flush: bool) -> Box<InFlight> {
+        let iovecs = match &operation {
+            Operation::Read { buffers, .. } => buffers.segments().iter().map(iovec_of).collect(),
+            Operation::Write { buffers, .. } => buffers.segments().iter().map(iovec_of).collect(),
+            _ => Vec::new(),
+        };
+        Box::new(InFlight { shared, tag, operation, iovecs, stage: Stage::Data, fua_flush })
+    }
+
+    fn extent(&self) -> (u64, u64) {
+        self.operation.extent(self.shared.geometry.block_size).unwrap_or((0, self.shared.geometry.block_count))
+    }
+
+    fn request(&mut self) -> BlockRequest {
+        let (offset_blocks, num_blocks) = self.extent();
+        let (iovs, iovcnt) = (self.iovecs.as_mut_ptr(), self.iovecs.len() as i32);
+        match (self.stage, &self.operation) {
+            (Stage::Flush, _) | (Stage::Data, Operation::Flush) => BlockRequest::Flush { offset_blocks, num_blocks },
+            (Stage::Data, Operation::Read { .. }) => BlockRequest::Read { iovs, iovcnt, offset_blocks, num_blocks },
+            (Stage::Data, Operation::Write { .. }) => BlockRequest::Write { iovs, iovcnt, offset_blocks, num_blocks },
+            (Stage::Data, Operation::Unmap { .. }) => BlockRequest::Unmap { offset_blocks, num_blocks },
+            (Stage::Data, Operation::WriteZeroes { .. }) => BlockRequest::WriteZeroes { offset_blocks, num_blocks },
+        }
+    }
+
+    /// Submits the current stage; on `ENOMEM` waits for the bdev layer and tries again.
+    fn start(mut self: Box<Self>) {
+        let request = self.request();
+        let shared = self.shared.clone();
+        // SAFETY: the iovecs and the buffers they describe live in `self`, which SPDK holds
+        // (as the completion) until the operation completes.
+        let submitted = unsafe { shared.desc.submit(&shared.channel, request, self) };
+        let Err((errno, this)) = submitted else { return };
+        if errno == Errno::ENOMEM {
+            match shared.desc.queue_io_wait(&shared.channel, move || this.start()) {
+                Ok(()) => return,
+                Err((errno, retry)) => {
+                    spdk_error!("chronicle: {}: cannot wait for I/O resources: {errno}", shared.name);
+                    // Not queued: run the retry now; it fails again or goes through.
+                    return retry();
+                }
+            }
+        }
+        (*this).finish(Err(format!("submission refused: {errno}")));
+    }
+
+    fn finish(self, result: Result<(), String>) {
+        let InFlight { shared, tag, operation, .. } = self;
+        let kind = operation.kind();
+        let (offset_blocks, num_blocks) = operation.extent(shared.geometry.block_size).unwrap_or((0, 0));
+        let result = result.map_err(|detail| IoError::Media {
+            device: shared.name.clone(),
+            kind,
+            offset_blocks,
+            num_blocks,
+            detail,
+        });
+        let payload = match operation {
+            Operation::Read { buffers, .. } => Payload::Read(buffers),
+            Operation::Write { buffers, .. } => Payload::Write(buffers),
+            _ => Payload::None,
+        };
+        debug_assert!(shared.in_flight.get() > 0);
+        shared.in_flight.set(shared.in_flight.get() - 1);
+        shared.done.borrow_mut().push(Completion { tag, kind, result, payload });
+    }
+}
+
+impl IoDone for Box<InFlight> {
+    fn done(mut self, success: bool) {
+        if success && self.stage == Stage::Data && self.fua_flush {
+            self.stage = Stage::Flush;
+            return self.start();
+        }
+        let failure = match (success, self.stage) {
+            (true, _) => None,
+            (false, Stage::Data) => Some("the bdev failed the I/O".to_string()),
+            (false, Stage::Flush) => Some("the flush after the FUA write failed".to_string()),
+        };
+        (*self).finish(failure.map_or(Ok(()), Err));
+    }
+}
+
+fn iovec_of(buffer: &DmaBuf) -> libc::iovec {
+    // SPDK only reads through the iovec of a write; the `*mut` is what its API takes.
+    libc::iovec { iov_base: buffer.as_slice().as_ptr().cast_mut().cast(), iov_len: buffer.len() }
+}
