@@ -10,5 +10,6 @@ pub mod delta;
 pub mod element_map;
 pub mod format;
 pub mod geometry;
+pub mod payload;
 pub mod plan;
 pub mod time;

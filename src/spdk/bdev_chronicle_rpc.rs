@@ -5,6 +5,7 @@ use std::ffi::CStr;
 
 use serde::Deserialize;
 
+use super::bdev_chronicle_load as load;
 use super::bdev_chronicle_volume::{self as volume, CreateMode, VolumeConfig};
 use super::rpc::{self, RpcError, RpcMethod, RpcRequest, RpcState};
 use super::{bdev_chronicle, Errno};
@@ -152,6 +153,41 @@ impl RpcMethod for GetStatus {
     }
 }
 
+/// `bdev_chronicle_load {name, seconds, queue_depth?, marker_every_ms?, seed?, ack_log?}` →
+/// `{writes_acknowledged, writes_failed, markers, markers_failed, seconds, iops}`: writes
+/// self-identifying payloads through the chronicle bdev and logs every acknowledged write, for
+/// crash tests (`kill -9` the application, restart, then `bdev_chronicle_verify_load` or
+/// `chronicle check DIR --ack-log FILE`). Answered when the load ends.
+pub struct Load;
+
+impl RpcMethod for Load {
+    const NAME: &'static CStr = c"bdev_chronicle_load";
+    type Params = load::LoadParams;
+
+    fn call(request: RpcRequest, params: load::LoadParams) {
+        load::run_load(params, move |result| match result {
+            Ok(report) => request.respond(&report),
+            Err(error) => request.error(RpcError::errno(error.errno(), error.to_string())),
+        });
+    }
+}
+
+/// `bdev_chronicle_verify_load {name, ack_log}` → `{acknowledged, blocks_checked, missing,
+/// invalid, problems}`: reads back every block of an ack log through the chronicle bdev.
+pub struct VerifyLoad;
+
+impl RpcMethod for VerifyLoad {
+    const NAME: &'static CStr = c"bdev_chronicle_verify_load";
+    type Params = load::VerifyParams;
+
+    fn call(request: RpcRequest, params: load::VerifyParams) {
+        load::run_verify(params, move |result| match result {
+            Ok(report) => request.respond(&report),
+            Err(error) => request.error(RpcError::errno(error.errno(), error.to_string())),
+        });
+    }
+}
+
 /// Registers every `bdev_chronicle_*` method.
 pub fn register() -> Result<(), Errno> {
     rpc::register::<GetVersion>()?;
@@ -160,5 +196,7 @@ pub fn register() -> Result<(), Errno> {
     rpc::register::<Delete>()?;
     rpc::register::<Mark>()?;
     rpc::register::<GetGenerations>()?;
-    rpc::register::<GetStatus>()
+    rpc::register::<GetStatus>()?;
+    rpc::register::<Load>()?;
+    rpc::register::<VerifyLoad>()
 }

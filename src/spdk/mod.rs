@@ -34,6 +34,7 @@ pub mod vbdev;
 pub mod device;
 
 pub mod bdev_chronicle;
+pub mod bdev_chronicle_load;
 pub mod bdev_chronicle_rpc;
 pub mod bdev_chronicle_volume;
 

@@ -145,7 +145,9 @@ impl App {
         let log_file = std::fs::File::create(&log).expect("create log");
         let child = Command::new(spdk_dir.join("bin").join(options.binary))
             .args(["--no-pci", "--no-huge", "-s", &APP_MEMORY_MB.to_string(), "-i", &shm_id.to_string()])
-            .args(["-m", options.core_mask, "-r"])
+            // Other SPDK applications (another test binary, a developer's) may poll the same
+            // core: do not take SPDK's per-core lock files.
+            .args(["-m", options.core_mask, "--disable-cpumask-locks", "-r"])
             .arg(&socket)
             .args(&options.args)
             .env("LD_PRELOAD", module)
@@ -298,4 +300,147 @@ pub fn rpc(socket: &Path, method: &str, params: Option<Value>, timeout: Duration
             Err(error) => return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, error)),
         }
     }
+}
+
+// ---- Chronicle volumes over malloc bdevs, JSON configs, bdevperf and fio (spdk_volume.rs,
+// ---- spdk_io.rs).
+
+/// A chronicle volume over four fresh malloc bdevs named `<name>Base`, `<name>Journal`,
+/// `<name>Backup`, `<name>History`: the journal 1.25 × the base (room for metadata and
+/// elements), backup and history the size of the base.
+#[derive(Debug, Clone)]
+pub struct MallocVolume {
+    pub name: String,
+    pub block_size: u32,
+    pub base_blocks: u64,
+}
+
+impl MallocVolume {
+    pub fn new(name: &str, base_blocks: u64, block_size: u32) -> Self {
+        MallocVolume { name: name.to_string(), block_size, base_blocks }
+    }
+
+    /// Base, journal, backup, history.
+    pub fn bdevs(&self) -> [String; 4] {
+        ["Base", "Journal", "Backup", "History"].map(|role| format!("{}{role}", self.name))
+    }
+
+    pub fn base(&self) -> String {
+        self.bdevs()[0].clone()
+    }
+    pub fn journal(&self) -> String {
+        self.bdevs()[1].clone()
+    }
+    pub fn backup(&self) -> String {
+        self.bdevs()[2].clone()
+    }
+    pub fn history(&self) -> String {
+        self.bdevs()[3].clone()
+    }
+
+    /// The `bdev_malloc_create` calls (`{"method", "params"}`) of the four bdevs.
+    pub fn malloc_methods(&self) -> Vec<Value> {
+        let blocks = [self.base_blocks, self.base_blocks * 5 / 4, self.base_blocks, self.base_blocks];
+        self.bdevs()
+            .iter()
+            .zip(blocks)
+            .map(|(name, num_blocks)| {
+                json!({"method": "bdev_malloc_create",
+                       "params": {"name": name, "num_blocks": num_blocks, "block_size": self.block_size}})
+            })
+            .collect()
+    }
+
+    /// `bdev_chronicle_create` parameters: the four bdevs, no copy of the (zeroed) base to
+    /// the backup, and every field of `extra` added or replaced.
+    pub fn create_params(&self, extra: Value) -> Value {
+        let [base, journal, backup, history] = self.bdevs();
+        let mut params = json!({
+            "name": self.name, "base_bdev": base, "journal_bdev": journal, "backup_bdev": backup,
+            "history_bdev": history, "copy_base_to_backup": false,
+        });
+        if let Value::Object(extra) = extra {
+            for (key, value) in extra {
+                params[key] = value;
+            }
+        }
+        params
+    }
+
+    /// The four malloc bdevs and the chronicle bdev, as one JSON config's bdev calls.
+    pub fn config_methods(&self, extra: Value) -> Vec<Value> {
+        let mut methods = self.malloc_methods();
+        methods.push(json!({"method": "bdev_chronicle_create", "params": self.create_params(extra)}));
+        methods
+    }
+
+    /// Creates the four malloc bdevs in a running application.
+    pub fn create_bdevs(&self, app: &App) {
+        for method in self.malloc_methods() {
+            let name = method["params"]["name"].clone();
+            assert_eq!(app.result("bdev_malloc_create", Some(method["params"].clone())), name);
+        }
+    }
+
+    /// Creates the bdevs and the volume; returns the RPC's result (the bdev's name).
+    pub fn create(&self, app: &App, extra: Value) -> Value {
+        self.create_bdevs(app);
+        app.result("bdev_chronicle_create", Some(self.create_params(extra)))
+    }
+}
+
+/// An SPDK JSON config (`--json`, fio's `spdk_json_conf`) whose bdev subsystem makes these
+/// calls, written to `path`.
+pub fn write_bdev_config(path: &Path, methods: Vec<Value>) {
+    let config = json!({"subsystems": [{"subsystem": "bdev", "config": methods}]});
+    std::fs::write(path, serde_json::to_string_pretty(&config).expect("json")).expect("write JSON config");
+}
+
+impl AppOptions {
+    /// `bdevperf` running its workload at once (no `-z`) and exiting at the end.
+    pub fn bdevperf(args: &[&str], core_mask: &'static str) -> Self {
+        AppOptions {
+            binary: "bdevperf",
+            args: args.iter().map(|arg| arg.to_string()).collect(),
+            wait_for_rpc: false,
+            core_mask,
+        }
+    }
+}
+
+/// bdevperf's "Total" line: `Total : IOPS MiB/s Fail/s TO/s Average min max`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BdevperfTotal {
+    pub iops: f64,
+    pub mib_per_second: f64,
+    pub fails_per_second: f64,
+    pub timeouts_per_second: f64,
+}
+
+/// The last "Total" line of a bdevperf log, if it has one.
+pub fn bdevperf_total(log: &str) -> Option<BdevperfTotal> {
+    let line = log.lines().rev().find(|line| line.trim_start().starts_with("Total"))?;
+    let numbers: Vec<f64> =
+        line.split_once(':')?.1.split_whitespace().map(str::parse).collect::<Result<_, _>>().ok()?;
+    match numbers[..] {
+        [iops, mib_per_second, fails_per_second, timeouts_per_second, ..] => {
+            Some(BdevperfTotal { iops, mib_per_second, fails_per_second, timeouts_per_second })
+        }
+        _ => None,
+    }
+}
+
+/// Lines of an application's log that are errors logged by or about chronicle.
+pub fn chronicle_errors(log: &str) -> Vec<&str> {
+    log.lines().filter(|line| line.contains("*ERROR*") && line.contains("chronicle")).collect()
+}
+
+/// The fio binary: `/usr/local/bin/fio` (built against the plugin's fio sources), else `fio`
+/// on `PATH`.
+pub fn fio_binary() -> Option<PathBuf> {
+    let local = PathBuf::from("/usr/local/bin/fio");
+    if local.is_file() {
+        return Some(local);
+    }
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|dir| Path::new(dir).join("fio")).find(|path| path.is_file())
 }

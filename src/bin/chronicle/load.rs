@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use chronicle::core::checksum::crc32c;
+use chronicle::core::payload::{fill, parse, Content};
 use chronicle::device::{DmaBuf, IoBuffers};
 use chronicle::engine::reader::VolumeReader;
 use chronicle::engine::{HostRequest, Volume, VolumeOptions};
@@ -21,52 +21,6 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::host;
-
-const MAGIC: &[u8; 8] = b"CHRNLOAD";
-const HEADER: usize = 36;
-
-/// Fills `buffer` with the payload of (block, sequence, seed).
-fn fill(buffer: &mut [u8], block: u64, sequence: u64, seed: u64) {
-    buffer[..8].copy_from_slice(MAGIC);
-    buffer[8..16].copy_from_slice(&block.to_le_bytes());
-    buffer[16..24].copy_from_slice(&sequence.to_le_bytes());
-    buffer[24..32].copy_from_slice(&seed.to_le_bytes());
-    let mut state = block ^ sequence.rotate_left(17) ^ seed.rotate_left(41) ^ 0x9E37_79B9_7F4A_7C15;
-    for chunk in buffer[HEADER..].chunks_mut(8) {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
-    }
-    let crc = crc32c(&buffer[HEADER..]);
-    buffer[32..36].copy_from_slice(&crc.to_le_bytes());
-}
-
-/// What a block holds: never written (all zero), a valid payload, or garbage.
-#[derive(Debug, PartialEq, Eq)]
-enum Content {
-    Zero,
-    Write { sequence: u64 },
-    Invalid(String),
-}
-
-fn parse(buffer: &[u8], block: u64) -> Content {
-    if buffer.iter().all(|b| *b == 0) {
-        return Content::Zero;
-    }
-    if &buffer[..8] != MAGIC {
-        return Content::Invalid("no payload magic".into());
-    }
-    let field = |at: usize| u64::from_le_bytes(buffer[at..at + 8].try_into().expect("8 bytes"));
-    if field(8) != block {
-        return Content::Invalid(format!("payload of block {} found at block {block}", field(8)));
-    }
-    let stored = u32::from_le_bytes(buffer[32..36].try_into().expect("4 bytes"));
-    if crc32c(&buffer[HEADER..]) != stored {
-        return Content::Invalid("payload checksum mismatch (torn or corrupt)".into());
-    }
-    Content::Write { sequence: field(16) }
-}
 
 pub fn load(
     dir: &Path,
@@ -335,21 +289,5 @@ pub fn check(dir: &Path, ack_log: Option<&Path>, since_generation: u64, threads:
         }
         eprintln!("chronicle check: FAILED ({} problems)", problems.len());
         Ok(ExitCode::FAILURE)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn payload_round_trips_and_detects_damage() {
-        let mut buffer = vec![0u8; 4096];
-        fill(&mut buffer, 7, 99, 3);
-        assert_eq!(parse(&buffer, 7), Content::Write { sequence: 99 });
-        assert!(matches!(parse(&buffer, 8), Content::Invalid(_)));
-        buffer[2000] ^= 1;
-        assert!(matches!(parse(&buffer, 7), Content::Invalid(_)));
-        assert_eq!(parse(&[0u8; 4096], 1), Content::Zero);
     }
 }
