@@ -13,3 +13,4 @@ pub mod geometry;
 pub mod payload;
 pub mod plan;
 pub mod time;
+pub mod unit_index;

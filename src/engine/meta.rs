@@ -4,8 +4,6 @@
 
 use std::collections::VecDeque;
 
-use rustc_hash::FxHashMap;
-
 use crate::core::allocator::{RingAllocator, SegmentAllocator};
 use crate::core::format::catalog::{Catalog, CatalogEntry, EntryKind, EntryState};
 use crate::core::format::element_index::{entries_per_page, IndexEntry, IndexPage, SLOT_BYTES};
@@ -13,6 +11,7 @@ use crate::core::format::layout::{HistoryLayout, JournalLayout, LayoutOptions, V
 use crate::core::format::records::SortCursor;
 use crate::core::format::superblock::{Durability, JournalFullPolicy, JournalMode, Superblock};
 use crate::core::geometry::VolumeGeometry;
+use crate::core::unit_index::UnitIndex;
 
 /// State of one element-index page's two slots.
 #[derive(Debug, Clone, Copy, Default)]
@@ -37,7 +36,7 @@ pub(crate) struct OpenGeneration {
     /// crc32c of each entry's element as last written.
     pub crcs: Vec<u32>,
     /// Block → entry.
-    pub entry_of: FxHashMap<u64, u32>,
+    pub entry_of: UnitIndex,
     /// Pages holding entries whose crc changed since the page was last written.
     pub stale_pages: rustc_hash::FxHashSet<usize>,
     /// Entries whose index page is durable.
@@ -54,7 +53,7 @@ impl OpenGeneration {
             page_start,
             blocks: Vec::new(),
             crcs: Vec::new(),
-            entry_of: FxHashMap::default(),
+            entry_of: UnitIndex::new(),
             stale_pages: Default::default(),
             durable: 0,
             pages: Vec::new(),

@@ -139,6 +139,8 @@ pub(crate) struct HotPath {
     pub(crate) completed: Vec<HostCompletion>,
     pub(crate) counters: HotCounters,
     zero_chunk: Option<SharedBuffers>,
+    scratch_segments: Vec<u64>,
+    scratch_journal_writes: Vec<(u64, SharedBuffers)>,
 }
 
 impl HotPath {
@@ -159,6 +161,8 @@ impl HotPath {
             completed: Vec::new(),
             counters: HotCounters::default(),
             zero_chunk: None,
+            scratch_segments: Vec::new(),
+            scratch_journal_writes: Vec::new(),
         }
     }
 
@@ -484,7 +488,7 @@ impl HotStep<'_> {
         let widening = self.shared.hot.writes[id].widening;
         let meta = &mut self.shared.meta;
         let per_page = meta.entries_per_page();
-        let new_units = widening.units().filter(|unit| !meta.open.entry_of.contains_key(unit)).count() as u64;
+        let new_units = widening.units().filter(|unit| !meta.open.entry_of.contains(*unit)).count() as u64;
         if new_units > 0 {
             let entries_after = meta.open.blocks.len() + new_units as usize;
             let pages_needed = (entries_after.div_ceil(per_page)).saturating_sub(meta.open.pages.len()) as u64;
@@ -500,18 +504,20 @@ impl HotStep<'_> {
         let data = self.shared.hot.writes[id].data.clone().expect("data is ready before allocation");
         let unit_bytes = meta.unit_bytes() as usize;
         let written_upto = self.shared.hot.commit.as_ref().map_or(meta.open.durable, |c| c.upto);
-        let mut segments = Vec::with_capacity(widening.unit_count as usize);
+        // Scratch lists reused across writes: the hot path allocates nothing of its own.
+        let mut segments = std::mem::take(&mut self.shared.hot.scratch_segments);
+        segments.clear();
         let mut needed = 0usize;
         for (index, unit) in widening.units().enumerate() {
             let crc = crc_of(&data, index * unit_bytes, unit_bytes);
-            let entry = match meta.open.entry_of.get(&unit) {
+            let entry = match meta.open.entry_of.get(unit) {
                 Some(entry) => {
-                    let entry = *entry as usize;
-                    if meta.open.crcs[entry] != crc {
-                        meta.open.crcs[entry] = crc;
-                        if entry < written_upto {
-                            meta.open.stale_pages.insert(entry / per_page);
-                        }
+                    // A rewrite: store the new checksum without reading the old one (a cache
+                    // miss on a large generation); its index page is rewritten at the marker.
+                    let entry = entry as usize;
+                    meta.open.crcs[entry] = crc;
+                    if entry < written_upto {
+                        meta.open.stale_pages.insert(entry / per_page);
                     }
                     entry
                 }
@@ -537,7 +543,8 @@ impl HotStep<'_> {
         let first = segments[0];
         let consecutive = segments.windows(2).all(|w| w[1] == w[0] + 1);
         let no_wrap = meta.ring.physical(first) + segments.len() as u64 <= meta.journal.element_capacity;
-        let mut journal_writes: Vec<(u64, SharedBuffers)> = Vec::new();
+        let mut journal_writes = std::mem::take(&mut self.shared.hot.scratch_journal_writes);
+        journal_writes.clear();
         if consecutive && no_wrap {
             journal_writes.push((meta.segment_lba(first), data.clone()));
         } else {
@@ -561,13 +568,15 @@ impl HotStep<'_> {
         let write = &mut self.shared.hot.writes[id];
         write.pending += journal_writes.len() as u32;
         write.needed_entries = needed;
-        for (lba, buffers) in journal_writes {
+        for (lba, buffers) in journal_writes.drain(..) {
             self.hub.submit(
                 Role::Journal,
                 Operation::Write { offset_blocks: lba, buffers, fua },
                 Some(HostRef::WriteData(id as u32)),
             );
         }
+        self.shared.hot.scratch_segments = segments;
+        self.shared.hot.scratch_journal_writes = journal_writes;
         if needed > self.shared.meta.open.durable {
             self.shared.hot.writes[id].state = WriteState::WaitingIndex;
             self.shared.hot.waiting_index.push(id);
@@ -608,7 +617,7 @@ impl HotStep<'_> {
         }
         while let Some(id) = self.shared.hot.waiting_space.pop_front() {
             let widening = self.shared.hot.writes[id].widening;
-            let new_units = widening.units().filter(|u| !self.shared.meta.open.entry_of.contains_key(u)).count() as u64;
+            let new_units = widening.units().filter(|u| !self.shared.meta.open.entry_of.contains(*u)).count() as u64;
             self.shared.hot.writes[id].state = WriteState::Writing;
             self.journal_full(id, new_units);
         }

@@ -373,7 +373,12 @@ impl BdevDesc {
     /// # Safety
     /// For reads and writes, `iovs` and the memory they describe must stay valid (and, for a
     /// read, not be accessed) until `done` runs; the usual way is for `done` to own them.
-    pub unsafe fn submit<F>(&self, channel: &IoChannel, request: BlockRequest, done: F) -> Result<(), (Errno, F)>
+    pub unsafe fn submit<F>(
+        &self,
+        channel: &IoChannel,
+        request: BlockRequest,
+        done: Box<F>,
+    ) -> Result<(), (Errno, Box<F>)>
     where
         F: IoDone,
     {
@@ -384,7 +389,7 @@ impl BdevDesc {
             let done = unsafe { Box::from_raw(arg.cast::<F>()) };
             done.done(success);
         }
-        let arg = Box::into_raw(Box::new(done)).cast::<c_void>();
+        let arg = Box::into_raw(done).cast::<c_void>();
         let (desc, ch, cb) = (self.raw.as_ptr(), channel.as_ptr(), Some(complete::<F> as _));
         // SAFETY: open descriptor and this thread's channel (IoChannel is !Send); iovecs valid
         // until completion (caller contract); `arg` matches `complete::<F>`, called once.
@@ -410,7 +415,7 @@ impl BdevDesc {
         match Errno::check(rc) {
             Ok(()) => Ok(()),
             // SAFETY: submission failed, the callback will not run: the closure is ours again.
-            Err(error) => Err((error, *unsafe { Box::from_raw(arg.cast::<F>()) })),
+            Err(error) => Err((error, unsafe { Box::from_raw(arg.cast::<F>()) })),
         }
     }
 
@@ -431,7 +436,7 @@ impl BdevDesc {
 /// What runs when an operation of [`BdevDesc::submit`] completes; given back, unchanged, when
 /// the submission fails (so that it can be retried).
 pub trait IoDone: 'static {
-    fn done(self, success: bool);
+    fn done(self: Box<Self>, success: bool);
 }
 
 /// One block operation for [`BdevDesc::submit`]; offsets and lengths in the bdev's blocks.
@@ -442,6 +447,28 @@ pub enum BlockRequest {
     Flush { offset_blocks: u64, num_blocks: u64 },
     Unmap { offset_blocks: u64, num_blocks: u64 },
     WriteZeroes { offset_blocks: u64, num_blocks: u64 },
+}
+
+/// A descriptor every SPDK thread may use for its own I/O channel and submissions, as SPDK
+/// allows (passthru gets its per-thread base channels this way). Still closed on the thread
+/// that opened it, by message if dropped elsewhere.
+pub struct SharedDesc(BdevDesc);
+
+// SAFETY: SPDK descriptors are meant to be used from every thread for getting that thread's
+// I/O channel and submitting I/O on it; the descriptor's event state is touched only on the
+// opening thread (events are delivered there), and Drop closes it there.
+unsafe impl Send for SharedDesc {}
+// SAFETY: as above; no method mutates the descriptor.
+unsafe impl Sync for SharedDesc {}
+
+impl SharedDesc {
+    pub fn new(desc: BdevDesc) -> Self {
+        SharedDesc(desc)
+    }
+
+    pub fn desc(&self) -> &BdevDesc {
+        &self.0
+    }
 }
 
 /// Closes `raw` and frees its event state; runs on the opening thread.
@@ -632,6 +659,51 @@ impl<C: 'static> BdevIo<C> {
         let raw = self.raw;
         std::mem::forget(self);
         DetachedIo { raw, thread, _ctx: PhantomData }
+    }
+
+    /// Passes a read on to the same blocks of another bdev (`base` through this thread's
+    /// `channel`) with the I/O's own buffers, and completes it with the base read's outcome —
+    /// what passthru does, with no allocation: the I/O itself is the callback's argument.
+    /// Gives the I/O back if the base refuses it (`ENOMEM`: complete it as
+    /// [`IoStatus::NoMem`] and the bdev layer retries it).
+    pub fn forward_read(self, base: &BdevDesc, channel: &IoChannel) -> Result<(), (Errno, Self)> {
+        unsafe extern "C" fn read_done<C: 'static>(child: *mut ffi::spdk_bdev_io, success: bool, arg: *mut c_void) {
+            // SAFETY: the child I/O is ours to free, once.
+            unsafe { ffi::spdk_bdev_free_io(child) };
+            let io = BdevIo::<C> {
+                // SAFETY: `arg` is the forwarded I/O (forgotten below), given back once, here,
+                // on its thread (SPDK completes the child on the submitting thread).
+                raw: unsafe { NonNull::new_unchecked(arg.cast()) },
+                _ctx: PhantomData,
+                _not_send: NotSend::default(),
+            };
+            io.complete(if success { IoStatus::Success } else { IoStatus::Failed });
+        }
+        debug_assert_eq!(self.io_type(), IoType::Read);
+        let params = self.block_params();
+        let (iovs, iovcnt, offset, blocks) = (params.iovs, params.iovcnt, params.offset_blocks, params.num_blocks);
+        let arg = self.raw.as_ptr().cast::<c_void>();
+        // SAFETY: open descriptor, this thread's channel; the iovecs are this I/O's, valid
+        // until it completes, which only `read_done` does.
+        let rc = unsafe {
+            ffi::spdk_bdev_readv_blocks(
+                base.raw.as_ptr(),
+                channel.as_ptr(),
+                iovs,
+                iovcnt,
+                offset,
+                blocks,
+                Some(read_done::<C>),
+                arg,
+            )
+        };
+        match Errno::check(rc) {
+            Ok(()) => {
+                std::mem::forget(self);
+                Ok(())
+            }
+            Err(errno) => Err((errno, self)),
+        }
     }
 
     /// The module's per-I/O state.

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use rustc_hash::FxHashMap;
 use serde::Serialize;
 
-use super::bdev::{bdev_exists, Bdev, BdevDesc, BdevIo, IoChannel, IoStatus, IoType};
+use super::bdev::{bdev_exists, Bdev, BdevDesc, BdevIo, IoChannel, IoStatus, IoType, SharedDesc};
 use super::bdev_chronicle_volume::{self as volume, CreateMode, VolumeConfig};
 use super::bdev_module::{self, BdevModule, ExamineDone, ModuleSlot};
 use super::dma::DmaBuf;
@@ -421,16 +421,21 @@ pub fn inspect(bdev_name: &str, done: impl FnOnce(Result<Inspection, InspectErro
 }
 
 /// The chronicle bdev as SPDK sees it: shared by every thread that does I/O to it, so only
-/// the volume's id and owner thread; the volume itself stays on its owner thread.
+/// the volume's id and owner thread, and a read-only descriptor of the base; the volume itself
+/// stays on its owner thread.
 pub struct ChronicleBdev {
     id: u64,
     name: String,
     owner: ThreadHandle,
+    /// Reads go straight to the base from the submitting thread: the base always holds the
+    /// volume's newest completed writes (the write path writes it last), so a read needs
+    /// neither the volume's thread nor its metadata — the cost of a passthru.
+    base: SharedDesc,
 }
 
 impl ChronicleBdev {
-    pub(crate) fn new(id: u64, name: String, owner: ThreadHandle) -> Self {
-        ChronicleBdev { id, name, owner }
+    pub(crate) fn new(id: u64, name: String, owner: ThreadHandle, base: SharedDesc) -> Self {
+        ChronicleBdev { id, name, owner, base }
     }
 }
 
@@ -438,6 +443,8 @@ impl ChronicleBdev {
 pub struct ChronicleChannel {
     id: u64,
     owner: ThreadHandle,
+    /// This thread's channel to the base, for reads.
+    base: IoChannel,
 }
 
 impl VirtualBdev for ChronicleBdev {
@@ -445,16 +452,19 @@ impl VirtualBdev for ChronicleBdev {
     type Channel = ChronicleChannel;
 
     fn create_channel(&self) -> Result<ChronicleChannel, Errno> {
-        Ok(ChronicleChannel { id: self.id, owner: self.owner })
+        Ok(ChronicleChannel { id: self.id, owner: self.owner, base: self.base.desc().io_channel()? })
     }
 
     fn submit_request(&self, channel: &mut ChronicleChannel, io: BdevIo<()>) {
         let (offset_blocks, num_blocks) = (io.offset_blocks(), io.num_blocks());
         let request = match io.io_type() {
             IoType::Read => {
-                // SAFETY: the volume drops the buffers before the I/O completes (finish_io
-                // drops the payload first; teardown completes only I/Os the engine never saw).
-                HostRequest::Read { offset_blocks, buffers: unsafe { io.host_buffers() } }
+                if let Err((errno, io)) = io.forward_read(self.base.desc(), &channel.base) {
+                    // ENOMEM: the bdev layer retries a NOMEM I/O when resources come back.
+                    let status = if errno == Errno::ENOMEM { IoStatus::NoMem } else { IoStatus::Failed };
+                    io.complete(status);
+                }
+                return;
             }
             IoType::Write => {
                 // SAFETY: as for reads.

@@ -151,7 +151,7 @@ struct PayloadWrite {
 }
 
 impl IoDone for PayloadWrite {
-    fn done(self, success: bool) {
+    fn done(self: Box<Self>, success: bool) {
         let mut load = self.load.borrow_mut();
         load.in_flight -= 1;
         if !success {
@@ -239,7 +239,7 @@ fn poll_load(load: &Rc<RefCell<Load>>) -> PollStatus {
             offset_blocks: block * state.target.blocks_per_unit,
             num_blocks: state.target.blocks_per_unit,
         };
-        let write = PayloadWrite { load: load.clone(), block, sequence, _buffer: buffer, _iovec: iovec };
+        let write = Box::new(PayloadWrite { load: load.clone(), block, sequence, _buffer: buffer, _iovec: iovec });
         // SAFETY: the iovec and the buffer it describes are owned by `write`, which SPDK holds
         // until the completion runs.
         let submitted = unsafe { state.target.desc.submit(&state.target.channel, request, write) };
@@ -394,7 +394,7 @@ struct PayloadRead {
 }
 
 impl IoDone for PayloadRead {
-    fn done(self, success: bool) {
+    fn done(self: Box<Self>, success: bool) {
         let mut verify = self.verify.borrow_mut();
         verify.in_flight -= 1;
         verify.report.blocks_checked += 1;
@@ -445,7 +445,7 @@ fn poll_verify(verify: &Rc<RefCell<Verify>>) -> PollStatus {
             offset_blocks: block * state.target.blocks_per_unit,
             num_blocks: state.target.blocks_per_unit,
         };
-        let read = PayloadRead { verify: verify.clone(), block, sequence, buffer, _iovec: iovec };
+        let read = Box::new(PayloadRead { verify: verify.clone(), block, sequence, buffer, _iovec: iovec });
         // SAFETY: the iovec and its buffer are owned by `read`, which SPDK holds until the
         // completion runs; nothing reads the buffer before then.
         match unsafe { state.target.desc.submit(&state.target.channel, request, read) } {

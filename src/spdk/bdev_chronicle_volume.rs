@@ -25,7 +25,7 @@ use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use slab::Slab;
 
-use super::bdev::{bdev_exists, BdevDesc, BdevEvent, BdevIo, ClaimKind, DetachedIo, IoStatus};
+use super::bdev::{bdev_exists, BdevDesc, BdevEvent, BdevIo, ClaimKind, DetachedIo, IoStatus, SharedDesc};
 use super::bdev_chronicle::{Chronicle, ChronicleBdev, SuperblockRead, SuperblockState};
 use super::bdev_module;
 use super::device::SpdkDevice;
@@ -679,7 +679,16 @@ impl VolumeHost {
             uuid: Some(identity.volume_uuid),
         };
         let owner = Thread::current().expect("on the app thread").handle();
-        let data = ChronicleBdev::new(self.id, config.name.clone(), owner);
+        // A second, read-only descriptor of the base serves reads on every thread; the claim
+        // stays with the volume's descriptor. It closes when SPDK frees the bdev.
+        let reader = match BdevDesc::open(&config.base_bdev, false, |_, _| {}) {
+            Ok(desc) => SharedDesc::new(desc),
+            Err(errno) => {
+                drop(config);
+                return self.fail_after_open(CreateError::Open { role: "base", name: self.config().base_bdev, errno });
+            }
+        };
+        let data = ChronicleBdev::new(self.id, config.name.clone(), owner, reader);
         drop(config);
         match vbdev::register(&properties, data) {
             Ok(()) => {

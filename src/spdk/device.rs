@@ -164,13 +164,41 @@ enum Stage {
     Flush,
 }
 
+/// Iovecs of an operation: inline for the usual one to four buffers.
+enum Iovecs {
+    Inline([libc::iovec; 4], usize),
+    Heap(Vec<libc::iovec>),
+}
+
+impl Iovecs {
+    fn of(buffers: &[DmaBuf]) -> Self {
+        if buffers.len() <= 4 {
+            let mut inline = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; 4];
+            for (slot, buffer) in inline.iter_mut().zip(buffers) {
+                *slot = iovec_of(buffer);
+            }
+            Iovecs::Inline(inline, buffers.len())
+        } else {
+            Iovecs::Heap(buffers.iter().map(iovec_of).collect())
+        }
+    }
+
+    /// Pointer and count for SPDK; stable while `self` does not move (it lives in a Box).
+    fn raw(&mut self) -> (*mut libc::iovec, i32) {
+        match self {
+            Iovecs::Inline(inline, count) => (inline.as_mut_ptr(), *count as i32),
+            Iovecs::Heap(heap) => (heap.as_mut_ptr(), heap.len() as i32),
+        }
+    }
+}
+
 /// One operation in flight: its buffers, the iovecs SPDK reads them through, and where its
 /// completion goes.
 struct InFlight {
     shared: Rc<ChannelShared>,
     tag: Tag,
     operation: Operation,
-    iovecs: Vec<libc::iovec>,
+    iovecs: Iovecs,
     stage: Stage,
     fua_flush: bool,
 }
@@ -178,9 +206,9 @@ struct InFlight {
 impl InFlight {
     fn new(shared: Rc<ChannelShared>, tag: Tag, operation: Operation, fua_flush: bool) -> Box<InFlight> {
         let iovecs = match &operation {
-            Operation::Read { buffers, .. } => buffers.segments().iter().map(iovec_of).collect(),
-            Operation::Write { buffers, .. } => buffers.segments().iter().map(iovec_of).collect(),
-            _ => Vec::new(),
+            Operation::Read { buffers, .. } => Iovecs::of(buffers.segments()),
+            Operation::Write { buffers, .. } => Iovecs::of(buffers.segments()),
+            _ => Iovecs::of(&[]),
         };
         Box::new(InFlight { shared, tag, operation, iovecs, stage: Stage::Data, fua_flush })
     }
@@ -191,7 +219,7 @@ impl InFlight {
 
     fn request(&mut self) -> BlockRequest {
         let (offset_blocks, num_blocks) = self.extent();
-        let (iovs, iovcnt) = (self.iovecs.as_mut_ptr(), self.iovecs.len() as i32);
+        let (iovs, iovcnt) = self.iovecs.raw();
         match (self.stage, &self.operation) {
             (Stage::Flush, _) | (Stage::Data, Operation::Flush) => BlockRequest::Flush { offset_blocks, num_blocks },
             (Stage::Data, Operation::Read { .. }) => BlockRequest::Read { iovs, iovcnt, offset_blocks, num_blocks },
@@ -244,8 +272,8 @@ impl InFlight {
     }
 }
 
-impl IoDone for Box<InFlight> {
-    fn done(mut self, success: bool) {
+impl IoDone for InFlight {
+    fn done(mut self: Box<Self>, success: bool) {
         if success && self.stage == Stage::Data && self.fua_flush {
             self.stage = Stage::Flush;
             return self.start();
