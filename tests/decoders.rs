@@ -446,6 +446,7 @@ impl Codec for SuperblockCodec {
             areas,
             peers,
             volume_name: random_text(rng, 63),
+            strict: rng.random_bool(0.5),
         }
     }
 }

@@ -228,3 +228,20 @@ fn strict_mode_refuses_partial_units_and_changes_nothing() {
     volume.close().unwrap();
     assert!(devices.0[0].snapshot().iter().all(|b| *b == 0), "the base is untouched");
 }
+
+#[test]
+fn a_marker_comment_that_would_not_read_back_is_refused_and_the_volume_still_opens() {
+    let devices = Devices::new();
+    format(devices.channels(), &FormatOptions::default(), &mut |_| {}).unwrap();
+    let mut volume = Volume::open(devices.channels(), VolumeOptions::default()).unwrap();
+    let mut completions = Vec::new();
+    // A NUL would end the zero-terminated comment field early: the catalog would not decode.
+    let refused = volume.mark_and_wait("before\0after", &mut completions);
+    assert!(refused.is_err(), "{refused:?}");
+    let too_long = volume.mark_and_wait(&"x".repeat(200), &mut completions);
+    assert!(too_long.is_err(), "{too_long:?}");
+    assert_eq!(volume.mark_and_wait("fine", &mut completions).unwrap(), 1);
+    volume.close().unwrap();
+    let reopened = Volume::open(devices.channels(), VolumeOptions::default()).unwrap();
+    assert_eq!(reopened.status().open_generation, 2);
+}

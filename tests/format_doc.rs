@@ -446,6 +446,7 @@ fn superblock_variant(variant: u8) -> Superblock {
         areas,
         peers: peers.into_iter().take(2 + usize::from(variant)).collect(),
         volume_name: if variant == 0 { String::new() } else { "Chronicle0".into() },
+        strict: variant == 1,
     }
 }
 
@@ -476,6 +477,7 @@ fn superblock_fields_sit_where_the_document_says() {
                 int("host_write_size", s.host_write_size.into()),
                 int("area_count", s.areas.len() as u64),
                 int("peer_count", s.peers.len() as u64),
+                int("strict", u64::from(s.strict)),
                 int("volume_blocks", s.volume_blocks),
                 int("device_bytes", s.device_bytes),
                 int("features_compat", s.features_compat),

@@ -36,11 +36,11 @@ pub(crate) async fn run_marker(
 }
 
 async fn mark(shared: &SharedRef, io: &ControlIo<HostRef>, comment: String, barrier: u64) -> Result<u64, EngineError> {
-    if comment.len() >= crate::core::format::catalog::COMMENT_BYTES {
-        return Err(EngineError::Geometry(format!(
-            "marker comment of {} bytes is too long (at most {})",
-            comment.len(),
-            crate::core::format::catalog::COMMENT_BYTES - 1
+    if comment.len() >= crate::core::format::catalog::COMMENT_BYTES || comment.contains('\0') {
+        return Err(EngineError::Invalid(format!(
+            "a marker comment is at most {} bytes of UTF-8 without NUL; this one has {} bytes",
+            crate::core::format::catalog::COMMENT_BYTES - 1,
+            comment.len()
         )));
     }
     // One marker at a time.

@@ -46,6 +46,9 @@ pub struct FormatOptions {
     /// Name the volume is exposed under (the SPDK bdev name), recorded in the superblocks so
     /// that a restarted application finds the volume under the same name; may be empty.
     pub volume_name: String,
+    /// Refuse host writes that are not whole host-write-size units (recorded; see
+    /// [`VolumeOptions::strict`]).
+    pub strict: bool,
     /// Copy the base to the backup (generation 0 = the base as it is now). Not needed when
     /// both are known to be zero, as for freshly created files.
     pub copy_base_to_backup: bool,
@@ -61,6 +64,7 @@ impl Default for FormatOptions {
             layout: LayoutOptions::default(),
             names: ["base".into(), "journal".into(), "backup".into(), "history".into()],
             volume_name: String::new(),
+            strict: false,
             copy_base_to_backup: true,
         }
     }
@@ -70,7 +74,7 @@ impl Default for FormatOptions {
 #[derive(Debug, Clone)]
 pub struct VolumeOptions {
     /// Refuse host writes that are not whole host-write-size blocks instead of widening them
-    /// by read-modify-write.
+    /// by read-modify-write. A volume formatted strict is strict whatever this says.
     pub strict: bool,
     /// Host operations in flight at once; more wait in the volume's queue.
     pub max_host_in_flight: usize,

@@ -122,10 +122,12 @@ fn names<O: Copy>(io: &ControlIo<O>) -> [String; 4] {
 }
 
 /// Checks that the devices can hold a volume of the base's size at `host_write_size`.
+/// `recorded_bytes`: the size of an existing volume (open), else the base's size (format).
 fn volume_geometry(
     devices: &[DeviceGeometry; 4],
     names: &[String; 4],
     host_write_size: u32,
+    recorded_bytes: Option<u64>,
 ) -> Result<VolumeGeometry, EngineError> {
     let geometry_error = |e: crate::core::geometry::GeometryError| EngineError::Geometry(e.to_string());
     let base_block = DeviceBlockSize::new(devices[0].block_size).map_err(geometry_error)?;
@@ -137,7 +139,21 @@ fn volume_geometry(
             .map_err(|e| EngineError::Geometry(format!("{} device {}: {e}", role.name(), names[role as usize])))?;
     }
     let unit_bytes = u64::from(unit.bytes());
-    let volume_bytes = devices[0].size_bytes() / unit_bytes * unit_bytes;
+    let volume_bytes = match recorded_bytes {
+        Some(bytes) if devices[0].size_bytes() < bytes => {
+            return Err(EngineError::Mismatch {
+                role: "base",
+                name: names[0].clone(),
+                detail: format!(
+                    "it holds {}, the volume needs {}",
+                    layout::human(devices[0].size_bytes()),
+                    layout::human(bytes)
+                ),
+            })
+        }
+        Some(bytes) => bytes,
+        None => devices[0].size_bytes() / unit_bytes * unit_bytes,
+    };
     let geometry = VolumeGeometry::new(base_block, unit, volume_bytes).map_err(|e| {
         EngineError::Geometry(format!("base device {} ({} bytes): {e}", names[0], devices[0].size_bytes()))
     })?;
@@ -172,7 +188,7 @@ pub(crate) async fn format_volume<O: Copy>(
     }
     let devices = geometries(io);
     let device_names = names(io);
-    let geometry = volume_geometry(&devices, &device_names, options.host_write_size)?;
+    let geometry = volume_geometry(&devices, &device_names, options.host_write_size, None)?;
     let shape = VolumeShape { host_write_size: options.host_write_size, volume_blocks: geometry.volume_blocks() };
     let journal = layout::plan_journal(&shape, &options.layout, devices[1].size_bytes())?;
     let history = layout::plan_history(&shape, &options.layout, devices[3].size_bytes())?;
@@ -252,6 +268,7 @@ pub(crate) async fn format_volume<O: Copy>(
         areas,
         peers,
         volume_name: options.volume_name.clone(),
+        strict: options.strict,
     };
     let history_superblock =
         make(DeviceRole::History, 3, history.areas(), vec![peer(Role::Base), peer(Role::Journal), peer(Role::Backup)]);
@@ -359,17 +376,12 @@ pub(crate) async fn open_volume<O: Copy>(io: &ControlIo<O>, read_only: bool) -> 
     {
         return Err(mismatch(Role::History, "its geometry differs from the journal's".into()));
     }
-    let geometry = volume_geometry(&devices, &device_names, journal_superblock.host_write_size)?;
-    if geometry.volume_blocks() < journal_superblock.volume_blocks {
-        return Err(mismatch(
-            Role::Base,
-            format!(
-                "it holds {} bytes, the volume needs {}",
-                devices[0].size_bytes(),
-                journal_superblock.volume_bytes()
-            ),
-        ));
-    }
+    let geometry = volume_geometry(
+        &devices,
+        &device_names,
+        journal_superblock.host_write_size,
+        Some(journal_superblock.volume_bytes()),
+    )?;
     let geometry = VolumeGeometry::new(
         geometry.device_block_size(),
         geometry.host_write_size(),

@@ -44,8 +44,8 @@ pub enum HostError {
         "blocks {offset_blocks}..+{num_blocks} are not whole {unit_bytes}-byte host-write-size units (strict mode)"
     )]
     NotWholeUnits { offset_blocks: u64, num_blocks: u64, unit_bytes: u64 },
-    #[error("journal full: {needed_elements} elements needed, {free_elements} of {capacity_elements} free, and nothing is waiting to be sorted (mark a generation or enlarge the journal)")]
-    NoSpace { needed_elements: u64, free_elements: u64, capacity_elements: u64 },
+    #[error("journal full: {needed_elements} elements needed, {free_elements} of {capacity_elements} free, and {why}")]
+    NoSpace { needed_elements: u64, free_elements: u64, capacity_elements: u64, why: String },
     #[error("the volume stopped after a device error and must be reopened: {0}")]
     Failed(String),
 }
@@ -139,6 +139,7 @@ pub struct Identity {
     pub volume_bytes: u64,
     pub durability: crate::core::format::superblock::Durability,
     pub journal_full_policy: crate::core::format::superblock::JournalFullPolicy,
+    pub strict: bool,
 }
 
 /// The result of a marker, filled in when it completes.
@@ -214,7 +215,8 @@ impl Volume {
         }
     }
 
-    fn from_meta(hub: Hub<HostRef>, meta: Meta, options: VolumeOptions) -> Volume {
+    fn from_meta(hub: Hub<HostRef>, meta: Meta, mut options: VolumeOptions) -> Volume {
+        options.strict |= meta.journal_superblock.strict;
         let shared = Rc::new(RefCell::new(Shared {
             meta,
             options,
@@ -352,7 +354,25 @@ impl Volume {
             volume_bytes: meta.geometry.volume_bytes(),
             durability: meta.durability(),
             journal_full_policy: meta.journal_full_policy(),
+            strict: meta.journal_superblock.strict,
         }
+    }
+
+    /// Why the sort stopped, if it did (the volume keeps taking writes until the journal fills).
+    pub fn sort_error(&self) -> Option<String> {
+        self.shared.borrow().sort_error.clone()
+    }
+
+    /// Starts or stops sorting sealed generations in the background, and limits its bandwidth
+    /// (bytes per second read from the journal). Starting clears a previous sort error, so the
+    /// sort is retried.
+    pub fn set_sort(&mut self, automatic: bool, rate_limit_bytes_per_second: Option<u64>) {
+        let mut shared = self.shared.borrow_mut();
+        if automatic && !shared.options.sort.automatic {
+            shared.sort_error = None;
+        }
+        shared.options.sort.automatic = automatic;
+        shared.options.sort.rate_limit_bytes_per_second = rate_limit_bytes_per_second;
     }
 
     pub fn status(&self) -> Status {

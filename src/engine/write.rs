@@ -598,11 +598,24 @@ impl HotStep<'_> {
             self.shared.hot.waiting_space.push_back(id);
             return;
         }
-        let meta = &self.shared.meta;
+        let shared = &self.shared;
+        let why = if policy == JournalFullPolicy::Fail {
+            "the volume's journal-full policy is \"fail\"".to_string()
+        } else if let Some(error) = &shared.sort_error {
+            format!("the sort that would free space stopped: {error}")
+        } else if let Some(error) = &shared.failed {
+            format!("the volume stopped: {error}")
+        } else if !shared.options.sort.automatic {
+            "automatic sorting is off (sort now, or enable it)".to_string()
+        } else {
+            "nothing is waiting to be sorted (mark a generation, or enlarge the journal)".to_string()
+        };
+        let meta = &shared.meta;
         let error = HostError::NoSpace {
             needed_elements: new_units,
             free_elements: meta.ring.free(),
             capacity_elements: meta.ring.capacity(),
+            why,
         };
         self.shared.hot.writes[id].error = Some(error);
         self.finish_write(id);

@@ -10,7 +10,7 @@ use std::ptr::NonNull;
 
 use super::bdev_module::ModuleRef;
 use super::dma::DmaBuf;
-use super::thread::{Message, Thread, ThreadHandle};
+use super::thread::{Thread, ThreadHandle};
 use super::{ffi, Errno, NotSend};
 use crate::device::IoBuffers;
 
@@ -544,6 +544,10 @@ struct DriverCtx<C: 'static> {
     /// Entry for `spdk_bdev_queue_io_wait`: must live in the I/O while it waits.
     wait: ffi::spdk_bdev_io_wait_entry,
     retry: Option<fn(BdevIo<C>)>,
+    /// The submitting thread, once detached.
+    home: Option<ThreadHandle>,
+    /// What runs when the detached I/O arrives on another thread ([`DetachedIo::send`]).
+    arrive: Option<fn(DetachedIo<C>)>,
     user: Option<C>,
 }
 
@@ -577,7 +581,13 @@ impl<C: 'static> BdevIo<C> {
         // SAFETY: driver_ctx has room for DriverCtx<C> (caller contract) and holds garbage from a
         // previous use: written without dropping.
         unsafe {
-            io.ctx_ptr().write(DriverCtx { wait: ffi::spdk_bdev_io_wait_entry::default(), retry: None, user: None })
+            io.ctx_ptr().write(DriverCtx {
+                wait: ffi::spdk_bdev_io_wait_entry::default(),
+                retry: None,
+                home: None,
+                arrive: None,
+                user: None,
+            })
         };
         io
     }
@@ -656,6 +666,8 @@ impl<C: 'static> BdevIo<C> {
     /// thread can take it back ([`DetachedIo::attach`]) and complete it.
     pub fn detach(self) -> DetachedIo<C> {
         let thread = Thread::current().expect("bdev I/O is submitted on an SPDK thread").handle();
+        // SAFETY: the context was initialised in `begin`; the I/O is ours.
+        unsafe { (*self.ctx_ptr()).home = Some(thread) };
         let raw = self.raw;
         std::mem::forget(self);
         DetachedIo { raw, thread, _ctx: PhantomData }
@@ -818,6 +830,55 @@ impl<C: 'static> DetachedIo<C> {
         self.thread
     }
 
+    fn ctx_ptr(&self) -> *mut DriverCtx<C> {
+        // SAFETY: `driver_ctx` is the flexible array at the end of a live spdk_bdev_io.
+        unsafe { std::ptr::addr_of_mut!((*self.raw.as_ptr()).driver_ctx).cast::<DriverCtx<C>>() }
+    }
+
+    /// The per-I/O state, moved out (e.g. the request the I/O carried to another thread).
+    pub fn take_ctx(&mut self) -> Option<C>
+    where
+        C: Send,
+    {
+        // SAFETY: the context was initialised in `begin`; a detached I/O is owned by this
+        // value alone, and the message that carried it across threads ordered the accesses.
+        unsafe { (*self.ctx_ptr()).user.take() }
+    }
+
+    /// Stores per-I/O state (e.g. the request to carry, or the status for the trip home).
+    pub fn set_ctx(&mut self, value: C)
+    where
+        C: Send,
+    {
+        // SAFETY: as in `take_ctx`.
+        unsafe { (*self.ctx_ptr()).user = Some(value) }
+    }
+
+    /// Runs `arrive` with this I/O on thread `to`, later, without allocating anything: the
+    /// I/O itself is SPDK's message argument and its per-I/O state carries the payload.
+    /// Given back if SPDK's message pool is empty.
+    pub fn send(self, to: ThreadHandle, arrive: fn(DetachedIo<C>)) -> Result<(), (Errno, Self)> {
+        unsafe extern "C" fn run<C: 'static>(arg: *mut c_void) {
+            let raw = NonNull::new(arg.cast::<ffi::spdk_bdev_io>()).expect("a bdev I/O");
+            // SAFETY: `arg` is the I/O `send` forgot; its context holds the home thread and the
+            // arrival, both set before sending; it is taken back exactly once, here.
+            let (thread, arrive) = unsafe {
+                let ctx = std::ptr::addr_of_mut!((*raw.as_ptr()).driver_ctx).cast::<DriverCtx<C>>();
+                ((*ctx).home.expect("detached I/Os know their thread"), (*ctx).arrive.take().expect("an arrival"))
+            };
+            arrive(DetachedIo { raw, thread, _ctx: PhantomData });
+        }
+        // SAFETY: the context is initialised and owned by this detached I/O.
+        unsafe { (*self.ctx_ptr()).arrive = Some(arrive) };
+        // SAFETY: `to` is a live thread; `run::<C>` matches the argument; SPDK calls it once.
+        let rc = unsafe { ffi::spdk_thread_send_msg(to.as_ptr(), Some(run::<C>), self.raw.as_ptr().cast()) };
+        if rc != 0 {
+            return Err((Errno(rc.abs()), self));
+        }
+        std::mem::forget(self);
+        Ok(())
+    }
+
     /// The I/O again, on its submitting thread; given back unchanged on any other thread.
     pub fn attach(self) -> Result<BdevIo<C>, Self> {
         if !self.thread.is_current() {
@@ -832,19 +893,15 @@ impl<C: 'static> DetachedIo<C> {
 impl<C: 'static> Drop for DetachedIo<C> {
     fn drop(&mut self) {
         // Never complete on a foreign thread: send it home to fail there (BdevIo's Drop).
-        struct GoHome<C: 'static>(DetachedIo<C>);
-        impl<C: 'static> Message for GoHome<C> {
-            fn run(self) {
-                if let Ok(io) = self.0.attach() {
-                    drop(io);
-                }
+        fn fail_at_home<C: 'static>(io: DetachedIo<C>) {
+            if let Ok(io) = io.attach() {
+                drop(io);
             }
         }
         let detached = DetachedIo { raw: self.raw, thread: self.thread, _ctx: PhantomData::<C> };
-        let sent = self.thread.send(GoHome(detached));
-        if let Err((errno, message)) = sent {
-            // Dropping the message would come back here: leak it (the I/O stays pending).
-            std::mem::forget(message);
+        if let Err((errno, detached)) = detached.send(self.thread, fail_at_home::<C>) {
+            // Dropping it would come back here: leak it (the I/O stays pending).
+            std::mem::forget(detached);
             spdk_error!("chronicle: a detached bdev I/O could not be sent home ({errno}); it stays pending");
         }
     }

@@ -42,8 +42,8 @@ impl BdevModule for Chronicle {
     const NAME: &'static std::ffi::CStr = c"chronicle";
     // Every new bdev is looked at: it may hold a chronicle volume's superblock.
     const EXAMINE_DISK: bool = true;
-    // Host I/O needs no per-I/O state beyond the I/O itself (the volume keeps its own).
-    type IoCtx = ();
+    // A host I/O carries its request to the volume's thread and its status back in here.
+    type IoCtx = volume::HostIoCtx;
 
     fn slot() -> &'static ModuleSlot {
         &MODULE
@@ -155,7 +155,7 @@ fn assemble(done: ExamineDone) {
             host_write_size: None,
             durability: None,
             journal_full: None,
-            strict: false,
+            strict: None,
             copy_base_to_backup: false,
             automatic_sort: true,
             sort_rate_limit_bytes_per_second: None,
@@ -213,6 +213,8 @@ pub struct SuperblockInfo {
     pub device_uuid: String,
     /// Superblock sequence (the newer of the two copies wins).
     pub sequence: u64,
+    /// The volume's name (recorded at format; empty if unnamed).
+    pub volume_name: String,
     pub host_write_size: u32,
     pub volume_blocks: u64,
     /// The volume's other devices, as recorded when it was formatted.
@@ -234,6 +236,7 @@ impl SuperblockInfo {
             volume_uuid: uuid::Uuid::from_bytes(superblock.volume_uuid).to_string(),
             device_uuid: uuid::Uuid::from_bytes(superblock.device_uuid).to_string(),
             sequence: superblock.sequence,
+            volume_name: superblock.volume_name.clone(),
             host_write_size: superblock.host_write_size,
             volume_blocks: superblock.volume_blocks,
             peers: superblock
@@ -455,7 +458,7 @@ impl VirtualBdev for ChronicleBdev {
         Ok(ChronicleChannel { id: self.id, owner: self.owner, base: self.base.desc().io_channel()? })
     }
 
-    fn submit_request(&self, channel: &mut ChronicleChannel, io: BdevIo<()>) {
+    fn submit_request(&self, channel: &mut ChronicleChannel, io: BdevIo<volume::HostIoCtx>) {
         let (offset_blocks, num_blocks) = (io.offset_blocks(), io.num_blocks());
         let request = match io.io_type() {
             IoType::Read => {

@@ -30,7 +30,7 @@ use super::bdev_chronicle::{Chronicle, ChronicleBdev, SuperblockRead, Superblock
 use super::bdev_module;
 use super::device::SpdkDevice;
 use super::poller::{PollStatus, Poller};
-use super::thread::{Message, Thread, ThreadHandle};
+use super::thread::{Thread, ThreadHandle};
 use super::{bdev_chronicle, vbdev, Errno};
 use crate::core::format::superblock::{DeviceRole, Durability, JournalFullPolicy, Superblock, VOLUME_NAME_BYTES};
 use crate::device::{Channel, Device, Payload, Tag};
@@ -45,6 +45,11 @@ const ROLES: [&str; 4] = ["base", "journal", "backup", "history"];
 /// Replies that could not be sent (SPDK's message pool was empty) wait here; bounded by the
 /// I/Os in flight, which the bdev layer bounds.
 const REPLY_RETRY_LIMIT: usize = 1 << 16;
+
+/// examine: another module's examine (lvol's, for one) may hold a bdev for a moment; the claim
+/// is retried this many times, [`CLAIM_RETRY_DELAY`] apart, before the volume is given up.
+const CLAIM_RETRIES: u32 = 50;
+const CLAIM_RETRY_DELAY: Duration = Duration::from_millis(100);
 
 /// When a write is acknowledged (superblock `durability`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,9 +93,10 @@ pub struct VolumeConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub journal_full: Option<JournalFullName>,
     /// Refuse writes that are not whole host-write-size units (SPDK splits at unit
-    /// boundaries) instead of widening them by read-modify-write.
-    #[serde(default)]
-    pub strict: bool,
+    /// boundaries) instead of widening them by read-modify-write. Recorded at format (default
+    /// false); an existing volume keeps its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strict: Option<bool>,
     /// On format: copy the base to the backup (generation 0 = the base as it is). Turn off
     /// only for bases known to be zero, like new files or malloc bdevs.
     #[serde(default = "yes")]
@@ -110,7 +116,7 @@ impl VolumeConfig {
 
     fn volume_options(&self) -> VolumeOptions {
         VolumeOptions {
-            strict: self.strict,
+            strict: self.strict.unwrap_or(false),
             sort: SortOptions {
                 automatic: self.automatic_sort,
                 rate_limit_bytes_per_second: self.sort_rate_limit_bytes_per_second,
@@ -139,8 +145,8 @@ pub enum CreateError {
     Exists(String),
     #[error("the {role} bdev {name} does not exist")]
     Missing { role: &'static str, name: String },
-    #[error("the {role} bdev {name} is already claimed (used by {module} or another volume; see bdev_get_bdevs)")]
-    Claimed { role: &'static str, name: String, module: String },
+    #[error("the {role} bdev {name} is already claimed by another module or volume (see claimed and claim_type in bdev_get_bdevs)")]
+    Claimed { role: &'static str, name: String },
     #[error("cannot open the {role} bdev {name}: {errno}")]
     Open { role: &'static str, name: String, errno: Errno },
     #[error("{0}")]
@@ -182,11 +188,14 @@ pub enum VolumeError {
     Busy { name: String, state: &'static str },
     #[error("{0}")]
     Failed(String),
+    #[error("{0}")]
+    Invalid(String),
 }
 
 impl VolumeError {
     pub fn errno(&self) -> Errno {
         match self {
+            VolumeError::Invalid(_) => Errno::EINVAL,
             VolumeError::NotFound(_) => Errno::ENODEV,
             VolumeError::Busy { .. } => Errno(libc::EBUSY),
             VolumeError::Failed(_) => Errno(libc::EIO),
@@ -195,6 +204,13 @@ impl VolumeError {
 }
 
 type Waiter = Box<dyn FnOnce(Result<String, CreateError>)>;
+
+/// A create waiting for the volume to open: what it asked for (`None` for examine, which
+/// asks for nothing) and where its answer goes.
+struct CreateWaiter {
+    asked: Option<VolumeConfig>,
+    done: Waiter,
+}
 type MarkerWaiter = Box<dyn FnOnce(Result<u64, VolumeError>)>;
 type IoCtx = <Chronicle as bdev_module::BdevModule>::IoCtx;
 
@@ -248,9 +264,13 @@ pub(crate) struct VolumeHost {
     descs: RefCell<Vec<Rc<BdevDesc>>>,
     poller: RefCell<Option<Poller>>,
     pending: RefCell<Slab<PendingIo>>,
-    replies: RefCell<VecDeque<Reply>>,
+    replies: RefCell<VecDeque<DetachedIo<IoCtx>>>,
     completions: RefCell<Vec<HostCompletion>>,
-    waiters: RefCell<Vec<Waiter>>,
+    waiters: RefCell<Vec<CreateWaiter>>,
+    /// Claim attempts left (examine retries while another module's examine holds a bdev).
+    claim_retries: Cell<u32>,
+    /// The sort error last logged, so each one is logged once.
+    reported_sort_error: RefCell<Option<String>>,
     markers: RefCell<Vec<(MarkerHandle, MarkerWaiter)>>,
     destruct: RefCell<Option<vbdev::DestructDone>>,
     /// The chronicle bdev is registered with SPDK.
@@ -350,11 +370,15 @@ pub fn create(config: VolumeConfig, mode: CreateMode, done: Waiter) {
         if !same {
             return done(Err(CreateError::Exists(config.name.clone())));
         }
+        let asked = (mode == CreateMode::FormatOrOpen).then_some(config);
         let state = existing.state.borrow().name();
         return match state {
-            "running" => done(Ok(config.name.clone())),
-            "inspecting" | "formatting" | "opening" => existing.waiters.borrow_mut().push(done),
-            _ => done(Err(CreateError::Exists(config.name.clone()))),
+            "running" => {
+                let name = existing.config.borrow().name.clone();
+                done(asked.map_or(Ok(()), |asked| existing.reconcile(&asked)).map(|()| name))
+            }
+            "inspecting" | "formatting" | "opening" => existing.waiters.borrow_mut().push(CreateWaiter { asked, done }),
+            _ => done(Err(CreateError::Exists(existing.config.borrow().name.clone()))),
         };
     }
     if bdev_exists(&config.name) {
@@ -378,7 +402,9 @@ pub fn create(config: VolumeConfig, mode: CreateMode, done: Waiter) {
             pending: RefCell::new(Slab::new()),
             replies: RefCell::new(VecDeque::new()),
             completions: RefCell::new(Vec::with_capacity(256)),
-            waiters: RefCell::new(vec![done]),
+            waiters: RefCell::new(vec![CreateWaiter { asked: None, done }]),
+            claim_retries: Cell::new(if mode == CreateMode::OpenOnly { CLAIM_RETRIES } else { 0 }),
+            reported_sort_error: RefCell::new(None),
             markers: RefCell::new(Vec::new()),
             destruct: RefCell::new(None),
             registered: Cell::new(false),
@@ -443,6 +469,21 @@ fn decide(
         (None, None) if mode == CreateMode::FormatOrOpen => Ok(true),
         (None, None) => Err(CreateError::Refused("the journal and history bdevs hold no chronicle volume".into())),
         (Some(j), Some(h)) if j.volume_uuid == h.volume_uuid => {
+            if !j.volume_name.is_empty() && j.volume_name != config.name {
+                return Err(CreateError::Refused(format!(
+                    "the bdevs hold chronicle volume {} (the name recorded at format); create it as {} \
+                     (a restarted application registers it under that name by itself)",
+                    j.volume_name, j.volume_name
+                )));
+            }
+            if config.strict.is_some_and(|strict| strict != j.strict) {
+                return Err(CreateError::Refused(format!(
+                    "volume {} was formatted with strict {}, not {}",
+                    display_name(&j),
+                    j.strict,
+                    !j.strict
+                )));
+            }
             if let Some(size) = config.host_write_size {
                 if size != j.host_write_size {
                     return Err(CreateError::Refused(format!(
@@ -473,15 +514,16 @@ fn decide(
             uuid::Uuid::from_bytes(h.volume_uuid)
         ))),
         (Some(j), None) => Err(CreateError::Refused(format!(
-            "the journal {} holds chronicle volume {} but the history {} holds none; refusing to format \
-             over a volume's journal",
+            "the journal {} holds chronicle volume {} but the history {} holds none (a replaced history, or \
+             a create that failed after formatting); refusing to format over a volume's journal: give its \
+             history, or zero the journal's first 8 KiB to start over",
             journal.bdev_name,
             display_name(&j),
             history.bdev_name
         ))),
         (None, Some(h)) => Err(CreateError::Refused(format!(
             "the history {} holds chronicle volume {} but the journal {} holds none; refusing to format \
-             over a volume's history",
+             over a volume's history: give its journal, or zero the history's first 8 KiB to start over",
             history.bdev_name,
             display_name(&h),
             journal.bdev_name
@@ -515,11 +557,12 @@ impl VolumeHost {
                 Err(errno) if errno == Errno::ENODEV => {
                     return self.fail(CreateError::Missing { role, name: name.to_string() });
                 }
+                // SPDK refuses a writable descriptor of a bdev another module claimed.
+                Err(errno) if errno == Errno::EPERM => return self.claim_failed(format, role, name),
                 Err(errno) => return self.fail(CreateError::Open { role, name: name.to_string(), errno }),
             };
             if desc.claim(module, ClaimKind::ReadManyWriteOne).is_err() {
-                let module = desc.bdev().module_name();
-                return self.fail(CreateError::Claimed { role, name: name.to_string(), module });
+                return self.claim_failed(format, role, name);
             }
             descs.push(Rc::new(desc));
         }
@@ -544,6 +587,7 @@ impl VolumeHost {
                 },
                 names: config.bdev_names().map(str::to_owned),
                 volume_name: config.name.clone(),
+                strict: config.strict.unwrap_or(false),
                 copy_base_to_backup: config.copy_base_to_backup,
                 ..FormatOptions::default()
             };
@@ -561,13 +605,37 @@ impl VolumeHost {
         }
     }
 
+    /// A bdev is claimed by someone else: fail, or (examine) try again a little later, since
+    /// another module's examine may hold it for a moment.
+    fn claim_failed(self: &Rc<Self>, format: bool, role: &'static str, name: &str) {
+        let left = self.claim_retries.get();
+        if left == 0 {
+            return self.fail(CreateError::Claimed { role, name: name.to_string() });
+        }
+        self.claim_retries.set(left - 1);
+        spdk_info!(bdev_chronicle::LOG, "chronicle: the {role} bdev {name} is claimed for now; trying again");
+        // Nothing is kept open meanwhile: the descriptors opened so far close here.
+        let host = self.clone();
+        let retry = Rc::new(RefCell::new(None::<Poller>));
+        let slot = retry.clone();
+        let poller = Poller::register("chronicle_claim_retry", CLAIM_RETRY_DELAY, move || {
+            slot.borrow_mut().take();
+            host.start(format);
+            PollStatus::Busy
+        });
+        match poller {
+            Ok(poller) => *retry.borrow_mut() = Some(poller),
+            Err(_) => self.fail(CreateError::Claimed { role, name: name.to_string() }),
+        }
+    }
+
     /// Ends a create that did not succeed: nothing stays open, claimed or registered.
     fn fail(self: &Rc<Self>, error: CreateError) {
         spdk_error!("chronicle: cannot create {}: {error}", self.config.borrow().name);
         self.teardown();
         let waiters = std::mem::take(&mut *self.waiters.borrow_mut());
         for waiter in waiters {
-            waiter(Err(error.clone()));
+            (waiter.done)(Err(error.clone()));
         }
     }
 
@@ -614,6 +682,7 @@ impl VolumeHost {
                 },
                 HostState::Running(volume) => {
                     busy |= volume.poll(&mut completions) > 0;
+                    self.report_sort_error(volume);
                     None
                 }
                 HostState::Closing(volume) => match volume.poll_close(&mut completions) {
@@ -642,6 +711,18 @@ impl VolumeHost {
         }
     }
 
+    /// Logs a sort that stopped, once per error: writes fail with "journal full" later.
+    fn report_sort_error(&self, volume: &Volume) {
+        let error = volume.sort_error();
+        let mut reported = self.reported_sort_error.borrow_mut();
+        if error != *reported {
+            if let Some(error) = &error {
+                spdk_error!("chronicle: {}: the sort stopped: {error}", self.config.borrow().name);
+            }
+            *reported = error;
+        }
+    }
+
     /// Registers the chronicle bdev over the opened volume.
     fn opened(self: &Rc<Self>) {
         if let Some(role) = self.removed.borrow().clone() {
@@ -656,24 +737,36 @@ impl VolumeHost {
             (volume.identity(), base.block_size(), alignment)
         };
         self.uuid.set(Some(identity.volume_uuid));
-        let mut config = self.config.borrow_mut();
-        // What the volume is, so that save_config replays exactly this volume.
-        config.host_write_size = Some(identity.host_write_size);
-        config.durability = Some(match identity.durability {
-            Durability::Flush => DurabilityName::Flush,
-            Durability::WriteThrough => DurabilityName::WriteThrough,
-        });
-        config.journal_full = Some(match identity.journal_full_policy {
-            JournalFullPolicy::Fail => JournalFullName::Fail,
-            _ => JournalFullName::Block,
-        });
+        {
+            // What the volume is, so that save_config replays exactly this volume.
+            let mut config = self.config.borrow_mut();
+            config.host_write_size = Some(identity.host_write_size);
+            config.durability = Some(match identity.durability {
+                Durability::Flush => DurabilityName::Flush,
+                Durability::WriteThrough => DurabilityName::WriteThrough,
+            });
+            config.journal_full = Some(match identity.journal_full_policy {
+                JournalFullPolicy::Fail => JournalFullName::Fail,
+                _ => JournalFullName::Block,
+            });
+            config.strict = Some(identity.strict);
+        }
+        // Creates that joined while the volume opened: each gets its own answer; their
+        // run-time options (sorting) apply, the last one winning.
+        let mut answers = Vec::new();
+        let waiters = std::mem::take(&mut *self.waiters.borrow_mut());
+        for waiter in waiters {
+            let checked = waiter.asked.as_ref().map_or(Ok(()), |asked| self.reconcile(asked));
+            answers.push((waiter.done, checked));
+        }
+        let config = self.config.borrow();
         let properties = vbdev::BdevProperties {
             name: config.name.clone(),
             product_name: "chronicle".into(),
             block_size: base_block,
             num_blocks: identity.volume_bytes / u64::from(base_block),
             write_unit_blocks: identity.host_write_size / base_block,
-            split_on_write_unit: config.strict,
+            split_on_write_unit: identity.strict,
             buffer_alignment: alignment.next_power_of_two(),
             write_cache: identity.durability == Durability::Flush,
             uuid: Some(identity.volume_uuid),
@@ -681,33 +774,78 @@ impl VolumeHost {
         let owner = Thread::current().expect("on the app thread").handle();
         // A second, read-only descriptor of the base serves reads on every thread; the claim
         // stays with the volume's descriptor. It closes when SPDK frees the bdev.
-        let reader = match BdevDesc::open(&config.base_bdev, false, |_, _| {}) {
-            Ok(desc) => SharedDesc::new(desc),
-            Err(errno) => {
-                drop(config);
-                return self.fail_after_open(CreateError::Open { role: "base", name: self.config().base_bdev, errno });
-            }
-        };
-        let data = ChronicleBdev::new(self.id, config.name.clone(), owner, reader);
+        let reader = BdevDesc::open(&config.base_bdev, false, |_, _| {});
+        let base_name = config.base_bdev.clone();
+        let name = config.name.clone();
         drop(config);
-        match vbdev::register(&properties, data) {
+        let registered = match reader {
+            Ok(desc) => {
+                let data = ChronicleBdev::new(self.id, name.clone(), owner, SharedDesc::new(desc));
+                vbdev::register(&properties, data).map_err(|(errno, _data)| CreateError::Register(errno))
+            }
+            Err(errno) => Err(CreateError::Open { role: "base", name: base_name, errno }),
+        };
+        match registered {
             Ok(()) => {
                 self.registered.set(true);
                 spdk_notice!(
-                    "chronicle: {} registered ({} bytes, host write size {}, {:?})",
-                    properties.name,
+                    "chronicle: {name} registered ({} bytes, host write size {}, {:?}{})",
                     identity.volume_bytes,
                     identity.host_write_size,
-                    identity.durability
+                    identity.durability,
+                    if identity.strict { ", strict" } else { "" }
                 );
-                let name = properties.name.clone();
-                let waiters = std::mem::take(&mut *self.waiters.borrow_mut());
-                for waiter in waiters {
-                    waiter(Ok(name.clone()));
+                for (done, checked) in answers {
+                    done(checked.map(|()| name.clone()));
                 }
             }
-            Err((errno, _data)) => self.fail_after_open(CreateError::Register(errno)),
+            Err(error) => {
+                self.fail_after_open(error.clone());
+                for (done, _) in answers {
+                    done(Err(error.clone()));
+                }
+            }
         }
+    }
+
+    /// A create of this (open) volume with `asked`: the options fixed at format must match
+    /// what the volume is; the run-time ones (sorting) are taken over.
+    fn reconcile(&self, asked: &VolumeConfig) -> Result<(), CreateError> {
+        let mut config = self.config.borrow_mut();
+        let name = config.name.clone();
+        let mismatch = |what: &str, recorded: String, wanted: String| {
+            CreateError::Refused(format!(
+                "volume {name} has {what} {recorded}, not {wanted} (fixed when it was formatted)"
+            ))
+        };
+        if let (Some(wanted), Some(recorded)) = (asked.host_write_size, config.host_write_size) {
+            if wanted != recorded {
+                return Err(mismatch("host_write_size", recorded.to_string(), wanted.to_string()));
+            }
+        }
+        if let (Some(wanted), Some(recorded)) = (asked.durability, config.durability) {
+            if wanted != recorded {
+                return Err(mismatch("durability", format!("{recorded:?}"), format!("{wanted:?}")));
+            }
+        }
+        if let (Some(wanted), Some(recorded)) = (asked.journal_full, config.journal_full) {
+            if wanted != recorded {
+                return Err(mismatch("journal_full", format!("{recorded:?}"), format!("{wanted:?}")));
+            }
+        }
+        if let (Some(wanted), Some(recorded)) = (asked.strict, config.strict) {
+            if wanted != recorded {
+                return Err(mismatch("strict", recorded.to_string(), wanted.to_string()));
+            }
+        }
+        config.automatic_sort = asked.automatic_sort;
+        config.sort_rate_limit_bytes_per_second = asked.sort_rate_limit_bytes_per_second;
+        let (automatic, rate) = (config.automatic_sort, config.sort_rate_limit_bytes_per_second);
+        drop(config);
+        if let HostState::Running(volume) = &mut *self.state.borrow_mut() {
+            volume.set_sort(automatic, rate);
+        }
+        Ok(())
     }
 
     /// A failure after the volume opened: close it cleanly (flush), then fail the create.
@@ -724,7 +862,7 @@ impl VolumeHost {
         drop(state);
         let waiters = std::mem::take(&mut *self.waiters.borrow_mut());
         for waiter in waiters {
-            waiter(Err(error.clone()));
+            (waiter.done)(Err(error.clone()));
         }
     }
 
@@ -798,26 +936,18 @@ impl VolumeHost {
     fn complete(&self, io: PendingIo, status: IoStatus) {
         match io {
             PendingIo::Local(io) => io.complete(status),
-            PendingIo::Remote(io) => {
-                let thread = io.thread();
-                if let Err((_, reply)) = thread.send(Reply { io, status }) {
-                    self.counters.borrow_mut().reply_retries += 1;
-                    let mut replies = self.replies.borrow_mut();
-                    assert!(replies.len() < REPLY_RETRY_LIMIT, "replies to other threads pile up");
-                    replies.push_back(reply);
-                }
-            }
+            PendingIo::Remote(io) => send_home(io, status, Some(self)),
         }
     }
 
-    /// Sends the replies SPDK's message pool refused earlier.
+    /// Sends the replies SPDK's message pool refused earlier (their status is in their context).
     fn retry_replies(&self) -> bool {
         let count = self.replies.borrow().len();
         for _ in 0..count {
-            let Some(reply) = self.replies.borrow_mut().pop_front() else { break };
-            let thread = reply.io.thread();
-            if let Err((_, reply)) = thread.send(reply) {
-                self.replies.borrow_mut().push_front(reply);
+            let Some(io) = self.replies.borrow_mut().pop_front() else { break };
+            let thread = io.thread();
+            if let Err((_, io)) = io.send(thread, arrive_home) {
+                self.replies.borrow_mut().push_front(io);
                 break;
             }
         }
@@ -857,39 +987,58 @@ enum Event {
     Closed(Result<(), EngineError>),
 }
 
-/// A completion on its way back to the submitting thread.
-struct Reply {
-    io: DetachedIo<IoCtx>,
-    status: IoStatus,
+/// What a host I/O carries in its driver context across threads: the request on the way to
+/// the volume's thread, the status on the way back. Nothing is allocated for the trip
+/// ([`DetachedIo::send`]).
+pub enum HostIoCtx {
+    Request { id: u64, request: HostRequest },
+    Done(IoStatus),
 }
 
-impl Message for Reply {
-    fn run(self) {
-        match self.io.attach() {
-            Ok(io) => io.complete(self.status),
-            Err(_) => unreachable!("a reply runs on the I/O's own thread"),
-        }
+/// A completion arrives on the submitting thread.
+fn arrive_home(mut io: DetachedIo<IoCtx>) {
+    let status = match io.take_ctx() {
+        Some(HostIoCtx::Done(status)) => status,
+        _ => IoStatus::Failed,
+    };
+    match io.attach() {
+        Ok(io) => io.complete(status),
+        Err(_) => unreachable!("a reply runs on the I/O's own thread"),
     }
 }
 
-/// A host I/O on its way from another thread to the volume's thread.
-struct Delivery {
-    id: u64,
-    io: DetachedIo<IoCtx>,
-    request: HostRequest,
+/// A host I/O arrives on the volume's thread.
+fn arrive_at_volume(mut io: DetachedIo<IoCtx>) {
+    let Some(HostIoCtx::Request { id, request }) = io.take_ctx() else {
+        return send_home(io, IoStatus::Failed, None);
+    };
+    match host_by_id(id) {
+        Some(host) => {
+            host.counters.borrow_mut().remote_submissions += 1;
+            host.submit(PendingIo::Remote(io), request)
+        }
+        // The volume is gone: fail the I/O at home.
+        None => send_home(io, IoStatus::Failed, None),
+    }
 }
 
-impl Message for Delivery {
-    fn run(self) {
-        match host_by_id(self.id) {
+/// Sends a completed I/O back to its thread; if SPDK's message pool is empty, parks it with
+/// `host` to retry from its poller (or leaks it, loudly, without a host).
+fn send_home(mut io: DetachedIo<IoCtx>, status: IoStatus, host: Option<&VolumeHost>) {
+    io.set_ctx(HostIoCtx::Done(status));
+    let thread = io.thread();
+    if let Err((_, io)) = io.send(thread, arrive_home) {
+        match host {
             Some(host) => {
-                host.counters.borrow_mut().remote_submissions += 1;
-                host.submit(PendingIo::Remote(self.io), self.request)
+                host.counters.borrow_mut().reply_retries += 1;
+                let mut replies = host.replies.borrow_mut();
+                assert!(replies.len() < REPLY_RETRY_LIMIT, "replies to other threads pile up");
+                replies.push_back(io);
             }
             None => {
-                // The volume is gone: fail the I/O at home.
-                let thread = self.io.thread();
-                let _ = thread.send(Reply { io: self.io, status: IoStatus::Failed });
+                spdk_error!("chronicle: cannot send an I/O completion home (no message memory); retrying");
+                // Its Drop sends it home to fail (or leaks it if that fails too).
+                drop(io);
             }
         }
     }
@@ -908,11 +1057,12 @@ pub(crate) fn submit_io(id: u64, owner: ThreadHandle, io: BdevIo<IoCtx>, request
         }
         return;
     }
-    let delivery = Delivery { id, io: io.detach(), request };
-    if let Err((_, delivery)) = owner.send(delivery) {
+    let mut io = io.detach();
+    io.set_ctx(HostIoCtx::Request { id, request });
+    if let Err((_, mut io)) = io.send(owner, arrive_at_volume) {
         // SPDK's message pool is empty: the bdev layer retries a NOMEM I/O later.
-        drop(delivery.request);
-        match delivery.io.attach() {
+        drop(io.take_ctx());
+        match io.attach() {
             Ok(io) => io.complete(IoStatus::NoMem),
             Err(_) => unreachable!("still on the submitting thread"),
         }
@@ -952,6 +1102,13 @@ pub fn delete(name: &str, done: impl FnOnce(Result<(), VolumeError>) + 'static) 
 /// Cuts a generation of volume `name`; `done` gets the sealed generation's number.
 pub fn mark(name: &str, comment: &str, done: MarkerWaiter) {
     let Some(host) = host_by_name(name) else { return done(Err(VolumeError::NotFound(name.to_string()))) };
+    let limit = crate::core::format::catalog::COMMENT_BYTES - 1;
+    if comment.len() > limit || comment.contains('\0') {
+        return done(Err(VolumeError::Invalid(format!(
+            "a marker comment is at most {limit} bytes of UTF-8 without NUL; this one has {}",
+            comment.len()
+        ))));
+    }
     match host.running(|volume| volume.mark(comment)) {
         Ok(handle) => host.markers.borrow_mut().push((handle, done)),
         Err(error) => done(Err(error)),

@@ -93,6 +93,10 @@ impl std::fmt::Debug for ThreadHandle {
 }
 
 impl ThreadHandle {
+    pub(crate) fn as_ptr(&self) -> *mut ffi::spdk_thread {
+        self.raw.as_ptr()
+    }
+
     /// Whether the caller runs on this thread.
     pub fn is_current(&self) -> bool {
         // SAFETY: spdk_get_thread only reads a thread-local pointer.

@@ -50,6 +50,7 @@ fn superblocks() -> Vec<Vec<u8>> {
         areas,
         peers,
         volume_name: "chronicle0".into(),
+        strict: false,
     };
     vec![
         make(

@@ -136,6 +136,10 @@ impl CatalogEntry {
                 format!("{} bytes, at most {}", self.comment.len(), COMMENT_BYTES - 1),
             ));
         }
+        // The field is zero-terminated: a NUL inside would not read back.
+        if self.comment.contains('\0') {
+            return Err(FormatError::invalid(STRUCTURE, "comment", "holds a NUL character"));
+        }
         if self.through_generation < self.generation {
             return Err(FormatError::invalid(STRUCTURE, "through generation", "older than the generation"));
         }

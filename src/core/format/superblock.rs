@@ -140,6 +140,10 @@ pub struct Superblock {
     /// Name the volume is exposed under (the SPDK bdev name), at most 63 bytes of UTF-8; empty
     /// when unnamed. Lets a restarted application register the volume under the same name.
     pub volume_name: String,
+    /// Host writes must be whole host-write-size units (refused otherwise) instead of being
+    /// widened by read-modify-write. Recorded so a restarted application exposes the volume
+    /// the same way.
+    pub strict: bool,
 }
 
 impl Superblock {
@@ -172,7 +176,8 @@ impl Superblock {
         w.put_u32(self.host_write_size);
         w.put_u8(self.areas.len() as u8);
         w.put_u8(self.peers.len() as u8);
-        w.put_u16(0);
+        w.put_u8(u8::from(self.strict));
+        w.put_u8(0);
         w.put_u64(self.volume_blocks);
         w.put_u64(self.device_bytes);
         w.put_u64(self.features_compat);
@@ -222,7 +227,12 @@ impl Superblock {
         let host_write_size = r.u32()?;
         let area_count = r.u8()? as usize;
         let peer_count = r.u8()? as usize;
-        r.u16()?;
+        let strict = match r.u8()? {
+            0 => false,
+            1 => true,
+            other => return Err(FormatError::invalid(STRUCTURE, "strict", format!("{other} is neither 0 nor 1"))),
+        };
+        r.u8()?;
         let volume_blocks = r.u64()?;
         let device_bytes = r.u64()?;
         let features_compat = r.u64()?;
@@ -268,6 +278,7 @@ impl Superblock {
             areas,
             peers,
             volume_name,
+            strict,
         };
         superblock.validate()?;
         Ok(superblock)
@@ -320,7 +331,7 @@ impl Superblock {
             }
         }
         for peer in &self.peers {
-            if peer.name.len() >= PEER_NAME_BYTES {
+            if peer.name.len() >= PEER_NAME_BYTES || peer.name.contains('\0') {
                 return bad("peer name", format!("{:?} is longer than {} bytes", peer.name, PEER_NAME_BYTES - 1));
             }
         }
@@ -382,6 +393,7 @@ pub(crate) mod tests {
             ],
             peers: vec![PeerDevice { role: DeviceRole::Base, bytes: 64 << 20, name: "base.img".into() }],
             volume_name: "vol0".into(),
+            strict: false,
         }
     }
 
