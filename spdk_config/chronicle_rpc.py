@@ -2,8 +2,12 @@
 """rpc.py plugin for the chronicle bdev module.
 
     PYTHONPATH=spdk_config /opt/spdk/scripts/rpc.py --plugin chronicle_rpc bdev_chronicle_get_version
+    PYTHONPATH=spdk_config /opt/spdk/scripts/rpc.py -s /tmp/spdk.sock --plugin chronicle_rpc \\
+        bdev_chronicle_create -b C0 --base-bdev B0 --journal-bdev J0 --backup-bdev K0 --history-bdev H0
 
-Every method of the module gets a subcommand here as it is added (docs/SPDK.md).
+One subcommand per method of the module; docs/RPC.md describes each. Options left out are
+not sent, so the module's defaults apply (and an existing volume keeps what it was formatted
+with).
 """
 
 import json
@@ -13,12 +17,70 @@ def _print(result):
     print(json.dumps(result, indent=2))
 
 
+def _call(args, method, params=None):
+    """Calls `method` with the parameters that were given (None values are left out)."""
+    if params is not None:
+        params = {key: value for key, value in params.items() if value is not None}
+    _print(args.client.call(method, params))
+
+
 def bdev_chronicle_get_version(args):
-    _print(args.client.call('bdev_chronicle_get_version'))
+    _call(args, 'bdev_chronicle_get_version')
 
 
 def bdev_chronicle_inspect(args):
-    _print(args.client.call('bdev_chronicle_inspect', {'bdev_name': args.bdev_name}))
+    _call(args, 'bdev_chronicle_inspect', {'bdev_name': args.bdev_name})
+
+
+def bdev_chronicle_create(args):
+    _call(args, 'bdev_chronicle_create', {
+        'name': args.name,
+        'base_bdev': args.base_bdev,
+        'journal_bdev': args.journal_bdev,
+        'backup_bdev': args.backup_bdev,
+        'history_bdev': args.history_bdev,
+        'host_write_size': args.host_write_size,
+        'durability': args.durability,
+        'journal_full': args.journal_full,
+        # Flags: sent only when they differ from the module's defaults.
+        'strict': True if args.strict else None,
+        'copy_base_to_backup': False if args.no_copy_base_to_backup else None,
+        'automatic_sort': False if args.no_automatic_sort else None,
+        'sort_rate_limit_bytes_per_second': args.sort_rate_limit,
+    })
+
+
+def bdev_chronicle_delete(args):
+    _call(args, 'bdev_chronicle_delete', {'name': args.name})
+
+
+def bdev_chronicle_mark(args):
+    _call(args, 'bdev_chronicle_mark', {'name': args.name, 'comment': args.comment})
+
+
+def bdev_chronicle_get_generations(args):
+    _call(args, 'bdev_chronicle_get_generations', {'name': args.name})
+
+
+def bdev_chronicle_get_status(args):
+    _call(args, 'bdev_chronicle_get_status', {'name': args.name})
+
+
+def bdev_chronicle_load(args):
+    # The answer comes when the load ends: wait at least that long (rpc.py's -t is 60 s).
+    args.client.timeout = max(args.client.timeout, args.seconds + 60.0)
+    _call(args, 'bdev_chronicle_load', {
+        'name': args.name,
+        'seconds': args.seconds,
+        'queue_depth': args.queue_depth,
+        'marker_every_ms': args.marker_every_ms,
+        'seed': args.seed,
+        'ack_log': args.ack_log,
+    })
+
+
+def bdev_chronicle_verify_load(args):
+    _call(args, 'bdev_chronicle_verify_load', {'name': args.name, 'ack_log': args.ack_log})
 
 
 def spdk_rpc_plugin_initialize(subparsers):
@@ -30,3 +92,73 @@ def spdk_rpc_plugin_initialize(subparsers):
                               help='Read a bdev\'s chronicle superblocks (without claiming it)')
     p.add_argument('bdev_name', help='Name of the bdev to inspect')
     p.set_defaults(func=bdev_chronicle_inspect)
+
+    p = subparsers.add_parser('bdev_chronicle_create',
+                              help='Create a chronicle bdev: format blank journal and history bdevs, '
+                              'or open the volume they hold')
+    p.add_argument('-b', '--name', required=True,
+                   help='Name of the chronicle bdev (recorded on the devices, at most 63 bytes)')
+    p.add_argument('--base-bdev', required=True, help='The volume\'s current image')
+    p.add_argument('--journal-bdev', required=True, help='Journal: superblocks, catalogs, index, elements')
+    p.add_argument('--backup-bdev', required=True, help='The backup image, one generation behind')
+    p.add_argument('--history-bdev', required=True, help='History of the blocks the sort overwrote')
+    p.add_argument('-w', '--host-write-size', type=int,
+                   help='Bytes per journal element, a power of two from 512 to 1048576 '
+                   '(default 4096 for a new volume; an existing volume must be given its own or nothing)')
+    p.add_argument('-d', '--durability', choices=['flush', 'write-through'],
+                   help='When a write is acknowledged: flush (durable after the next flush; default) '
+                   'or write-through (durable when acknowledged). Fixed at format')
+    p.add_argument('-f', '--journal-full', choices=['block', 'fail'],
+                   help='When the journal has no room: block (wait for the sort; default) or fail. '
+                   'Fixed at format')
+    p.add_argument('--strict', action='store_true',
+                   help='Refuse writes that are not whole host-write-size units instead of '
+                   'widening them by read-modify-write')
+    p.add_argument('--no-copy-base-to-backup', action='store_true',
+                   help='On format, do not copy the base to the backup (only for bases known to be '
+                   'zero, like new malloc bdevs or files)')
+    p.add_argument('--no-automatic-sort', action='store_true',
+                   help='Do not sort sealed generations into the backup in the background')
+    p.add_argument('-r', '--sort-rate-limit', type=int, metavar='BYTES_PER_SECOND',
+                   help='Limit the sort to this many bytes per second read from the journal')
+    p.set_defaults(func=bdev_chronicle_create)
+
+    p = subparsers.add_parser('bdev_chronicle_delete',
+                              help='Delete a chronicle bdev (closes the volume; its data stays on the devices)')
+    p.add_argument('name', help='Name of the chronicle bdev')
+    p.set_defaults(func=bdev_chronicle_delete)
+
+    p = subparsers.add_parser('bdev_chronicle_mark',
+                              help='Cut a generation: seal the open one (prints its number) and open the next')
+    p.add_argument('name', help='Name of the chronicle bdev')
+    p.add_argument('-c', '--comment', help='Comment recorded with the generation')
+    p.set_defaults(func=bdev_chronicle_mark)
+
+    p = subparsers.add_parser('bdev_chronicle_get_generations',
+                              help='List the generations of a chronicle bdev')
+    p.add_argument('name', help='Name of the chronicle bdev')
+    p.set_defaults(func=bdev_chronicle_get_generations)
+
+    p = subparsers.add_parser('bdev_chronicle_get_status',
+                              help='State, journal and history use, sort progress and counters of a chronicle bdev')
+    p.add_argument('name', help='Name of the chronicle bdev')
+    p.set_defaults(func=bdev_chronicle_get_status)
+
+    p = subparsers.add_parser('bdev_chronicle_load',
+                              help='Write self-identifying blocks through a chronicle bdev for SECONDS, '
+                              'optionally cutting generations and logging every acknowledged write (crash tests)')
+    p.add_argument('name', help='Name of the chronicle bdev')
+    p.add_argument('-t', '--seconds', type=float, required=True, help='How long to write (0 < SECONDS <= 86400)')
+    p.add_argument('-q', '--queue-depth', type=int, help='Writes in flight (1 to 256; default 32)')
+    p.add_argument('-m', '--marker-every-ms', type=int, help='Cut a generation this often (default: none)')
+    p.add_argument('--seed', type=int, help='Seed of the block choice (default 1)')
+    p.add_argument('-a', '--ack-log', help='File (on the application\'s machine) to append "block sequence" '
+                   'lines to, one per acknowledged write')
+    p.set_defaults(func=bdev_chronicle_load)
+
+    p = subparsers.add_parser('bdev_chronicle_verify_load',
+                              help='Read back every block of an ack log through a chronicle bdev and check '
+                              'it holds its newest acknowledged write (or a newer one)')
+    p.add_argument('name', help='Name of the chronicle bdev')
+    p.add_argument('-a', '--ack-log', required=True, help='Ack log written by bdev_chronicle_load')
+    p.set_defaults(func=bdev_chronicle_verify_load)
