@@ -13,7 +13,7 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
-use rustc_hash::FxHashMap;
+use slab::Slab;
 
 use crate::device::{
     Channel, Completion, DeviceGeometry, IoBuffers, IoError, Operation, SharedBuffers, SubmitError, Tag,
@@ -45,13 +45,23 @@ impl Role {
 /// own in-flight limits; this is a safety net that turns a runaway into a loud failure.
 const RETRY_QUEUE_LIMIT: usize = 1 << 16;
 
+/// Who waits for an operation in flight.
+enum Waiter<O> {
+    /// The hot path: the completion goes to the host queue at once.
+    Host(O),
+    /// A control-path future: the completion waits here until the future takes it.
+    Control(Option<Completion>),
+    /// A control-path future that was dropped: the completion is discarded.
+    Abandoned,
+}
+
 pub(crate) struct IoHub<O> {
     channels: Vec<Box<dyn Channel>>,
-    next_tag: Tag,
     retry: [VecDeque<(Tag, Operation)>; 4],
-    /// Which device each outstanding tag went to (for in-flight accounting).
-    outstanding: FxHashMap<Tag, (Role, Option<O>)>,
-    control_done: FxHashMap<Tag, Completion>,
+    /// Operations in flight, by tag (the slab key): a vector index, not a hash, on the hot
+    /// path. A control operation keeps its slot until its future takes the completion, so a
+    /// tag is never reused while someone may still ask for it.
+    outstanding: Slab<Waiter<O>>,
     host_done: VecDeque<(O, Completion)>,
     scratch: Vec<Completion>,
 }
@@ -62,10 +72,8 @@ impl<O: Copy> IoHub<O> {
         assert_eq!(channels.len(), 4, "a volume has four devices");
         IoHub {
             channels,
-            next_tag: 1,
             retry: Default::default(),
-            outstanding: FxHashMap::default(),
-            control_done: FxHashMap::default(),
+            outstanding: Slab::with_capacity(1024),
             host_done: VecDeque::new(),
             scratch: Vec::with_capacity(256),
         }
@@ -75,10 +83,8 @@ impl<O: Copy> IoHub<O> {
     pub(crate) fn new_empty() -> Self {
         IoHub {
             channels: Vec::new(),
-            next_tag: 1,
             retry: Default::default(),
-            outstanding: FxHashMap::default(),
-            control_done: FxHashMap::default(),
+            outstanding: Slab::new(),
             host_done: VecDeque::new(),
             scratch: Vec::new(),
         }
@@ -105,9 +111,11 @@ impl<O: Copy> IoHub<O> {
     /// Submits `operation`; its completion goes to `owner` (hot path) or, with `None`, waits
     /// for a control-path future holding the returned tag.
     pub(crate) fn submit(&mut self, role: Role, operation: Operation, owner: Option<O>) -> Tag {
-        let tag = self.next_tag;
-        self.next_tag += 1;
-        self.outstanding.insert(tag, (role, owner));
+        let waiter = match owner {
+            Some(owner) => Waiter::Host(owner),
+            None => Waiter::Control(None),
+        };
+        let tag = self.outstanding.insert(waiter) as Tag;
         let queue = &mut self.retry[role as usize];
         if !queue.is_empty() {
             // Keep submission order per device: nothing overtakes a queued operation.
@@ -157,11 +165,18 @@ impl<O: Copy> IoHub<O> {
     }
 
     fn route(&mut self, completion: Completion) {
-        let (_, owner) = self.outstanding.remove(&completion.tag).expect("every completion has a submitter");
-        match owner {
-            Some(owner) => self.host_done.push_back((owner, completion)),
-            None => {
-                self.control_done.insert(completion.tag, completion);
+        let key = completion.tag as usize;
+        match self.outstanding.get_mut(key).expect("every completion has a submitter") {
+            Waiter::Host(_) => {
+                let Waiter::Host(owner) = self.outstanding.remove(key) else { unreachable!() };
+                self.host_done.push_back((owner, completion));
+            }
+            Waiter::Control(slot) => {
+                debug_assert!(slot.is_none(), "an operation completes once");
+                *slot = Some(completion);
+            }
+            Waiter::Abandoned => {
+                self.outstanding.remove(key);
             }
         }
     }
@@ -171,25 +186,61 @@ impl<O: Copy> IoHub<O> {
     }
 
     fn take_control(&mut self, tag: Tag) -> Option<Completion> {
-        self.control_done.remove(&tag)
+        let key = tag as usize;
+        match self.outstanding.get(key) {
+            Some(Waiter::Control(Some(_))) => match self.outstanding.remove(key) {
+                Waiter::Control(completion) => completion,
+                _ => unreachable!(),
+            },
+            _ => None,
+        }
+    }
+
+    /// A control future was dropped before taking its completion.
+    fn abandon(&mut self, tag: Tag) {
+        let key = tag as usize;
+        match self.outstanding.get_mut(key) {
+            Some(Waiter::Control(Some(_))) => {
+                self.outstanding.remove(key);
+            }
+            Some(waiter @ Waiter::Control(None)) => *waiter = Waiter::Abandoned,
+            _ => {}
+        }
     }
 }
 
 pub(crate) type Hub<O> = Rc<RefCell<IoHub<O>>>;
 
 /// Waits for the completion of `tag`.
-pub(crate) struct IoFuture<O> {
+pub(crate) struct IoFuture<O: Copy> {
     hub: Hub<O>,
     tag: Tag,
+    done: bool,
 }
 
 impl<O: Copy> Future for IoFuture<O> {
     type Output = Completion;
 
-    fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Completion> {
-        match self.hub.borrow_mut().take_control(self.tag) {
-            Some(completion) => Poll::Ready(completion),
+    fn poll(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Completion> {
+        let taken = self.hub.borrow_mut().take_control(self.tag);
+        match taken {
+            Some(completion) => {
+                self.done = true;
+                Poll::Ready(completion)
+            }
             None => Poll::Pending,
+        }
+    }
+}
+
+impl<O: Copy> Drop for IoFuture<O> {
+    fn drop(&mut self) {
+        if !self.done {
+            // Dropped before its completion came (a task ended early): let the slot go when it
+            // does. The hub is never borrowed while a future is dropped (executor, block_on).
+            if let Ok(mut hub) = self.hub.try_borrow_mut() {
+                hub.abandon(self.tag);
+            }
         }
     }
 }
@@ -208,7 +259,7 @@ impl<O> Clone for ControlIo<O> {
 impl<O: Copy> ControlIo<O> {
     pub(crate) fn submit(&self, role: Role, operation: Operation) -> IoFuture<O> {
         let tag = self.hub.borrow_mut().submit(role, operation, None);
-        IoFuture { hub: self.hub.clone(), tag }
+        IoFuture { hub: self.hub.clone(), tag, done: false }
     }
 
     pub(crate) fn block_size(&self, role: Role) -> u64 {

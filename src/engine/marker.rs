@@ -94,9 +94,9 @@ async fn seal(shared: &SharedRef, io: &ControlIo<HostRef>, comment: String, barr
         let mut s = shared.borrow_mut();
         let meta = &mut s.meta;
         let upto = meta.open.blocks.len();
-        let mut indexes: Vec<usize> = meta.open.stale_pages.drain().collect();
-        indexes.sort_unstable();
-        indexes
+        meta.open
+            .stale_pages
+            .drain_sorted()
             .into_iter()
             .map(|index| {
                 let (page, slot, sequence, bytes) = meta.next_index_page(index, upto);

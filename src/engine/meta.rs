@@ -22,6 +22,42 @@ pub(crate) struct PageState {
     pub newest_slot: Option<u8>,
 }
 
+/// A set of index page numbers as a growable bitset: every rewrite in the open generation marks
+/// its page, so this is on the hot path.
+#[derive(Debug, Default)]
+pub(crate) struct PageSet {
+    words: Vec<u64>,
+}
+
+impl PageSet {
+    pub fn insert(&mut self, page: usize) {
+        let word = page / 64;
+        if word >= self.words.len() {
+            self.words.resize(word + 1, 0);
+        }
+        self.words[word] |= 1 << (page % 64);
+    }
+
+    pub fn remove(&mut self, page: usize) {
+        if let Some(word) = self.words.get_mut(page / 64) {
+            *word &= !(1 << (page % 64));
+        }
+    }
+
+    /// Every page in the set, ascending; the set is empty afterwards.
+    pub fn drain_sorted(&mut self) -> Vec<usize> {
+        let mut pages = Vec::new();
+        for (index, word) in self.words.iter_mut().enumerate() {
+            let mut bits = std::mem::take(word);
+            while bits != 0 {
+                pages.push(index * 64 + bits.trailing_zeros() as usize);
+                bits &= bits - 1;
+            }
+        }
+        pages
+    }
+}
+
 /// The generation collecting host writes.
 #[derive(Debug)]
 pub(crate) struct OpenGeneration {
@@ -38,7 +74,7 @@ pub(crate) struct OpenGeneration {
     /// Block → entry.
     pub entry_of: UnitIndex,
     /// Pages holding entries whose crc changed since the page was last written.
-    pub stale_pages: rustc_hash::FxHashSet<usize>,
+    pub stale_pages: PageSet,
     /// Entries whose index page is durable.
     pub durable: usize,
     pub pages: Vec<PageState>,
@@ -209,5 +245,22 @@ impl Meta {
                 .collect(),
         };
         (self.open.page_start + index as u64, slot, sequence, page.encode())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PageSet;
+
+    #[test]
+    fn page_set_drains_ascending_and_empties() {
+        let mut set = PageSet::default();
+        for page in [130, 3, 64, 3, 0, 63, 200] {
+            set.insert(page);
+        }
+        set.remove(64);
+        set.remove(1000);
+        assert_eq!(set.drain_sorted(), vec![0, 3, 63, 130, 200]);
+        assert!(set.drain_sorted().is_empty());
     }
 }

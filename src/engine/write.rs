@@ -679,7 +679,7 @@ impl HotStep<'_> {
         let mut pages = Vec::new();
         for index in meta.open.durable / per_page..=(target - 1) / per_page {
             let (page, slot, sequence, bytes) = meta.next_index_page(index, target);
-            meta.open.stale_pages.remove(&index);
+            meta.open.stale_pages.remove(index);
             let offset = meta.index_slot_bytes(page, slot) / meta.block_size[1];
             let mut buffer = self.hub.alloc(Role::Journal, bytes.len());
             buffer.as_mut_slice().copy_from_slice(&bytes);

@@ -21,6 +21,8 @@ use crate::device::{
 
 /// Alignment of internal buffers: enough for every bdev (`O_DIRECT` files under bdev_aio).
 const DMA_ALIGNMENT: usize = 4096;
+/// Operation boxes kept for reuse per channel.
+const POOL_LIMIT: usize = 256;
 
 /// An open bdev as an engine device.
 pub struct SpdkDevice {
@@ -68,6 +70,7 @@ impl Device for SpdkDevice {
                 done: RefCell::new(Vec::new()),
                 in_flight: Cell::new(0),
                 alloc_fallbacks: Cell::new(0),
+                pool: RefCell::new(Vec::new()),
             }),
         }))
     }
@@ -84,6 +87,8 @@ struct ChannelShared {
     done: RefCell<Vec<Completion>>,
     in_flight: Cell<usize>,
     alloc_fallbacks: Cell<u64>,
+    /// Finished operations' boxes, reused by the next ones (no allocation per operation).
+    pool: RefCell<Vec<Box<InFlight>>>,
 }
 
 /// This thread's channel to an SPDK bdev.
@@ -195,7 +200,9 @@ impl Iovecs {
 /// One operation in flight: its buffers, the iovecs SPDK reads them through, and where its
 /// completion goes.
 struct InFlight {
-    shared: Rc<ChannelShared>,
+    /// The channel; `None` while the box waits in the channel's pool for reuse (a pooled box
+    /// holding its channel would keep it alive forever).
+    shared: Option<Rc<ChannelShared>>,
     tag: Tag,
     operation: Operation,
     iovecs: Iovecs,
@@ -210,11 +217,24 @@ impl InFlight {
             Operation::Write { buffers, .. } => Iovecs::of(buffers.segments()),
             _ => Iovecs::of(&[]),
         };
-        Box::new(InFlight { shared, tag, operation, iovecs, stage: Stage::Data, fua_flush })
+        let pooled = shared.pool.borrow_mut().pop();
+        let fresh = InFlight { shared: Some(shared), tag, operation, iovecs, stage: Stage::Data, fua_flush };
+        match pooled {
+            Some(mut reused) => {
+                *reused = fresh;
+                reused
+            }
+            None => Box::new(fresh),
+        }
+    }
+
+    fn channel(&self) -> &Rc<ChannelShared> {
+        self.shared.as_ref().expect("an operation in flight has its channel")
     }
 
     fn extent(&self) -> (u64, u64) {
-        self.operation.extent(self.shared.geometry.block_size).unwrap_or((0, self.shared.geometry.block_count))
+        let geometry = self.channel().geometry;
+        self.operation.extent(geometry.block_size).unwrap_or((0, geometry.block_count))
     }
 
     fn request(&mut self) -> BlockRequest {
@@ -232,7 +252,7 @@ impl InFlight {
     /// Submits the current stage; on `ENOMEM` waits for the bdev layer and tries again.
     fn start(mut self: Box<Self>) {
         let request = self.request();
-        let shared = self.shared.clone();
+        let shared = self.channel().clone();
         // SAFETY: the iovecs and the buffers they describe live in `self`, which SPDK holds
         // (as the completion) until the operation completes.
         let submitted = unsafe { shared.desc.submit(&shared.channel, request, self) };
@@ -247,11 +267,13 @@ impl InFlight {
                 }
             }
         }
-        (*this).finish(Err(format!("submission refused: {errno}")));
+        this.finish(Err(format!("submission refused: {errno}")));
     }
 
-    fn finish(self, result: Result<(), String>) {
-        let InFlight { shared, tag, operation, .. } = self;
+    fn finish(mut self: Box<Self>, result: Result<(), String>) {
+        let shared = self.shared.take().expect("an operation in flight has its channel");
+        let operation = std::mem::replace(&mut self.operation, Operation::Flush);
+        let tag = self.tag;
         let kind = operation.kind();
         let (offset_blocks, num_blocks) = operation.extent(shared.geometry.block_size).unwrap_or((0, 0));
         let result = result.map_err(|detail| IoError::Media {
@@ -269,6 +291,10 @@ impl InFlight {
         debug_assert!(shared.in_flight.get() > 0);
         shared.in_flight.set(shared.in_flight.get() - 1);
         shared.done.borrow_mut().push(Completion { tag, kind, result, payload });
+        let mut pool = shared.pool.borrow_mut();
+        if pool.len() < POOL_LIMIT {
+            pool.push(self);
+        }
     }
 }
 
@@ -283,7 +309,7 @@ impl IoDone for InFlight {
             (false, Stage::Data) => Some("the bdev failed the I/O".to_string()),
             (false, Stage::Flush) => Some("the flush after the FUA write failed".to_string()),
         };
-        (*self).finish(failure.map_or(Ok(()), Err));
+        self.finish(failure.map_or(Ok(()), Err));
     }
 }
 
