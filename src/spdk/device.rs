@@ -88,6 +88,7 @@ struct ChannelShared {
     in_flight: Cell<usize>,
     alloc_fallbacks: Cell<u64>,
     /// Finished operations' boxes, reused by the next ones (no allocation per operation).
+    #[allow(clippy::vec_box)] // the boxes are the point: SPDK holds each one as a callback argument
     pool: RefCell<Vec<Box<InFlight>>>,
 }
 

@@ -306,18 +306,27 @@ pub fn rpc(socket: &Path, method: &str, params: Option<Value>, timeout: Duration
 // ---- spdk_io.rs).
 
 /// A chronicle volume over four fresh malloc bdevs named `<name>Base`, `<name>Journal`,
-/// `<name>Backup`, `<name>History`: the journal 1.25 × the base (room for metadata and
-/// elements), backup and history the size of the base.
+/// `<name>Backup`, `<name>History`: the backup the size of the base; the journal and the
+/// history 1.25 × the base, room for metadata plus one generation that writes every block
+/// (the open one in the journal, its record in the history once the next one is sorted).
+/// Volumes that sort several such generations need a larger history
+/// ([`with_history_blocks`](Self::with_history_blocks)): history is never reclaimed yet.
 #[derive(Debug, Clone)]
 pub struct MallocVolume {
     pub name: String,
     pub block_size: u32,
     pub base_blocks: u64,
+    pub history_blocks: u64,
 }
 
 impl MallocVolume {
     pub fn new(name: &str, base_blocks: u64, block_size: u32) -> Self {
-        MallocVolume { name: name.to_string(), block_size, base_blocks }
+        MallocVolume { name: name.to_string(), block_size, base_blocks, history_blocks: base_blocks * 5 / 4 }
+    }
+
+    pub fn with_history_blocks(mut self, history_blocks: u64) -> Self {
+        self.history_blocks = history_blocks;
+        self
     }
 
     /// Base, journal, backup, history.
@@ -340,7 +349,7 @@ impl MallocVolume {
 
     /// The `bdev_malloc_create` calls (`{"method", "params"}`) of the four bdevs.
     pub fn malloc_methods(&self) -> Vec<Value> {
-        let blocks = [self.base_blocks, self.base_blocks * 5 / 4, self.base_blocks, self.base_blocks];
+        let blocks = [self.base_blocks, self.base_blocks * 5 / 4, self.base_blocks, self.history_blocks];
         self.bdevs()
             .iter()
             .zip(blocks)
