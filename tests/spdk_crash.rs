@@ -10,6 +10,12 @@
 //!   its name; every acknowledged write reads back through it (`bdev_chronicle_verify_load`),
 //!   and `chronicle check` agrees offline.
 //!
+//! - hot-remove: deleting one of the four bdevs under a running volume closes it cleanly and
+//!   unregisters the chronicle bdev; the bdev coming back lets examine open the volume again,
+//!   every acknowledged write still there;
+//! - `save_config` → restart with `--json`: the same volume, with the same options, registered
+//!   again (also when examine finds it first).
+//!
 //! Needs SPDK (skipped with a message otherwise, see `support/spdk.rs`).
 
 mod support;
@@ -60,12 +66,24 @@ fn start_target(spdk_dir: &Path, module: &Path, dir: &Path) -> App {
 }
 
 fn create_volume(target: &App) {
-    let params = json!({
+    create_volume_with(target, json!({}));
+}
+
+fn create_volume_with(target: &App, options: Value) {
+    let mut params = json!({
         "name": "Chronicle0",
         "base_bdev": "base0", "journal_bdev": "journal0", "backup_bdev": "backup0", "history_bdev": "history0",
         "copy_base_to_backup": false,
     });
+    for (key, value) in options.as_object().expect("an object") {
+        params[key] = value.clone();
+    }
     assert_eq!(target.result("bdev_chronicle_create", Some(params)), json!("Chronicle0"));
+}
+
+fn claimed(target: &App, bdev: &str) -> bool {
+    let bdevs = target.result("bdev_get_bdevs", Some(json!({"name": bdev})));
+    bdevs[0]["claimed"].as_bool().expect("claimed is reported")
 }
 
 /// Runs the `chronicle` command; panics with its output unless it succeeds.
@@ -175,5 +193,99 @@ fn sigkill_during_writes_loses_no_acknowledged_write() {
     // And offline, generation by generation.
     let check = chronicle(&["check", dir.to_str().unwrap(), "--ack-log", ack_log.to_str().unwrap()]);
     assert!(check.contains("chronicle check: ok"), "{check}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn hot_remove_of_a_bdev_below_closes_the_volume_and_examine_brings_it_back() {
+    let Some(spdk_dir) = require_spdk("hot_remove") else { return };
+    let _serial = serial();
+    let module = module_library();
+    let dir = volume_dir("spdk-hot-remove");
+    let ack_log = dir.join("ack.log");
+    let target = start_target(&spdk_dir, &module, &dir);
+    create_volume(&target);
+    let load = json!({
+        "name": "Chronicle0", "seconds": 1.0, "queue_depth": 16, "marker_every_ms": 300, "seed": 5,
+        "ack_log": ack_log.to_str().expect("utf-8 path"),
+    });
+    let report = target.result("bdev_chronicle_load", Some(load));
+    assert_eq!(report["writes_failed"], json!(0), "{report}");
+
+    // The journal goes away under the volume: the volume closes (flushing what it can) and
+    // its bdev is unregistered; the other three are released.
+    assert_eq!(target.result("bdev_aio_delete", Some(json!({"name": "journal0"}))), json!(true));
+    let gone = target.call("bdev_get_bdevs", Some(json!({"name": "Chronicle0"})));
+    assert_eq!(gone["error"]["code"], json!(-libc::ENODEV), "the chronicle bdev is gone: {gone}");
+    for bdev in ["base0", "backup0", "history0"] {
+        assert!(!claimed(&target, bdev), "{bdev} is released");
+    }
+    let status = target.call("bdev_chronicle_get_status", Some(json!({"name": "Chronicle0"})));
+    assert_eq!(status["error"]["code"], json!(-libc::ENODEV), "{status}");
+
+    // The journal comes back: examine finds the volume and registers it again.
+    let journal =
+        json!({"name": "journal0", "filename": dir.join("journal.img").to_str().unwrap(), "block_size": 4096});
+    assert_eq!(target.result("bdev_aio_create", Some(journal)), json!("journal0"));
+    assert_eq!(target.result("bdev_wait_for_examine", None), json!(true));
+    let verified = target.result(
+        "bdev_chronicle_verify_load",
+        Some(json!({"name": "Chronicle0", "ack_log": ack_log.to_str().expect("utf-8 path")})),
+    );
+    assert_eq!(verified["missing"], json!(0), "{verified}");
+    assert_eq!(verified["invalid"], json!(0), "{verified}");
+    assert!(verified["blocks_checked"].as_u64().unwrap_or_default() > 0, "{verified}");
+    let (status, log) = target.stop();
+    assert!(status.success(), "spdk_tgt exited with {status}:\n{log}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn save_config_replays_the_same_volume_with_its_options() {
+    let Some(spdk_dir) = require_spdk("save_config_replay") else { return };
+    let _serial = serial();
+    let module = module_library();
+    let dir = volume_dir("spdk-save-config");
+    let target = start_target(&spdk_dir, &module, &dir);
+    create_volume_with(
+        &target,
+        json!({"host_write_size": 8192, "strict": true, "automatic_sort": false, "sort_rate_limit_bytes_per_second": 1048576}),
+    );
+    let generation = target.result("bdev_chronicle_mark", Some(json!({"name": "Chronicle0", "comment": "saved"})));
+    assert_eq!(generation, json!(1));
+    // What rpc.py's save_config writes, for the bdev subsystem.
+    let bdev_config = target.result("framework_get_config", Some(json!({"name": "bdev"})));
+    let saved = json!({"subsystems": [{"subsystem": "bdev", "config": bdev_config}]});
+    let text = saved.to_string();
+    assert!(text.contains("bdev_chronicle_create"), "{text}");
+    let (status, log) = target.stop();
+    assert!(status.success(), "spdk_tgt exited with {status}:\n{log}");
+
+    // Restart from the saved configuration alone: the aio bdevs come first (examine may find
+    // the volume), then the replayed create, which must end with the volume as it was.
+    let config = dir.join("saved.json");
+    std::fs::write(&config, saved.to_string()).expect("write saved config");
+    let mut options = AppOptions::spdk_tgt();
+    options.args = vec!["--json".into(), config.to_str().expect("utf-8 path").into()];
+    let target = App::start(&spdk_dir, &module, options);
+    let status = target.result("bdev_chronicle_get_status", Some(json!({"name": "Chronicle0"})));
+    assert_eq!(status["state"], json!("running"), "{status}");
+    let config = &status["config"];
+    assert_eq!(config["host_write_size"], json!(8192), "{status}");
+    assert_eq!(config["strict"], json!(true), "{status}");
+    assert_eq!(config["automatic_sort"], json!(false), "{status}");
+    assert_eq!(config["sort_rate_limit_bytes_per_second"], json!(1048576), "{status}");
+    let generations = target.result("bdev_chronicle_get_generations", Some(json!({"name": "Chronicle0"})));
+    assert!(generations.as_array().unwrap().iter().any(|g| g["comment"] == json!("saved")), "{generations}");
+    // A create with an option fixed at format that differs is refused, the volume untouched.
+    let (code, message) = target.error(
+        "bdev_chronicle_create",
+        Some(json!({"name": "Chronicle0", "base_bdev": "base0", "journal_bdev": "journal0", "backup_bdev": "backup0",
+                    "history_bdev": "history0", "host_write_size": 4096})),
+    );
+    assert_eq!(code, -i64::from(libc::EINVAL), "{message}");
+    assert!(message.contains("host_write_size"), "{message}");
+    let (status, log) = target.stop();
+    assert!(status.success(), "spdk_tgt exited with {status}:\n{log}");
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -1156,6 +1156,8 @@ pub struct VolumeReport {
     pub journal_bdev: String,
     pub backup_bdev: String,
     pub history_bdev: String,
+    /// The volume's options as `save_config` would replay them.
+    pub config: VolumeConfig,
     /// Progress of a format's copy of the base to the backup.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub format_progress: Option<FormatReport>,
@@ -1215,6 +1217,7 @@ impl VolumeHost {
             journal_bdev: config.journal_bdev.clone(),
             backup_bdev: config.backup_bdev.clone(),
             history_bdev: config.history_bdev.clone(),
+            config: config.clone(),
             format_progress,
             volume,
             io: self.counters.borrow().clone(),
