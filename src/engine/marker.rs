@@ -124,12 +124,15 @@ async fn seal(shared: &SharedRef, io: &ControlIo<HostRef>, comment: String, barr
     let generation = {
         let mut s = shared.borrow_mut();
         let meta = &mut s.meta;
-        let next = OpenGeneration::new(meta.open.generation + 1, meta.ring.head(), meta.pages.head());
+        // One instant: the sealed generation ends when the next one opens.
+        let sealed_ns = now_ns();
+        let mut next = OpenGeneration::new(meta.open.generation + 1, meta.ring.head(), meta.pages.head());
+        next.opened_ns = sealed_ns;
         let open = std::mem::replace(&mut meta.open, next);
         debug_assert_eq!(open.durable, open.blocks.len(), "drained writes left every entry durable");
         meta.sealed.push_back(SealedGeneration {
             generation: open.generation,
-            time_ns: now_ns(),
+            time_ns: sealed_ns,
             comment,
             element_start: open.element_start,
             page_start: open.page_start,

@@ -151,6 +151,16 @@ impl Bdev<'_> {
     }
 }
 
+/// Whether the bdev named `name` is claimed by a module (`None` if there is no such bdev).
+pub fn bdev_claimed(name: &str) -> Option<bool> {
+    let name = CString::new(name).ok()?;
+    // SAFETY: looks the name up in SPDK's bdev list (app thread); the bdev is only read here,
+    // while registered.
+    let raw = NonNull::new(unsafe { ffi::spdk_bdev_get_by_name(name.as_ptr()) })?;
+    // SAFETY: registered now (just found), read on the app thread where claims change.
+    Some(unsafe { Bdev::from_raw(raw) }.is_claimed())
+}
+
 /// Whether a bdev named `name` is registered now.
 pub fn bdev_exists(name: &str) -> bool {
     let Ok(name) = CString::new(name) else { return false };

@@ -25,7 +25,9 @@ use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use slab::Slab;
 
-use super::bdev::{bdev_exists, BdevDesc, BdevEvent, BdevIo, ClaimKind, DetachedIo, IoStatus, SharedDesc};
+use super::bdev::{
+    bdev_claimed, bdev_exists, BdevDesc, BdevEvent, BdevIo, ClaimKind, DetachedIo, IoStatus, SharedDesc,
+};
 use super::bdev_chronicle::{Chronicle, ChronicleBdev, SuperblockRead, SuperblockState};
 use super::bdev_module;
 use super::device::SpdkDevice;
@@ -385,8 +387,14 @@ pub fn create(config: VolumeConfig, mode: CreateMode, done: Waiter) {
         return done(Err(CreateError::Exists(config.name.clone())));
     }
     for (role, name) in ROLES.iter().zip(config.bdev_names()) {
-        if !bdev_exists(name) {
-            return done(Err(CreateError::Missing { role, name: name.to_string() }));
+        match bdev_claimed(name) {
+            None => return done(Err(CreateError::Missing { role, name: name.to_string() })),
+            // Checked before anything is read: a device in use (by another volume, or another
+            // module) is busy, whatever it holds. examine retries (another examine may hold it).
+            Some(true) if mode == CreateMode::FormatOrOpen => {
+                return done(Err(CreateError::Claimed { role, name: name.to_string() }))
+            }
+            Some(_) => {}
         }
     }
     let host = REGISTRY.with(|registry| {
