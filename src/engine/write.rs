@@ -171,6 +171,11 @@ impl HotPath {
         self.next_seq += 1;
     }
 
+    /// Requests waiting to start.
+    pub(crate) fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
     /// Sequence the next submitted request will get: a marker requested now includes every
     /// request below it.
     pub(crate) fn next_seq(&self) -> u64 {
