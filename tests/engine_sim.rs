@@ -14,7 +14,10 @@
 //!   else, so no torn unit is read as valid data from a durable write;
 //! - every sealed generation is exact: its image (from history and backup, or from the
 //!   journal while unsorted) equals the model's image at its marker, byte for byte;
-//! - recovery is idempotent: a cut during recovery is recovered from the same way.
+//! - recovery is idempotent: a cut during recovery is recovered from the same way;
+//! - history maintenance (merges of adjacent records, deletions of generations, seed 001
+//!   FIG 11/12) is atomic: after a cut, every generation it would give up is either still
+//!   exact or gone, and every other generation is exact.
 //!
 //! The seed of a failing run is printed; `CHRONICLE_SIM_SEEDS` and `CHRONICLE_SIM_CYCLES` scale
 //! the run (defaults: 200 seeds × 50 cycles = 10,000 power cuts, plus cuts during recovery).
@@ -28,7 +31,9 @@ use chronicle::device::fault::{FaultController, FaultDevice};
 use chronicle::device::memory::{MemoryDevice, MemoryOptions};
 use chronicle::device::{Channel, Device, DmaBuf, IoBuffers};
 use chronicle::engine::reader::VolumeReader;
-use chronicle::engine::{format, FormatOptions, HostRequest, MarkerHandle, SortOptions, Volume, VolumeOptions};
+use chronicle::engine::{
+    format, FormatOptions, HostRequest, MaintenanceHandle, MarkerHandle, SortOptions, Volume, VolumeOptions,
+};
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -40,6 +45,9 @@ const VOLUME_BLOCKS: u64 = UNITS * BLOCKS_PER_UNIT;
 const QUEUE_DEPTH: usize = 12;
 /// Generations per seed: Engine I keeps all of them, so a seed stays within the history.
 const MAX_GENERATIONS: u64 = 50;
+
+/// Maintenance operations that committed, over the whole run (to show the sim exercises them).
+static MAINTENANCE_DONE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -102,6 +110,7 @@ fn volume_options() -> VolumeOptions {
         strict: false,
         max_host_in_flight: 64,
         sort: SortOptions { batch_elements: 3, max_in_flight: 4, rate_limit_bytes_per_second: None, automatic: true },
+        ..VolumeOptions::default()
     }
 }
 
@@ -205,6 +214,8 @@ fn run_seed(seed: u64, cycles: u64, durability: Durability) -> Result<u64, Strin
     };
     let mut next_generation = 1u64;
     let mut cuts = 0u64;
+    // Generations a maintenance in flight at the last cut would give up: gone or exact.
+    let mut uncertain: Vec<u64> = Vec::new();
     for cycle in 0..cycles {
         let boot = seed.wrapping_mul(1_000_003).wrapping_add(cycle);
         // Sometimes the power fails during recovery too.
@@ -255,6 +266,16 @@ fn run_seed(seed: u64, cycles: u64, durability: Durability) -> Result<u64, Strin
             ));
         }
         let reader = VolumeReader::open(media.plain_channels()).map_err(|e| format!("cycle {cycle}: reader: {e}"))?;
+        for generation in uncertain.drain(..) {
+            if reader.source(generation).is_none() {
+                model.images.remove(&generation);
+            }
+        }
+        for generation in model.images.keys() {
+            if reader.source(*generation).is_none() {
+                return Err(format!("cycle {cycle}: generation {generation} is no longer restorable"));
+            }
+        }
         // Every sealed generation, oldest and newest always, others sampled.
         let generations: Vec<u64> = model.images.keys().copied().collect();
         for (index, generation) in generations.iter().enumerate() {
@@ -346,6 +367,7 @@ fn run_seed(seed: u64, cycles: u64, durability: Durability) -> Result<u64, Strin
         let mut outstanding: BTreeMap<u64, Outstanding> = BTreeMap::new();
         let mut flushes: BTreeMap<u64, u64> = BTreeMap::new();
         let mut marker: Option<(MarkerHandle, Vec<u8>)> = None;
+        let mut maintenance: Option<(MaintenanceHandle, Vec<u64>)> = None;
         let mut next_tag = 0u64;
         let mut completions = Vec::new();
         for _ in 0..steps {
@@ -393,6 +415,28 @@ fn run_seed(seed: u64, cycles: u64, durability: Durability) -> Result<u64, Strin
                     // Writes submitted so far belong to the generation; none are submitted
                     // until the marker completes.
                     marker = Some((volume.mark(&format!("s{seed} c{cycle}")), model.current.clone()));
+                } else if choice < 79 && maintenance.is_none() {
+                    // Merge two adjacent history records, or give up one generation.
+                    let records: Vec<(u64, u64)> = volume
+                        .status()
+                        .generations
+                        .iter()
+                        .filter(|g| g.state == "history" || g.state == "merged")
+                        .map(|g| (g.generation, g.through_generation))
+                        .collect();
+                    if records.len() >= 2 && rng.random_bool(0.5) {
+                        let i = rng.random_range(0..records.len() - 1);
+                        let (from, through) = (records[i].0, records[i + 1].1);
+                        maintenance = Some((volume.merge(from, through), (from + 1..=through).collect()));
+                    } else if !records.is_empty() {
+                        let i = rng.random_range(0..records.len());
+                        let gone: Vec<u64> = if i == 0 {
+                            (records[0].0..=records[0].1).collect()
+                        } else {
+                            (records[i - 1].0 + 1..=records[i].1).collect()
+                        };
+                        maintenance = Some((volume.delete_generation(records[i].0), gone));
+                    }
                 }
             }
             volume.poll(&mut completions);
@@ -409,6 +453,21 @@ fn run_seed(seed: u64, cycles: u64, durability: Durability) -> Result<u64, Strin
             }
             if durability == Durability::WriteThrough {
                 model.durable_upto = model.acked;
+            }
+            if let Some((handle, _)) = &maintenance {
+                if let Some(result) = handle.result() {
+                    let (_, gone) = maintenance.take().expect("checked");
+                    match result {
+                        Ok(_) => {
+                            MAINTENANCE_DONE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            for generation in gone {
+                                model.images.remove(&generation);
+                            }
+                        }
+                        Err(error) if error.contains("history full") => {}
+                        Err(error) => return Err(format!("cycle {cycle}: history maintenance failed: {error}")),
+                    }
+                }
             }
             if let Some((handle, _)) = &marker {
                 if let Some(result) = handle.result() {
@@ -433,6 +492,10 @@ fn run_seed(seed: u64, cycles: u64, durability: Durability) -> Result<u64, Strin
         // A marker in flight at the cut may or may not have sealed: the next recovery says.
         if let Some((_, image)) = marker {
             model.images.insert(next_generation, image);
+        }
+        // A maintenance in flight may or may not have committed.
+        if let Some((_, gone)) = maintenance {
+            uncertain = gone;
         }
         cut(&controllers);
         drop(volume);
@@ -467,8 +530,10 @@ fn power_cuts_lose_no_acknowledged_write_and_keep_generations_exact() {
     let flush = run(Durability::Flush, seeds * 4 / 5, 0);
     let write_through = run(Durability::WriteThrough, seeds - seeds * 4 / 5, 1_000_000);
     let total = flush + write_through;
+    let maintenance = MAINTENANCE_DONE.load(std::sync::atomic::Ordering::Relaxed);
     println!(
-        "{total} power cuts ({flush} in flush mode, {write_through} in write-through mode), no invariant violated"
+        "{total} power cuts ({flush} in flush mode, {write_through} in write-through mode), {maintenance} merges and deletions, no invariant violated"
     );
+    assert!(maintenance > 0, "history maintenance ran");
     assert!(total >= seeds * env_or("CHRONICLE_SIM_CYCLES", 50), "every cycle cuts power at least once");
 }

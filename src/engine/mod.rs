@@ -15,6 +15,7 @@
 
 mod io;
 mod marker;
+mod merge;
 mod meta;
 pub mod reader;
 mod setup;
@@ -28,6 +29,7 @@ use crate::core::format::FormatError;
 use crate::device::IoError;
 
 pub use io::Role;
+pub use merge::{MaintenanceHandle, MergeReport, RetentionPolicy};
 pub use setup::{begin_format, format, FormatProgress, Formatting};
 pub use volume::{
     GenerationInfo, HostCompletion, HostError, HostRequest, Identity, MarkerHandle, Opening, Status, Volume,
@@ -79,11 +81,18 @@ pub struct VolumeOptions {
     /// Host operations in flight at once; more wait in the volume's queue.
     pub max_host_in_flight: usize,
     pub sort: SortOptions,
+    /// Which history records are kept, merged or dropped (none: everything is kept).
+    pub retention: RetentionPolicy,
 }
 
 impl Default for VolumeOptions {
     fn default() -> Self {
-        VolumeOptions { strict: false, max_host_in_flight: 256, sort: SortOptions::default() }
+        VolumeOptions {
+            strict: false,
+            max_host_in_flight: 256,
+            sort: SortOptions::default(),
+            retention: RetentionPolicy::default(),
+        }
     }
 }
 
@@ -148,6 +157,6 @@ impl EngineError {
 }
 
 /// Current time as Unix nanoseconds (marker times, open times).
-pub(crate) fn now_ns() -> u64 {
+pub fn now_ns() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
 }

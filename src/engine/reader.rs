@@ -80,44 +80,7 @@ impl VolumeReader {
 
     /// Every generation the volume knows, oldest first.
     pub fn generations(&self) -> Vec<GenerationInfo> {
-        let mut out: Vec<GenerationInfo> = self
-            .meta
-            .history_catalog
-            .entries
-            .iter()
-            .filter_map(|e| {
-                let state = match e.kind {
-                    EntryKind::History | EntryKind::Merged => "history",
-                    EntryKind::Backup => "backup",
-                    _ => return None,
-                };
-                Some(GenerationInfo {
-                    generation: e.generation,
-                    state,
-                    time_ns: e.time_ns,
-                    comment: e.comment.clone(),
-                    blocks: e.blocks,
-                })
-            })
-            .collect();
-        for sealed in &self.meta.sealed {
-            out.push(GenerationInfo {
-                generation: sealed.generation,
-                state: "sealed",
-                time_ns: sealed.time_ns,
-                comment: sealed.comment.clone(),
-                blocks: sealed.blocks.len() as u64,
-            });
-        }
-        out.push(GenerationInfo {
-            generation: self.meta.open.generation,
-            state: "open",
-            time_ns: self.meta.open.opened_ns,
-            comment: String::new(),
-            blocks: self.meta.open.blocks.len() as u64,
-        });
-        out.sort_by_key(|g| g.generation);
-        out
+        super::volume::generation_list(&self.meta)
     }
 
     /// The superblocks and catalogs as JSON, for `chronicle inspect`.
@@ -242,13 +205,15 @@ impl VolumeReader {
             Some(ImageSource::Backup)
         } else if generation < backup {
             let records = self.history_records(generation);
-            // Every generation from `generation` to backup − 1 must be covered, in order.
+            // Every generation from `generation` to backup − 1 must be covered, in order, and
+            // the first record must start at `generation`: a merged record M(a..b) restores
+            // image(a) only, the images after a up to b were given up.
             let mut next = generation;
             for record in records {
-                if record.generation > next {
+                if record.generation != next {
                     return None;
                 }
-                next = next.max(record.through_generation + 1);
+                next = record.through_generation + 1;
             }
             (next >= backup).then_some(ImageSource::History)
         } else if self.meta.sealed.iter().any(|s| s.generation == generation) {

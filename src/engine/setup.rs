@@ -560,7 +560,9 @@ pub(crate) async fn open_volume<O: Copy>(io: &ControlIo<O>, read_only: bool) -> 
         resync_open_generation(io, &mut meta).await?;
     }
 
-    // 6. History space: every extent is owned by a catalog entry (or by the running sort).
+    // 6. History space: every extent is owned by a catalog entry (or by the running sort). A
+    //    merge that did not commit is forgotten: its sources are intact, its output is free.
+    meta.history_catalog.entries.retain(|e| !(e.kind == EntryKind::Merged && e.state == EntryState::Merging));
     for entry in &meta.history_catalog.entries {
         for (start, units) in [(entry.element_start, entry.element_count), (entry.control_start, entry.control_count)] {
             if matches!(

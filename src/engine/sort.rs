@@ -32,7 +32,7 @@ use crate::device::IoBuffers;
 
 use super::io::{run_bounded, ControlIo, Role};
 use super::meta::SealedGeneration;
-use super::volume::{elapsed_us, write_history_catalog, write_journal_catalog, HostRef, SharedRef, SortProgress};
+use super::volume::{elapsed_us, update_history_catalog, write_journal_catalog, HostRef, SharedRef, SortProgress};
 use super::EngineError;
 
 /// Sorts sealed generations oldest first until none is left or one fails.
@@ -255,9 +255,10 @@ async fn sort_generation(
     io.write(Role::History, lba, Arc::new(IoBuffers::single(buffer)), false).await?;
     io.flush(Role::History).await?;
 
-    let catalog = {
-        let s = shared.borrow();
-        let mut catalog = s.meta.history_catalog.clone();
+    let (time_ns, comment) = (sealed.time_ns, sealed.comment.clone());
+    let (history_start, history_units, control_start, control_units) =
+        (cursor.history_start, cursor.history_units, cursor.control_start, cursor.control_units);
+    update_history_catalog(shared, io, move |catalog| {
         let previous = catalog
             .entries
             .iter()
@@ -267,22 +268,22 @@ async fn sort_generation(
         let mut history = CatalogEntry::new(record, EntryKind::History, EntryState::Live);
         history.time_ns = backup.time_ns;
         history.comment = backup.comment;
-        history.element_start = cursor.history_start;
-        history.element_count = cursor.history_units;
-        history.control_start = cursor.control_start;
-        history.control_count = cursor.control_units;
+        history.element_start = history_start;
+        history.element_count = history_units;
+        history.control_start = control_start;
+        history.control_count = control_units;
         history.blocks = elements;
         history.stored_bytes = elements * unit as u64;
         catalog.entries.push(history);
         let mut backup = CatalogEntry::new(generation, EntryKind::Backup, EntryState::Live);
-        backup.time_ns = sealed.time_ns;
-        backup.comment = sealed.comment.clone();
+        backup.time_ns = time_ns;
+        backup.comment = comment;
         backup.blocks = elements;
         catalog.entries.push(backup);
         catalog.backup_generation = generation;
-        catalog
-    };
-    write_history_catalog(shared, io, catalog).await?;
+        Ok(())
+    })
+    .await?;
     cursor.state = SortState::Idle;
     write_cursor(shared, io, cursor).await?;
 
@@ -301,6 +302,7 @@ async fn sort_generation(
     write_journal_catalog(shared, io).await?;
     let mut s = shared.borrow_mut();
     s.space_freed = true;
+    s.retention_pending = true;
     s.control.generations_sorted += 1;
     Ok(())
 }

@@ -11,10 +11,11 @@ use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
-use crate::core::format::catalog::{Catalog, EntryKind};
+use crate::core::format::catalog::{Catalog, EntryKind, EntryState};
 use crate::device::{Channel, IoBuffers, IoError, Payload, SharedBuffers, Tag};
 
 use super::io::{ControlIo, Executor, Hub, IoHub, Role};
+use super::merge::{self, MaintenanceHandle, MergeReport, RetentionPolicy};
 use super::meta::Meta;
 use super::write::{HotCounters, HotPath, HotStep};
 use super::{marker, setup, sort, EngineError, VolumeOptions};
@@ -69,6 +70,8 @@ pub struct SortProgress {
 /// Counters of markers and the sort.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct ControlCounters {
+    pub merges: u64,
+    pub generations_deleted: u64,
     pub markers: u64,
     pub marker_hold_last_us: u64,
     pub marker_hold_max_us: u64,
@@ -89,6 +92,11 @@ pub(crate) struct Shared {
     pub sort_running: bool,
     /// The volume is closing: the sort stops at its next batch boundary and none starts.
     pub stopping: bool,
+    /// A merge, deletion or retention pass is running (one at a time).
+    pub maintenance_running: bool,
+    /// The sort changed the history since the retention policy last ran.
+    pub retention_pending: bool,
+    pub retention_error: Option<String>,
     pub sort_error: Option<String>,
     pub sort_progress: Option<SortProgress>,
     pub space_freed: bool,
@@ -102,7 +110,11 @@ pub(crate) type SharedRef = Rc<RefCell<Shared>>;
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct GenerationInfo {
     pub generation: u64,
-    /// "open", "sealed" (waiting for the sort), "backup" (the backup's image) or "history".
+    /// A merged record stands for `generation..=through_generation` and restores only the image
+    /// of `generation`; otherwise equal to `generation`.
+    pub through_generation: u64,
+    /// "open", "sealed" (waiting for the sort), "backup" (the backup's image), "history" (a
+    /// sorted record) or "merged".
     pub state: &'static str,
     pub time_ns: u64,
     pub comment: String,
@@ -124,6 +136,8 @@ pub struct Status {
     pub sealed_waiting: usize,
     pub sort: Option<SortProgress>,
     pub sort_error: Option<String>,
+    pub retention: RetentionPolicy,
+    pub retention_error: Option<String>,
     pub failed: Option<String>,
     pub generations: Vec<GenerationInfo>,
     pub host: HotCounters,
@@ -225,6 +239,9 @@ impl Volume {
             failed: None,
             sort_running: false,
             stopping: false,
+            maintenance_running: false,
+            retention_pending: true,
+            retention_error: None,
             sort_error: None,
             sort_progress: None,
             space_freed: false,
@@ -273,6 +290,7 @@ impl Volume {
             reaped
         };
         self.start_sort_if_needed();
+        self.start_retention_if_needed();
         self.executor.poll();
         let mut shared = self.shared.borrow_mut();
         completions.append(&mut shared.hot.completed);
@@ -292,6 +310,64 @@ impl Volume {
         if start {
             self.shared.borrow_mut().sort_running = true;
             self.executor.spawn(sort::run_sorts(self.shared.clone(), self.control_io()));
+        }
+    }
+
+    fn start_retention_if_needed(&mut self) {
+        let start = {
+            let shared = self.shared.borrow();
+            shared.retention_pending
+                && !shared.maintenance_running
+                && !shared.stopping
+                && shared.failed.is_none()
+                && shared.options.retention != RetentionPolicy::default()
+        };
+        if start {
+            // Cleared now so the pass is spawned once; a sort finishing meanwhile sets it again.
+            self.shared.borrow_mut().retention_pending = false;
+            self.executor.spawn(merge::run_retention(self.shared.clone(), self.control_io()));
+        }
+    }
+
+    /// Merges the history records of generations `from..=through` into one (seed 001 FIG 11):
+    /// image(`from`) stays restorable, the generations after it up to `through` are given up.
+    pub fn merge(&mut self, from: u64, through: u64) -> MaintenanceHandle {
+        self.maintain(merge::Maintenance::Merge { from, through })
+    }
+
+    /// Gives up the image of `generation` (a history generation): the oldest is dropped, a
+    /// younger one merged into the one before it.
+    pub fn delete_generation(&mut self, generation: u64) -> MaintenanceHandle {
+        self.maintain(merge::Maintenance::Delete { generation })
+    }
+
+    fn maintain(&mut self, request: merge::Maintenance) -> MaintenanceHandle {
+        let handle = MaintenanceHandle::default();
+        self.executor.spawn(merge::run_maintenance(self.shared.clone(), self.control_io(), request, handle.clone()));
+        handle
+    }
+
+    /// Sets the retention policy; it runs now and after every sort.
+    pub fn set_retention(&mut self, policy: RetentionPolicy) {
+        let mut shared = self.shared.borrow_mut();
+        shared.options.retention = policy;
+        shared.retention_pending = true;
+        shared.retention_error = None;
+    }
+
+    /// Blocks until a maintenance request completes (standalone host and tests).
+    pub fn wait_maintenance(
+        &mut self,
+        handle: &MaintenanceHandle,
+        completions: &mut Vec<HostCompletion>,
+    ) -> Result<MergeReport, EngineError> {
+        loop {
+            if let Some(result) = handle.result() {
+                return result.map_err(EngineError::Invalid);
+            }
+            if self.poll(completions) == 0 {
+                std::hint::spin_loop();
+            }
         }
     }
 
@@ -321,8 +397,13 @@ impl Volume {
     /// Nothing in flight: no host operation, no marker, no sort work pending.
     pub fn is_idle(&self) -> bool {
         let shared = self.shared.borrow();
+        let retention_due = shared.retention_pending
+            && shared.options.retention != RetentionPolicy::default()
+            && !shared.stopping
+            && shared.failed.is_none();
         shared.hot.outstanding() == 0
             && shared.hot.completed.is_empty()
+            && !retention_due
             && !shared.hot.commit_in_flight()
             && self.executor.is_empty()
             && (shared.meta.sealed.is_empty() || shared.sort_error.is_some() || !shared.options.sort.automatic)
@@ -386,38 +467,7 @@ impl Volume {
     pub fn status(&self) -> Status {
         let shared = self.shared.borrow();
         let meta = &shared.meta;
-        let mut generations = Vec::new();
-        for entry in &meta.history_catalog.entries {
-            let state = match entry.kind {
-                EntryKind::History | EntryKind::Merged => "history",
-                EntryKind::Backup => "backup",
-                _ => continue,
-            };
-            generations.push(GenerationInfo {
-                generation: entry.generation,
-                state,
-                time_ns: entry.time_ns,
-                comment: entry.comment.clone(),
-                blocks: entry.blocks,
-            });
-        }
-        for sealed in &meta.sealed {
-            generations.push(GenerationInfo {
-                generation: sealed.generation,
-                state: "sealed",
-                time_ns: sealed.time_ns,
-                comment: sealed.comment.clone(),
-                blocks: sealed.blocks.len() as u64,
-            });
-        }
-        generations.push(GenerationInfo {
-            generation: meta.open.generation,
-            state: "open",
-            time_ns: meta.open.opened_ns,
-            comment: String::new(),
-            blocks: meta.open.blocks.len() as u64,
-        });
-        generations.sort_by_key(|g| g.generation);
+        let generations = generation_list(meta);
         Status {
             open_generation: meta.open.generation,
             backup_generation: meta.history_catalog.backup_generation,
@@ -430,6 +480,8 @@ impl Volume {
             sealed_waiting: meta.sealed.len(),
             sort: shared.sort_progress.clone(),
             sort_error: shared.sort_error.clone(),
+            retention: shared.options.retention.clone(),
+            retention_error: shared.retention_error.clone(),
             failed: shared.failed.clone(),
             generations,
             host: shared.hot.counters.clone(),
@@ -501,6 +553,48 @@ impl Volume {
     }
 }
 
+/// Every generation the volume knows, oldest first: history records (sorted or merged), the
+/// backup's, the sealed ones waiting for the sort, and the open one.
+pub(crate) fn generation_list(meta: &Meta) -> Vec<GenerationInfo> {
+    let mut generations = Vec::new();
+    for entry in &meta.history_catalog.entries {
+        let state = match (entry.kind, entry.state) {
+            (EntryKind::History, EntryState::Live) => "history",
+            (EntryKind::Merged, EntryState::Live) => "merged",
+            (EntryKind::Backup, _) => "backup",
+            _ => continue,
+        };
+        generations.push(GenerationInfo {
+            generation: entry.generation,
+            through_generation: entry.through_generation,
+            state,
+            time_ns: entry.time_ns,
+            comment: entry.comment.clone(),
+            blocks: entry.blocks,
+        });
+    }
+    for sealed in &meta.sealed {
+        generations.push(GenerationInfo {
+            generation: sealed.generation,
+            through_generation: sealed.generation,
+            state: "sealed",
+            time_ns: sealed.time_ns,
+            comment: sealed.comment.clone(),
+            blocks: sealed.blocks.len() as u64,
+        });
+    }
+    generations.push(GenerationInfo {
+        generation: meta.open.generation,
+        through_generation: meta.open.generation,
+        state: "open",
+        time_ns: meta.open.opened_ns,
+        comment: String::new(),
+        blocks: meta.open.blocks.len() as u64,
+    });
+    generations.sort_by_key(|g| g.generation);
+    generations
+}
+
 /// Serialises catalog writes per device: waits until no other task is writing it.
 async fn lock_catalog(shared: &SharedRef, index: usize) {
     std::future::poll_fn(|_| {
@@ -534,19 +628,38 @@ pub(crate) async fn write_journal_catalog(shared: &SharedRef, io: &ControlIo<Hos
     Ok(())
 }
 
-/// Writes `catalog` as the history catalog into the older slot (FUA).
-pub(crate) async fn write_history_catalog(
+/// Changes the history catalog with `change` and writes it into the older slot (FUA). The
+/// change is applied to the newest catalog while no other task writes it (the sort and merges
+/// both change it), so no update is lost.
+pub(crate) async fn update_history_catalog(
     shared: &SharedRef,
     io: &ControlIo<HostRef>,
-    mut catalog: Catalog,
+    change: impl FnOnce(&mut Catalog) -> Result<(), EngineError>,
 ) -> Result<(), EngineError> {
     lock_catalog(shared, 1).await;
-    let (slot, offset) = {
+    let prepared = {
         let s = shared.borrow();
-        catalog.sequence = s.meta.history_catalog.sequence + 1;
-        let slot = 1 - s.meta.history_catalog_slot;
-        (slot, s.meta.history.catalogs[slot].start_bytes)
+        let mut catalog = s.meta.history_catalog.clone();
+        change(&mut catalog).map(|()| {
+            catalog.sequence = s.meta.history_catalog.sequence + 1;
+            let slot = 1 - s.meta.history_catalog_slot;
+            (catalog, slot, s.meta.history.catalogs[slot].start_bytes)
+        })
     };
+    let (catalog, slot, offset) = match prepared {
+        Ok(prepared) => prepared,
+        Err(error) => {
+            shared.borrow_mut().catalog_busy[1] = false;
+            return Err(error);
+        }
+    };
+    if catalog.entries.len() > catalog.capacity_entries as usize {
+        shared.borrow_mut().catalog_busy[1] = false;
+        return Err(EngineError::HistoryCatalogFull {
+            generation: catalog.backup_generation,
+            capacity: catalog.capacity_entries,
+        });
+    }
     let result = io.write_bytes(Role::History, offset, &catalog.encode(), true).await;
     let mut s = shared.borrow_mut();
     s.catalog_busy[1] = false;

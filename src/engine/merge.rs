@@ -1,0 +1,486 @@
+//! History maintenance: merge (seed 001 FIG 11/12, S11001–11012), deletion of generations
+//! (the "JNL delete program" of S11 and FIG 42's last step) and the retention policy that runs
+//! them in the background.
+//!
+//! - **Merge** of the records H(N)..H(N+m) into one record M(N..N+m) that turns image(N+m+1)
+//!   back into image(N): on a block several records hold, the **older** element wins (FIG 12).
+//!   The output is written contiguous and address-ordered (like a sorted record, so its map
+//!   needs no address table), then its control block, then one catalog write replaces the
+//!   sources by the merged record. The images of N+1..N+m are given up; image(N) and every
+//!   other generation stay exact. Until that catalog write the merged record is only an entry in
+//!   state `Merging` that owns its space: a crash before it leaves the sources untouched, and
+//!   the next open forgets the unfinished output.
+//! - **Deleting generation g**: the oldest record is dropped from the catalog; a younger one is
+//!   merged with the record before it (their merge restores the older image, so image(g) alone
+//!   is given up). Space comes back when the catalog write that forgets it is durable.
+//! - **Retention**: after each sort, keep the newest `keep_last` records individually, merge the
+//!   older ones into one (`merge_older`), and drop records beyond `max_generations` or older than
+//!   `max_age_seconds`.
+//!
+//! One maintenance operation runs at a time; the sort keeps running beside it (both change the
+//! history catalog through [`update_history_catalog`], which applies each change to the newest
+//! catalog).
+
+use std::sync::Arc;
+use std::task::Poll;
+
+use crate::core::allocator::Extent;
+use crate::core::element_map::{Addressing, ElementMap, ADDRESS_MASK};
+use crate::core::format::catalog::{CatalogEntry, EntryKind, EntryState};
+use crate::core::format::control_block::ControlBlock;
+use crate::core::format::layout::control_block_units;
+use crate::core::plan::merge::plan_merge;
+use crate::device::IoBuffers;
+
+use super::io::{run_bounded, ControlIo, Role};
+use super::volume::{update_history_catalog, HostRef, SharedRef};
+use super::{now_ns, EngineError};
+
+/// What the retention policy keeps.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RetentionPolicy {
+    /// Newest history records kept individually (their generations stay restorable).
+    pub keep_last: Option<u32>,
+    /// Merge the records older than `keep_last` into one (their oldest image stays restorable).
+    #[serde(default)]
+    pub merge_older: bool,
+    /// At most this many history records; the oldest are dropped.
+    pub max_generations: Option<u32>,
+    /// Records whose generation is older than this are dropped.
+    pub max_age_seconds: Option<u64>,
+}
+
+/// What a merge did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct MergeReport {
+    /// The merged record restores image(`generation`)...
+    pub generation: u64,
+    /// ...and stands for the records up to this generation.
+    pub through_generation: u64,
+    /// Records merged.
+    pub records: usize,
+    /// History units the sources held (elements and control blocks).
+    pub units_before: u64,
+    /// History units the merged record holds.
+    pub units_after: u64,
+}
+
+/// The result of a maintenance request, filled in when it completes.
+#[derive(Clone, Default)]
+pub struct MaintenanceHandle {
+    result: std::rc::Rc<std::cell::RefCell<Option<Result<MergeReport, String>>>>,
+}
+
+impl MaintenanceHandle {
+    pub fn result(&self) -> Option<Result<MergeReport, String>> {
+        self.result.borrow().clone()
+    }
+
+    pub(crate) fn set(&self, result: Result<MergeReport, String>) {
+        *self.result.borrow_mut() = Some(result);
+    }
+}
+
+/// A maintenance request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Maintenance {
+    Merge { from: u64, through: u64 },
+    Delete { generation: u64 },
+}
+
+/// Runs one maintenance request (one at a time) and reports into `handle`.
+pub(crate) async fn run_maintenance(
+    shared: SharedRef,
+    io: ControlIo<HostRef>,
+    request: Maintenance,
+    handle: MaintenanceHandle,
+) {
+    take_maintenance_lock(&shared).await;
+    let result = match request {
+        Maintenance::Merge { from, through } => merge(&shared, &io, from, through).await,
+        Maintenance::Delete { generation } => delete_generation(&shared, &io, generation).await,
+    };
+    shared.borrow_mut().maintenance_running = false;
+    if let Err(error) = &result {
+        if matches!(error, EngineError::Io(_)) {
+            shared.borrow_mut().failed.get_or_insert(format!("history maintenance failed: {error}"));
+        }
+    }
+    handle.set(result.map_err(|e| e.to_string()));
+}
+
+async fn take_maintenance_lock(shared: &SharedRef) {
+    std::future::poll_fn(|_| {
+        let mut s = shared.borrow_mut();
+        if s.maintenance_running {
+            Poll::Pending
+        } else {
+            s.maintenance_running = true;
+            Poll::Ready(())
+        }
+    })
+    .await
+}
+
+/// History records (sorted and merged, live), oldest first.
+fn live_records(shared: &SharedRef) -> Vec<CatalogEntry> {
+    let s = shared.borrow();
+    let mut records: Vec<CatalogEntry> = s
+        .meta
+        .history_catalog
+        .entries
+        .iter()
+        .filter(|e| matches!(e.kind, EntryKind::History | EntryKind::Merged) && e.state == EntryState::Live)
+        .cloned()
+        .collect();
+    records.sort_by_key(|e| e.generation);
+    records
+}
+
+fn units_of(entry: &CatalogEntry) -> u64 {
+    entry.element_count + entry.control_count
+}
+
+/// Reads a record's control block: its bitmap and addresses.
+async fn read_record_map(
+    shared: &SharedRef,
+    io: &ControlIo<HostRef>,
+    entry: &CatalogEntry,
+) -> Result<ElementMap, EngineError> {
+    let (lba, bytes, blocks) = {
+        let s = shared.borrow();
+        (s.meta.history_lba(entry.control_start), entry.control_count * s.meta.unit_bytes(), s.meta.shape.volume_blocks)
+    };
+    let data = io.read(Role::History, lba, bytes as usize).await?.to_vec();
+    let control = ControlBlock::decode(&data)
+        .map_err(|e| EngineError::Damaged(format!("control block of history generation {}: {e}", entry.generation)))?;
+    if control.generation != entry.generation
+        || control.through_generation != entry.through_generation
+        || control.map.blocks() != blocks
+    {
+        return Err(EngineError::Damaged(format!(
+            "control block of history generation {} describes generations {}..{} of a {}-block volume",
+            entry.generation,
+            control.generation,
+            control.through_generation,
+            control.map.blocks()
+        )));
+    }
+    Ok(control.map)
+}
+
+/// Merges the records covering generations `from..=through` (at least two, consecutive).
+pub(crate) async fn merge(
+    shared: &SharedRef,
+    io: &ControlIo<HostRef>,
+    from: u64,
+    through: u64,
+) -> Result<MergeReport, EngineError> {
+    let records = live_records(shared);
+    let first = records.iter().position(|r| r.generation == from).ok_or_else(|| {
+        EngineError::Invalid(format!(
+            "no history record starts at generation {from} (restorable history: {})",
+            describe(&records)
+        ))
+    })?;
+    let last = records.iter().position(|r| r.through_generation == through).filter(|last| *last >= first).ok_or_else(
+        || {
+            EngineError::Invalid(format!(
+                "no history record ends at generation {through} after {from} (restorable history: {})",
+                describe(&records)
+            ))
+        },
+    )?;
+    let sources: Vec<CatalogEntry> = records[first..=last].to_vec();
+    if sources.len() < 2 {
+        return Err(EngineError::Invalid(format!(
+            "generations {from}..{through} are one history record already: nothing to merge"
+        )));
+    }
+    debug_assert!(
+        sources.windows(2).all(|w| w[1].generation == w[0].through_generation + 1),
+        "records are consecutive"
+    );
+
+    // FIG 11: the sources' maps, oldest first; the output, address-ordered and contiguous.
+    let mut maps = Vec::with_capacity(sources.len());
+    for source in &sources {
+        maps.push(read_record_map(shared, io, source).await?);
+    }
+    let map_refs: Vec<&ElementMap> = maps.iter().collect();
+    let plan =
+        plan_merge(&map_refs, 0).map_err(|e| EngineError::Damaged(format!("merge of {from}..{through}: {e}")))?;
+    let elements = plan.output_units();
+    let (output, control, unit, options) = {
+        let mut s = shared.borrow_mut();
+        let control_units = control_block_units(&s.meta.shape, 0);
+        let full = |allocator: &crate::core::allocator::SegmentAllocator| EngineError::HistoryFull {
+            generation: from,
+            needed: control_units + elements,
+            free: allocator.free_units(),
+            largest: allocator.largest_free(),
+        };
+        let control = s.meta.allocator.allocate(control_units).map_err(|_| full(&s.meta.allocator))?;
+        let output = if elements > 0 {
+            match s.meta.allocator.allocate(elements) {
+                Ok(extent) => extent,
+                Err(_) => {
+                    s.meta.allocator.free(control).expect("just allocated");
+                    return Err(full(&s.meta.allocator));
+                }
+            }
+        } else {
+            Extent::new(0, 0)
+        };
+        (output, control, s.meta.unit_bytes() as usize, s.options.sort.clone())
+    };
+    let release = |shared: &SharedRef| {
+        let mut s = shared.borrow_mut();
+        for extent in [output, control] {
+            if extent.units > 0 {
+                let _ = s.meta.allocator.free(extent);
+            }
+        }
+    };
+
+    // The unfinished output is owned by an entry in state Merging: a crash forgets it.
+    let mut merged = CatalogEntry::new(from, EntryKind::Merged, EntryState::Merging);
+    merged.through_generation = through;
+    merged.time_ns = sources[0].time_ns;
+    merged.comment = sources[0].comment.clone();
+    merged.element_start = output.start;
+    merged.element_count = output.units;
+    merged.control_start = control.start;
+    merged.control_count = control.units;
+    merged.blocks = elements;
+    merged.stored_bytes = elements * unit as u64;
+    let pending = merged.clone();
+    if let Err(error) = update_history_catalog(shared, io, move |catalog| {
+        catalog.entries.push(pending);
+        Ok(())
+    })
+    .await
+    {
+        release(shared);
+        return Err(error);
+    }
+
+    // Copy: batches in block order; reads by runs of consecutive source units, writes by runs
+    // of consecutive output units.
+    let copied = async {
+        let mut done = 0usize;
+        for batch in plan.batches(options.batch_elements.max(1)) {
+            let reads = batch.iter().map(|step| {
+                let lba = shared.borrow().meta.history_lba(step.source & ADDRESS_MASK);
+                async move { io.read(Role::History, lba, unit).await }
+            });
+            let buffers = run_bounded(reads, options.max_in_flight).await?;
+            let segments: Vec<_> = buffers.into_iter().flat_map(IoBuffers::into_segments).collect();
+            let lba = shared.borrow().meta.history_lba(output.start + done as u64);
+            io.write(Role::History, lba, Arc::new(IoBuffers::from_segments(segments)), false).await?;
+            done += batch.len();
+        }
+        io.flush(Role::History).await?;
+        let map = ElementMap::new(plan.merged.bitmap().clone(), Addressing::Contiguous { first: output.start })
+            .expect("contiguous maps have no table");
+        let block = ControlBlock { generation: from, through_generation: through, map }.encode();
+        let lba = shared.borrow().meta.history_lba(control.start);
+        let mut buffer = io.alloc(Role::History, block.len());
+        buffer.as_mut_slice().copy_from_slice(&block);
+        io.write(Role::History, lba, Arc::new(IoBuffers::single(buffer)), false).await?;
+        io.flush(Role::History).await?;
+        Ok::<(), EngineError>(())
+    }
+    .await;
+    if let Err(error) = copied {
+        // The sources are untouched; drop the unfinished output (or leave it to the next open).
+        let forgotten = update_history_catalog(shared, io, move |catalog| {
+            catalog
+                .entries
+                .retain(|e| !(e.kind == EntryKind::Merged && e.state == EntryState::Merging && e.generation == from));
+            Ok(())
+        })
+        .await;
+        if forgotten.is_ok() {
+            release(shared);
+        }
+        return Err(error);
+    }
+
+    // The commit point: one catalog write replaces the sources by the merged record.
+    let source_generations: Vec<u64> = sources.iter().map(|s| s.generation).collect();
+    update_history_catalog(shared, io, move |catalog| {
+        catalog.entries.retain(|e| {
+            !(matches!(e.kind, EntryKind::History | EntryKind::Merged)
+                && e.state == EntryState::Live
+                && source_generations.contains(&e.generation))
+        });
+        let entry = catalog
+            .entries
+            .iter_mut()
+            .find(|e| e.kind == EntryKind::Merged && e.state == EntryState::Merging && e.generation == from)
+            .ok_or_else(|| EngineError::Damaged(format!("the merge of {from}..{through} lost its catalog entry")))?;
+        entry.state = EntryState::Live;
+        Ok(())
+    })
+    .await?;
+    {
+        let mut s = shared.borrow_mut();
+        for source in &sources {
+            for (start, units) in
+                [(source.element_start, source.element_count), (source.control_start, source.control_count)]
+            {
+                if units > 0 {
+                    s.meta
+                        .allocator
+                        .free(Extent::new(start, units))
+                        .map_err(|e| EngineError::Damaged(format!("history generation {}: {e}", source.generation)))?;
+                }
+            }
+        }
+        s.control.merges += 1;
+        s.space_freed = true;
+    }
+    Ok(MergeReport {
+        generation: from,
+        through_generation: through,
+        records: sources.len(),
+        units_before: sources.iter().map(units_of).sum(),
+        units_after: output.units + control.units,
+    })
+}
+
+/// Gives up image(`generation`): drops the oldest record, or merges a younger one into the
+/// record before it.
+pub(crate) async fn delete_generation(
+    shared: &SharedRef,
+    io: &ControlIo<HostRef>,
+    generation: u64,
+) -> Result<MergeReport, EngineError> {
+    let records = live_records(shared);
+    let Some(index) = records.iter().position(|r| r.generation == generation) else {
+        let backup = shared.borrow().meta.history_catalog.backup_generation;
+        return Err(EngineError::Invalid(if generation >= backup {
+            format!("generation {generation} is not in the history yet (the backup holds {backup}; newer ones wait for the sort)")
+        } else {
+            format!("generation {generation} is not a restorable generation (history: {})", describe(&records))
+        }));
+    };
+    if index == 0 {
+        return drop_oldest(shared, io, 1).await;
+    }
+    merge(shared, io, records[index - 1].generation, records[index].through_generation).await
+}
+
+/// Drops the `count` oldest records: their generations are no longer restorable.
+pub(crate) async fn drop_oldest(
+    shared: &SharedRef,
+    io: &ControlIo<HostRef>,
+    count: usize,
+) -> Result<MergeReport, EngineError> {
+    let records = live_records(shared);
+    let dropped: Vec<CatalogEntry> = records.into_iter().take(count).collect();
+    let Some(first) = dropped.first() else {
+        return Err(EngineError::Invalid("the history holds no record to drop".into()));
+    };
+    let (generation, through) = (first.generation, dropped.last().expect("not empty").through_generation);
+    let gone: Vec<u64> = dropped.iter().map(|d| d.generation).collect();
+    update_history_catalog(shared, io, move |catalog| {
+        catalog.entries.retain(|e| {
+            !(matches!(e.kind, EntryKind::History | EntryKind::Merged)
+                && e.state == EntryState::Live
+                && gone.contains(&e.generation))
+        });
+        Ok(())
+    })
+    .await?;
+    let mut s = shared.borrow_mut();
+    for record in &dropped {
+        for (start, units) in
+            [(record.element_start, record.element_count), (record.control_start, record.control_count)]
+        {
+            if units > 0 {
+                s.meta
+                    .allocator
+                    .free(Extent::new(start, units))
+                    .map_err(|e| EngineError::Damaged(format!("history generation {}: {e}", record.generation)))?;
+            }
+        }
+    }
+    s.control.generations_deleted += dropped.len() as u64;
+    s.space_freed = true;
+    Ok(MergeReport {
+        generation,
+        through_generation: through,
+        records: dropped.len(),
+        units_before: dropped.iter().map(units_of).sum(),
+        units_after: 0,
+    })
+}
+
+/// Applies the retention policy once: drops what is beyond the limits, then merges what is
+/// older than `keep_last`. Returns whether anything changed.
+pub(crate) async fn apply_retention(
+    shared: &SharedRef,
+    io: &ControlIo<HostRef>,
+    policy: &RetentionPolicy,
+) -> Result<bool, EngineError> {
+    let records = live_records(shared);
+    let mut drop = 0usize;
+    if let Some(max) = policy.max_generations {
+        drop = drop.max(records.len().saturating_sub(max as usize));
+    }
+    if let Some(age) = policy.max_age_seconds {
+        let limit = now_ns().saturating_sub(age.saturating_mul(1_000_000_000));
+        drop = drop.max(records.iter().take_while(|r| r.time_ns < limit).count());
+    }
+    let mut changed = false;
+    if drop > 0 {
+        drop_oldest(shared, io, drop).await?;
+        changed = true;
+    }
+    if let (Some(keep), true) = (policy.keep_last, policy.merge_older) {
+        let records = live_records(shared);
+        let older = records.len().saturating_sub(keep as usize);
+        if older >= 2 {
+            merge(shared, io, records[0].generation, records[older - 1].through_generation).await?;
+            changed = true;
+        }
+    }
+    Ok(changed)
+}
+
+/// Runs the retention policy after the sort changed the history, when one is set.
+pub(crate) async fn run_retention(shared: SharedRef, io: ControlIo<HostRef>) {
+    take_maintenance_lock(&shared).await;
+    let policy = shared.borrow().options.retention.clone();
+    let result = apply_retention(&shared, &io, &policy).await;
+    let mut s = shared.borrow_mut();
+    s.maintenance_running = false;
+    match result {
+        Ok(_) => s.retention_error = None,
+        Err(error) => {
+            if matches!(error, EngineError::Io(_)) {
+                s.failed.get_or_insert(format!("retention failed: {error}"));
+            }
+            s.retention_error = Some(error.to_string());
+        }
+    }
+}
+
+fn describe(records: &[CatalogEntry]) -> String {
+    if records.is_empty() {
+        return "none".into();
+    }
+    records
+        .iter()
+        .map(|r| {
+            if r.through_generation == r.generation {
+                r.generation.to_string()
+            } else {
+                format!("{}..{}", r.generation, r.through_generation)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}

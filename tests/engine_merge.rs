@@ -1,0 +1,237 @@
+//! History maintenance on memory devices, against a model of every generation's image:
+//! merge (seed 001 FIG 11/12: the older element wins, image(N) stays, N+1..N+m are given up),
+//! deletion of generations, and the retention policy (keep the last K, merge the older ones,
+//! drop beyond a count) — each checked again after a reopen.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use chronicle::core::format::layout::{self, LayoutOptions, VolumeShape};
+use chronicle::device::memory::{MemoryDevice, MemoryOptions};
+use chronicle::device::{Channel, Device, DmaBuf, IoBuffers};
+use chronicle::engine::reader::VolumeReader;
+use chronicle::engine::{format, FormatOptions, HostRequest, RetentionPolicy, Volume, VolumeOptions};
+use rand::{Rng, RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const UNIT: usize = 4096;
+const UNITS: u64 = 64;
+
+struct Devices([MemoryDevice; 4]);
+
+impl Devices {
+    fn new() -> Self {
+        let shape = VolumeShape { host_write_size: UNIT as u32, volume_blocks: UNITS };
+        let options = LayoutOptions::default();
+        let sizes = [
+            UNITS * UNIT as u64,
+            layout::journal_bytes_for(&shape, &options, 4 * UNITS),
+            UNITS * UNIT as u64,
+            layout::history_bytes_for(&shape, &options, 40 * UNITS),
+        ];
+        let names = ["base", "journal", "backup", "history"];
+        Devices(std::array::from_fn(|i| MemoryDevice::new(names[i], MemoryOptions::new(512, sizes[i] / 512))))
+    }
+
+    fn channels(&self) -> Vec<Box<dyn Channel>> {
+        self.0.iter().map(|d| d.open_channel().unwrap()).collect()
+    }
+}
+
+/// A volume and the image of every generation it sealed.
+struct Scenario {
+    devices: Devices,
+    volume: Volume,
+    current: Vec<u8>,
+    images: BTreeMap<u64, Vec<u8>>,
+    rng: ChaCha8Rng,
+}
+
+impl Scenario {
+    fn new(seed: u64, options: VolumeOptions) -> Self {
+        let devices = Devices::new();
+        format(devices.channels(), &FormatOptions { copy_base_to_backup: false, ..Default::default() }, &mut |_| {})
+            .unwrap();
+        let volume = Volume::open(devices.channels(), options).unwrap();
+        let zero = vec![0u8; UNITS as usize * UNIT];
+        Scenario {
+            devices,
+            volume,
+            current: zero.clone(),
+            images: BTreeMap::from([(0, zero)]),
+            rng: ChaCha8Rng::seed_from_u64(seed),
+        }
+    }
+
+    /// Writes `units` random units out of the first `span` (overlap between generations grows
+    /// as `span` shrinks), then marks a generation.
+    fn generation(&mut self, units: usize, span: u64) -> u64 {
+        let mut completions = Vec::new();
+        for tag in 0..units as u64 {
+            let unit = self.rng.random_range(0..span);
+            let mut data = vec![0u8; UNIT];
+            self.rng.fill_bytes(&mut data);
+            self.current[unit as usize * UNIT..(unit as usize + 1) * UNIT].copy_from_slice(&data);
+            let buffers = Arc::new(IoBuffers::single(DmaBuf::copy_from(&data)));
+            self.volume.submit(tag, HostRequest::Write { offset_blocks: unit * (UNIT as u64 / 512), buffers });
+            self.volume.run_until_idle(&mut completions);
+        }
+        assert!(completions.iter().all(|c| c.result.is_ok()), "writes succeed");
+        let generation = self.volume.mark_and_wait("g", &mut completions).unwrap();
+        self.images.insert(generation, self.current.clone());
+        self.volume.run_until_idle(&mut completions);
+        generation
+    }
+
+    fn records(&self) -> Vec<(u64, u64, &'static str)> {
+        self.volume
+            .status()
+            .generations
+            .iter()
+            .filter(|g| g.state == "history" || g.state == "merged")
+            .map(|g| (g.generation, g.through_generation, g.state))
+            .collect()
+    }
+
+    fn history_units(&self) -> u64 {
+        self.volume.status().history_used_units
+    }
+
+    /// Every generation of the model reads back exactly, and every other one is refused;
+    /// the same after a reopen.
+    fn check(mut self, gone: &[u64]) -> Self {
+        for pass in 0..2 {
+            let reader = VolumeReader::open(self.devices.channels()).unwrap();
+            for (generation, image) in &self.images {
+                assert!(reader.source(*generation).is_some(), "pass {pass}: generation {generation} is restorable");
+                assert!(
+                    reader.read_image(*generation).unwrap() == *image,
+                    "pass {pass}: generation {generation} is exact"
+                );
+            }
+            for generation in gone {
+                assert!(reader.source(*generation).is_none(), "pass {pass}: generation {generation} was given up");
+                assert!(reader.read_image(*generation).is_err());
+            }
+            drop(reader);
+            if pass == 0 {
+                let options = VolumeOptions::default();
+                self.volume.close_in_place();
+                self.volume = Volume::open(self.devices.channels(), options).unwrap();
+            }
+        }
+        self
+    }
+}
+
+trait CloseInPlace {
+    fn close_in_place(&mut self);
+}
+
+impl CloseInPlace for Volume {
+    /// Flushes everything so a reader sees the media as the volume left them.
+    fn close_in_place(&mut self) {
+        let mut completions = Vec::new();
+        self.run_until_idle(&mut completions);
+        self.begin_close();
+        while self.poll_close(&mut completions).is_pending() {}
+    }
+}
+
+#[test]
+fn merge_keeps_the_oldest_image_gives_up_the_ones_between_and_frees_the_overlap() {
+    let mut s = Scenario::new(1, VolumeOptions::default());
+    for _ in 0..6 {
+        s.generation(40, 24);
+    }
+    // Generations 0..5 are history records, 6 is the backup's.
+    assert_eq!(s.records().len(), 6, "{:?}", s.records());
+    let before = s.history_units();
+    let mut completions = Vec::new();
+    let handle = s.volume.merge(1, 3);
+    let report = s.volume.wait_maintenance(&handle, &mut completions).unwrap();
+    assert_eq!((report.generation, report.through_generation, report.records), (1, 3, 3));
+    assert!(report.units_after < report.units_before, "overlapping records merge smaller: {report:?}");
+    assert_eq!(s.history_units(), before - (report.units_before - report.units_after));
+    assert_eq!(s.records(), vec![(0, 0, "history"), (1, 3, "merged"), (4, 4, "history"), (5, 5, "history")]);
+    s.images.remove(&2);
+    s.images.remove(&3);
+    let mut s = s.check(&[2, 3]);
+
+    // A merged record merges again, with the records next to it.
+    let handle = s.volume.merge(0, 4);
+    s.volume.wait_maintenance(&handle, &mut completions).unwrap();
+    assert_eq!(s.records(), vec![(0, 4, "merged"), (5, 5, "history")]);
+    for generation in 1..=4 {
+        s.images.remove(&generation);
+    }
+    s.check(&[1, 2, 3, 4]);
+}
+
+#[test]
+fn deleting_a_generation_drops_the_oldest_or_merges_into_the_one_before() {
+    let mut s = Scenario::new(2, VolumeOptions::default());
+    for _ in 0..5 {
+        s.generation(30, 40);
+    }
+    let mut completions = Vec::new();
+    // The oldest: dropped, its space freed.
+    let before = s.history_units();
+    let handle = s.volume.delete_generation(0);
+    let report = s.volume.wait_maintenance(&handle, &mut completions).unwrap();
+    assert_eq!(report.units_after, 0);
+    assert_eq!(s.history_units(), before - report.units_before);
+    s.images.remove(&0);
+    // A younger one: merged into the one before (which stays restorable).
+    let handle = s.volume.delete_generation(3);
+    s.volume.wait_maintenance(&handle, &mut completions).unwrap();
+    s.images.remove(&3);
+    assert_eq!(s.records(), vec![(1, 1, "history"), (2, 3, "merged"), (4, 4, "history")]);
+    let mut s = s.check(&[0, 3]);
+
+    // What cannot be done is refused, and nothing changes.
+    let records = s.records();
+    for (generation, why) in
+        [(3, "not a restorable generation"), (5, "not in the history yet"), (99, "not in the history yet")]
+    {
+        let handle = s.volume.delete_generation(generation);
+        let error = s.volume.wait_maintenance(&handle, &mut completions).unwrap_err().to_string();
+        assert!(error.contains(why), "delete {generation}: {error}");
+    }
+    for (from, through, why) in
+        [(1, 1, "nothing to merge"), (3, 4, "no history record starts"), (1, 9, "no history record ends")]
+    {
+        let handle = s.volume.merge(from, through);
+        let error = s.volume.wait_maintenance(&handle, &mut completions).unwrap_err().to_string();
+        assert!(error.contains(why), "merge {from}..{through}: {error}");
+    }
+    assert_eq!(s.records(), records);
+    s.check(&[0, 3]);
+}
+
+#[test]
+fn retention_keeps_the_last_records_merges_the_older_and_drops_beyond_the_count() {
+    let policy = RetentionPolicy { keep_last: Some(2), merge_older: true, ..RetentionPolicy::default() };
+    let mut s = Scenario::new(3, VolumeOptions { retention: policy, ..VolumeOptions::default() });
+    for _ in 0..7 {
+        s.generation(20, 30);
+    }
+    // Records 0..6: the two newest kept, the older ones merged into one after every sort.
+    assert_eq!(s.records(), vec![(0, 4, "merged"), (5, 5, "history"), (6, 6, "history")]);
+    for generation in 1..=4 {
+        s.images.remove(&generation);
+    }
+    let mut s = s.check(&[1, 2, 3, 4]);
+    assert_eq!(s.volume.status().retention_error, None);
+
+    // A count limit drops the oldest record (the merged one) as soon as it is set.
+    s.volume.set_retention(RetentionPolicy { max_generations: Some(2), ..RetentionPolicy::default() });
+    let mut completions = Vec::new();
+    s.volume.run_until_idle(&mut completions);
+    while s.records().len() > 2 {
+        s.volume.poll(&mut completions);
+    }
+    assert_eq!(s.records(), vec![(5, 5, "history"), (6, 6, "history")]);
+    s.images.remove(&0);
+    s.check(&[0, 1, 2, 3, 4]);
+}
