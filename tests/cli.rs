@@ -614,3 +614,89 @@ fn inspect_into_a_closed_pipe_does_not_panic() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn history_commands_merge_delete_list_and_restore_generations() {
+    let root = test_dir();
+    let dir = root.path().join("vol");
+    format(&dir, &["--history-size", "64M"]);
+    let ack_log = root.path().join("ack.log");
+    let load = chronicle(&[
+        OsStr::new("load"),
+        dir.as_os_str(),
+        OsStr::new("--seconds"),
+        OsStr::new("1"),
+        OsStr::new("--marker-every-ms"),
+        OsStr::new("60"),
+        OsStr::new("--ack-log"),
+        ack_log.as_os_str(),
+    ]);
+    load.expect_ok();
+    let listed = chronicle(&[OsStr::new("generations"), dir.as_os_str()]).expect_ok();
+    assert!(listed.stdout.contains("history") && listed.stdout.contains("load marker 0"), "{}", listed.describe());
+
+    // Merge generations 1..3: image 1 stays, 2 and 3 are given up.
+    let merged = chronicle(&[
+        OsStr::new("merge"),
+        dir.as_os_str(),
+        OsStr::new("--from"),
+        OsStr::new("1"),
+        OsStr::new("--through"),
+        OsStr::new("3"),
+    ])
+    .expect_ok();
+    assert!(merged.stdout.contains("merged 3 records into generation 1..3"), "{}", merged.describe());
+    let dropped =
+        chronicle(&[OsStr::new("delete-generation"), dir.as_os_str(), OsStr::new("--generation"), OsStr::new("0")]);
+    dropped.expect_ok();
+    let listed = chronicle(&[OsStr::new("generations"), dir.as_os_str(), OsStr::new("--json")]).expect_ok();
+    let list: serde_json::Value = serde_json::from_str(&listed.stdout).expect("JSON");
+    let states: Vec<(u64, u64, String)> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| (g["generation"].as_u64().unwrap(), g["through_generation"].as_u64().unwrap(), g["state"].to_string()))
+        .collect();
+    assert_eq!(states[0], (1, 3, "\"merged\"".into()), "{states:?}");
+
+    // Every generation still restorable is exact, every acknowledged write is there.
+    let check = chronicle(&[OsStr::new("check"), dir.as_os_str(), OsStr::new("--ack-log"), ack_log.as_os_str()]);
+    check.expect_ok();
+
+    // restore writes exactly the image the volume holds for a generation; one given up is refused.
+    let output = root.path().join("generation-4.img");
+    let restored = chronicle(&[
+        OsStr::new("restore"),
+        dir.as_os_str(),
+        OsStr::new("--generation"),
+        OsStr::new("4"),
+        OsStr::new("--output"),
+        output.as_os_str(),
+    ]);
+    restored.expect_ok();
+    let channels = {
+        use chronicle::device::uring::{UringContext, UringContextOptions, UringDevice, UringOptions};
+        use chronicle::device::Device;
+        let context = UringContext::new(&UringContextOptions::default()).expect("io_uring");
+        FILES
+            .iter()
+            .map(|name| {
+                let options = UringOptions { read_only: true, allow_buffered: true, ..UringOptions::default() };
+                UringDevice::open(&dir.join(name), &options, context.clone()).unwrap().open_channel().unwrap()
+            })
+            .collect::<Vec<_>>()
+    };
+    let reader = chronicle::engine::reader::VolumeReader::open(channels).expect("reader");
+    assert!(std::fs::read(&output).unwrap() == reader.read_image(4).unwrap(), "the restored file is generation 4");
+    drop(reader);
+    let refused = chronicle(&[
+        OsStr::new("restore"),
+        dir.as_os_str(),
+        OsStr::new("--generation"),
+        OsStr::new("2"),
+        OsStr::new("--output"),
+        output.as_os_str(),
+    ]);
+    assert!(!refused.ok() && !refused.panicked(), "{}", refused.describe());
+    assert!(refused.stderr.contains("generation 2 cannot be restored"), "{}", refused.describe());
+}

@@ -163,41 +163,6 @@ impl VolumeReader {
         Ok(block_on(&self.hub, io.read(role, lba, bytes as usize))?.to_vec())
     }
 
-    /// The image of the backup generation. While a sort is interrupted the backup is part old,
-    /// part new: blocks the sort already saved are taken from the history units it saved them to.
-    fn read_backup_image(&self) -> Result<Vec<u8>, EngineError> {
-        let mut image = self.read_whole(Role::Backup)?;
-        let cursor = &self.meta.cursor;
-        let interrupted = cursor.state == crate::core::format::records::SortState::Running
-            && cursor.generation == self.backup_generation() + 1;
-        if let (true, Some(sealed)) = (interrupted, self.meta.sealed.front()) {
-            let unit = self.meta.unit_bytes();
-            let mut blocks = sealed.blocks.clone();
-            blocks.sort_unstable();
-            for (rank, block) in blocks.iter().enumerate().take_while(|(_, b)| **b < cursor.saved_through) {
-                let lba = self.meta.history_lba(cursor.history_start + rank as u64);
-                let data = self.read_units(Role::History, lba, unit)?;
-                let at = (block * unit) as usize;
-                image[at..at + unit as usize].copy_from_slice(&data);
-            }
-        }
-        Ok(image)
-    }
-
-    fn read_whole(&self, role: Role) -> Result<Vec<u8>, EngineError> {
-        let total = self.meta.geometry.volume_bytes();
-        let chunk = 4u64 << 20;
-        let block = self.meta.block_size[role as usize];
-        let mut image = Vec::with_capacity(total as usize);
-        let mut offset = 0;
-        while offset < total {
-            let len = chunk.min(total - offset);
-            image.extend_from_slice(&self.read_units(role, offset / block, len)?);
-            offset += len;
-        }
-        Ok(image)
-    }
-
     /// Where generation `generation`'s image comes from, if it is known.
     pub fn source(&self, generation: u64) -> Option<ImageSource> {
         let backup = self.backup_generation();
@@ -227,42 +192,98 @@ impl VolumeReader {
 
     /// The whole image of `generation` (held in memory: for checks and small volumes).
     pub fn read_image(&self, generation: u64) -> Result<Vec<u8>, EngineError> {
+        let mut image = Vec::with_capacity(self.meta.geometry.volume_bytes() as usize);
+        self.restore_to(generation, &mut |_, chunk| {
+            image.extend_from_slice(chunk);
+            Ok(())
+        })?;
+        Ok(image)
+    }
+
+    /// Streams the image of `generation` to `sink` in order, a chunk of at most 4 MiB at a
+    /// time (`sink(offset_bytes, bytes)`): the base, the backup, or the backup overlaid with the
+    /// elements the generation differs by (seed 001 FIG 13/14: for a history generation the
+    /// first hit walking its record and the newer ones wins, else the backup). Memory: the
+    /// overlay's addresses and one chunk, whatever the volume's size.
+    pub fn restore_to(
+        &self,
+        generation: u64,
+        sink: &mut dyn FnMut(u64, &[u8]) -> std::io::Result<()>,
+    ) -> Result<(), EngineError> {
         let unit = self.meta.unit_bytes();
-        match self.source(generation) {
-            None => Err(EngineError::Damaged(format!("generation {generation} cannot be restored from this volume"))),
-            Some(ImageSource::Base) => self.read_whole(Role::Base),
-            Some(ImageSource::Backup) => self.read_backup_image(),
-            Some(ImageSource::Journal) => {
-                let mut image = self.read_backup_image()?;
+        let source = self.source(generation).ok_or_else(|| {
+            EngineError::Invalid(format!("generation {generation} cannot be restored from this volume"))
+        })?;
+        // Blocks that do not come from the underlying device: (block, device, lba), ascending.
+        let (device, overlay) = match source {
+            ImageSource::Base => (Role::Base, Vec::new()),
+            ImageSource::Backup => (Role::Backup, self.interrupted_sort_overlay()),
+            ImageSource::Journal => {
+                let mut overlay: std::collections::BTreeMap<u64, (Role, u64)> =
+                    self.interrupted_sort_overlay().into_iter().map(|(b, r, l)| (b, (r, l))).collect();
                 for sealed in self.meta.sealed.iter().take_while(|s| s.generation <= generation) {
                     for (block, segment) in sealed.elements() {
-                        let data = self.read_units(Role::Journal, self.meta.segment_lba(segment), unit)?;
-                        let at = (block * unit) as usize;
-                        image[at..at + unit as usize].copy_from_slice(&data);
+                        overlay.insert(block, (Role::Journal, self.meta.segment_lba(segment)));
                     }
                 }
-                Ok(image)
+                (Role::Backup, overlay.into_iter().map(|(b, (r, l))| (b, r, l)).collect())
             }
-            Some(ImageSource::History) => {
-                let mut image = self.read_backup_image()?;
-                let records = self.history_records(generation);
-                let mut covered = crate::core::bitmap::DifferenceBitmap::new(self.meta.shape.volume_blocks);
-                // Oldest record first: the first hit wins (FIG 13 S12003–S12006).
-                for record in records {
-                    let map = self.read_control(record)?;
-                    for (block, address) in map.iter() {
-                        if covered.set(block) {
-                            continue;
-                        }
-                        let address = address & crate::core::element_map::ADDRESS_MASK;
-                        let data = self.read_units(Role::History, self.meta.history_lba(address), unit)?;
-                        let at = (block * unit) as usize;
-                        image[at..at + unit as usize].copy_from_slice(&data);
-                    }
+            ImageSource::History => {
+                let mut overlay: std::collections::BTreeMap<u64, (Role, u64)> =
+                    self.interrupted_sort_overlay().into_iter().map(|(b, r, l)| (b, (r, l))).collect();
+                let maps = self
+                    .history_records(generation)
+                    .into_iter()
+                    .map(|record| self.read_control(record))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let refs: Vec<&ElementMap> = maps.iter().collect();
+                let map = crate::core::plan::plan_restore(&refs, self.meta.shape.volume_blocks)
+                    .map_err(|e| EngineError::Damaged(format!("restore of generation {generation}: {e}")))?;
+                for (block, address) in map.iter_history() {
+                    overlay.insert(block, (Role::History, self.meta.history_lba(address)));
                 }
-                Ok(image)
+                (Role::Backup, overlay.into_iter().map(|(b, (r, l))| (b, r, l)).collect())
+            }
+        };
+        let total = self.meta.geometry.volume_bytes();
+        let chunk_bytes = (4u64 << 20) / unit * unit;
+        let block_size = self.meta.block_size[device as usize];
+        let mut next_override = 0;
+        let mut offset = 0u64;
+        while offset < total {
+            let len = chunk_bytes.min(total - offset);
+            let mut chunk = self.read_units(device, offset / block_size, len)?;
+            let (first_block, end_block) = (offset / unit, (offset + len) / unit);
+            while next_override < overlay.len() && overlay[next_override].0 < end_block {
+                let (block, role, lba) = overlay[next_override];
+                debug_assert!(block >= first_block);
+                let data = self.read_units(role, lba, unit)?;
+                let at = ((block - first_block) * unit) as usize;
+                chunk[at..at + unit as usize].copy_from_slice(&data);
+                next_override += 1;
+            }
+            sink(offset, &chunk).map_err(|e| EngineError::Invalid(format!("cannot write the restored image: {e}")))?;
+            offset += len;
+        }
+        Ok(())
+    }
+
+    /// While a sort is interrupted the backup is part old, part new: blocks the sort already
+    /// saved read from the history units it saved them to (so the backup still reads as the
+    /// backup generation's image).
+    fn interrupted_sort_overlay(&self) -> Vec<(u64, Role, u64)> {
+        let cursor = &self.meta.cursor;
+        let interrupted = cursor.state == crate::core::format::records::SortState::Running
+            && cursor.generation == self.backup_generation() + 1;
+        let mut overlay = Vec::new();
+        if let (true, Some(sealed)) = (interrupted, self.meta.sealed.front()) {
+            let mut blocks = sealed.blocks.clone();
+            blocks.sort_unstable();
+            for (rank, block) in blocks.iter().enumerate().take_while(|(_, b)| **b < cursor.saved_through) {
+                overlay.push((*block, Role::History, self.meta.history_lba(cursor.history_start + rank as u64)));
             }
         }
+        overlay
     }
 
     /// Checks every structure: superblocks, catalogs, element indexes and sealed elements (at

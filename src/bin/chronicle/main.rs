@@ -3,6 +3,7 @@
 
 mod bench;
 mod demo;
+mod history;
 mod host;
 mod load;
 
@@ -103,6 +104,37 @@ enum Command {
     },
     /// Check every structure and checksum of a volume offline (changes nothing).
     Verify { dir: PathBuf },
+    /// List the generations: state, time, comment, blocks, and whether each can be restored.
+    Generations {
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the image of a generation to a file or block device (changes nothing in DIR).
+    Restore {
+        dir: PathBuf,
+        #[arg(long)]
+        generation: u64,
+        #[arg(long)]
+        output: PathBuf,
+    },
+    /// Merge the history records of generations FROM..=THROUGH into one: image FROM stays
+    /// restorable, the generations after it up to THROUGH are given up, space shared by
+    /// their overlapping blocks comes back.
+    Merge {
+        dir: PathBuf,
+        #[arg(long)]
+        from: u64,
+        #[arg(long)]
+        through: u64,
+    },
+    /// Give up the image of one history generation (the oldest is dropped, a younger one is
+    /// merged into the one before it).
+    DeleteGeneration {
+        dir: PathBuf,
+        #[arg(long)]
+        generation: u64,
+    },
     /// Measure host I/O through the engine; the last line is JSON.
     Bench {
         dir: PathBuf,
@@ -150,6 +182,10 @@ fn run(command: Command) -> Result<ExitCode> {
         }
         Command::Inspect { dir, json } => inspect(&dir, json),
         Command::Verify { dir } => verify(&dir),
+        Command::Generations { dir, json } => history::generations(&dir, json),
+        Command::Restore { dir, generation, output } => history::restore(&dir, generation, &output),
+        Command::Merge { dir, from, through } => history::merge(&dir, from, through),
+        Command::DeleteGeneration { dir, generation } => history::delete_generation(&dir, generation),
         Command::Bench { dir, workload, block_size, queue_depth, seconds, json } => {
             bench::run(&dir, workload, block_size, queue_depth, seconds, json)
         }
@@ -250,7 +286,7 @@ fn inspect(dir: &Path, json: bool) -> Result<ExitCode> {
 }
 
 /// Writes `text` to stdout; a closed pipe (`chronicle inspect DIR | head`) is not an error.
-fn print_out(text: &str) -> Result<ExitCode> {
+pub fn print_out(text: &str) -> Result<ExitCode> {
     use std::io::Write as _;
     let mut stdout = std::io::stdout().lock();
     match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
