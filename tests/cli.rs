@@ -682,7 +682,7 @@ fn history_commands_merge_delete_list_and_restore_generations() {
             .iter()
             .map(|name| {
                 let options = UringOptions { read_only: true, allow_buffered: true, ..UringOptions::default() };
-                UringDevice::open(&dir.join(name), &options, context.clone()).unwrap().open_channel().unwrap()
+                UringDevice::open(dir.join(name), &options, context.clone()).unwrap().open_channel().unwrap()
             })
             .collect::<Vec<_>>()
     };
