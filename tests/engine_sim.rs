@@ -464,7 +464,7 @@ fn run_seed(seed: u64, cycles: u64, durability: Durability) -> Result<u64, Strin
                                 model.images.remove(&generation);
                             }
                         }
-                        Err(error) if error.contains("history full") => {}
+                        Err(chronicle::engine::MaintenanceError::NoSpace(_)) => {}
                         Err(error) => return Err(format!("cycle {cycle}: history maintenance failed: {error}")),
                     }
                 }

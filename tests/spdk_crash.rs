@@ -289,3 +289,81 @@ fn save_config_replays_the_same_volume_with_its_options() {
     assert!(status.success(), "spdk_tgt exited with {status}:\n{log}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn history_is_merged_deleted_and_retained_through_rpc() {
+    let Some(spdk_dir) = require_spdk("history_maintenance") else { return };
+    let _serial = serial();
+    let module = module_library();
+    let dir = volume_dir("spdk-history");
+    let ack_log = dir.join("ack.log");
+    let target = start_target(&spdk_dir, &module, &dir);
+    create_volume(&target);
+    let load = |seconds: f64, seed: u64| {
+        let params = json!({
+            "name": "Chronicle0", "seconds": seconds, "queue_depth": 16, "marker_every_ms": 100, "seed": seed,
+            "ack_log": ack_log.to_str().expect("utf-8 path"),
+        });
+        let report = target.result("bdev_chronicle_load", Some(params));
+        assert_eq!(report["writes_failed"], json!(0), "{report}");
+    };
+    load(1.0, 21);
+    let records = |target: &App| -> Vec<(u64, u64, String)> {
+        let generations = target.result("bdev_chronicle_get_generations", Some(json!({"name": "Chronicle0"})));
+        generations
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|g| g["state"] == json!("history") || g["state"] == json!("merged"))
+            .map(|g| {
+                (g["generation"].as_u64().unwrap(), g["through_generation"].as_u64().unwrap(), g["state"].to_string())
+            })
+            .collect()
+    };
+    let before = records(&target);
+    assert!(before.len() >= 4, "markers made history records: {before:?}");
+
+    // Merge the second and third record; image of the second stays.
+    let (from, through) = (before[1].0, before[2].1);
+    let report =
+        target.result("bdev_chronicle_merge", Some(json!({"name": "Chronicle0", "from": from, "through": through})));
+    assert_eq!(report["records"], json!(2), "{report}");
+    let after = records(&target);
+    assert_eq!(after[1], (from, through, "\"merged\"".to_string()), "{after:?}");
+    // A range that is not whole records is refused, nothing changes.
+    let (code, message) = target
+        .error("bdev_chronicle_merge", Some(json!({"name": "Chronicle0", "from": from + 1, "through": through + 5})));
+    assert_eq!(code, -i64::from(libc::EINVAL), "{message}");
+    assert_eq!(records(&target), after);
+    // The oldest record is dropped.
+    let report = target
+        .result("bdev_chronicle_delete_generation", Some(json!({"name": "Chronicle0", "generation": after[0].0})));
+    assert_eq!(report["units_after"], json!(0), "{report}");
+    assert_eq!(records(&target)[0], after[1]);
+
+    // Retention: keep the last two records, merge the older ones; it runs now and after sorts.
+    let policy = target.result(
+        "bdev_chronicle_set_retention",
+        Some(json!({"name": "Chronicle0", "keep_last": 2, "merge_older": true})),
+    );
+    assert_eq!(policy["keep_last"], json!(2), "{policy}");
+    load(0.5, 22);
+    let mut kept = records(&target);
+    for _ in 0..50 {
+        if kept.len() <= 3 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        kept = records(&target);
+    }
+    assert!(kept.len() <= 3 && kept[0].2 == "\"merged\"", "retention merged the older records: {kept:?}");
+    let status = target.result("bdev_chronicle_get_status", Some(json!({"name": "Chronicle0"})));
+    assert_eq!(status["config"]["retention"]["keep_last"], json!(2), "saved with the volume: {status}");
+    let (status, log) = target.stop();
+    assert!(status.success(), "spdk_tgt exited with {status}:\n{log}");
+
+    // Offline: every restorable generation is consistent, every acknowledged write is there.
+    let check = chronicle(&["check", dir.to_str().unwrap(), "--ack-log", ack_log.to_str().unwrap()]);
+    assert!(check.contains("chronicle check: ok"), "{check}");
+    std::fs::remove_dir_all(&dir).ok();
+}

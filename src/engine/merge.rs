@@ -65,18 +65,44 @@ pub struct MergeReport {
     pub units_after: u64,
 }
 
+/// Why a maintenance request failed, by what the caller can do about it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MaintenanceError {
+    /// The request names generations that cannot be merged or deleted (nothing changed).
+    #[error("{0}")]
+    Invalid(String),
+    /// The history has no contiguous room for the merged record (nothing changed).
+    #[error("{0}")]
+    NoSpace(String),
+    /// A device error or damaged metadata.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<EngineError> for MaintenanceError {
+    fn from(error: EngineError) -> Self {
+        match error {
+            EngineError::Invalid(_) => MaintenanceError::Invalid(error.to_string()),
+            EngineError::HistoryFull { .. } | EngineError::HistoryCatalogFull { .. } => {
+                MaintenanceError::NoSpace(error.to_string())
+            }
+            _ => MaintenanceError::Failed(error.to_string()),
+        }
+    }
+}
+
 /// The result of a maintenance request, filled in when it completes.
 #[derive(Clone, Default)]
 pub struct MaintenanceHandle {
-    result: std::rc::Rc<std::cell::RefCell<Option<Result<MergeReport, String>>>>,
+    result: std::rc::Rc<std::cell::RefCell<Option<Result<MergeReport, MaintenanceError>>>>,
 }
 
 impl MaintenanceHandle {
-    pub fn result(&self) -> Option<Result<MergeReport, String>> {
+    pub fn result(&self) -> Option<Result<MergeReport, MaintenanceError>> {
         self.result.borrow().clone()
     }
 
-    pub(crate) fn set(&self, result: Result<MergeReport, String>) {
+    pub(crate) fn set(&self, result: Result<MergeReport, MaintenanceError>) {
         *self.result.borrow_mut() = Some(result);
     }
 }
@@ -106,7 +132,7 @@ pub(crate) async fn run_maintenance(
             shared.borrow_mut().failed.get_or_insert(format!("history maintenance failed: {error}"));
         }
     }
-    handle.set(result.map_err(|e| e.to_string()));
+    handle.set(result.map_err(MaintenanceError::from));
 }
 
 async fn take_maintenance_lock(shared: &SharedRef) {

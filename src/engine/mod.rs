@@ -29,7 +29,7 @@ use crate::core::format::FormatError;
 use crate::device::IoError;
 
 pub use io::Role;
-pub use merge::{MaintenanceHandle, MergeReport, RetentionPolicy};
+pub use merge::{MaintenanceError, MaintenanceHandle, MergeReport, RetentionPolicy};
 pub use setup::{begin_format, format, FormatProgress, Formatting};
 pub use volume::{
     GenerationInfo, HostCompletion, HostError, HostRequest, Identity, MarkerHandle, Opening, Status, Volume,

@@ -363,7 +363,7 @@ impl Volume {
     ) -> Result<MergeReport, EngineError> {
         loop {
             if let Some(result) = handle.result() {
-                return result.map_err(EngineError::Invalid);
+                return result.map_err(|e| EngineError::Invalid(e.to_string()));
             }
             if self.poll(completions) == 0 {
                 std::hint::spin_loop();

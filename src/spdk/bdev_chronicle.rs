@@ -159,6 +159,7 @@ fn assemble(done: ExamineDone) {
             copy_base_to_backup: false,
             automatic_sort: true,
             sort_rate_limit_bytes_per_second: None,
+            retention: None,
         };
         let name = config.name.clone();
         let hold = done.clone();

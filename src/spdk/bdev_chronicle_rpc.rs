@@ -9,6 +9,7 @@ use super::bdev_chronicle_load as load;
 use super::bdev_chronicle_volume::{self as volume, CreateMode, VolumeConfig};
 use super::rpc::{self, RpcError, RpcMethod, RpcRequest, RpcState};
 use super::{bdev_chronicle, Errno};
+use crate::engine::RetentionPolicy;
 
 /// For methods without parameters: `{}` or no `params`; anything else is refused.
 #[derive(Debug, Deserialize)]
@@ -188,6 +189,102 @@ impl RpcMethod for VerifyLoad {
     }
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MergeParams {
+    pub name: String,
+    pub from: u64,
+    pub through: u64,
+}
+
+/// `bdev_chronicle_merge {name, from, through}` → `{generation, through_generation, records,
+/// units_before, units_after}`: merges the history records of generations `from..=through`
+/// (older element wins); image `from` stays restorable, the ones after it up to `through` are
+/// given up. Answered when the merge has committed.
+pub struct Merge;
+
+impl RpcMethod for Merge {
+    const NAME: &'static CStr = c"bdev_chronicle_merge";
+    type Params = MergeParams;
+
+    fn call(request: RpcRequest, params: MergeParams) {
+        volume::merge(
+            &params.name,
+            params.from,
+            params.through,
+            Box::new(move |result| match result {
+                Ok(report) => request.respond(&report),
+                Err(error) => request.error(RpcError::errno(error.errno(), error.to_string())),
+            }),
+        );
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteGenerationParams {
+    pub name: String,
+    pub generation: u64,
+}
+
+/// `bdev_chronicle_delete_generation {name, generation}` → the same report: gives up image
+/// `generation` (the oldest history record is dropped and its space freed; a younger one is
+/// merged into the record before it).
+pub struct DeleteGeneration;
+
+impl RpcMethod for DeleteGeneration {
+    const NAME: &'static CStr = c"bdev_chronicle_delete_generation";
+    type Params = DeleteGenerationParams;
+
+    fn call(request: RpcRequest, params: DeleteGenerationParams) {
+        volume::delete_generation(
+            &params.name,
+            params.generation,
+            Box::new(move |result| match result {
+                Ok(report) => request.respond(&report),
+                Err(error) => request.error(RpcError::errno(error.errno(), error.to_string())),
+            }),
+        );
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetRetentionParams {
+    pub name: String,
+    #[serde(default)]
+    pub keep_last: Option<u32>,
+    #[serde(default)]
+    pub merge_older: bool,
+    #[serde(default)]
+    pub max_generations: Option<u32>,
+    #[serde(default)]
+    pub max_age_seconds: Option<u64>,
+}
+
+/// `bdev_chronicle_set_retention {name, keep_last?, merge_older?, max_generations?,
+/// max_age_seconds?}` → the policy: applied now and after every sort; recorded by
+/// `save_config`. No limits (all absent) keeps every generation.
+pub struct SetRetention;
+
+impl RpcMethod for SetRetention {
+    const NAME: &'static CStr = c"bdev_chronicle_set_retention";
+    type Params = SetRetentionParams;
+
+    fn call(request: RpcRequest, params: SetRetentionParams) {
+        let policy = RetentionPolicy {
+            keep_last: params.keep_last,
+            merge_older: params.merge_older,
+            max_generations: params.max_generations,
+            max_age_seconds: params.max_age_seconds,
+        };
+        match volume::set_retention(&params.name, policy) {
+            Ok(policy) => request.respond(&policy),
+            Err(error) => request.error(RpcError::errno(error.errno(), error.to_string())),
+        }
+    }
+}
+
 /// Registers every `bdev_chronicle_*` method.
 pub fn register() -> Result<(), Errno> {
     rpc::register::<GetVersion>()?;
@@ -197,6 +294,9 @@ pub fn register() -> Result<(), Errno> {
     rpc::register::<Mark>()?;
     rpc::register::<GetGenerations>()?;
     rpc::register::<GetStatus>()?;
+    rpc::register::<Merge>()?;
+    rpc::register::<DeleteGeneration>()?;
+    rpc::register::<SetRetention>()?;
     rpc::register::<Load>()?;
     rpc::register::<VerifyLoad>()
 }

@@ -37,8 +37,9 @@ use super::{bdev_chronicle, vbdev, Errno};
 use crate::core::format::superblock::{DeviceRole, Durability, JournalFullPolicy, Superblock, VOLUME_NAME_BYTES};
 use crate::device::{Channel, Device, Payload, Tag};
 use crate::engine::{
-    begin_format, EngineError, FormatOptions, FormatProgress, Formatting, HostCompletion, HostRequest, MarkerHandle,
-    Opening, SortOptions, Status, Volume, VolumeOptions,
+    begin_format, EngineError, FormatOptions, FormatProgress, Formatting, HostCompletion, HostRequest,
+    MaintenanceError, MaintenanceHandle, MarkerHandle, MergeReport, Opening, RetentionPolicy, SortOptions, Status,
+    Volume, VolumeOptions,
 };
 
 /// The four bdev roles, in the engine's device order.
@@ -109,6 +110,9 @@ pub struct VolumeConfig {
     /// Limit on sort bandwidth, bytes per second read from the journal.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sort_rate_limit_bytes_per_second: Option<u64>,
+    /// Which history records are kept, merged or dropped (`bdev_chronicle_set_retention`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<RetentionPolicy>,
 }
 
 impl VolumeConfig {
@@ -124,6 +128,7 @@ impl VolumeConfig {
                 rate_limit_bytes_per_second: self.sort_rate_limit_bytes_per_second,
                 ..SortOptions::default()
             },
+            retention: self.retention.clone().unwrap_or_default(),
             ..VolumeOptions::default()
         }
     }
@@ -192,12 +197,15 @@ pub enum VolumeError {
     Failed(String),
     #[error("{0}")]
     Invalid(String),
+    #[error("{0}")]
+    NoSpace(String),
 }
 
 impl VolumeError {
     pub fn errno(&self) -> Errno {
         match self {
             VolumeError::Invalid(_) => Errno::EINVAL,
+            VolumeError::NoSpace(_) => Errno(libc::ENOSPC),
             VolumeError::NotFound(_) => Errno::ENODEV,
             VolumeError::Busy { .. } => Errno(libc::EBUSY),
             VolumeError::Failed(_) => Errno(libc::EIO),
@@ -214,6 +222,7 @@ struct CreateWaiter {
     done: Waiter,
 }
 type MarkerWaiter = Box<dyn FnOnce(Result<u64, VolumeError>)>;
+type MaintenanceWaiter = Box<dyn FnOnce(Result<MergeReport, VolumeError>)>;
 type IoCtx = <Chronicle as bdev_module::BdevModule>::IoCtx;
 
 enum HostState {
@@ -274,6 +283,7 @@ pub(crate) struct VolumeHost {
     /// The sort error last logged, so each one is logged once.
     reported_sort_error: RefCell<Option<String>>,
     markers: RefCell<Vec<(MarkerHandle, MarkerWaiter)>>,
+    maintenance: RefCell<Vec<(MaintenanceHandle, MaintenanceWaiter)>>,
     destruct: RefCell<Option<vbdev::DestructDone>>,
     /// The chronicle bdev is registered with SPDK.
     registered: Cell<bool>,
@@ -414,6 +424,7 @@ pub fn create(config: VolumeConfig, mode: CreateMode, done: Waiter) {
             claim_retries: Cell::new(if mode == CreateMode::OpenOnly { CLAIM_RETRIES } else { 0 }),
             reported_sort_error: RefCell::new(None),
             markers: RefCell::new(Vec::new()),
+            maintenance: RefCell::new(Vec::new()),
             destruct: RefCell::new(None),
             registered: Cell::new(false),
             removed: RefCell::new(None),
@@ -706,6 +717,7 @@ impl VolumeHost {
         }
         *self.completions.borrow_mut() = completions;
         busy |= self.finish_markers();
+        busy |= self.finish_maintenance();
         match event {
             None => {}
             Some(Event::Opened) => self.opened(),
@@ -848,10 +860,13 @@ impl VolumeHost {
         }
         config.automatic_sort = asked.automatic_sort;
         config.sort_rate_limit_bytes_per_second = asked.sort_rate_limit_bytes_per_second;
+        config.retention.clone_from(&asked.retention);
         let (automatic, rate) = (config.automatic_sort, config.sort_rate_limit_bytes_per_second);
+        let retention = config.retention.clone().unwrap_or_default();
         drop(config);
         if let HostState::Running(volume) = &mut *self.state.borrow_mut() {
             volume.set_sort(automatic, rate);
+            volume.set_retention(retention);
         }
         Ok(())
     }
@@ -960,6 +975,24 @@ impl VolumeHost {
             }
         }
         count > 0
+    }
+
+    fn finish_maintenance(&self) -> bool {
+        let ready: Vec<(MaintenanceHandle, MaintenanceWaiter)> = {
+            let mut pending = self.maintenance.borrow_mut();
+            let (ready, waiting) = pending.drain(..).partition(|(handle, _)| handle.result().is_some());
+            *pending = waiting;
+            ready
+        };
+        let any = !ready.is_empty();
+        for (handle, waiter) in ready {
+            waiter(handle.result().expect("partitioned on Some").map_err(|error| match error {
+                MaintenanceError::Invalid(message) => VolumeError::Invalid(message),
+                MaintenanceError::NoSpace(message) => VolumeError::NoSpace(message),
+                MaintenanceError::Failed(message) => VolumeError::Failed(message),
+            }));
+        }
+        any
     }
 
     fn finish_markers(&self) -> bool {
@@ -1123,10 +1156,42 @@ pub fn mark(name: &str, comment: &str, done: MarkerWaiter) {
     }
 }
 
+/// Merges the history records of generations `from..=through` of volume `name` (FIG 11/12).
+pub fn merge(name: &str, from: u64, through: u64, done: MaintenanceWaiter) {
+    maintain(name, done, |volume| volume.merge(from, through));
+}
+
+/// Gives up the image of history generation `generation` of volume `name`.
+pub fn delete_generation(name: &str, generation: u64, done: MaintenanceWaiter) {
+    maintain(name, done, |volume| volume.delete_generation(generation));
+}
+
+fn maintain(name: &str, done: MaintenanceWaiter, request: impl FnOnce(&mut Volume) -> MaintenanceHandle) {
+    let Some(host) = host_by_name(name) else { return done(Err(VolumeError::NotFound(name.to_string()))) };
+    match host.running(request) {
+        Ok(handle) => host.maintenance.borrow_mut().push((handle, done)),
+        Err(error) => done(Err(error)),
+    }
+}
+
+/// Sets the retention policy of volume `name` (also what `save_config` records).
+pub fn set_retention(name: &str, policy: RetentionPolicy) -> Result<RetentionPolicy, VolumeError> {
+    let host = host_by_name(name).ok_or_else(|| VolumeError::NotFound(name.to_string()))?;
+    if policy.merge_older && policy.keep_last.is_none() {
+        return Err(VolumeError::Invalid("merge_older needs keep_last: how many records to keep individually".into()));
+    }
+    host.running(|volume| volume.set_retention(policy.clone()))?;
+    host.config.borrow_mut().retention = (policy != RetentionPolicy::default()).then(|| policy.clone());
+    Ok(policy)
+}
+
 /// One generation as `bdev_chronicle_get_generations` reports it.
 #[derive(Debug, Clone, Serialize)]
 pub struct GenerationReport {
     pub generation: u64,
+    /// A merged record stands for `generation..=through_generation` (only image `generation`
+    /// is restorable); otherwise `generation`.
+    pub through_generation: u64,
     pub state: &'static str,
     pub time: String,
     pub time_ns: u64,
@@ -1143,6 +1208,7 @@ pub fn generations(name: &str) -> Result<Vec<GenerationReport>, VolumeError> {
             .into_iter()
             .map(|g| GenerationReport {
                 generation: g.generation,
+                through_generation: g.through_generation,
                 state: g.state,
                 time: crate::core::time::rfc3339(g.time_ns),
                 time_ns: g.time_ns,
