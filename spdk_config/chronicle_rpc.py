@@ -66,6 +66,25 @@ def bdev_chronicle_get_status(args):
     _call(args, 'bdev_chronicle_get_status', {'name': args.name})
 
 
+def bdev_chronicle_merge(args):
+    _call(args, 'bdev_chronicle_merge', {'name': args.name, 'from': args.from_generation,
+                                         'through': args.through})
+
+
+def bdev_chronicle_delete_generation(args):
+    _call(args, 'bdev_chronicle_delete_generation', {'name': args.name, 'generation': args.generation})
+
+
+def bdev_chronicle_set_retention(args):
+    _call(args, 'bdev_chronicle_set_retention', {
+        'name': args.name,
+        'keep_last': args.keep_last,
+        'merge_older': True if args.merge_older else None,
+        'max_generations': args.max_generations,
+        'max_age_seconds': args.max_age_seconds,
+    })
+
+
 def bdev_chronicle_load(args):
     # The answer comes when the load ends: wait at least that long (rpc.py's -t is 60 s).
     args.client.timeout = max(args.client.timeout, args.seconds + 60.0)
@@ -138,6 +157,31 @@ def spdk_rpc_plugin_initialize(subparsers):
                               help='List the generations of a chronicle bdev')
     p.add_argument('name', help='Name of the chronicle bdev')
     p.set_defaults(func=bdev_chronicle_get_generations)
+
+    p = subparsers.add_parser('bdev_chronicle_merge',
+                              help='Merge the history records of generations FROM..THROUGH into one '
+                              '(image FROM stays restorable, the ones after it are given up)')
+    p.add_argument('name', help='Name of the chronicle bdev')
+    p.add_argument('--from', dest='from_generation', type=int, required=True,
+                   help='First generation (its image stays restorable)')
+    p.add_argument('--through', type=int, required=True, help='Last generation merged')
+    p.set_defaults(func=bdev_chronicle_merge)
+
+    p = subparsers.add_parser('bdev_chronicle_delete_generation',
+                              help='Give up the image of one history generation')
+    p.add_argument('name', help='Name of the chronicle bdev')
+    p.add_argument('-g', '--generation', type=int, required=True, help='The generation to give up')
+    p.set_defaults(func=bdev_chronicle_delete_generation)
+
+    p = subparsers.add_parser('bdev_chronicle_set_retention',
+                              help='Which history records are kept, merged or dropped (after every sort)')
+    p.add_argument('name', help='Name of the chronicle bdev')
+    p.add_argument('-k', '--keep-last', type=int, help='Newest history records kept individually')
+    p.add_argument('-m', '--merge-older', action='store_true',
+                   help='Merge the records older than --keep-last into one')
+    p.add_argument('-n', '--max-generations', type=int, help='Drop the oldest records beyond this many')
+    p.add_argument('-a', '--max-age-seconds', type=int, help='Drop records older than this')
+    p.set_defaults(func=bdev_chronicle_set_retention)
 
     p = subparsers.add_parser('bdev_chronicle_get_status',
                               help='State, journal and history use, sort progress and counters of a chronicle bdev')
