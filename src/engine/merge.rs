@@ -24,11 +24,9 @@
 use std::sync::Arc;
 use std::task::Poll;
 
-use crate::core::allocator::Extent;
 use crate::core::element_map::{Addressing, ElementMap, ADDRESS_MASK};
 use crate::core::format::catalog::{CatalogEntry, EntryKind, EntryState};
 use crate::core::format::control_block::ControlBlock;
-use crate::core::format::layout::control_block_units;
 use crate::core::plan::merge::plan_merge;
 use crate::device::IoBuffers;
 
@@ -239,26 +237,8 @@ pub(crate) async fn merge(
     let elements = plan.output_units();
     let (output, control, unit, options) = {
         let mut s = shared.borrow_mut();
-        let control_units = control_block_units(&s.meta.shape, 0);
-        let full = |allocator: &crate::core::allocator::SegmentAllocator| EngineError::HistoryFull {
-            generation: from,
-            needed: control_units + elements,
-            free: allocator.free_units(),
-            largest: allocator.largest_free(),
-        };
-        let control = s.meta.allocator.allocate(control_units).map_err(|_| full(&s.meta.allocator))?;
-        let output = if elements > 0 {
-            match s.meta.allocator.allocate(elements) {
-                Ok(extent) => extent,
-                Err(_) => {
-                    s.meta.allocator.free(control).expect("just allocated");
-                    return Err(full(&s.meta.allocator));
-                }
-            }
-        } else {
-            Extent::new(0, 0)
-        };
-        (output, control, s.meta.unit_bytes() as usize, s.options.sort.clone())
+        let extents = s.meta.allocate_record(from, elements)?;
+        (extents.elements, extents.control, s.meta.unit_bytes() as usize, s.options.sort.clone())
     };
     let release = |shared: &SharedRef| {
         let mut s = shared.borrow_mut();
@@ -353,16 +333,7 @@ pub(crate) async fn merge(
     {
         let mut s = shared.borrow_mut();
         for source in &sources {
-            for (start, units) in
-                [(source.element_start, source.element_count), (source.control_start, source.control_count)]
-            {
-                if units > 0 {
-                    s.meta
-                        .allocator
-                        .free(Extent::new(start, units))
-                        .map_err(|e| EngineError::Damaged(format!("history generation {}: {e}", source.generation)))?;
-                }
-            }
+            s.meta.free_entry_extents(source)?;
         }
         s.control.merges += 1;
         s.space_freed = true;
@@ -422,16 +393,7 @@ pub(crate) async fn drop_oldest(
     .await?;
     let mut s = shared.borrow_mut();
     for record in &dropped {
-        for (start, units) in
-            [(record.element_start, record.element_count), (record.control_start, record.control_count)]
-        {
-            if units > 0 {
-                s.meta
-                    .allocator
-                    .free(Extent::new(start, units))
-                    .map_err(|e| EngineError::Damaged(format!("history generation {}: {e}", record.generation)))?;
-            }
-        }
+        s.meta.free_entry_extents(record)?;
     }
     s.control.generations_deleted += dropped.len() as u64;
     s.space_freed = true;

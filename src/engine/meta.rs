@@ -22,6 +22,53 @@ pub(crate) struct PageState {
     pub newest_slot: Option<u8>,
 }
 
+/// History extents of one record: its elements and its control block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RecordExtents {
+    pub elements: crate::core::allocator::Extent,
+    pub control: crate::core::allocator::Extent,
+}
+
+impl Meta {
+    /// Allocates a contiguous record of `elements` units plus a (contiguous-map) control block
+    /// for generation `generation`, or says how much is missing.
+    pub fn allocate_record(&mut self, generation: u64, elements: u64) -> Result<RecordExtents, super::EngineError> {
+        use crate::core::allocator::Extent;
+        let control_units = crate::core::format::layout::control_block_units(&self.shape, 0);
+        let full = |allocator: &SegmentAllocator| super::EngineError::HistoryFull {
+            generation,
+            needed: control_units + elements,
+            free: allocator.free_units(),
+            largest: allocator.largest_free(),
+        };
+        let control = self.allocator.allocate(control_units).map_err(|_| full(&self.allocator))?;
+        let elements = if elements > 0 {
+            match self.allocator.allocate(elements) {
+                Ok(extent) => extent,
+                Err(_) => {
+                    self.allocator.free(control).expect("just allocated");
+                    return Err(full(&self.allocator));
+                }
+            }
+        } else {
+            Extent::new(0, 0)
+        };
+        Ok(RecordExtents { elements, control })
+    }
+
+    /// Frees the history extents a catalog entry owns.
+    pub fn free_entry_extents(&mut self, entry: &CatalogEntry) -> Result<(), super::EngineError> {
+        for (start, units) in [(entry.element_start, entry.element_count), (entry.control_start, entry.control_count)] {
+            if units > 0 {
+                self.allocator.free(crate::core::allocator::Extent::new(start, units)).map_err(|e| {
+                    super::EngineError::Damaged(format!("history generation {}: {e}", entry.generation))
+                })?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A set of index page numbers as a growable bitset: every rewrite in the open generation marks
 /// its page, so this is on the hot path.
 #[derive(Debug, Default)]

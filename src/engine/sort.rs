@@ -20,12 +20,10 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use crate::core::allocator::Extent;
 use crate::core::checksum::crc32c;
 use crate::core::element_map::{Addressing, ElementMap};
 use crate::core::format::catalog::{CatalogEntry, EntryKind, EntryState};
 use crate::core::format::control_block::ControlBlock;
-use crate::core::format::layout::control_block_units;
 use crate::core::format::records::{SortCursor, SortState};
 use crate::core::plan::sort::{plan_sort, SortStep};
 use crate::device::IoBuffers;
@@ -128,29 +126,8 @@ async fn sort_generation(
     let mut cursor = match resumed {
         Some(cursor) => cursor,
         None => {
-            let (history_extent, control_extent) = {
-                let mut s = shared.borrow_mut();
-                let control_units = control_block_units(&s.meta.shape, 0);
-                let full = |allocator: &crate::core::allocator::SegmentAllocator| EngineError::HistoryFull {
-                    generation,
-                    needed: control_units + elements,
-                    free: allocator.free_units(),
-                    largest: allocator.largest_free(),
-                };
-                let control = s.meta.allocator.allocate(control_units).map_err(|_| full(&s.meta.allocator))?;
-                let history = if elements > 0 {
-                    match s.meta.allocator.allocate(elements) {
-                        Ok(extent) => extent,
-                        Err(_) => {
-                            s.meta.allocator.free(control).expect("just allocated");
-                            return Err(full(&s.meta.allocator));
-                        }
-                    }
-                } else {
-                    Extent::new(0, 0)
-                };
-                (history, control)
-            };
+            let extents = shared.borrow_mut().meta.allocate_record(generation, elements)?;
+            let (history_extent, control_extent) = (extents.elements, extents.control);
             let cursor = SortCursor {
                 sequence: 0,
                 generation,

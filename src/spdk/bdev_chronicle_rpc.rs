@@ -11,6 +11,43 @@ use super::rpc::{self, RpcError, RpcMethod, RpcRequest, RpcState};
 use super::{bdev_chronicle, Errno};
 use crate::engine::RetentionPolicy;
 
+/// A failure a method answers with: SPDK's `-errno` convention and the message.
+trait Failure: std::fmt::Display {
+    fn errno(&self) -> Errno;
+}
+
+impl Failure for volume::CreateError {
+    fn errno(&self) -> Errno {
+        volume::CreateError::errno(self)
+    }
+}
+
+impl Failure for volume::VolumeError {
+    fn errno(&self) -> Errno {
+        volume::VolumeError::errno(self)
+    }
+}
+
+impl Failure for load::LoadError {
+    fn errno(&self) -> Errno {
+        load::LoadError::errno(self)
+    }
+}
+
+impl Failure for bdev_chronicle::InspectError {
+    fn errno(&self) -> Errno {
+        bdev_chronicle::InspectError::errno(self)
+    }
+}
+
+/// Answers `request` with `result`.
+fn answer<T: serde::Serialize, E: Failure>(request: RpcRequest, result: Result<T, E>) {
+    match result {
+        Ok(value) => request.respond(&value),
+        Err(error) => request.error(RpcError::errno(error.errno(), error.to_string())),
+    }
+}
+
 /// For methods without parameters: `{}` or no `params`; anything else is refused.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -45,10 +82,7 @@ impl RpcMethod for Inspect {
     type Params = InspectParams;
 
     fn call(request: RpcRequest, params: InspectParams) {
-        bdev_chronicle::inspect(&params.bdev_name, move |result| match result {
-            Ok(inspection) => request.respond(&inspection),
-            Err(error) => request.error(RpcError::errno(error.errno(), error.to_string())),
-        });
+        bdev_chronicle::inspect(&params.bdev_name, move |result| answer(request, result));
     }
 }
 
@@ -63,14 +97,7 @@ impl RpcMethod for Create {
     type Params = VolumeConfig;
 
     fn call(request: RpcRequest, params: VolumeConfig) {
-        volume::create(
-            params,
-            CreateMode::FormatOrOpen,
-            Box::new(move |result| match result {
-                Ok(name) => request.respond(&name),
-                Err(error) => request.error(RpcError::errno(error.errno(), error.to_string())),
-            }),
-        );
+        volume::create(params, CreateMode::FormatOrOpen, Box::new(move |result| answer(request, result)));
     }
 }
 
@@ -90,10 +117,7 @@ impl RpcMethod for Delete {
     type Params = NameParams;
 
     fn call(request: RpcRequest, params: NameParams) {
-        volume::delete(&params.name, move |result| match result {
-            Ok(()) => request.respond(&true),
-            Err(error) => request.error(RpcError::errno(error.errno(), error.to_string())),
-        });
+        volume::delete(&params.name, move |result| answer(request, result.map(|()| true)));
     }
 }
 
@@ -113,14 +137,7 @@ impl RpcMethod for Mark {
     type Params = MarkParams;
 
     fn call(request: RpcRequest, params: MarkParams) {
-        volume::mark(
-            &params.name,
-            &params.comment,
-            Box::new(move |result| match result {
-                Ok(generation) => request.respond(&generation),
-                Err(error) => request.error(RpcError::errno(error.errno(), error.to_string())),
-            }),
-        );
+        volume::mark(&params.name, &params.comment, Box::new(move |result| answer(request, result)));
     }
 }
 
@@ -132,10 +149,7 @@ impl RpcMethod for GetGenerations {
     type Params = NameParams;
 
     fn call(request: RpcRequest, params: NameParams) {
-        match volume::generations(&params.name) {
-            Ok(generations) => request.respond(&generations),
-            Err(error) => request.error(RpcError::errno(error.errno(), error.to_string())),
-        }
+        answer(request, volume::generations(&params.name))
     }
 }
 
@@ -147,10 +161,7 @@ impl RpcMethod for GetStatus {
     type Params = NameParams;
 
     fn call(request: RpcRequest, params: NameParams) {
-        match volume::status(&params.name) {
-            Ok(report) => request.respond(&report),
-            Err(error) => request.error(RpcError::errno(error.errno(), error.to_string())),
-        }
+        answer(request, volume::status(&params.name))
     }
 }
 
@@ -166,10 +177,7 @@ impl RpcMethod for Load {
     type Params = load::LoadParams;
 
     fn call(request: RpcRequest, params: load::LoadParams) {
-        load::run_load(params, move |result| match result {
-            Ok(report) => request.respond(&report),
-            Err(error) => request.error(RpcError::errno(error.errno(), error.to_string())),
-        });
+        load::run_load(params, move |result| answer(request, result));
     }
 }
 
@@ -182,10 +190,7 @@ impl RpcMethod for VerifyLoad {
     type Params = load::VerifyParams;
 
     fn call(request: RpcRequest, params: load::VerifyParams) {
-        load::run_verify(params, move |result| match result {
-            Ok(report) => request.respond(&report),
-            Err(error) => request.error(RpcError::errno(error.errno(), error.to_string())),
-        });
+        load::run_verify(params, move |result| answer(request, result));
     }
 }
 
@@ -208,15 +213,7 @@ impl RpcMethod for Merge {
     type Params = MergeParams;
 
     fn call(request: RpcRequest, params: MergeParams) {
-        volume::merge(
-            &params.name,
-            params.from,
-            params.through,
-            Box::new(move |result| match result {
-                Ok(report) => request.respond(&report),
-                Err(error) => request.error(RpcError::errno(error.errno(), error.to_string())),
-            }),
-        );
+        volume::merge(&params.name, params.from, params.through, Box::new(move |result| answer(request, result)));
     }
 }
 
@@ -237,14 +234,7 @@ impl RpcMethod for DeleteGeneration {
     type Params = DeleteGenerationParams;
 
     fn call(request: RpcRequest, params: DeleteGenerationParams) {
-        volume::delete_generation(
-            &params.name,
-            params.generation,
-            Box::new(move |result| match result {
-                Ok(report) => request.respond(&report),
-                Err(error) => request.error(RpcError::errno(error.errno(), error.to_string())),
-            }),
-        );
+        volume::delete_generation(&params.name, params.generation, Box::new(move |result| answer(request, result)));
     }
 }
 
@@ -278,10 +268,7 @@ impl RpcMethod for SetRetention {
             max_generations: params.max_generations,
             max_age_seconds: params.max_age_seconds,
         };
-        match volume::set_retention(&params.name, policy) {
-            Ok(policy) => request.respond(&policy),
-            Err(error) => request.error(RpcError::errno(error.errno(), error.to_string())),
-        }
+        answer(request, volume::set_retention(&params.name, policy))
     }
 }
 
