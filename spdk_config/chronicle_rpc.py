@@ -127,7 +127,7 @@ def spdk_rpc_plugin_initialize(subparsers):
     p.add_argument('-d', '--durability', choices=['flush', 'write-through'],
                    help='When a write is acknowledged: flush (durable after the next flush; default) '
                    'or write-through (durable when acknowledged). Fixed at format')
-    p.add_argument('-f', '--journal-full', choices=['block', 'fail'],
+    p.add_argument('-f', '--journal-full', choices=['block', 'fail', 'merge-oldest'],
                    help='When the journal has no room: block (wait for the sort; default) or fail. '
                    'Fixed at format')
     p.add_argument('--strict', action='store_true',

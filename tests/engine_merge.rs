@@ -235,3 +235,49 @@ fn retention_keeps_the_last_records_merges_the_older_and_drops_beyond_the_count(
     s.images.remove(&0);
     s.check(&[0, 1, 2, 3, 4]);
 }
+
+#[test]
+fn journal_full_policy_merge_oldest_gives_up_old_generations_instead_of_stopping_the_sort() {
+    use chronicle::core::format::superblock::JournalFullPolicy;
+    // A history for about three generations that write half the volume each.
+    let shape = VolumeShape { host_write_size: UNIT as u32, volume_blocks: UNITS };
+    let options = LayoutOptions::default();
+    let sizes = [
+        UNITS * UNIT as u64,
+        layout::journal_bytes_for(&shape, &options, 2 * UNITS),
+        UNITS * UNIT as u64,
+        layout::history_bytes_for(&shape, &options, 3 * UNITS / 2 + 8),
+    ];
+    let names = ["base", "journal", "backup", "history"];
+    let devices =
+        Devices(std::array::from_fn(|i| MemoryDevice::new(names[i], MemoryOptions::new(512, sizes[i] / 512))));
+    let format_options = FormatOptions {
+        journal_full_policy: JournalFullPolicy::MergeOldest,
+        copy_base_to_backup: false,
+        ..Default::default()
+    };
+    format(devices.channels(), &format_options, &mut |_| {}).unwrap();
+    let volume = Volume::open(devices.channels(), VolumeOptions::default()).unwrap();
+    let zero = vec![0u8; UNITS as usize * UNIT];
+    let mut s = Scenario {
+        devices,
+        volume,
+        current: zero.clone(),
+        images: BTreeMap::from([(0, zero)]),
+        rng: ChaCha8Rng::seed_from_u64(4),
+    };
+    for _ in 0..10 {
+        s.generation(48, UNITS);
+    }
+    let status = s.volume.status();
+    assert_eq!(status.sort_error, None, "the sort never stopped");
+    assert!(status.control.dropped_for_space > 0, "old generations were given up: {:?}", status.control);
+    assert_eq!(status.sealed_waiting, 0, "every generation was sorted");
+    // What is left is exact; what was given up is refused.
+    let oldest = s.records()[0].0;
+    let gone: Vec<u64> = (0..oldest).collect();
+    for generation in &gone {
+        s.images.remove(generation);
+    }
+    s.check(&gone);
+}

@@ -406,6 +406,21 @@ pub(crate) async fn drop_oldest(
     })
 }
 
+/// Drops the oldest history record to make room for the sort (journal-full policy
+/// "merge-oldest"), waiting for any maintenance in progress.
+pub(crate) async fn drop_oldest_for_space(
+    shared: &SharedRef,
+    io: &ControlIo<HostRef>,
+) -> Result<MergeReport, EngineError> {
+    take_maintenance_lock(shared).await;
+    let result = drop_oldest(shared, io, 1).await;
+    shared.borrow_mut().maintenance_running = false;
+    if result.is_ok() {
+        shared.borrow_mut().control.dropped_for_space += 1;
+    }
+    result
+}
+
 /// Applies the retention policy once: drops what is beyond the limits, then merges what is
 /// older than `keep_last`. Returns whether anything changed.
 pub(crate) async fn apply_retention(

@@ -176,7 +176,7 @@ pub(crate) async fn format_volume<O: Copy>(
     if options.journal_mode == JournalMode::All {
         return Err(EngineError::Unsupported("journal mode \"all\"".into()));
     }
-    if matches!(options.journal_full_policy, JournalFullPolicy::MergeOldest | JournalFullPolicy::BitmapOnly) {
+    if options.journal_full_policy == JournalFullPolicy::BitmapOnly {
         return Err(EngineError::Unsupported(format!("journal-full policy {:?}", options.journal_full_policy)));
     }
     if options.volume_name.len() >= superblock::VOLUME_NAME_BYTES || options.volume_name.contains('\0') {

@@ -32,6 +32,7 @@ use super::io::{run_bounded, ControlIo, Role};
 use super::meta::SealedGeneration;
 use super::volume::{elapsed_us, update_history_catalog, write_journal_catalog, HostRef, SharedRef, SortProgress};
 use super::EngineError;
+use crate::core::format::superblock::JournalFullPolicy;
 
 /// Sorts sealed generations oldest first until none is left or one fails.
 pub(crate) async fn run_sorts(shared: SharedRef, io: ControlIo<HostRef>) {
@@ -48,7 +49,18 @@ pub(crate) async fn run_sorts(shared: SharedRef, io: ControlIo<HostRef>) {
         };
         let Some(sealed) = next else { break };
         let started = Instant::now();
-        let result = sort_generation(&shared, &io, sealed).await;
+        let mut result = sort_generation(&shared, &io, sealed.clone()).await;
+        // Journal-full policy "merge-oldest": the history makes room by giving up its oldest
+        // generations, one at a time, rather than stopping the sort (and, once the journal
+        // fills, the writes).
+        while matches!(result, Err(EngineError::HistoryFull { .. } | EngineError::HistoryCatalogFull { .. }))
+            && shared.borrow().meta.journal_full_policy() == JournalFullPolicy::MergeOldest
+        {
+            if super::merge::drop_oldest_for_space(&shared, &io).await.is_err() {
+                break;
+            }
+            result = sort_generation(&shared, &io, sealed.clone()).await;
+        }
         let mut s = shared.borrow_mut();
         s.control.sort_busy_us += elapsed_us(started);
         s.sort_progress = None;

@@ -72,6 +72,8 @@ pub struct SortProgress {
 pub struct ControlCounters {
     pub merges: u64,
     pub generations_deleted: u64,
+    /// Oldest generations given up for space (journal-full policy "merge-oldest").
+    pub dropped_for_space: u64,
     pub markers: u64,
     pub marker_hold_last_us: u64,
     pub marker_hold_max_us: u64,

@@ -597,7 +597,7 @@ impl HotStep<'_> {
             && self.shared.options.sort.automatic
             && self.shared.sort_error.is_none()
             && self.shared.failed.is_none();
-        if policy == JournalFullPolicy::Block && sort_will_free {
+        if matches!(policy, JournalFullPolicy::Block | JournalFullPolicy::MergeOldest) && sort_will_free {
             self.shared.hot.counters.journal_full_waits += 1;
             self.shared.hot.writes[id].state = WriteState::WaitingSpace;
             self.shared.hot.waiting_space.push_back(id);

@@ -72,6 +72,9 @@ pub enum JournalFullName {
     Block,
     /// Fail writes with a no-space error.
     Fail,
+    /// Like block; and when the history is full, give up its oldest generations so the sort
+    /// keeps going (writes never stop for lack of history).
+    MergeOldest,
 }
 
 fn yes() -> bool {
@@ -603,6 +606,7 @@ impl VolumeHost {
                 journal_full_policy: match config.journal_full.unwrap_or(JournalFullName::Block) {
                     JournalFullName::Block => JournalFullPolicy::Block,
                     JournalFullName::Fail => JournalFullPolicy::Fail,
+                    JournalFullName::MergeOldest => JournalFullPolicy::MergeOldest,
                 },
                 names: config.bdev_names().map(str::to_owned),
                 volume_name: config.name.clone(),
@@ -767,7 +771,8 @@ impl VolumeHost {
             });
             config.journal_full = Some(match identity.journal_full_policy {
                 JournalFullPolicy::Fail => JournalFullName::Fail,
-                _ => JournalFullName::Block,
+                JournalFullPolicy::MergeOldest => JournalFullName::MergeOldest,
+                JournalFullPolicy::Block | JournalFullPolicy::BitmapOnly => JournalFullName::Block,
             });
             config.strict = Some(identity.strict);
         }

@@ -44,7 +44,15 @@ pub fn run(dir: Option<PathBuf>, size: u64, generations: u32, seed: u64) -> Resu
     let unit = 4096usize;
     // Engine I keeps every generation's history (no retention yet): give the history room for
     // all of them.
-    crate::format_dir(&dir, size, unit as u32, None, Some(size + (8 << 20)), Durability::Flush, false)?;
+    crate::format_dir(
+        &dir,
+        size,
+        unit as u32,
+        (None, Some(size + (8 << 20))),
+        Durability::Flush,
+        chronicle::core::format::superblock::JournalFullPolicy::Block,
+        false,
+    )?;
     println!(
         "chronicle demo: {} volume in {}, host write size {} B, {} generations",
         human(size),

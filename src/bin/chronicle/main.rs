@@ -12,7 +12,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use chronicle::core::format::layout::{self, human, LayoutOptions, VolumeShape};
-use chronicle::core::format::superblock::Durability;
+use chronicle::core::format::superblock::{Durability, JournalFullPolicy};
 use chronicle::engine::reader::VolumeReader;
 use chronicle::engine::{self, FormatOptions};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -30,6 +30,17 @@ enum DurabilityArg {
     Flush,
     /// Writes are acknowledged only once durable.
     WriteThrough,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum JournalFullArg {
+    /// Hold writes until the sort frees journal space (fail them if nothing can).
+    Block,
+    /// Fail writes with a no-space error.
+    Fail,
+    /// Like block, and when the history is full the oldest generations are given up so the
+    /// sort keeps going.
+    MergeOldest,
 }
 
 #[derive(Subcommand)]
@@ -51,6 +62,9 @@ enum Command {
         history_size: Option<u64>,
         #[arg(long, value_enum, default_value_t = DurabilityArg::Flush)]
         durability: DurabilityArg,
+        /// What happens when the journal (or, with merge-oldest, the history) is full.
+        #[arg(long, value_enum, default_value_t = JournalFullArg::Block)]
+        journal_full: JournalFullArg,
         /// Overwrite a volume that already exists in DIR.
         #[arg(long)]
         force: bool,
@@ -164,12 +178,18 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> Result<ExitCode> {
     match command {
-        Command::Format { dir, size, host_write_size, journal_size, history_size, durability, force } => {
+        Command::Format { dir, size, host_write_size, journal_size, history_size, durability, journal_full, force } => {
             let durability = match durability {
                 DurabilityArg::Flush => Durability::Flush,
                 DurabilityArg::WriteThrough => Durability::WriteThrough,
             };
-            format_dir(&dir, size, host_write_size, journal_size, history_size, durability, force)?;
+            let journal_full = match journal_full {
+                JournalFullArg::Block => JournalFullPolicy::Block,
+                JournalFullArg::Fail => JournalFullPolicy::Fail,
+                JournalFullArg::MergeOldest => JournalFullPolicy::MergeOldest,
+            };
+            let sizes = (journal_size, history_size);
+            format_dir(&dir, size, host_write_size, sizes, durability, journal_full, force)?;
             println!("formatted {} ({} volume, {} B host write size)", dir.display(), human(size), host_write_size);
             Ok(ExitCode::SUCCESS)
         }
@@ -197,9 +217,9 @@ pub fn format_dir(
     dir: &Path,
     size: u64,
     host_write_size: u32,
-    journal_size: Option<u64>,
-    history_size: Option<u64>,
+    (journal_size, history_size): (Option<u64>, Option<u64>),
     durability: Durability,
+    journal_full_policy: JournalFullPolicy,
     force: bool,
 ) -> Result<()> {
     if !host_write_size.is_power_of_two() || !(512..=1 << 20).contains(&host_write_size) {
@@ -231,8 +251,14 @@ pub fn format_dir(
     }
     let result = host::open_channels(dir, Some([size, journal, size, history]), false, None).and_then(|channels| {
         let names = host::FILES.map(String::from);
-        let options =
-            FormatOptions { host_write_size, durability, names, copy_base_to_backup: false, ..Default::default() };
+        let options = FormatOptions {
+            host_write_size,
+            durability,
+            journal_full_policy,
+            names,
+            copy_base_to_backup: false,
+            ..Default::default()
+        };
         engine::format(channels, &options, &mut |_| {}).with_context(|| format!("cannot format {}", dir.display()))
     });
     if result.is_err() {
