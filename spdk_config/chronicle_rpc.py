@@ -58,6 +58,11 @@ def bdev_chronicle_mark(args):
     _call(args, 'bdev_chronicle_mark', {'name': args.name, 'comment': args.comment})
 
 
+def bdev_chronicle_rollback(args):
+    _call(args, 'bdev_chronicle_rollback', {'name': args.name, 'generation': args.generation,
+                                            'comment': args.comment})
+
+
 def bdev_chronicle_get_generations(args):
     _call(args, 'bdev_chronicle_get_generations', {'name': args.name})
 
@@ -152,6 +157,14 @@ def spdk_rpc_plugin_initialize(subparsers):
     p.add_argument('name', help='Name of the chronicle bdev')
     p.add_argument('-c', '--comment', help='Comment recorded with the generation')
     p.set_defaults(func=bdev_chronicle_mark)
+
+    p = subparsers.add_parser('bdev_chronicle_rollback',
+                              help='Roll the volume back to the image of a generation, as a new generation '
+                              '(prints its number; the one before it is the undo point)')
+    p.add_argument('name', help='Name of the chronicle bdev')
+    p.add_argument('-g', '--generation', type=int, required=True, help='The generation whose image comes back')
+    p.add_argument('-c', '--comment', help='Comment recorded with the new generation')
+    p.set_defaults(func=bdev_chronicle_rollback)
 
     p = subparsers.add_parser('bdev_chronicle_get_generations',
                               help='List the generations of a chronicle bdev')

@@ -619,7 +619,7 @@ fn inspect_into_a_closed_pipe_does_not_panic() {
 fn history_commands_merge_delete_list_and_restore_generations() {
     let root = test_dir();
     let dir = root.path().join("vol");
-    format(&dir, &["--history-size", "64M"]);
+    format(&dir, &["--history-size", "64M", "--journal-size", "64M"]);
     let ack_log = root.path().join("ack.log");
     let load = chronicle(&[
         OsStr::new("load"),
@@ -699,4 +699,31 @@ fn history_commands_merge_delete_list_and_restore_generations() {
     ]);
     assert!(!refused.ok() && !refused.panicked(), "{}", refused.describe());
     assert!(refused.stderr.contains("generation 2 cannot be restored"), "{}", refused.describe());
+
+    // rollback makes the volume's image generation 4's again, as a new generation.
+    let refused = chronicle(&[OsStr::new("rollback"), dir.as_os_str(), OsStr::new("--generation"), OsStr::new("2")]);
+    assert!(!refused.ok() && refused.stderr.contains("merged into generations 1..=3"), "{}", refused.describe());
+    let rolled =
+        chronicle(&[OsStr::new("rollback"), dir.as_os_str(), OsStr::new("--generation"), OsStr::new("4")]).expect_ok();
+    let generation: u64 = rolled
+        .stdout
+        .split("sealed as generation ")
+        .nth(1)
+        .and_then(|rest| rest.split(';').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{}", rolled.describe()));
+    let again = root.path().join("rolled.img");
+    chronicle(&[
+        OsStr::new("restore"),
+        dir.as_os_str(),
+        OsStr::new("--generation"),
+        OsStr::new(&generation.to_string()),
+        OsStr::new("--output"),
+        again.as_os_str(),
+    ])
+    .expect_ok();
+    assert!(
+        std::fs::read(&again).unwrap() == std::fs::read(&output).unwrap(),
+        "the rolled-back image is generation 4's"
+    );
 }

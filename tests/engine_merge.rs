@@ -281,3 +281,145 @@ fn journal_full_policy_merge_oldest_gives_up_old_generations_instead_of_stopping
     }
     s.check(&gone);
 }
+
+/// The open generation's image, i.e. the base.
+fn base_image(s: &mut Scenario) -> Vec<u8> {
+    s.volume.close_in_place();
+    let image = {
+        let reader = VolumeReader::open(s.devices.channels()).unwrap();
+        reader.read_image(reader.open_generation()).unwrap()
+    };
+    s.volume = Volume::open(s.devices.channels(), VolumeOptions::default()).unwrap();
+    image
+}
+
+#[test]
+fn rollback_rewrites_the_base_to_an_old_image_as_a_new_generation_that_can_be_undone() {
+    let mut s = Scenario::new(5, VolumeOptions::default());
+    for _ in 0..5 {
+        s.generation(30, 40);
+    }
+    let mut completions = Vec::new();
+    let before = s.current.clone();
+    // Generation 2 is a history generation; the rollback seals the current state first.
+    let handle = s.volume.rollback(2, "back to 2");
+    let rolled = loop {
+        if let Some(result) = handle.result() {
+            break result.unwrap();
+        }
+        s.volume.poll(&mut completions);
+    };
+    let undo_point = rolled - 1;
+    assert!(base_image(&mut s) == s.images[&2], "the base holds image 2");
+    s.images.insert(undo_point, before.clone());
+    s.images.insert(rolled, s.images[&2].clone());
+    s.current = s.images[&2].clone();
+    let generations = s.volume.status().generations;
+    assert!(generations.iter().any(|g| g.generation == rolled && g.comment == "back to 2"), "{generations:?}");
+    let mut s = s.check(&[]);
+
+    // Undo: roll back to the undo point.
+    let handle = s.volume.rollback(undo_point, "undo");
+    let undone = loop {
+        if let Some(result) = handle.result() {
+            break result.unwrap();
+        }
+        s.volume.poll(&mut completions);
+    };
+    assert!(base_image(&mut s) == before, "the base is back where it was");
+    s.images.insert(undone - 1, s.images[&2].clone());
+    s.images.insert(undone, before);
+    s.check(&[]);
+}
+
+#[test]
+fn rollback_to_a_generation_still_in_the_journal_and_host_writes_wait_for_it() {
+    let manual = VolumeOptions {
+        sort: chronicle::engine::SortOptions { automatic: false, ..Default::default() },
+        ..VolumeOptions::default()
+    };
+    let mut s = Scenario::new(6, manual);
+    for _ in 0..3 {
+        s.generation(20, 30);
+    }
+    assert_eq!(s.volume.status().sealed_waiting, 3, "nothing sorted");
+    let mut completions = Vec::new();
+    let handle = s.volume.rollback(1, "back to 1");
+    // A host write submitted during the rollback lands after it.
+    let mut data = vec![0u8; UNIT];
+    s.rng.fill_bytes(&mut data);
+    s.volume.submit(
+        77,
+        HostRequest::Write { offset_blocks: 0, buffers: Arc::new(IoBuffers::single(DmaBuf::copy_from(&data))) },
+    );
+    let rolled = loop {
+        if let Some(result) = handle.result() {
+            break result.unwrap();
+        }
+        s.volume.poll(&mut completions);
+    };
+    s.volume.run_until_idle(&mut completions);
+    assert!(completions.iter().any(|c| c.tag == 77 && c.result.is_ok()), "the held write completed");
+    let mut expected = s.images[&1].clone();
+    s.images.insert(rolled - 1, s.current.clone());
+    s.images.insert(rolled, s.images[&1].clone());
+    expected[..UNIT].copy_from_slice(&data);
+    assert!(base_image(&mut s) == expected, "image 1, then the host's write");
+    s.volume.sort_now();
+    s.volume.run_until_idle(&mut completions);
+    s.check(&[]);
+}
+
+#[test]
+fn rollback_refuses_generations_it_cannot_restore_and_changes_nothing() {
+    let mut s = Scenario::new(7, VolumeOptions::default());
+    for _ in 0..4 {
+        s.generation(10, 20);
+    }
+    let mut completions = Vec::new();
+    let handle = s.volume.merge(1, 2);
+    s.volume.wait_maintenance(&handle, &mut completions).unwrap();
+    let before = s.volume.status().generations;
+    let open = before.last().expect("the open generation").generation;
+    for (target, why) in [(2, "merged into generations 1..=2"), (open, "the open generation"), (99, "not held")] {
+        let handle = s.volume.rollback(target, "no");
+        let error = loop {
+            if let Some(result) = handle.result() {
+                break result.expect_err("refused");
+            }
+            s.volume.poll(&mut completions);
+        };
+        assert!(error.contains(why), "{target}: {error}");
+        assert_eq!(s.volume.status().generations.len(), before.len(), "no generation was added");
+    }
+    s.images.remove(&2);
+    s.check(&[2]);
+}
+
+#[test]
+fn a_write_submitted_after_a_marker_call_belongs_to_the_next_generation() {
+    let mut s = Scenario::new(8, VolumeOptions::default());
+    s.generation(5, 10);
+    let mut completions = Vec::new();
+    // The marker is called and, before the volume is polled, a write arrives.
+    let handle = s.volume.mark("m");
+    let mut data = vec![0u8; UNIT];
+    s.rng.fill_bytes(&mut data);
+    s.volume.submit(
+        5,
+        HostRequest::Write { offset_blocks: 0, buffers: Arc::new(IoBuffers::single(DmaBuf::copy_from(&data))) },
+    );
+    let sealed = loop {
+        if let Some(result) = handle.result() {
+            break result.unwrap();
+        }
+        s.volume.poll(&mut completions);
+    };
+    s.volume.run_until_idle(&mut completions);
+    assert!(completions.iter().any(|c| c.tag == 5 && c.result.is_ok()));
+    s.images.insert(sealed, s.current.clone());
+    s.current[..UNIT].copy_from_slice(&data);
+    let next = s.volume.mark_and_wait("n", &mut completions).unwrap();
+    s.images.insert(next, s.current.clone());
+    s.check(&[]);
+}

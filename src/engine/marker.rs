@@ -25,7 +25,9 @@ pub(crate) async fn run_marker(
     barrier: u64,
     handle: MarkerHandle,
 ) {
+    wait_for_turn(&shared, barrier).await;
     let result = mark(&shared, &io, comment, barrier).await;
+    end_turn(&shared, barrier);
     if let Err(error) = &result {
         let mut s = shared.borrow_mut();
         if matches!(error, EngineError::Io(_)) {
@@ -35,7 +37,34 @@ pub(crate) async fn run_marker(
     handle.set(result.map_err(|e| e.to_string()));
 }
 
-async fn mark(shared: &SharedRef, io: &ControlIo<HostRef>, comment: String, barrier: u64) -> Result<u64, EngineError> {
+/// Markers and rollbacks run one at a time, in call order: `barrier` is first of the holds.
+pub(crate) async fn wait_for_turn(shared: &SharedRef, barrier: u64) {
+    std::future::poll_fn(
+        |_| {
+            if shared.borrow().holds.front() == Some(&barrier) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        },
+    )
+    .await;
+}
+
+/// Releases the writes `barrier` held (to the next hold, if any).
+pub(crate) fn end_turn(shared: &SharedRef, barrier: u64) {
+    let released = shared.borrow_mut().holds.pop_front();
+    assert_eq!(released, Some(barrier), "the running hold is the first");
+}
+
+/// Seals the open generation with every write submitted before `barrier`; the caller holds
+/// the writes at or after it (its turn, [`wait_for_turn`]).
+pub(crate) async fn mark(
+    shared: &SharedRef,
+    io: &ControlIo<HostRef>,
+    comment: String,
+    barrier: u64,
+) -> Result<u64, EngineError> {
     if comment.len() >= crate::core::format::catalog::COMMENT_BYTES || comment.contains('\0') {
         return Err(EngineError::Invalid(format!(
             "a marker comment is at most {} bytes of UTF-8 without NUL; this one has {} bytes",
@@ -43,21 +72,9 @@ async fn mark(shared: &SharedRef, io: &ControlIo<HostRef>, comment: String, barr
             comment.len()
         )));
     }
-    // One marker at a time.
-    std::future::poll_fn(|_| {
-        let mut s = shared.borrow_mut();
-        if s.marker_barrier.is_some() {
-            Poll::Pending
-        } else {
-            s.marker_barrier = Some(barrier);
-            Poll::Ready(())
-        }
-    })
-    .await;
     let held_since = Instant::now();
     let result = seal(shared, io, comment, barrier).await;
     let mut s = shared.borrow_mut();
-    s.marker_barrier = None;
     if result.is_ok() {
         let hold = elapsed_us(held_since);
         s.control.markers += 1;

@@ -133,7 +133,7 @@ pub(crate) async fn run_maintenance(
     handle.set(result.map_err(MaintenanceError::from));
 }
 
-async fn take_maintenance_lock(shared: &SharedRef) {
+pub(crate) async fn take_maintenance_lock(shared: &SharedRef) {
     std::future::poll_fn(|_| {
         let mut s = shared.borrow_mut();
         if s.maintenance_running {
@@ -147,7 +147,7 @@ async fn take_maintenance_lock(shared: &SharedRef) {
 }
 
 /// History records (sorted and merged, live), oldest first.
-fn live_records(shared: &SharedRef) -> Vec<CatalogEntry> {
+pub(crate) fn live_records(shared: &SharedRef) -> Vec<CatalogEntry> {
     let s = shared.borrow();
     let mut records: Vec<CatalogEntry> = s
         .meta
@@ -166,7 +166,7 @@ fn units_of(entry: &CatalogEntry) -> u64 {
 }
 
 /// Reads a record's control block: its bitmap and addresses.
-async fn read_record_map(
+pub(crate) async fn read_record_map(
     shared: &SharedRef,
     io: &ControlIo<HostRef>,
     entry: &CatalogEntry,

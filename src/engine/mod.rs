@@ -18,6 +18,7 @@ mod marker;
 mod merge;
 mod meta;
 pub mod reader;
+mod rollback;
 mod setup;
 mod sort;
 mod volume;

@@ -39,7 +39,7 @@ pub(crate) async fn run_sorts(shared: SharedRef, io: ControlIo<HostRef>) {
     loop {
         let next = {
             let s = shared.borrow();
-            if s.failed.is_some() || s.stopping {
+            if s.failed.is_some() || s.stopping || s.sort_paused {
                 None
             } else {
                 // Only a generation whose seal is durable: a power cut could otherwise undo

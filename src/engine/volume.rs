@@ -18,7 +18,7 @@ use super::io::{ControlIo, Executor, Hub, IoHub, Role};
 use super::merge::{self, MaintenanceHandle, MergeReport, RetentionPolicy};
 use super::meta::Meta;
 use super::write::{HotCounters, HotPath, HotStep};
-use super::{marker, setup, sort, EngineError, VolumeOptions};
+use super::{marker, rollback, setup, sort, EngineError, VolumeOptions};
 
 pub(crate) use super::write::HostRef;
 
@@ -87,8 +87,10 @@ pub(crate) struct Shared {
     pub meta: Meta,
     pub options: VolumeOptions,
     pub hot: HotPath,
-    /// A marker is sealing the generation: writes submitted at or after this sequence wait.
-    pub marker_barrier: Option<u64>,
+    /// Barriers of the markers and rollbacks not finished, in call order (set at the call, so
+    /// no later write slips into the generation they seal): host writes submitted at or after
+    /// the first wait; each runs when its barrier is first. At most [`MAX_HOLDS`].
+    pub holds: std::collections::VecDeque<u64>,
     /// Set after a device error on the write path; writes fail until reopened.
     pub failed: Option<String>,
     pub sort_running: bool,
@@ -96,6 +98,11 @@ pub(crate) struct Shared {
     pub stopping: bool,
     /// A merge, deletion or retention pass is running (one at a time).
     pub maintenance_running: bool,
+    /// No new sort starts (a rollback reads the backup as it is).
+    pub sort_paused: bool,
+    /// Completions of the volume's own writes, by tag.
+    pub internal_done: rustc_hash::FxHashMap<Tag, Result<(), HostError>>,
+    pub internal_pending: usize,
     /// The sort changed the history since the retention policy last ran.
     pub retention_pending: bool,
     pub retention_error: Option<String>,
@@ -182,6 +189,12 @@ pub struct Volume {
     closing: Option<Closing>,
 }
 
+/// Markers and rollbacks waiting or running at once; more are refused.
+pub(crate) const MAX_HOLDS: usize = 64;
+
+/// Tags of the volume's own writes (a rollback's) carry this bit; host tags must not.
+pub(crate) const INTERNAL_TAG: Tag = 1 << 63;
+
 /// Steps of a non-blocking close ([`Volume::begin_close`]).
 enum Closing {
     /// Waiting for host operations, the index commit, a marker and the sort's current batch.
@@ -237,11 +250,14 @@ impl Volume {
             meta,
             options,
             hot: HotPath::new(),
-            marker_barrier: None,
+            holds: Default::default(),
             failed: None,
             sort_running: false,
             stopping: false,
             maintenance_running: false,
+            sort_paused: false,
+            internal_done: Default::default(),
+            internal_pending: 0,
             retention_pending: true,
             retention_error: None,
             sort_error: None,
@@ -295,7 +311,20 @@ impl Volume {
         self.start_retention_if_needed();
         self.executor.poll();
         let mut shared = self.shared.borrow_mut();
-        completions.append(&mut shared.hot.completed);
+        if shared.internal_pending == 0 {
+            completions.append(&mut shared.hot.completed);
+        } else {
+            // The volume's own writes (tags with INTERNAL_TAG) go to the task that made them.
+            let completed = std::mem::take(&mut shared.hot.completed);
+            for completion in completed {
+                if completion.tag & INTERNAL_TAG != 0 {
+                    shared.internal_pending -= 1;
+                    shared.internal_done.insert(completion.tag, completion.result);
+                } else {
+                    completions.push(completion);
+                }
+            }
+        }
         reaped
     }
 
@@ -304,6 +333,7 @@ impl Volume {
             let shared = self.shared.borrow();
             shared.options.sort.automatic
                 && !shared.stopping
+                && !shared.sort_paused
                 && !shared.sort_running
                 && shared.sort_error.is_none()
                 && shared.failed.is_none()
@@ -373,11 +403,51 @@ impl Volume {
         }
     }
 
+    /// Rolls the base back to the image of `generation` (FIG 13/14 restore, applied to the
+    /// volume itself): seals the current state as a generation (so the rollback can be undone
+    /// by rolling back to it), rewrites every block changed since `generation` with its content
+    /// then — as journaled writes, while the host's writes wait — and seals that as a new
+    /// generation with `comment`. The handle gives the new generation's number.
+    pub fn rollback(&mut self, generation: u64, comment: &str) -> MarkerHandle {
+        let handle = MarkerHandle::default();
+        let Some(barrier) = self.hold(&handle) else { return handle };
+        self.executor.spawn(rollback::run_rollback(
+            self.shared.clone(),
+            self.control_io(),
+            generation,
+            comment.to_owned(),
+            barrier,
+            handle.clone(),
+        ));
+        handle
+    }
+
+    /// Whether [`rollback`](Self::rollback) to `generation` would be accepted now: the volume
+    /// holds its image (a sealed generation, the backup's, or the first of a history record).
+    pub fn check_rollback(&self, generation: u64) -> Result<(), EngineError> {
+        rollback::check_restorable(&self.shared, generation)
+    }
+
+    /// Holds host writes submitted from now on until a marker or rollback is done with them;
+    /// `None` (and the handle answered) when too many are waiting already.
+    fn hold(&mut self, handle: &MarkerHandle) -> Option<u64> {
+        let mut shared = self.shared.borrow_mut();
+        if shared.holds.len() >= MAX_HOLDS {
+            handle
+                .set(Err(format!("{MAX_HOLDS} markers or rollbacks are waiting already; try again when one is done")));
+            return None;
+        }
+        let barrier = shared.hot.next_seq();
+        debug_assert!(shared.holds.back().is_none_or(|b| *b <= barrier), "barriers in call order");
+        shared.holds.push_back(barrier);
+        Some(barrier)
+    }
+
     /// Cuts a generation: seals the open generation with `comment` and opens the next.
     pub fn mark(&mut self, comment: &str) -> MarkerHandle {
         let handle = MarkerHandle::default();
         // The marker covers every write submitted before this call, and none after.
-        let barrier = self.shared.borrow().hot.next_seq();
+        let Some(barrier) = self.hold(&handle) else { return handle };
         self.executor.spawn(marker::run_marker(
             self.shared.clone(),
             self.control_io(),

@@ -28,7 +28,7 @@ use crate::device::{Completion, IoBuffers, IoError, Operation, Payload, SharedBu
 
 use super::io::{IoHub, Role};
 use super::meta::PageState;
-use super::volume::{HostCompletion, HostError, HostRequest, Shared};
+use super::volume::{HostCompletion, HostError, HostRequest, Shared, INTERNAL_TAG};
 
 /// Who an in-flight device operation of the hot path belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,6 +126,8 @@ pub(crate) struct HotPath {
     zeroes: Slab<ZeroRequest>,
     /// Requests not started yet, in arrival order, with their submission sequence.
     queue: VecDeque<(Tag, HostRequest, u64)>,
+    /// The volume's own writes (a rollback's), started before the host's and never held.
+    internal: VecDeque<(Tag, HostRequest, u64)>,
     /// Sequence the next submitted request gets.
     next_seq: u64,
     /// Writes waiting for an overlapping earlier write, in arrival order.
@@ -151,6 +153,7 @@ impl HotPath {
             flushes: Slab::new(),
             zeroes: Slab::new(),
             queue: VecDeque::new(),
+            internal: VecDeque::new(),
             next_seq: 0,
             blocked: VecDeque::new(),
             waiting_space: VecDeque::new(),
@@ -164,6 +167,12 @@ impl HotPath {
             scratch_segments: Vec::new(),
             scratch_journal_writes: Vec::new(),
         }
+    }
+
+    /// Queues one of the volume's own writes, with submission sequence `seq` (below the hold
+    /// that keeps the host's writes waiting meanwhile).
+    pub(crate) fn enqueue_internal(&mut self, tag: Tag, request: HostRequest, seq: u64) {
+        self.internal.push_back((tag, request, seq));
     }
 
     pub(crate) fn enqueue(&mut self, tag: Tag, request: HostRequest) {
@@ -195,7 +204,12 @@ impl HotPath {
 
     /// Host operations started and not completed, plus queued ones.
     pub(crate) fn outstanding(&self) -> usize {
-        self.writes.len() + self.reads.len() + self.flushes.len() + self.zeroes.len() + self.queue.len()
+        self.writes.len()
+            + self.reads.len()
+            + self.flushes.len()
+            + self.zeroes.len()
+            + self.queue.len()
+            + self.internal.len()
     }
 
     pub(crate) fn commit_in_flight(&self) -> bool {
@@ -233,12 +247,16 @@ impl HotStep<'_> {
             if started >= limit {
                 return;
             }
+            if let Some((tag, request, seq)) = self.shared.hot.internal.pop_front() {
+                self.start(tag, request, seq);
+                continue;
+            }
             let held = match self.shared.hot.queue.front() {
                 Some((
-                    _,
+                    tag,
                     HostRequest::Write { .. } | HostRequest::Unmap { .. } | HostRequest::WriteZeroes { .. },
                     seq,
-                )) => self.held(*seq),
+                )) => self.held(*tag, *seq),
                 _ => false,
             };
             if held {
@@ -249,9 +267,10 @@ impl HotStep<'_> {
         }
     }
 
-    /// Is a write of submission sequence `seq` held by a marker in progress?
-    fn held(&self, seq: u64) -> bool {
-        self.shared.marker_barrier.is_some_and(|barrier| seq >= barrier)
+    /// Is a host write of submission sequence `seq` held by a marker (or a rollback) in
+    /// progress? The volume's own writes (a rollback's) never are.
+    fn held(&self, tag: Tag, seq: u64) -> bool {
+        tag & INTERNAL_TAG == 0 && self.shared.holds.front().is_some_and(|barrier| seq >= *barrier)
     }
 
     fn start(&mut self, tag: Tag, request: HostRequest, seq: u64) {
@@ -397,7 +416,7 @@ impl HotStep<'_> {
             error: None,
         });
         let overlaps = self.overlaps_locked(widening) || self.overlaps_blocked(widening, usize::MAX);
-        if overlaps || self.held(seq) {
+        if overlaps || self.held(tag, seq) {
             self.shared.hot.counters.overlap_waits += u64::from(overlaps);
             self.shared.hot.blocked.push_back(id);
             return;
@@ -595,6 +614,7 @@ impl HotStep<'_> {
         // Waiting makes sense only while a sort can still free space.
         let sort_will_free = !self.shared.meta.sealed.is_empty()
             && self.shared.options.sort.automatic
+            && !self.shared.sort_paused
             && self.shared.sort_error.is_none()
             && self.shared.failed.is_none();
         if matches!(policy, JournalFullPolicy::Block | JournalFullPolicy::MergeOldest) && sort_will_free {
@@ -610,6 +630,8 @@ impl HotStep<'_> {
             format!("the sort that would free space stopped: {error}")
         } else if let Some(error) = &shared.failed {
             format!("the volume stopped: {error}")
+        } else if shared.sort_paused {
+            "a rollback paused the sort".to_string()
         } else if !shared.options.sort.automatic {
             "automatic sorting is off (sort now, or enable it)".to_string()
         } else {
@@ -628,8 +650,10 @@ impl HotStep<'_> {
 
     /// Fails the writes waiting for journal space once nothing can free it (the sort stopped).
     pub(crate) fn fail_space_waiters(&mut self) {
-        let sort_can_run =
-            self.shared.options.sort.automatic && self.shared.sort_error.is_none() && self.shared.failed.is_none();
+        let sort_can_run = self.shared.options.sort.automatic
+            && !self.shared.sort_paused
+            && self.shared.sort_error.is_none()
+            && self.shared.failed.is_none();
         if self.shared.hot.waiting_space.is_empty() || sort_can_run {
             return;
         }
@@ -837,8 +861,8 @@ impl HotStep<'_> {
         while position < self.shared.hot.blocked.len() {
             let id = self.shared.hot.blocked[position];
             let widening = self.shared.hot.writes[id].widening;
-            let seq = self.shared.hot.writes[id].seq;
-            if !self.held(seq) && !self.overlaps_locked(widening) && !self.overlaps_blocked(widening, position) {
+            let (tag, seq) = (self.shared.hot.writes[id].tag, self.shared.hot.writes[id].seq);
+            if !self.held(tag, seq) && !self.overlaps_locked(widening) && !self.overlaps_blocked(widening, position) {
                 self.shared.hot.blocked.remove(position);
                 self.begin(id);
             } else {

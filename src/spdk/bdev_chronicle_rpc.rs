@@ -141,6 +141,38 @@ impl RpcMethod for Mark {
     }
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackParams {
+    pub name: String,
+    pub generation: u64,
+    #[serde(default = "rollback_comment")]
+    pub comment: String,
+}
+
+fn rollback_comment() -> String {
+    "rollback".into()
+}
+
+/// `bdev_chronicle_rollback {name, generation, comment?}` → the number of the generation that
+/// holds the rolled-back image (the one before it is the undo point). Host writes wait while
+/// the blocks changed since `generation` are rewritten through the journal.
+pub struct Rollback;
+
+impl RpcMethod for Rollback {
+    const NAME: &'static CStr = c"bdev_chronicle_rollback";
+    type Params = RollbackParams;
+
+    fn call(request: RpcRequest, params: RollbackParams) {
+        volume::rollback(
+            &params.name,
+            params.generation,
+            &params.comment,
+            Box::new(move |result| answer(request, result)),
+        );
+    }
+}
+
 /// `bdev_chronicle_get_generations {name}` → `[{generation, state, time, time_ns, comment, blocks}]`.
 pub struct GetGenerations;
 
@@ -279,6 +311,7 @@ pub fn register() -> Result<(), Errno> {
     rpc::register::<Create>()?;
     rpc::register::<Delete>()?;
     rpc::register::<Mark>()?;
+    rpc::register::<Rollback>()?;
     rpc::register::<GetGenerations>()?;
     rpc::register::<GetStatus>()?;
     rpc::register::<Merge>()?;

@@ -1161,6 +1161,27 @@ pub fn mark(name: &str, comment: &str, done: MarkerWaiter) {
     }
 }
 
+/// Rolls volume `name` back to the image of `generation` (sealing the current state first as
+/// the undo point); `done` gets the number of the generation the rollback sealed.
+pub fn rollback(name: &str, generation: u64, comment: &str, done: MarkerWaiter) {
+    let Some(host) = host_by_name(name) else { return done(Err(VolumeError::NotFound(name.to_string()))) };
+    let limit = crate::core::format::catalog::COMMENT_BYTES - 1;
+    if comment.len() > limit || comment.contains('\0') {
+        return done(Err(VolumeError::Invalid(format!(
+            "a rollback comment is at most {limit} bytes of UTF-8 without NUL; this one has {}",
+            comment.len()
+        ))));
+    }
+    let started = host.running(|volume| {
+        volume.check_rollback(generation).map_err(|e| VolumeError::Invalid(e.to_string()))?;
+        Ok(volume.rollback(generation, comment))
+    });
+    match started.and_then(|handle| handle) {
+        Ok(handle) => host.markers.borrow_mut().push((handle, done)),
+        Err(error) => done(Err(error)),
+    }
+}
+
 /// Merges the history records of generations `from..=through` of volume `name` (FIG 11/12).
 pub fn merge(name: &str, from: u64, through: u64, done: MaintenanceWaiter) {
     maintain(name, done, |volume| volume.merge(from, through));

@@ -1,4 +1,4 @@
-//! `chronicle generations`, `restore`, `merge` and `delete-generation`: a volume's history
+//! `chronicle generations`, `restore`, `merge`, `delete-generation` and `rollback`: a volume's history
 //! from the command line (seed 001 FIG 11–14).
 
 use std::io::{Seek, SeekFrom, Write};
@@ -128,5 +128,28 @@ pub fn merge(dir: &Path, from: u64, through: u64) -> Result<ExitCode> {
 
 pub fn delete_generation(dir: &Path, generation: u64) -> Result<ExitCode> {
     maintain(dir, |volume| volume.delete_generation(generation))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn rollback(dir: &Path, generation: u64, comment: &str) -> Result<ExitCode> {
+    let mut volume = Volume::open(host::open_channels(dir, None, false, None)?, VolumeOptions::default())
+        .with_context(|| format!("cannot open {}", dir.display()))?;
+    let mut completions = Vec::new();
+    volume.run_until_idle(&mut completions);
+    let handle = volume.rollback(generation, comment);
+    let result = loop {
+        if let Some(result) = handle.result() {
+            break result;
+        }
+        volume.poll(&mut completions);
+    };
+    volume.close()?;
+    let rolled =
+        result.map_err(|e| anyhow::anyhow!("rollback of {} to generation {generation}: {e}", dir.display()))?;
+    println!(
+        "rolled {} back to the image of generation {generation}: sealed as generation {rolled}; undo with --generation {}",
+        dir.display(),
+        rolled - 1
+    );
     Ok(ExitCode::SUCCESS)
 }

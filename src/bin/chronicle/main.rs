@@ -149,6 +149,16 @@ enum Command {
         #[arg(long)]
         generation: u64,
     },
+    /// Roll the volume back to the image of GENERATION: the current state is sealed first (the
+    /// undo point), the blocks changed since are rewritten through the journal, and the
+    /// result is sealed as a new generation (undo by rolling back to the undo point).
+    Rollback {
+        dir: PathBuf,
+        #[arg(long)]
+        generation: u64,
+        #[arg(long, default_value = "rollback")]
+        comment: String,
+    },
     /// Measure host I/O through the engine; the last line is JSON.
     Bench {
         dir: PathBuf,
@@ -206,6 +216,7 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::Restore { dir, generation, output } => history::restore(&dir, generation, &output),
         Command::Merge { dir, from, through } => history::merge(&dir, from, through),
         Command::DeleteGeneration { dir, generation } => history::delete_generation(&dir, generation),
+        Command::Rollback { dir, generation, comment } => history::rollback(&dir, generation, &comment),
         Command::Bench { dir, workload, block_size, queue_depth, seconds, json } => {
             bench::run(&dir, workload, block_size, queue_depth, seconds, json)
         }
