@@ -6,7 +6,7 @@
 //! and `CHRONICLE_KILL_SEED` its seed, for a longer soak:
 //!
 //! ```text
-//! CHRONICLE_KILL_ROUNDS=200 cargo test --release --test cli sigkill -- --nocapture
+//! CHRONICLE_KILL_ROUNDS=200 cargo test --profile soak --test cli sigkill -- --nocapture
 //! ```
 
 use std::ffi::OsStr;

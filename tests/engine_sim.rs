@@ -17,7 +17,10 @@
 //! - recovery is idempotent: a cut during recovery is recovered from the same way;
 //! - history maintenance (merges of adjacent records, deletions of generations, seed 001
 //!   FIG 11/12) is atomic: after a cut, every generation it would give up is either still
-//!   exact or gone, and every other generation is exact.
+//!   exact or gone, and every other generation is exact;
+//! - a rollback (rewrite of the changed blocks through the journal between an undo point and a
+//!   final seal) cut anywhere leaves every acknowledged write, the undo point's image if it
+//!   was sealed, and the rolled-back image if the final seal was.
 //!
 //! The seed of a failing run is printed; `CHRONICLE_SIM_SEEDS` and `CHRONICLE_SIM_CYCLES` scale
 //! the run (defaults: 200 seeds × 50 cycles = 10,000 power cuts, plus cuts during recovery).
@@ -48,6 +51,8 @@ const MAX_GENERATIONS: u64 = 50;
 
 /// Maintenance operations that committed, over the whole run (to show the sim exercises them).
 static MAINTENANCE_DONE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Rollbacks that completed, over the whole run.
+static ROLLBACKS_DONE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -188,6 +193,14 @@ impl Model {
     }
 }
 
+/// A rollback in flight: the images before and after, and the model's records of its rewrites.
+struct Rollback {
+    handle: MarkerHandle,
+    before: Vec<u8>,
+    image: Vec<u8>,
+    records: Vec<usize>,
+}
+
 struct Outstanding {
     record: usize,
 }
@@ -216,6 +229,8 @@ fn run_seed(seed: u64, cycles: u64, durability: Durability) -> Result<u64, Strin
     let mut cuts = 0u64;
     // Generations a maintenance in flight at the last cut would give up: gone or exact.
     let mut uncertain: Vec<u64> = Vec::new();
+    // Generations a marker or rollback in flight at the last cut may have sealed.
+    let mut unseen_seals = 0u64;
     for cycle in 0..cycles {
         let boot = seed.wrapping_mul(1_000_003).wrapping_add(cycle);
         // Sometimes the power fails during recovery too.
@@ -242,15 +257,18 @@ fn run_seed(seed: u64, cycles: u64, durability: Durability) -> Result<u64, Strin
         let volume =
             Volume::open(channels, volume_options()).map_err(|e| format!("cycle {cycle}: recovery failed: {e}"))?;
         let status = volume.status();
-        if status.open_generation == next_generation + 1 {
-            // The last marker's seal was durable though its completion was not seen.
-            next_generation += 1;
-        } else if status.open_generation != next_generation {
+        if (next_generation..=next_generation + unseen_seals).contains(&status.open_generation) {
+            // Seals of the last marker or rollback may be durable though their completion was
+            // not seen.
+            next_generation = status.open_generation;
+        } else {
             return Err(format!(
-                "cycle {cycle}: open generation {} after recovery, expected {next_generation}",
-                status.open_generation
+                "cycle {cycle}: open generation {} after recovery, expected {next_generation}..={}",
+                status.open_generation,
+                next_generation + unseen_seals
             ));
         }
+        unseen_seals = 0;
         model.images.retain(|g, _| *g < next_generation);
         volume.close().map_err(|e| format!("cycle {cycle}: close: {e}"))?;
         // Close flushed every device: the media now hold everything.
@@ -368,10 +386,11 @@ fn run_seed(seed: u64, cycles: u64, durability: Durability) -> Result<u64, Strin
         let mut flushes: BTreeMap<u64, u64> = BTreeMap::new();
         let mut marker: Option<(MarkerHandle, Vec<u8>)> = None;
         let mut maintenance: Option<(MaintenanceHandle, Vec<u64>)> = None;
+        let mut rollback: Option<Rollback> = None;
         let mut next_tag = 0u64;
         let mut completions = Vec::new();
         for _ in 0..steps {
-            if marker.is_none() && outstanding.len() < QUEUE_DEPTH {
+            if marker.is_none() && rollback.is_none() && outstanding.len() < QUEUE_DEPTH {
                 let choice = rng.random_range(0..100);
                 if choice < 70 {
                     // A write: whole units or a partial range (read-modify-write).
@@ -415,7 +434,40 @@ fn run_seed(seed: u64, cycles: u64, durability: Durability) -> Result<u64, Strin
                     // Writes submitted so far belong to the generation; none are submitted
                     // until the marker completes.
                     marker = Some((volume.mark(&format!("s{seed} c{cycle}")), model.current.clone()));
-                } else if choice < 79 && maintenance.is_none() {
+                } else if choice < 78 && next_generation + 2 < MAX_GENERATIONS {
+                    // Roll back to a generation the model knows exactly.
+                    let targets: Vec<u64> = model
+                        .images
+                        .keys()
+                        .copied()
+                        .filter(|g| !uncertain.contains(g) && volume.check_rollback(*g).is_ok())
+                        .collect();
+                    if !targets.is_empty() {
+                        let target = targets[rng.random_range(0..targets.len())];
+                        let image = model.images[&target].clone();
+                        // Every unit that changes is rewritten by the rollback, unacknowledged
+                        // until it ends.
+                        let mut records = Vec::new();
+                        for unit in 0..UNITS as usize {
+                            let range = unit * UNIT..(unit + 1) * UNIT;
+                            if model.current[range.clone()] != image[range.clone()] {
+                                model.writes.push(WriteRecord {
+                                    first_block: unit as u64 * BLOCKS_PER_UNIT,
+                                    data: image[range].to_vec(),
+                                    acked: None,
+                                });
+                                records.push(model.writes.len() - 1);
+                            }
+                        }
+                        let before = std::mem::replace(&mut model.current, image.clone());
+                        rollback = Some(Rollback {
+                            handle: volume.rollback(target, &format!("s{seed} c{cycle} back to {target}")),
+                            before,
+                            image,
+                            records,
+                        });
+                    }
+                } else if choice < 80 && maintenance.is_none() {
                     // Merge two adjacent history records, or give up one generation.
                     let records: Vec<(u64, u64)> = volume
                         .status()
@@ -469,6 +521,49 @@ fn run_seed(seed: u64, cycles: u64, durability: Durability) -> Result<u64, Strin
                     }
                 }
             }
+            if let Some(result) = rollback.as_ref().and_then(|r| r.handle.result()) {
+                let done = rollback.take().expect("checked");
+                match result {
+                    Ok(generation) => {
+                        if generation != next_generation + 1 {
+                            return Err(format!(
+                                "cycle {cycle}: rollback sealed {generation}, expected {}",
+                                next_generation + 1
+                            ));
+                        }
+                        ROLLBACKS_DONE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        model.images.insert(next_generation, done.before);
+                        model.images.insert(generation, done.image);
+                        for record in done.records {
+                            model.acked += 1;
+                            model.writes[record].acked = Some(model.acked);
+                        }
+                        model.durable_upto = model.acked;
+                        next_generation = generation + 1;
+                    }
+                    // Refused (no journal room, or the target was merged away meanwhile): at
+                    // most the undo point was sealed, nothing was rewritten.
+                    Err(error)
+                        if error.contains("journal has room")
+                            || error.contains("merged")
+                            || error.contains("not held")
+                            || error.contains("waiting for the sort") =>
+                    {
+                        let open = volume.status().open_generation;
+                        if open == next_generation + 1 {
+                            model.images.insert(next_generation, done.before.clone());
+                            model.durable_upto = model.acked;
+                            next_generation = open;
+                        }
+                        model.current = done.before;
+                        for record in done.records {
+                            model.writes[record].data =
+                                model.current[model.writes[record].first_block as usize * BLOCK..][..UNIT].to_vec();
+                        }
+                    }
+                    Err(error) => return Err(format!("cycle {cycle}: rollback failed: {error}")),
+                }
+            }
             if let Some((handle, _)) = &marker {
                 if let Some(result) = handle.result() {
                     let (_, image) = marker.take().expect("checked");
@@ -492,6 +587,12 @@ fn run_seed(seed: u64, cycles: u64, durability: Durability) -> Result<u64, Strin
         // A marker in flight at the cut may or may not have sealed: the next recovery says.
         if let Some((_, image)) = marker {
             model.images.insert(next_generation, image);
+            unseen_seals = 1;
+        }
+        if let Some(pending) = rollback {
+            model.images.insert(next_generation, pending.before);
+            model.images.insert(next_generation + 1, pending.image);
+            unseen_seals = 2;
         }
         // A maintenance in flight may or may not have committed.
         if let Some((_, gone)) = maintenance {
@@ -531,9 +632,11 @@ fn power_cuts_lose_no_acknowledged_write_and_keep_generations_exact() {
     let write_through = run(Durability::WriteThrough, seeds - seeds * 4 / 5, 1_000_000);
     let total = flush + write_through;
     let maintenance = MAINTENANCE_DONE.load(std::sync::atomic::Ordering::Relaxed);
+    let rollbacks = ROLLBACKS_DONE.load(std::sync::atomic::Ordering::Relaxed);
     println!(
-        "{total} power cuts ({flush} in flush mode, {write_through} in write-through mode), {maintenance} merges and deletions, no invariant violated"
+        "{total} power cuts ({flush} in flush mode, {write_through} in write-through mode), {maintenance} merges and deletions, {rollbacks} rollbacks, no invariant violated"
     );
     assert!(maintenance > 0, "history maintenance ran");
+    assert!(rollbacks > 0, "rollbacks ran");
     assert!(total >= seeds * env_or("CHRONICLE_SIM_CYCLES", 50), "every cycle cuts power at least once");
 }

@@ -87,6 +87,12 @@ fn describe(generations: &[crate::engine::GenerationInfo]) -> String {
     }
 }
 
+/// A sort stopped between batches of a generation (its catalog commit not done): the backup is
+/// part old, part new until it resumes.
+fn interrupted_sort(meta: &super::meta::Meta) -> bool {
+    meta.cursor.state == SortState::Running && meta.cursor.generation > meta.history_catalog.backup_generation
+}
+
 /// Where a block's content in the target image is.
 #[derive(Debug, Clone, Copy)]
 enum Content {
@@ -109,6 +115,15 @@ async fn rollback(
         )));
     }
     check_restorable(shared, target)?;
+    {
+        // Two seals: the undo point and the result (the second must not be refused after
+        // the rewrite).
+        let s = shared.borrow();
+        let limit = s.meta.options.max_online_generations as usize;
+        if s.meta.sealed.len() + 3 > limit {
+            return Err(EngineError::TooManyGenerations { count: s.meta.sealed.len(), limit: limit - 1 });
+        }
+    }
 
     // 2. The undo point: the current state, sealed (the host's writes are held since the
     //    call; the sort still runs, so writes waiting for journal space drain).
@@ -116,9 +131,24 @@ async fn rollback(
 
     // 1. The sort finishes the generation it is on and starts no other; then no merge or
     //    deletion runs either (one that the sort waits for would otherwise never end).
-    shared.borrow_mut().sort_paused = true;
+    // A sort interrupted by a restart resumes first (it is between batches of a generation).
+    std::future::poll_fn(|_| {
+        let mut s = shared.borrow_mut();
+        let resumable = interrupted_sort(&s.meta)
+            && !s.sort_running
+            && s.options.sort.automatic
+            && s.sort_error.is_none()
+            && s.failed.is_none()
+            && !s.stopping;
+        if resumable {
+            return Poll::Pending;
+        }
+        s.sort_paused = true;
+        Poll::Ready(())
+    })
+    .await;
     std::future::poll_fn(|_| if shared.borrow().sort_running { Poll::Pending } else { Poll::Ready(()) }).await;
-    if shared.borrow().meta.cursor.state == SortState::Running {
+    if interrupted_sort(&shared.borrow().meta) {
         shared.borrow_mut().sort_paused = false;
         let error = shared.borrow().sort_error.clone().unwrap_or_else(|| "interrupted".into());
         return Err(EngineError::Invalid(format!(
