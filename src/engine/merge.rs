@@ -28,11 +28,12 @@ use crate::core::element_map::{Addressing, ElementMap, ADDRESS_MASK};
 use crate::core::format::catalog::{CatalogEntry, EntryKind, EntryState};
 use crate::core::format::control_block::ControlBlock;
 use crate::core::plan::merge::plan_merge;
+use crate::core::plan::RecordExtent;
 use crate::device::IoBuffers;
 
 use super::io::{run_bounded, ControlIo, Role};
 use super::volume::{update_history_catalog, HostRef, SharedRef};
-use super::{now_ns, EngineError};
+use super::{now_ns, restore_volume, EngineError};
 
 /// What the retention policy keeps.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -225,6 +226,7 @@ pub(crate) async fn merge(
         sources.windows(2).all(|w| w[1].generation == w[0].through_generation + 1),
         "records are consecutive"
     );
+    restore_volume::check_not_shown(shared, from + 1..=through)?;
 
     // FIG 11: the sources' maps, oldest first; the output, address-ordered and contiguous.
     let mut maps = Vec::with_capacity(sources.len());
@@ -314,6 +316,8 @@ pub(crate) async fn merge(
     }
 
     // The commit point: one catalog write replaces the sources by the merged record.
+    let merged_map = ElementMap::new(plan.merged.bitmap().clone(), Addressing::Contiguous { first: output.start })
+        .expect("contiguous maps have no table");
     let source_generations: Vec<u64> = sources.iter().map(|s| s.generation).collect();
     update_history_catalog(shared, io, move |catalog| {
         catalog.entries.retain(|e| {
@@ -330,6 +334,12 @@ pub(crate) async fn merge(
         Ok(())
     })
     .await?;
+    // R-VOLs that read the sources read the merged record from now on; reads that started
+    // earlier finish before the sources' space can be reused.
+    let extents: Vec<RecordExtent> =
+        sources.iter().map(|s| RecordExtent::new(s.element_start, s.element_count)).collect();
+    shared.borrow_mut().restores.merged(from, &extents, &merged_map)?;
+    restore_volume::fence(shared).await;
     {
         let mut s = shared.borrow_mut();
         for source in &sources {
@@ -381,6 +391,7 @@ pub(crate) async fn drop_oldest(
         return Err(EngineError::Invalid("the history holds no record to drop".into()));
     };
     let (generation, through) = (first.generation, dropped.last().expect("not empty").through_generation);
+    restore_volume::check_not_shown(shared, generation..=through)?;
     let gone: Vec<u64> = dropped.iter().map(|d| d.generation).collect();
     update_history_catalog(shared, io, move |catalog| {
         catalog.entries.retain(|e| {

@@ -8,6 +8,9 @@
 //! - `setup.rs`: format and open, including crash recovery.
 //! - `volume.rs`: the owner object and its poll loop.
 //! - `reader.rs`: offline reading of generation images (verify, restore, demo checks).
+//! - `merge.rs`: history maintenance — merge, deletion, retention (FIG 11/12).
+//! - `rollback.rs`: the base back to an earlier generation's image, as a new generation.
+//! - `restore_volume.rs`: restore volumes (R-VOL) — a generation as a volume (FIG 13–15, 20).
 //!
 //! One owner thread per volume: everything here is single-threaded and non-blocking. Control
 //! operations (format, recovery, marker, sort) are `async fn`s driven by the volume's poll
@@ -18,6 +21,7 @@ mod marker;
 mod merge;
 mod meta;
 pub mod reader;
+mod restore_volume;
 mod rollback;
 mod setup;
 mod sort;
@@ -31,6 +35,7 @@ use crate::device::IoError;
 
 pub use io::Role;
 pub use merge::{MaintenanceError, MaintenanceHandle, MergeReport, RetentionPolicy};
+pub use restore_volume::{RestoreHandle, RestoreId, RestoreInfo, MAX_RESTORE_IN_FLIGHT, MAX_RESTORE_VOLUMES};
 pub use setup::{begin_format, format, FormatProgress, Formatting};
 pub use volume::{
     GenerationInfo, HostCompletion, HostError, HostRequest, Identity, MarkerHandle, Opening, Status, Volume,

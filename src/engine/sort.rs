@@ -31,7 +31,7 @@ use crate::device::IoBuffers;
 use super::io::{run_bounded, ControlIo, Role};
 use super::meta::SealedGeneration;
 use super::volume::{elapsed_us, update_history_catalog, write_journal_catalog, HostRef, SharedRef, SortProgress};
-use super::EngineError;
+use super::{restore_volume, EngineError};
 use crate::core::format::superblock::JournalFullPolicy;
 
 /// Sorts sealed generations oldest first until none is left or one fails.
@@ -161,7 +161,12 @@ async fn sort_generation(
         .map_err(|e| EngineError::Damaged(format!("sort of generation {generation}: {e}")))?;
     let crc_of_segment: rustc_hash::FxHashMap<u64, u32> =
         (0..sealed.blocks.len()).map(|k| (sealed.element_start + k as u64, sealed.crcs[k])).collect();
-    shared.borrow_mut().sort_progress = Some(SortProgress { generation, elements_done: 0, elements_total: elements });
+    {
+        let mut s = shared.borrow_mut();
+        s.sort_progress = Some(SortProgress { generation, elements_done: 0, elements_total: elements });
+        // FIG 20: R-VOL reads of the blocks saved so far go to the saved copies.
+        s.sorting = Some(plan.history.clone());
+    }
 
     let mut done = 0u64;
     let rate_start = Instant::now();
@@ -188,6 +193,9 @@ async fn sort_generation(
             cursor.saved_through = last + 1;
             cursor.elements_saved += to_save.len() as u64;
             write_cursor(shared, io, cursor.clone()).await?;
+            // R-VOL reads now go to the saved copies; those that started earlier on the
+            // backup finish before the backup changes under them (FIG 20).
+            restore_volume::fence(shared).await;
         }
         // Apply: journal elements of generation g onto the backup.
         let to_apply: Vec<SortStep> = batch.iter().copied().filter(|s| s.block >= cursor.applied_through).collect();
@@ -273,6 +281,12 @@ async fn sort_generation(
         Ok(())
     })
     .await?;
+    {
+        // Every R-VOL takes the record in as its newest (FIG 20).
+        let mut s = shared.borrow_mut();
+        s.restores.sorted(record, &plan.history)?;
+        s.sorting = None;
+    }
     cursor.state = SortState::Idle;
     write_cursor(shared, io, cursor).await?;
 

@@ -17,6 +17,7 @@ use crate::device::{Channel, IoBuffers, IoError, Payload, SharedBuffers, Tag};
 use super::io::{ControlIo, Executor, Hub, IoHub, Role};
 use super::merge::{self, MaintenanceHandle, MergeReport, RetentionPolicy};
 use super::meta::Meta;
+use super::restore_volume::{self, RestoreHandle, RestoreId, RestoreInfo, RestoreVolumes};
 use super::write::{HotCounters, HotPath, HotStep};
 use super::{marker, rollback, setup, sort, EngineError, VolumeOptions};
 
@@ -49,6 +50,12 @@ pub enum HostError {
     NoSpace { needed_elements: u64, free_elements: u64, capacity_elements: u64, why: String },
     #[error("the volume stopped after a device error and must be reopened: {0}")]
     Failed(String),
+    #[error("restore volume {0} is not open")]
+    NoRestoreVolume(u32),
+    #[error("restore volume {id}: no history unit is free for its write ({free_units} free)")]
+    RestoreSpace { id: u32, free_units: u64 },
+    #[error("busy: {0}")]
+    Busy(String),
 }
 
 /// A completed host operation with its buffers.
@@ -111,6 +118,11 @@ pub(crate) struct Shared {
     pub space_freed: bool,
     pub catalog_busy: [bool; 2],
     pub control: ControlCounters,
+    /// Open restore volumes (R-VOLs).
+    pub restores: RestoreVolumes,
+    /// The map of the record the running sort is writing (FIG 20: R-VOL reads of blocks it
+    /// saved go to the saved copy); set until the record commits.
+    pub sorting: Option<crate::core::element_map::ElementMap>,
 }
 
 pub(crate) type SharedRef = Rc<RefCell<Shared>>;
@@ -149,6 +161,8 @@ pub struct Status {
     pub retention_error: Option<String>,
     pub failed: Option<String>,
     pub generations: Vec<GenerationInfo>,
+    /// Open restore volumes.
+    pub restores: Vec<RestoreInfo>,
     pub host: HotCounters,
     pub control: ControlCounters,
 }
@@ -265,6 +279,8 @@ impl Volume {
             space_freed: false,
             catalog_busy: [false; 2],
             control: ControlCounters::default(),
+            restores: RestoreVolumes::default(),
+            sorting: None,
         }));
         Volume { shared, hub, executor: Executor::default(), closing: None }
     }
@@ -422,6 +438,54 @@ impl Volume {
         handle
     }
 
+    /// Opens generation `generation` as a restore volume (R-VOL, FIG 13–15): readable and
+    /// writable at once, without copying the image; its writes go to units of its own, the
+    /// history is never changed. A generation still in the journal opens once the sort has
+    /// applied it. The handle gives the R-VOL's id for [`submit_restore`](Self::submit_restore).
+    pub fn open_restore(&mut self, generation: u64) -> RestoreHandle {
+        let handle = RestoreHandle::default();
+        match restore_volume::reserve_open(&self.shared) {
+            Ok(()) => self.executor.spawn(restore_volume::run_open(
+                self.shared.clone(),
+                self.control_io(),
+                generation,
+                handle.clone(),
+            )),
+            Err(error) => handle.set_error(error),
+        }
+        handle
+    }
+
+    /// Queues a request on R-VOL `restore`, in the volume's blocks; it completes through
+    /// [`poll`](Self::poll) like a host request (tags must be unique across both).
+    pub fn submit_restore(&mut self, restore: RestoreId, tag: Tag, request: HostRequest) {
+        match restore_volume::admit(&self.shared, restore) {
+            Ok(()) => self.executor.spawn(restore_volume::run_request(
+                self.shared.clone(),
+                self.control_io(),
+                restore,
+                tag,
+                request,
+            )),
+            Err(error) => {
+                let payload = match request {
+                    HostRequest::Read { buffers, .. } => Payload::Read(buffers),
+                    HostRequest::Write { buffers, .. } => Payload::Write(buffers),
+                    _ => Payload::None,
+                };
+                self.shared.borrow_mut().hot.completed.push(HostCompletion { tag, result: Err(error), payload });
+            }
+        }
+    }
+
+    /// Closes R-VOL `restore`: requests submitted from now on are refused, those in flight
+    /// finish, then its own units are freed.
+    pub fn close_restore(&mut self, restore: RestoreId) -> Result<(), EngineError> {
+        restore_volume::begin_close(&self.shared, restore)?;
+        self.executor.spawn(restore_volume::run_close(self.shared.clone(), restore));
+        Ok(())
+    }
+
     /// Whether [`rollback`](Self::rollback) to `generation` would be accepted now: the volume
     /// holds its image (a sealed generation, the backup's, or the first of a history record).
     pub fn check_rollback(&self, generation: u64) -> Result<(), EngineError> {
@@ -556,6 +620,7 @@ impl Volume {
             retention_error: shared.retention_error.clone(),
             failed: shared.failed.clone(),
             generations,
+            restores: shared.restores.info(),
             host: shared.hot.counters.clone(),
             control: shared.control.clone(),
         }

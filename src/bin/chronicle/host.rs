@@ -114,6 +114,9 @@ pub fn error_kind(error: &HostError) -> &'static str {
         HostError::NotWholeUnits { .. } => "not_whole_units",
         HostError::NoSpace { .. } => "journal_full",
         HostError::Failed(_) => "volume_failed",
+        HostError::NoRestoreVolume(_) => "no_restore_volume",
+        HostError::RestoreSpace { .. } => "restore_space",
+        HostError::Busy(_) => "busy",
     }
 }
 

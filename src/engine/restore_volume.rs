@@ -1,0 +1,608 @@
+//! Restore volumes (R-VOL, seed 001 FIG 13–15 and 20): any restorable generation as a volume
+//! that reads and writes without copying the image first.
+//!
+//! - **Map** (FIG 13, S12001–12006): per block, the oldest history record ≥ N holding it, else
+//!   the backup — [`plan_restore`]. Built from the records' control blocks when the R-VOL opens;
+//!   a generation still in the journal opens once the sort has applied it.
+//! - **Read** (FIG 14): the R-VOL's own copy of the block if it wrote one, else the map's
+//!   history unit, else the backup.
+//! - **Write** (FIG 15): redirect-on-write into history units the R-VOL allocates for itself;
+//!   history records and the backup are never changed. A partial unit is read first.
+//! - **Sort while an R-VOL exists** (FIG 20): before the sort overwrites backup blocks the map
+//!   reads through, it has saved them into the new record; reads of a block already saved go
+//!   to the saved copy (the sort's map, [`Shared::sorting`]), and the sort waits for R-VOL reads
+//!   of the backup that started before the save ([`ReadFence`]). When the record commits, every
+//!   map takes it in as its newest record ([`RestoreMap::extend_with_newer`]).
+//! - **Merge while an R-VOL exists**: a merge that would give up an R-VOL's generation is
+//!   refused; otherwise blocks read from the merged records are repointed to the merged record
+//!   ([`RestoreMap::repoint_merged`]) and their space is freed only after the reads that
+//!   started before drain.
+//!
+//! R-VOLs live in memory: they end when deleted or when the volume closes, and their own units
+//! (not in any catalog) are free again at the next open. Keep an image with `restore` to a file.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::task::Poll;
+
+use rustc_hash::{FxHashMap, FxHashSet};
+
+use crate::core::allocator::Extent;
+use crate::core::element_map::ElementMap;
+use crate::core::plan::{plan_restore, RecordExtent, RestoreMap, Source};
+use crate::device::{IoBuffers, Operation, Payload, Tag};
+
+use super::io::{run_bounded, ControlIo, Role};
+use super::merge::{live_records, read_record_map, take_maintenance_lock, MaintenanceError};
+use super::volume::{generation_list, HostCompletion, HostError, HostRef, HostRequest, SharedRef};
+use super::EngineError;
+
+/// Identifies an open R-VOL of a volume.
+pub type RestoreId = u32;
+
+/// R-VOLs open at once on one volume.
+pub const MAX_RESTORE_VOLUMES: usize = 16;
+
+/// Requests in flight on one R-VOL; more are refused (the host retries).
+pub const MAX_RESTORE_IN_FLIGHT: usize = 256;
+
+/// Unit reads or writes of one request in flight at once.
+const UNITS_IN_FLIGHT: usize = 16;
+
+/// What an R-VOL reports about itself.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RestoreInfo {
+    pub id: RestoreId,
+    pub generation: u64,
+    /// Blocks the R-VOL reads from history records (the others from the backup or its own).
+    pub history_blocks: u64,
+    /// History units holding the R-VOL's own writes.
+    pub own_units: u64,
+    pub reads: u64,
+    pub writes: u64,
+}
+
+/// The result of opening an R-VOL, filled in when the map is built.
+#[derive(Clone, Default)]
+pub struct RestoreHandle {
+    result: std::rc::Rc<std::cell::RefCell<Option<Result<RestoreId, MaintenanceError>>>>,
+}
+
+impl RestoreHandle {
+    pub fn result(&self) -> Option<Result<RestoreId, MaintenanceError>> {
+        self.result.borrow().clone()
+    }
+
+    fn set(&self, result: Result<RestoreId, MaintenanceError>) {
+        *self.result.borrow_mut() = Some(result);
+    }
+
+    pub(crate) fn set_error(&self, error: EngineError) {
+        self.set(Err(error.into()));
+    }
+}
+
+/// Every R-VOL of a volume, and the fence that orders their reads against the sort and merges.
+#[derive(Default)]
+pub(crate) struct RestoreVolumes {
+    volumes: BTreeMap<RestoreId, RestoreVolume>,
+    next_id: RestoreId,
+    /// Opens in progress (counted against the limit).
+    opening: usize,
+    fence: ReadFence,
+}
+
+struct RestoreVolume {
+    generation: u64,
+    map: RestoreMap,
+    /// Unit → the history unit holding the R-VOL's own copy (FIG 15).
+    own: FxHashMap<u64, u64>,
+    /// Units a write is in flight on (one at a time per unit).
+    writing: FxHashSet<u64>,
+    in_flight: usize,
+    closing: bool,
+    reads: u64,
+    writes: u64,
+}
+
+/// R-VOL device reads in flight, by the epoch they started in. A step that makes what reads
+/// see stale (the sort overwriting backup blocks, a merge freeing records) first changes where
+/// new reads go, then waits for the reads of earlier epochs ([`fence`]).
+#[derive(Default)]
+struct ReadFence {
+    epoch: u64,
+    in_flight: BTreeMap<u64, u32>,
+}
+
+impl ReadFence {
+    fn enter(&mut self) -> u64 {
+        *self.in_flight.entry(self.epoch).or_default() += 1;
+        self.epoch
+    }
+
+    fn leave(&mut self, epoch: u64) {
+        let count = self.in_flight.get_mut(&epoch).expect("entered before");
+        *count -= 1;
+        if *count == 0 {
+            self.in_flight.remove(&epoch);
+        }
+    }
+}
+
+impl RestoreVolumes {
+    pub(crate) fn info(&self) -> Vec<RestoreInfo> {
+        self.volumes
+            .iter()
+            .map(|(id, v)| RestoreInfo {
+                id: *id,
+                generation: v.generation,
+                history_blocks: v.map.history_blocks().count_ones(),
+                own_units: v.own.len() as u64,
+                reads: v.reads,
+                writes: v.writes,
+            })
+            .collect()
+    }
+
+    /// The sort committed record H(`record`) (`map`): the newest record of every map (FIG 20).
+    pub(crate) fn sorted(&mut self, record: u64, map: &ElementMap) -> Result<(), EngineError> {
+        for volume in self.volumes.values_mut() {
+            debug_assert!(volume.generation <= record, "R-VOLs show sorted generations");
+            volume
+                .map
+                .extend_with_newer(map)
+                .map_err(|e| EngineError::Damaged(format!("R-VOL of generation {}: {e}", volume.generation)))?;
+        }
+        Ok(())
+    }
+
+    /// A merge replaced the records owning `sources` by `merged`.
+    pub(crate) fn merged(
+        &mut self,
+        from: u64,
+        sources: &[RecordExtent],
+        merged: &ElementMap,
+    ) -> Result<(), EngineError> {
+        for volume in self.volumes.values_mut().filter(|v| v.generation <= from) {
+            volume
+                .map
+                .repoint_merged(sources, merged)
+                .map_err(|e| EngineError::Damaged(format!("R-VOL of generation {}: {e}", volume.generation)))?;
+        }
+        Ok(())
+    }
+}
+
+/// Refuses to give up `generations` while an R-VOL shows one of them.
+pub(crate) fn check_not_shown(
+    shared: &SharedRef,
+    generations: std::ops::RangeInclusive<u64>,
+) -> Result<(), EngineError> {
+    let s = shared.borrow();
+    match s.restores.volumes.iter().find(|(_, v)| generations.contains(&v.generation)) {
+        Some((id, v)) => Err(EngineError::Invalid(format!(
+            "restore volume {id} shows generation {}; delete it before giving that generation up",
+            v.generation
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Waits until every R-VOL read that started before this call has completed (no-op without
+/// R-VOL reads in flight).
+pub(crate) async fn fence(shared: &SharedRef) {
+    let epoch = {
+        let mut s = shared.borrow_mut();
+        let fence = &mut s.restores.fence;
+        if fence.in_flight.is_empty() {
+            return;
+        }
+        fence.epoch += 1;
+        fence.epoch
+    };
+    std::future::poll_fn(|_| {
+        let s = shared.borrow();
+        match s.restores.fence.in_flight.keys().next() {
+            Some(oldest) if *oldest < epoch => Poll::Pending,
+            _ => Poll::Ready(()),
+        }
+    })
+    .await;
+}
+
+/// Opens an R-VOL of `generation`: waits for the sort to apply it if it is still in the
+/// journal, then builds its map under the maintenance lock.
+pub(crate) async fn run_open(shared: SharedRef, io: ControlIo<HostRef>, generation: u64, handle: RestoreHandle) {
+    let result = open(&shared, &io, generation).await;
+    shared.borrow_mut().restores.opening -= 1;
+    handle.set(result.map_err(MaintenanceError::from));
+}
+
+pub(crate) fn reserve_open(shared: &SharedRef) -> Result<(), EngineError> {
+    let mut s = shared.borrow_mut();
+    let open = s.restores.volumes.len() + s.restores.opening;
+    if open >= MAX_RESTORE_VOLUMES {
+        return Err(EngineError::Invalid(format!(
+            "{open} restore volumes are open; at most {MAX_RESTORE_VOLUMES} may be (delete one first)"
+        )));
+    }
+    s.restores.opening += 1;
+    Ok(())
+}
+
+async fn open(shared: &SharedRef, io: &ControlIo<HostRef>, generation: u64) -> Result<RestoreId, EngineError> {
+    check_shown(shared, generation)?;
+    // A generation still in the journal: the sort applies it (and a sort interrupted by a
+    // restart resumes) before the map is built from the history.
+    std::future::poll_fn(|_| {
+        let s = shared.borrow();
+        let backup = s.meta.history_catalog.backup_generation;
+        let interrupted = s.meta.cursor.state == crate::core::format::records::SortState::Running
+            && s.meta.cursor.generation > backup
+            && !s.sort_running;
+        if generation <= backup && !interrupted {
+            return Poll::Ready(Ok(()));
+        }
+        let sort_can_run =
+            s.options.sort.automatic && s.sort_error.is_none() && s.failed.is_none() && !s.stopping && !s.sort_paused;
+        if sort_can_run {
+            Poll::Pending
+        } else {
+            Poll::Ready(Err(EngineError::Invalid(format!(
+                "generation {generation} must be sorted into the history before it can be restored as a volume, and the sort is not running ({})",
+                s.sort_error.clone().unwrap_or_else(|| "automatic sorting is off: sort now".into())
+            ))))
+        }
+    })
+    .await?;
+    take_maintenance_lock(shared).await;
+    let built = build_map(shared, io, generation).await;
+    shared.borrow_mut().maintenance_running = false;
+    let map = built?;
+    let mut s = shared.borrow_mut();
+    let id = s.restores.next_id;
+    s.restores.next_id += 1;
+    s.restores.volumes.insert(
+        id,
+        RestoreVolume {
+            generation,
+            map,
+            own: FxHashMap::default(),
+            writing: FxHashSet::default(),
+            in_flight: 0,
+            closing: false,
+            reads: 0,
+            writes: 0,
+        },
+    );
+    Ok(id)
+}
+
+/// `generation` is one the volume holds an image of.
+fn check_shown(shared: &SharedRef, generation: u64) -> Result<(), EngineError> {
+    let s = shared.borrow();
+    let generations = generation_list(&s.meta);
+    match generations.iter().find(|g| g.generation <= generation && generation <= g.through_generation) {
+        Some(g) if g.generation == generation && g.state != "open" => Ok(()),
+        Some(g) if g.state == "open" => Err(EngineError::Invalid(format!(
+            "generation {generation} is the open generation; mark it first to restore it"
+        ))),
+        Some(g) => Err(EngineError::Invalid(format!(
+            "generation {generation} was merged into generations {}..={}; only {} of them can be restored",
+            g.generation, g.through_generation, g.generation
+        ))),
+        None => Err(EngineError::Invalid(format!("generation {generation} is not held by this volume"))),
+    }
+}
+
+/// The map of `generation` (FIG 13); rebuilt if a sort committed a record meanwhile.
+async fn build_map(shared: &SharedRef, io: &ControlIo<HostRef>, generation: u64) -> Result<RestoreMap, EngineError> {
+    loop {
+        let backup = shared.borrow().meta.history_catalog.backup_generation;
+        let records: Vec<_> = live_records(shared).into_iter().filter(|r| r.through_generation >= generation).collect();
+        if generation < backup
+            && (records.first().is_none_or(|r| r.generation != generation)
+                || records.windows(2).any(|w| w[1].generation != w[0].through_generation + 1))
+        {
+            return Err(EngineError::Invalid(format!(
+                "generation {generation} cannot be restored (it was merged away or deleted)"
+            )));
+        }
+        let mut maps = Vec::with_capacity(records.len());
+        for record in &records {
+            maps.push(read_record_map(shared, io, record).await?);
+        }
+        if shared.borrow().meta.history_catalog.backup_generation != backup {
+            continue;
+        }
+        let refs: Vec<&ElementMap> = maps.iter().collect();
+        let blocks = shared.borrow().meta.shape.volume_blocks;
+        return plan_restore(&refs, blocks)
+            .map_err(|e| EngineError::Damaged(format!("restore map of generation {generation}: {e}")));
+    }
+}
+
+/// Closes R-VOL `id`: new requests are refused; once those in flight are done its units are
+/// freed.
+pub(crate) async fn run_close(shared: SharedRef, id: RestoreId) {
+    std::future::poll_fn(|_| {
+        let s = shared.borrow();
+        if s.restores.volumes.get(&id).is_some_and(|v| v.in_flight > 0) {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    let mut s = shared.borrow_mut();
+    if let Some(volume) = s.restores.volumes.remove(&id) {
+        for unit in volume.own.values() {
+            let _ = s.meta.allocator.free(Extent::new(*unit, 1));
+        }
+        s.space_freed = true;
+    }
+}
+
+pub(crate) fn begin_close(shared: &SharedRef, id: RestoreId) -> Result<(), EngineError> {
+    let mut s = shared.borrow_mut();
+    match s.restores.volumes.get_mut(&id) {
+        Some(volume) if !volume.closing => {
+            volume.closing = true;
+            Ok(())
+        }
+        _ => Err(EngineError::Invalid(format!("restore volume {id} is not open"))),
+    }
+}
+
+/// Admits a request on R-VOL `id`; `Err` gives the request back with why it was refused.
+pub(crate) fn admit(shared: &SharedRef, id: RestoreId) -> Result<(), HostError> {
+    let mut s = shared.borrow_mut();
+    match s.restores.volumes.get_mut(&id) {
+        Some(volume) if !volume.closing && volume.in_flight < MAX_RESTORE_IN_FLIGHT => {
+            volume.in_flight += 1;
+            Ok(())
+        }
+        Some(volume) if !volume.closing => {
+            Err(HostError::Busy(format!("restore volume {id} has {MAX_RESTORE_IN_FLIGHT} requests in flight")))
+        }
+        _ => Err(HostError::NoRestoreVolume(id)),
+    }
+}
+
+/// Runs one admitted request on R-VOL `id` and queues its completion for the host.
+pub(crate) async fn run_request(
+    shared: SharedRef,
+    io: ControlIo<HostRef>,
+    id: RestoreId,
+    tag: Tag,
+    request: HostRequest,
+) {
+    let (result, payload) = match request {
+        HostRequest::Read { offset_blocks, buffers } => {
+            let (result, buffers) = read(&shared, &io, id, offset_blocks, buffers).await;
+            (result, Payload::Read(buffers))
+        }
+        HostRequest::Write { offset_blocks, buffers } => {
+            let result = write(&shared, &io, id, offset_blocks, Content::Data(&buffers), buffers.len() as u64).await;
+            (result, Payload::Write(buffers))
+        }
+        HostRequest::Unmap { offset_blocks, num_blocks } | HostRequest::WriteZeroes { offset_blocks, num_blocks } => {
+            let bytes = num_blocks * shared.borrow().meta.block_size[0];
+            (write(&shared, &io, id, offset_blocks, Content::Zeroes, bytes).await, Payload::None)
+        }
+        HostRequest::Flush => (io.flush(Role::History).await.map_err(HostError::from), Payload::None),
+    };
+    let mut s = shared.borrow_mut();
+    if let Some(volume) = s.restores.volumes.get_mut(&id) {
+        volume.in_flight -= 1;
+    }
+    s.hot.completed.push(HostCompletion { tag, result, payload });
+}
+
+/// Where unit `unit` of R-VOL `id` reads from now: (device, block).
+fn locate(shared: &SharedRef, id: RestoreId, unit: u64) -> (Role, u64) {
+    let s = shared.borrow();
+    let volume = &s.restores.volumes[&id];
+    if let Some(own) = volume.own.get(&unit) {
+        return (Role::History, s.meta.history_lba(*own));
+    }
+    match volume.map.source(unit) {
+        Source::History(address) => (Role::History, s.meta.history_lba(address)),
+        Source::Backup => {
+            // FIG 20: a block the running sort saved (and may have overwritten) reads the copy.
+            let cursor = &s.meta.cursor;
+            let saved = s.sorting.as_ref().filter(|_| unit < cursor.saved_through).and_then(|m| m.address_of(unit));
+            match saved {
+                Some(address) => (Role::History, s.meta.history_lba(address)),
+                None => (Role::Backup, s.meta.volume_lba(2, unit)),
+            }
+        }
+    }
+}
+
+/// Reads unit `unit` as R-VOL `id` shows it, fenced against the sort and merges.
+async fn read_unit(
+    shared: &SharedRef,
+    io: &ControlIo<HostRef>,
+    id: RestoreId,
+    unit: u64,
+) -> Result<IoBuffers, HostError> {
+    let (role, lba) = locate(shared, id, unit);
+    let len = shared.borrow().meta.unit_bytes() as usize;
+    let epoch = shared.borrow_mut().restores.fence.enter();
+    let result = io.read(role, lba, len).await;
+    shared.borrow_mut().restores.fence.leave(epoch);
+    Ok(result?)
+}
+
+fn check_range(shared: &SharedRef, offset_blocks: u64, bytes: u64) -> Result<(u64, u64), HostError> {
+    let s = shared.borrow();
+    let block_size = s.meta.block_size[0];
+    let volume_blocks = s.meta.geometry.volume_device_blocks();
+    let blocks = bytes / block_size;
+    if bytes % block_size != 0 {
+        return Err(HostError::InvalidBuffers { bytes: bytes as usize, block_size: block_size as usize });
+    }
+    if blocks == 0 || offset_blocks.checked_add(blocks).is_none_or(|end| end > volume_blocks) {
+        return Err(HostError::OutOfRange { offset_blocks, num_blocks: blocks, volume_blocks });
+    }
+    Ok((offset_blocks * block_size, bytes))
+}
+
+async fn read(
+    shared: &SharedRef,
+    io: &ControlIo<HostRef>,
+    id: RestoreId,
+    offset_blocks: u64,
+    mut buffers: IoBuffers,
+) -> (Result<(), HostError>, IoBuffers) {
+    let (start, len) = match check_range(shared, offset_blocks, buffers.len() as u64) {
+        Ok(range) => range,
+        Err(error) => return (Err(error), buffers),
+    };
+    let unit = shared.borrow().meta.unit_bytes();
+    let (first, end) = (start / unit, (start + len).div_ceil(unit));
+    if start % unit == 0 && len == unit {
+        // One whole unit: straight into the host's buffers.
+        let (role, lba) = locate(shared, id, first);
+        let epoch = shared.borrow_mut().restores.fence.enter();
+        let completion = io.submit(role, Operation::Read { offset_blocks: lba, buffers }).await;
+        shared.borrow_mut().restores.fence.leave(epoch);
+        let Payload::Read(buffers) = completion.payload else { unreachable!("a read completes with its buffers") };
+        if let Some(volume) = shared.borrow_mut().restores.volumes.get_mut(&id) {
+            volume.reads += 1;
+        }
+        return (completion.result.map_err(HostError::from), buffers);
+    }
+    let reads = (first..end).map(|u| read_unit(shared, io, id, u));
+    match run_bounded(reads, UNITS_IN_FLIGHT).await {
+        Ok(units) => {
+            for (index, data) in units.iter().enumerate() {
+                let unit_start = (first + index as u64) * unit;
+                let from = start.max(unit_start);
+                let to = (start + len).min(unit_start + unit);
+                let bytes = data.to_vec();
+                buffers.write_at(
+                    (from - start) as usize,
+                    &bytes[(from - unit_start) as usize..(to - unit_start) as usize],
+                );
+            }
+            if let Some(volume) = shared.borrow_mut().restores.volumes.get_mut(&id) {
+                volume.reads += 1;
+            }
+            (Ok(()), buffers)
+        }
+        Err(error) => (Err(error), buffers),
+    }
+}
+
+enum Content<'a> {
+    Data(&'a IoBuffers),
+    Zeroes,
+}
+
+async fn write(
+    shared: &SharedRef,
+    io: &ControlIo<HostRef>,
+    id: RestoreId,
+    offset_blocks: u64,
+    content: Content<'_>,
+    bytes: u64,
+) -> Result<(), HostError> {
+    let (start, len) = check_range(shared, offset_blocks, bytes)?;
+    let unit = shared.borrow().meta.unit_bytes();
+    let (first, end) = (start / unit, (start + len).div_ceil(unit));
+    let content = &content;
+    let writes = (first..end).map(|u| async move {
+        let unit_start = u * unit;
+        let from = start.max(unit_start);
+        let to = (start + len).min(unit_start + unit);
+        write_unit(
+            shared,
+            io,
+            id,
+            u,
+            (from - unit_start) as usize,
+            move |out: &mut [u8]| match content {
+                Content::Data(buffers) => buffers.read_at((from - start) as usize, out),
+                Content::Zeroes => out.fill(0),
+            },
+            (to - from) as usize,
+        )
+        .await
+    });
+    run_bounded(writes, UNITS_IN_FLIGHT).await?;
+    if let Some(volume) = shared.borrow_mut().restores.volumes.get_mut(&id) {
+        volume.writes += 1;
+    }
+    Ok(())
+}
+
+/// Writes `len` bytes at `at` within unit `unit` of R-VOL `id` (FIG 15): into its own history
+/// unit, allocated on the first write, the rest of the unit read first when partial.
+async fn write_unit(
+    shared: &SharedRef,
+    io: &ControlIo<HostRef>,
+    id: RestoreId,
+    unit: u64,
+    at: usize,
+    fill: impl FnOnce(&mut [u8]),
+    len: usize,
+) -> Result<(), HostError> {
+    // One write per unit at a time: a partial write reads what the previous one wrote.
+    std::future::poll_fn(|_| {
+        let mut s = shared.borrow_mut();
+        let volume = s.restores.volumes.get_mut(&id).expect("admitted requests keep the R-VOL");
+        if volume.writing.insert(unit) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    let result = async {
+        let unit_bytes = shared.borrow().meta.unit_bytes() as usize;
+        let mut data = if len == unit_bytes {
+            io.alloc(Role::History, unit_bytes)
+        } else {
+            let old = read_unit(shared, io, id, unit).await?;
+            let mut buffer = io.alloc(Role::History, unit_bytes);
+            old.read_at(0, buffer.as_mut_slice());
+            buffer
+        };
+        fill(&mut data.as_mut_slice()[at..at + len]);
+        let (address, fresh) = {
+            let mut s = shared.borrow_mut();
+            let own = s.restores.volumes[&id].own.get(&unit).copied();
+            match own {
+                Some(address) => (address, false),
+                None => {
+                    let free = s.meta.allocator.free_units();
+                    let extent =
+                        s.meta.allocator.allocate(1).map_err(|_| HostError::RestoreSpace { id, free_units: free })?;
+                    (extent.start, true)
+                }
+            }
+        };
+        let lba = shared.borrow().meta.history_lba(address);
+        let written = io.write(Role::History, lba, Arc::new(IoBuffers::single(data)), false).await;
+        let mut s = shared.borrow_mut();
+        match written {
+            Ok(()) => {
+                if fresh {
+                    s.restores.volumes.get_mut(&id).expect("admitted").own.insert(unit, address);
+                }
+                Ok(())
+            }
+            Err(error) => {
+                if fresh {
+                    let _ = s.meta.allocator.free(Extent::new(address, 1));
+                }
+                Err(HostError::from(error))
+            }
+        }
+    }
+    .await;
+    shared.borrow_mut().restores.volumes.get_mut(&id).expect("admitted").writing.remove(&unit);
+    result
+}
