@@ -20,7 +20,10 @@
 //!   exact or gone, and every other generation is exact;
 //! - a rollback (rewrite of the changed blocks through the journal between an undo point and a
 //!   final seal) cut anywhere leaves every acknowledged write, the undo point's image if it
-//!   was sealed, and the rolled-back image if the final seal was.
+//!   was sealed, and the rolled-back image if the final seal was;
+//! - restore volumes (R-VOL, FIG 13–15, 20) opened at random read their generation overlaid
+//!   with their own writes, exactly, while writes, sorts, merges and rollbacks go on (checked
+//!   on every read, between the cuts).
 //!
 //! The seed of a failing run is printed; `CHRONICLE_SIM_SEEDS` and `CHRONICLE_SIM_CYCLES` scale
 //! the run (defaults: 200 seeds × 50 cycles = 10,000 power cuts, plus cuts during recovery).
@@ -32,10 +35,12 @@ use chronicle::core::format::layout::{self, LayoutOptions, VolumeShape};
 use chronicle::core::format::superblock::Durability;
 use chronicle::device::fault::{FaultController, FaultDevice};
 use chronicle::device::memory::{MemoryDevice, MemoryOptions};
+use chronicle::device::Payload;
 use chronicle::device::{Channel, Device, DmaBuf, IoBuffers};
 use chronicle::engine::reader::VolumeReader;
 use chronicle::engine::{
-    format, FormatOptions, HostRequest, MaintenanceHandle, MarkerHandle, SortOptions, Volume, VolumeOptions,
+    format, FormatOptions, HostCompletion, HostRequest, MaintenanceHandle, MarkerHandle, RestoreHandle, RestoreId,
+    SortOptions, Volume, VolumeOptions,
 };
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -51,6 +56,8 @@ const MAX_GENERATIONS: u64 = 50;
 
 /// Maintenance operations that committed, over the whole run (to show the sim exercises them).
 static MAINTENANCE_DONE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Restore volume reads checked against the model, over the whole run.
+static READS_CHECKED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// Rollbacks that completed, over the whole run.
 static ROLLBACKS_DONE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -190,6 +197,141 @@ impl Model {
             }
         }
         problems
+    }
+}
+
+/// Restore volumes of one cycle (they end at the cut): each with the image it must read (its
+/// generation's, overlaid with its own writes), and its requests in flight — at most one
+/// write, or reads, at a time per R-VOL, so what a read must return is known when it starts.
+#[derive(Default)]
+struct Restores {
+    opening: Option<(RestoreHandle, u64, Vec<u8>)>,
+    open: Vec<SimRestore>,
+    /// Tag → (R-VOL index, byte offset, expected bytes or `None` for a write).
+    pending: BTreeMap<u64, (usize, usize, Option<Vec<u8>>)>,
+}
+
+struct SimRestore {
+    id: RestoreId,
+    generation: u64,
+    image: Vec<u8>,
+    in_flight: usize,
+    writing: bool,
+}
+
+impl Restores {
+    fn step(
+        &mut self,
+        rng: &mut ChaCha8Rng,
+        volume: &mut Volume,
+        model: &Model,
+        uncertain: &[u64],
+        next_tag: &mut u64,
+    ) {
+        if let Some((handle, generation, image)) = &self.opening {
+            if let Some(result) = handle.result() {
+                match result {
+                    Ok(id) => self.open.push(SimRestore {
+                        id,
+                        generation: *generation,
+                        image: image.clone(),
+                        in_flight: 0,
+                        writing: false,
+                    }),
+                    // Merged away or dropped meanwhile: refused.
+                    Err(error) => assert!(
+                        ["merged", "not held", "cannot be restored"].iter().any(|w| error.to_string().contains(w)),
+                        "opening a restore volume of generation {generation}: {error}"
+                    ),
+                }
+                self.opening = None;
+            }
+        }
+        if self.opening.is_none() && self.open.len() < 3 && rng.random_bool(0.01) {
+            let candidates: Vec<u64> = model.images.keys().copied().filter(|g| !uncertain.contains(g)).collect();
+            let generation = candidates[rng.random_range(0..candidates.len())];
+            self.opening = Some((volume.open_restore(generation), generation, model.images[&generation].clone()));
+        }
+        if self.open.is_empty() || !rng.random_bool(0.3) {
+            return;
+        }
+        let index = rng.random_range(0..self.open.len());
+        let restore = &mut self.open[index];
+        if restore.writing {
+            return;
+        }
+        let tag = *next_tag;
+        *next_tag += 1;
+        let offset = rng.random_range(0..VOLUME_BLOCKS as usize - 8) * BLOCK;
+        let len = rng.random_range(1..=8) * BLOCK;
+        if rng.random_bool(0.2) {
+            if restore.in_flight > 0 {
+                return;
+            }
+            let mut data = vec![0u8; len];
+            rng.fill_bytes(&mut data);
+            restore.image[offset..offset + len].copy_from_slice(&data);
+            restore.writing = true;
+            let buffers = Arc::new(IoBuffers::single(DmaBuf::copy_from(&data)));
+            volume.submit_restore(
+                restore.id,
+                tag,
+                HostRequest::Write { offset_blocks: (offset / BLOCK) as u64, buffers },
+            );
+            self.pending.insert(tag, (index, offset, None));
+        } else {
+            let expected = restore.image[offset..offset + len].to_vec();
+            let buffers = IoBuffers::single(DmaBuf::zeroed(len));
+            volume.submit_restore(
+                restore.id,
+                tag,
+                HostRequest::Read { offset_blocks: (offset / BLOCK) as u64, buffers },
+            );
+            self.pending.insert(tag, (index, offset, Some(expected)));
+        }
+        restore.in_flight += 1;
+    }
+
+    /// Takes a completion of an R-VOL request (checking it); gives back any other.
+    fn complete(
+        &mut self,
+        completion: HostCompletion,
+        images: &BTreeMap<u64, Vec<u8>>,
+        volume_state: String,
+    ) -> Result<Option<HostCompletion>, String> {
+        let Some((index, offset, expected)) = self.pending.remove(&completion.tag) else { return Ok(Some(completion)) };
+        let restore = &mut self.open[index];
+        restore.in_flight -= 1;
+        restore.writing = false;
+        completion.result.map_err(|e| format!("restore volume request failed: {e}"))?;
+        if let (Some(expected), Payload::Read(buffers)) = (expected, completion.payload) {
+            if buffers.to_vec() != expected {
+                let got = buffers.to_vec();
+                let bad: Vec<usize> = (0..expected.len() / BLOCK)
+                    .filter(|b| got[b * BLOCK..(b + 1) * BLOCK] != expected[b * BLOCK..(b + 1) * BLOCK])
+                    .map(|b| offset / BLOCK + b)
+                    .collect();
+                let zero = bad
+                    .iter()
+                    .filter(|b| got[(*b - offset / BLOCK) * BLOCK..][..BLOCK].iter().all(|x| *x == 0))
+                    .count();
+                let notes: Vec<String> = bad
+                    .iter()
+                    .map(|b| {
+                        let actual = &got[(*b - offset / BLOCK) * BLOCK..][..BLOCK];
+                        let same: Vec<u64> = images
+                            .iter()
+                            .filter(|(_, i)| &i[b * BLOCK..(b + 1) * BLOCK] == actual)
+                            .map(|(g, _)| *g)
+                            .collect();
+                        format!("block {b} = images {same:?}")
+                    })
+                    .collect();
+                return Err(format!("restore volume {} (generation {}) read {} bytes at {offset} wrong: blocks {bad:?} ({zero} zero) {notes:?} {}", restore.id, restore.generation, expected.len(), volume_state));
+            }
+            READS_CHECKED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(None)
     }
 }
 
@@ -387,9 +529,12 @@ fn run_seed(seed: u64, cycles: u64, durability: Durability) -> Result<u64, Strin
         let mut marker: Option<(MarkerHandle, Vec<u8>)> = None;
         let mut maintenance: Option<(MaintenanceHandle, Vec<u64>)> = None;
         let mut rollback: Option<Rollback> = None;
+        let mut restores = Restores::default();
         let mut next_tag = 0u64;
         let mut completions = Vec::new();
         for _ in 0..steps {
+            // Restore volumes: open one now and then, read and write them beside everything.
+            restores.step(&mut rng, &mut volume, &model, &uncertain, &mut next_tag);
             if marker.is_none() && rollback.is_none() && outstanding.len() < QUEUE_DEPTH {
                 let choice = rng.random_range(0..100);
                 if choice < 70 {
@@ -493,6 +638,15 @@ fn run_seed(seed: u64, cycles: u64, durability: Durability) -> Result<u64, Strin
             }
             volume.poll(&mut completions);
             for completion in completions.drain(..) {
+                let state = format!(
+                    "{:?}",
+                    volume.status().generations.iter().map(|g| (g.generation, g.state)).collect::<Vec<_>>()
+                );
+                let Some(completion) =
+                    restores.complete(completion, &model.images, state).map_err(|e| format!("cycle {cycle}: {e}"))?
+                else {
+                    continue;
+                };
                 if let Some(covers) = flushes.remove(&completion.tag) {
                     completion.result.map_err(|e| format!("cycle {cycle}: flush failed: {e}"))?;
                     model.durable_upto = model.durable_upto.max(covers);
@@ -517,6 +671,8 @@ fn run_seed(seed: u64, cycles: u64, durability: Durability) -> Result<u64, Strin
                             }
                         }
                         Err(chronicle::engine::MaintenanceError::NoSpace(_)) => {}
+                        // Refused: it would give up a generation a restore volume shows.
+                        Err(chronicle::engine::MaintenanceError::Invalid(why)) if why.contains("restore volume") => {}
                         Err(error) => return Err(format!("cycle {cycle}: history maintenance failed: {error}")),
                     }
                 }
@@ -633,9 +789,11 @@ fn power_cuts_lose_no_acknowledged_write_and_keep_generations_exact() {
     let total = flush + write_through;
     let maintenance = MAINTENANCE_DONE.load(std::sync::atomic::Ordering::Relaxed);
     let rollbacks = ROLLBACKS_DONE.load(std::sync::atomic::Ordering::Relaxed);
+    let reads = READS_CHECKED.load(std::sync::atomic::Ordering::Relaxed);
     println!(
-        "{total} power cuts ({flush} in flush mode, {write_through} in write-through mode), {maintenance} merges and deletions, {rollbacks} rollbacks, no invariant violated"
+        "{total} power cuts ({flush} in flush mode, {write_through} in write-through mode), {maintenance} merges and deletions, {rollbacks} rollbacks, {reads} restore volume reads checked, no invariant violated"
     );
+    assert!(reads > 0, "restore volumes were read");
     assert!(maintenance > 0, "history maintenance ran");
     assert!(rollbacks > 0, "rollbacks ran");
     assert!(total >= seeds * env_or("CHRONICLE_SIM_CYCLES", 50), "every cycle cuts power at least once");

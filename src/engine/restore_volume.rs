@@ -243,16 +243,21 @@ async fn open(shared: &SharedRef, io: &ControlIo<HostRef>, generation: u64) -> R
         if generation <= backup && !interrupted {
             return Poll::Ready(Ok(()));
         }
-        let sort_can_run =
-            s.options.sort.automatic && s.sort_error.is_none() && s.failed.is_none() && !s.stopping && !s.sort_paused;
-        if sort_can_run {
-            Poll::Pending
+        // A rollback pauses the sort only for a while.
+        let why = if let Some(error) = &s.sort_error {
+            format!("the sort stopped: {error}")
+        } else if let Some(error) = &s.failed {
+            format!("the volume stopped: {error}")
+        } else if s.stopping {
+            "the volume is closing".to_string()
+        } else if !s.options.sort.automatic {
+            "automatic sorting is off: sort now".to_string()
         } else {
-            Poll::Ready(Err(EngineError::Invalid(format!(
-                "generation {generation} must be sorted into the history before it can be restored as a volume, and the sort is not running ({})",
-                s.sort_error.clone().unwrap_or_else(|| "automatic sorting is off: sort now".into())
-            ))))
-        }
+            return Poll::Pending;
+        };
+        Poll::Ready(Err(EngineError::Invalid(format!(
+            "generation {generation} must be sorted into the history before it can be restored as a volume, and the sort is not running ({why})"
+        ))))
     })
     .await?;
     take_maintenance_lock(shared).await;
