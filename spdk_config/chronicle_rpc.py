@@ -63,6 +63,15 @@ def bdev_chronicle_rollback(args):
                                             'comment': args.comment})
 
 
+def bdev_chronicle_restore(args):
+    _call(args, 'bdev_chronicle_restore', {'name': args.name, 'generation': args.generation,
+                                           'restore_name': args.restore_name})
+
+
+def bdev_chronicle_delete_restore(args):
+    _call(args, 'bdev_chronicle_delete_restore', {'restore_name': args.restore_name})
+
+
 def bdev_chronicle_get_generations(args):
     _call(args, 'bdev_chronicle_get_generations', {'name': args.name})
 
@@ -165,6 +174,19 @@ def spdk_rpc_plugin_initialize(subparsers):
     p.add_argument('-g', '--generation', type=int, required=True, help='The generation whose image comes back')
     p.add_argument('-c', '--comment', help='Comment recorded with the new generation')
     p.set_defaults(func=bdev_chronicle_rollback)
+
+    p = subparsers.add_parser('bdev_chronicle_restore',
+                              help='Open a generation as a restore volume (R-VOL): a new bdev that reads '
+                              'its image at once, without copying, and keeps its own writes apart')
+    p.add_argument('name', help='Name of the chronicle bdev')
+    p.add_argument('-g', '--generation', type=int, required=True, help='The generation to show')
+    p.add_argument('-r', '--restore-name', dest='restore_name', required=True, help='Name of the new bdev')
+    p.set_defaults(func=bdev_chronicle_restore)
+
+    p = subparsers.add_parser('bdev_chronicle_delete_restore',
+                              help='Delete a restore volume (its writes are given up; the generations stay)')
+    p.add_argument('restore_name', help='Name of the restore volume bdev')
+    p.set_defaults(func=bdev_chronicle_delete_restore)
 
     p = subparsers.add_parser('bdev_chronicle_get_generations',
                               help='List the generations of a chronicle bdev')

@@ -14,7 +14,12 @@
 //!   unregisters the chronicle bdev; the bdev coming back lets examine open the volume again,
 //!   every acknowledged write still there;
 //! - `save_config` → restart with `--json`: the same volume, with the same options, registered
-//!   again (also when examine finds it first).
+//!   again (also when examine finds it first);
+//! - a restore volume (R-VOL) of a history generation, opened by the fio plugin's own
+//!   configuration: fio writes it with crc32c verify while a second fio job writes the volume;
+//!   afterwards every generation is still exact offline (the R-VOL's writes went to units of
+//!   its own) and the R-VOL read the generation's image (a read-only fio pass, compared with
+//!   `chronicle restore`).
 //!
 //! Needs SPDK (skipped with a message otherwise, see `support/spdk.rs`).
 
@@ -25,7 +30,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::spdk::{module_library, require_spdk, rpc, say, scratch_dir, serial, App, AppOptions};
+use support::spdk::{fio_binary, module_library, require_spdk, rpc, say, scratch_dir, serial, App, AppOptions};
 
 const ROLES: [&str; 4] = ["base", "journal", "backup", "history"];
 const VOLUME_BYTES: u64 = 64 << 20;
@@ -402,5 +407,137 @@ fn history_is_merged_deleted_and_retained_through_rpc() {
         std::fs::read(&output).expect("restored image")
     };
     assert!(image(rolled) == image(wanted), "generation {rolled} holds the image of generation {wanted}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn fio_verifies_a_restore_volume_while_the_volume_takes_writes() {
+    let Some(spdk_dir) = require_spdk("restore volume fio") else { return };
+    let _serial = serial();
+    let Some(fio) = fio_binary() else {
+        say("restore volume fio: skipped: no fio (/usr/local/bin/fio or fio on PATH)");
+        return;
+    };
+    let plugin = spdk_dir.join("fio/spdk_bdev");
+    if !plugin.is_file() {
+        say(&format!("restore volume fio: skipped: no SPDK fio plugin at {}", plugin.display()));
+        return;
+    }
+    let module = module_library();
+    let dir = volume_dir("spdk-restore");
+    // History first: a load with markers, then a clean stop.
+    let target = start_target(&spdk_dir, &module, &dir);
+    create_volume(&target);
+    let params = json!({"name": "Chronicle0", "seconds": 1.0, "queue_depth": 16, "marker_every_ms": 100, "seed": 5});
+    let report = target.result("bdev_chronicle_load", Some(params));
+    assert_eq!(report["writes_failed"], json!(0), "{report}");
+    let generations = target.result("bdev_chronicle_get_generations", Some(json!({"name": "Chronicle0"})));
+    let shown = generations
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|g| g["state"] == json!("history"))
+        .map(|g| g["generation"].as_u64().unwrap())
+        .nth(1)
+        .unwrap_or_else(|| panic!("history records: {generations}"));
+    let (status, log) = target.stop();
+    assert!(status.success(), "spdk_tgt exited with {status}:\n{log}");
+    let expected = dir.join("expected.img");
+    chronicle(&[
+        "restore",
+        dir.to_str().unwrap(),
+        "--generation",
+        &shown.to_string(),
+        "--output",
+        expected.to_str().unwrap(),
+    ]);
+
+    // fio's own application: the four files, examine opens the volume, the R-VOL is created.
+    let mut methods = aio_bdevs(&dir);
+    methods.push(json!({"method": "bdev_wait_for_examine"}));
+    methods.push(json!({"method": "bdev_chronicle_restore",
+        "params": {"name": "Chronicle0", "generation": shown, "restore_name": "Restore0"}}));
+    let config = dir.join("fio-bdev.json");
+    std::fs::write(&config, json!({"subsystems": [{"subsystem": "bdev", "config": methods}]}).to_string())
+        .expect("write config");
+    let run_fio = |name: &str, jobs: &str| {
+        let job = dir.join(format!("{name}.fio"));
+        let text = format!(
+            "[global]\n\
+             ioengine=spdk_bdev\n\
+             spdk_json_conf={config}\n\
+             env_context=--no-huge --legacy-mem --no-pci\n\
+             spdk_mem=1024\n\
+             thread=1\n\
+             direct=1\n\
+             verify_state_save=0\n\
+             {jobs}",
+            config = config.display()
+        );
+        std::fs::write(&job, text).expect("write fio job");
+        let output = Command::new("timeout")
+            .arg("300")
+            .arg("env")
+            .arg(format!("LD_PRELOAD={} {}", plugin.display(), module.display()))
+            .arg(&fio)
+            .arg(&job)
+            .current_dir(&dir)
+            .output()
+            .expect("run fio");
+        let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        assert!(output.status.success(), "fio {name} exited with {}:\n{text}", output.status);
+        text
+    };
+
+    // 1. The R-VOL reads the generation's image: spdk_dd copies it into a file.
+    let image = dir.join("restore0.img");
+    let socket = dir.join("dd.sock");
+    let output = Command::new("timeout")
+        .arg("120")
+        .arg("env")
+        .arg(format!("LD_PRELOAD={}", module.display()))
+        .arg(spdk_dir.join("bin/spdk_dd"))
+        .args(["--no-huge", "-s", "1024", "--no-pci", "--disable-cpumask-locks", "-i"])
+        .arg((std::process::id() % 30_000 + 2_000).to_string())
+        .arg("-r")
+        .arg(&socket)
+        .arg("--json")
+        .arg(&config)
+        .args(["--ib", "Restore0", "--bs", "1048576", "--of"])
+        .arg(&image)
+        .output()
+        .expect("run spdk_dd");
+    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "spdk_dd exited with {}:\n{text}", output.status);
+    assert!(
+        std::fs::read(&image).unwrap() == std::fs::read(&expected).unwrap(),
+        "the R-VOL reads generation {shown}'s image"
+    );
+
+    // 2. fio writes the R-VOL with crc32c verify while a second job writes the volume.
+    let text = run_fio(
+        "verify",
+        "[volume]\nfilename=Chronicle0\nrw=randwrite\nbs=4k\niodepth=16\nsize=32M\n\
+         time_based=1\nruntime=4\n\
+         [restore]\nfilename=Restore0\nrw=randwrite\nbs=4k\niodepth=16\nsize=16M\n\
+         verify=crc32c\ndo_verify=1\nverify_fatal=1\n",
+    );
+    assert!(text.contains("err= 0"), "fio reports errors:\n{text}");
+    assert!(!text.contains("verify: bad") && !text.contains("crc32c: verify failed"), "{text}");
+    say(&format!("restore volume fio: verified R-VOL of generation {shown} beside volume writes"));
+
+    // Offline: the volume is consistent and generation `shown` is what it was.
+    let verify = chronicle(&["verify", dir.to_str().unwrap()]);
+    assert!(verify.contains(": ok —") && !verify.contains("differ from the base"), "{verify}");
+    let after = dir.join("after.img");
+    chronicle(&[
+        "restore",
+        dir.to_str().unwrap(),
+        "--generation",
+        &shown.to_string(),
+        "--output",
+        after.to_str().unwrap(),
+    ]);
+    assert!(std::fs::read(&after).unwrap() == std::fs::read(&expected).unwrap(), "generation {shown} unchanged");
     std::fs::remove_dir_all(&dir).ok();
 }

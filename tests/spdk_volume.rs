@@ -311,3 +311,88 @@ fn requests_about_a_missing_volume_are_refused_with_enodev() {
     assert!(status.success(), "spdk_tgt exited with {status}:\n{log}");
     assert!(!log.contains("*ERROR*"), "errors in the target's log:\n{log}");
 }
+
+/// Restore volumes (R-VOLs) through the RPCs: one opens on a history generation as a bdev of
+/// the volume's geometry that reads that generation's image (zeros here: nothing was written
+/// before the first marker) and takes writes; bad requests are refused and register nothing;
+/// deleting the R-VOL removes its bdev; deleting the volume takes its R-VOLs with it.
+#[test]
+fn restore_volumes_are_opened_refused_deleted_and_go_with_their_volume() {
+    let Some(spdk_dir) = require_spdk("spdk_volume restore volumes") else { return };
+    let _serial = serial();
+    let target = App::start(&spdk_dir, &module_library(), AppOptions::spdk_tgt());
+    let volume = MallocVolume::new("Rv", SMALL_BLOCKS, BLOCK);
+    assert_eq!(volume.create(&target, json!({})), json!("Rv"));
+    // Generation 1 (empty) and 2 sealed; the sort takes 1 to history once 2 is sealed.
+    for comment in ["one", "two", "three"] {
+        target.result("bdev_chronicle_mark", Some(json!({"name": "Rv", "comment": comment})));
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while generations(&target, "Rv").iter().any(|(g, state, _)| *g == 1 && state != "history") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "generation 1 never reached history: {:?}",
+            generations(&target, "Rv")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+
+    let opened =
+        target.result("bdev_chronicle_restore", Some(json!({"name": "Rv", "generation": 1, "restore_name": "Rv-1"})));
+    assert_eq!(opened, json!("Rv-1"));
+    let described = bdev(&target, "Rv-1");
+    assert_eq!(described["product_name"], json!("chronicle restore"), "{described}");
+    assert_eq!(described["block_size"], json!(BLOCK), "{described}");
+    assert_eq!(described["num_blocks"], json!(SMALL_BLOCKS), "{described}");
+    assert_eq!(described["driver_specific"]["chronicle_restore"]["generation"], json!(1), "{described}");
+    let status = target.result("bdev_chronicle_get_status", Some(json!({"name": "Rv"})));
+    assert_eq!(status["restore_bdevs"].as_array().map(Vec::len), Some(1), "{status}");
+
+    // Refused, each with a message, and nothing registered.
+    let before = target.result("bdev_get_bdevs", None).as_array().map(Vec::len);
+    for (params, code, needle) in [
+        (json!({"name": "Ghost", "generation": 1, "restore_name": "G-1"}), ENODEV, "Ghost"),
+        (json!({"name": "Rv", "generation": 1, "restore_name": "Rv-1"}), EINVAL, "Rv-1"),
+        (json!({"name": "Rv", "generation": 1, "restore_name": "Rv"}), EINVAL, "exists"),
+        (json!({"name": "Rv", "generation": 1, "restore_name": ""}), EINVAL, "restore_name"),
+        (json!({"name": "Rv", "generation": 99, "restore_name": "Rv-99"}), EINVAL, "99"),
+        (json!({"name": "Rv", "restore_name": "Rv-x"}), INVALID_PARAMS, "generation"),
+    ] {
+        let (got, message) = target.error("bdev_chronicle_restore", Some(params.clone()));
+        assert_eq!(got, code, "{params}: {message}");
+        assert!(message.contains(needle), "{params}: the message does not say {needle:?}: {message}");
+    }
+    let after = target.result("bdev_get_bdevs", None).as_array().map(Vec::len);
+    assert_eq!(before, after, "a refused restore registered a bdev");
+    for name in ["Ghost", "Rv"] {
+        let (got, message) = target.error("bdev_chronicle_delete_restore", Some(json!({"restore_name": name})));
+        assert_eq!(got, ENODEV, "delete_restore {name}: {message}");
+    }
+    assert_eq!(bdev(&target, "Rv")["name"], json!("Rv"), "the volume survives a delete_restore naming it");
+
+    // Delete the R-VOL: its bdev goes, the volume stays.
+    assert_eq!(target.result("bdev_chronicle_delete_restore", Some(json!({"restore_name": "Rv-1"}))), json!(true));
+    let gone = target.call("bdev_get_bdevs", Some(json!({"name": "Rv-1"})));
+    assert_eq!(gone["error"]["code"], json!(ENODEV), "{gone}");
+    let status = target.result("bdev_chronicle_get_status", Some(json!({"name": "Rv"})));
+    assert_eq!(status["restore_bdevs"].as_array().map(Vec::len), Some(0), "{status}");
+    assert_eq!(status["volume"]["restores"].as_array().map(Vec::len), Some(0), "the engine still has it: {status}");
+
+    // Two R-VOLs of the same generation, then delete the volume: both go with it.
+    for name in ["Rv-a", "Rv-b"] {
+        let params = json!({"name": "Rv", "generation": 1, "restore_name": name});
+        assert_eq!(target.result("bdev_chronicle_restore", Some(params)), json!(name));
+    }
+    assert_eq!(target.result("bdev_chronicle_delete", Some(json!({"name": "Rv"}))), json!(true));
+    for name in ["Rv", "Rv-a", "Rv-b"] {
+        let gone = target.call("bdev_get_bdevs", Some(json!({"name": name})));
+        assert_eq!(gone["error"]["code"], json!(ENODEV), "{name} outlived its volume: {gone}");
+    }
+    for name in volume.bdevs() {
+        assert!(!is_claimed(&target, &name), "{name} is still claimed after delete");
+    }
+
+    let (status, log) = target.stop();
+    assert!(status.success(), "spdk_tgt exited with {status}:\n{log}");
+    assert!(!log.contains("*ERROR*"), "errors in the target's log:\n{log}");
+}

@@ -28,7 +28,7 @@ use super::vbdev::{DestructDone, VirtualBdev};
 use super::{bdev_chronicle_rpc, Errno, SPDK_VERSION};
 use crate::core::format::superblock::{self, DeviceRole, Superblock, SUPERBLOCK_OFFSETS};
 use crate::core::format::{FormatError, FORMAT_MAJOR, METADATA_PAGE_BYTES};
-use crate::engine::HostRequest;
+use crate::engine::{HostRequest, RestoreId};
 
 /// Log component `chronicle` (`--logflag chronicle`, `log_set_flag chronicle`).
 pub static LOG: LogFlag = LogFlag::new(c"chronicle");
@@ -479,7 +479,7 @@ impl VirtualBdev for ChronicleBdev {
             IoType::WriteZeroes => HostRequest::WriteZeroes { offset_blocks, num_blocks },
             IoType::Reset | IoType::Other(_) => return io.complete(IoStatus::Failed),
         };
-        volume::submit_io(channel.id, channel.owner, io, request);
+        volume::submit_io(channel.id, None, channel.owner, io, request);
     }
 
     fn io_type_supported(&self, io_type: IoType) -> bool {
@@ -520,6 +520,74 @@ impl VirtualBdev for ChronicleBdev {
             let _ = writer.write(&serde_json::json!({"method": "bdev_chronicle_create", "params": config}));
         }
     }
+}
+
+/// A restore volume (R-VOL, seed 001 FIG 13–15) of a chronicle volume as a bdev: every I/O
+/// goes to the volume's thread, where the engine reads the generation's map and redirects
+/// writes into the R-VOL's own units.
+pub struct RestoreBdev {
+    volume: u64,
+    restore: RestoreId,
+    name: String,
+    owner: ThreadHandle,
+}
+
+impl RestoreBdev {
+    pub(crate) fn new(volume: u64, restore: RestoreId, name: String, owner: ThreadHandle) -> Self {
+        RestoreBdev { volume, restore, name, owner }
+    }
+}
+
+/// A thread's channel to an R-VOL bdev: where its I/O goes.
+pub struct RestoreChannel {
+    volume: u64,
+    restore: RestoreId,
+    owner: ThreadHandle,
+}
+
+impl VirtualBdev for RestoreBdev {
+    type Module = Chronicle;
+    type Channel = RestoreChannel;
+
+    fn create_channel(&self) -> Result<RestoreChannel, Errno> {
+        Ok(RestoreChannel { volume: self.volume, restore: self.restore, owner: self.owner })
+    }
+
+    fn submit_request(&self, channel: &mut RestoreChannel, io: BdevIo<volume::HostIoCtx>) {
+        let (offset_blocks, num_blocks) = (io.offset_blocks(), io.num_blocks());
+        let request = match io.io_type() {
+            // SAFETY: the engine completes the request (dropping the buffers) before the I/O
+            // completes (finish_io).
+            IoType::Read => HostRequest::Read { offset_blocks, buffers: unsafe { io.host_buffers() } },
+            // SAFETY: as for reads.
+            IoType::Write => HostRequest::Write { offset_blocks, buffers: Arc::new(unsafe { io.host_buffers() }) },
+            IoType::Flush => HostRequest::Flush,
+            IoType::Unmap => HostRequest::Unmap { offset_blocks, num_blocks },
+            IoType::WriteZeroes => HostRequest::WriteZeroes { offset_blocks, num_blocks },
+            IoType::Reset | IoType::Other(_) => return io.complete(IoStatus::Failed),
+        };
+        volume::submit_io(channel.volume, Some(channel.restore), channel.owner, io, request);
+    }
+
+    fn io_type_supported(&self, io_type: IoType) -> bool {
+        matches!(io_type, IoType::Read | IoType::Write | IoType::Flush | IoType::Unmap | IoType::WriteZeroes)
+    }
+
+    fn destruct(&self, done: DestructDone) {
+        spdk_info!(LOG, "chronicle: destruct restore volume {}", self.name);
+        volume::restore_destruct(self.volume, &self.name, done);
+    }
+
+    fn dump_info_json(&self, writer: &mut JsonWriter<'_>) {
+        if !self.owner.is_current() {
+            return;
+        }
+        if let Some(info) = volume::restore_info(self.volume, self.restore) {
+            let _ = writer.write_named("chronicle_restore", &info);
+        }
+    }
+    // No write_config_json: an R-VOL lives in memory (its writes end with it), so a replayed
+    // configuration must not pretend to bring it back.
 }
 
 /// Registers everything chronicle adds to an SPDK application. Runs once, from the ELF

@@ -173,6 +173,52 @@ impl RpcMethod for Rollback {
     }
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreParams {
+    pub name: String,
+    pub generation: u64,
+    pub restore_name: String,
+}
+
+/// `bdev_chronicle_restore {name, generation, restore_name}` → the new bdev's name: generation
+/// `generation` of volume `name` as a readable and writable bdev (an R-VOL), at once, without
+/// copying the image. Answered when the bdev is registered.
+pub struct Restore;
+
+impl RpcMethod for Restore {
+    const NAME: &'static CStr = c"bdev_chronicle_restore";
+    type Params = RestoreParams;
+
+    fn call(request: RpcRequest, params: RestoreParams) {
+        volume::open_restore(
+            &params.name,
+            params.generation,
+            &params.restore_name,
+            Box::new(move |result| answer(request, result)),
+        );
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteRestoreParams {
+    pub restore_name: String,
+}
+
+/// `bdev_chronicle_delete_restore {restore_name}` → `true`: deletes an R-VOL bdev (its writes
+/// are given up; the volume's generations are untouched).
+pub struct DeleteRestore;
+
+impl RpcMethod for DeleteRestore {
+    const NAME: &'static CStr = c"bdev_chronicle_delete_restore";
+    type Params = DeleteRestoreParams;
+
+    fn call(request: RpcRequest, params: DeleteRestoreParams) {
+        volume::delete_restore(&params.restore_name, move |result| answer(request, result.map(|()| true)));
+    }
+}
+
 /// `bdev_chronicle_get_generations {name}` → `[{generation, state, time, time_ns, comment, blocks}]`.
 pub struct GetGenerations;
 
@@ -312,6 +358,8 @@ pub fn register() -> Result<(), Errno> {
     rpc::register::<Delete>()?;
     rpc::register::<Mark>()?;
     rpc::register::<Rollback>()?;
+    rpc::register::<Restore>()?;
+    rpc::register::<DeleteRestore>()?;
     rpc::register::<GetGenerations>()?;
     rpc::register::<GetStatus>()?;
     rpc::register::<Merge>()?;

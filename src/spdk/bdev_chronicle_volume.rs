@@ -28,7 +28,7 @@ use slab::Slab;
 use super::bdev::{
     bdev_claimed, bdev_exists, BdevDesc, BdevEvent, BdevIo, ClaimKind, DetachedIo, IoStatus, SharedDesc,
 };
-use super::bdev_chronicle::{Chronicle, ChronicleBdev, SuperblockRead, SuperblockState};
+use super::bdev_chronicle::{Chronicle, ChronicleBdev, RestoreBdev, SuperblockRead, SuperblockState};
 use super::bdev_module;
 use super::device::SpdkDevice;
 use super::poller::{PollStatus, Poller};
@@ -38,8 +38,8 @@ use crate::core::format::superblock::{DeviceRole, Durability, JournalFullPolicy,
 use crate::device::{Channel, Device, Payload, Tag};
 use crate::engine::{
     begin_format, EngineError, FormatOptions, FormatProgress, Formatting, HostCompletion, HostRequest,
-    MaintenanceError, MaintenanceHandle, MarkerHandle, MergeReport, Opening, RetentionPolicy, SortOptions, Status,
-    Volume, VolumeOptions,
+    MaintenanceError, MaintenanceHandle, MarkerHandle, MergeReport, Opening, RestoreHandle, RestoreId, RestoreInfo,
+    RetentionPolicy, SortOptions, Status, Volume, VolumeOptions,
 };
 
 /// The four bdev roles, in the engine's device order.
@@ -226,6 +226,23 @@ struct CreateWaiter {
 }
 type MarkerWaiter = Box<dyn FnOnce(Result<u64, VolumeError>)>;
 type MaintenanceWaiter = Box<dyn FnOnce(Result<MergeReport, VolumeError>)>;
+type RestoreWaiter = Box<dyn FnOnce(Result<String, VolumeError>)>;
+
+/// An R-VOL being opened for `bdev_chronicle_restore`: the bdev it becomes.
+struct RestoreOpen {
+    handle: RestoreHandle,
+    bdev_name: String,
+    generation: u64,
+    done: RestoreWaiter,
+}
+
+/// An R-VOL bdev of a volume.
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoreBdevInfo {
+    pub bdev_name: String,
+    pub id: RestoreId,
+    pub generation: u64,
+}
 type IoCtx = <Chronicle as bdev_module::BdevModule>::IoCtx;
 
 enum HostState {
@@ -287,6 +304,9 @@ pub(crate) struct VolumeHost {
     reported_sort_error: RefCell<Option<String>>,
     markers: RefCell<Vec<(MarkerHandle, MarkerWaiter)>>,
     maintenance: RefCell<Vec<(MaintenanceHandle, MaintenanceWaiter)>>,
+    restore_opens: RefCell<Vec<RestoreOpen>>,
+    /// R-VOL bdevs of this volume, by bdev name.
+    restores: RefCell<std::collections::BTreeMap<String, RestoreBdevInfo>>,
     destruct: RefCell<Option<vbdev::DestructDone>>,
     /// The chronicle bdev is registered with SPDK.
     registered: Cell<bool>,
@@ -428,6 +448,8 @@ pub fn create(config: VolumeConfig, mode: CreateMode, done: Waiter) {
             reported_sort_error: RefCell::new(None),
             markers: RefCell::new(Vec::new()),
             maintenance: RefCell::new(Vec::new()),
+            restore_opens: RefCell::new(Vec::new()),
+            restores: RefCell::new(std::collections::BTreeMap::new()),
             destruct: RefCell::new(None),
             registered: Cell::new(false),
             removed: RefCell::new(None),
@@ -722,6 +744,7 @@ impl VolumeHost {
         *self.completions.borrow_mut() = completions;
         busy |= self.finish_markers();
         busy |= self.finish_maintenance();
+        busy |= self.finish_restore_opens();
         match event {
             None => {}
             Some(Event::Opened) => self.opened(),
@@ -909,6 +932,16 @@ impl VolumeHost {
     /// SPDK destructs the chronicle bdev (delete, hot-remove, application stop): close.
     pub(crate) fn begin_destruct(&self, done: vbdev::DestructDone) {
         self.registered.set(false);
+        // The volume's R-VOL bdevs go with it (their I/O fails from now on).
+        let restores: Vec<String> = self.restores.borrow().keys().cloned().collect();
+        for name in restores {
+            let bdev = name.clone();
+            vbdev::unregister::<Chronicle, _>(&name, move |result| {
+                if let Err(errno) = result {
+                    spdk_error!("chronicle: cannot unregister restore volume {bdev}: {errno}");
+                }
+            });
+        }
         *self.destruct.borrow_mut() = Some(done);
         let mut state = self.state.borrow_mut();
         match std::mem::replace(&mut *state, HostState::Gone) {
@@ -920,8 +953,8 @@ impl VolumeHost {
         }
     }
 
-    /// Queues a host I/O (on the app thread).
-    fn submit(&self, io: PendingIo, request: HostRequest) {
+    /// Queues a host I/O (on the app thread), to the volume or one of its R-VOLs.
+    fn submit(&self, io: PendingIo, request: HostRequest, restore: Option<RestoreId>) {
         let mut state = self.state.borrow_mut();
         let HostState::Running(volume) = &mut *state else {
             drop(state);
@@ -929,7 +962,82 @@ impl VolumeHost {
             return self.complete(io, IoStatus::Failed);
         };
         let tag = self.pending.borrow_mut().insert(io) as Tag;
-        volume.submit(tag, request);
+        match restore {
+            None => volume.submit(tag, request),
+            Some(restore) => volume.submit_restore(restore, tag, request),
+        }
+    }
+
+    /// Registers the bdev of each R-VOL that finished opening.
+    fn finish_restore_opens(&self) -> bool {
+        let ready: Vec<RestoreOpen> = {
+            let mut pending = self.restore_opens.borrow_mut();
+            let (ready, waiting) = pending.drain(..).partition(|open| open.handle.result().is_some());
+            *pending = waiting;
+            ready
+        };
+        let any = !ready.is_empty();
+        for open in ready {
+            let id = match open.handle.result().expect("partitioned on Some") {
+                Ok(id) => id,
+                Err(error) => {
+                    (open.done)(Err(match error {
+                        MaintenanceError::Invalid(message) => VolumeError::Invalid(message),
+                        MaintenanceError::NoSpace(message) => VolumeError::NoSpace(message),
+                        MaintenanceError::Failed(message) => VolumeError::Failed(message),
+                    }));
+                    continue;
+                }
+            };
+            let registered = self.register_restore(id, &open.bdev_name);
+            match registered {
+                Ok(()) => {
+                    spdk_notice!(
+                        "chronicle: restore volume {} registered (generation {} of {})",
+                        open.bdev_name,
+                        open.generation,
+                        self.config.borrow().name
+                    );
+                    self.restores.borrow_mut().insert(
+                        open.bdev_name.clone(),
+                        RestoreBdevInfo { bdev_name: open.bdev_name.clone(), id, generation: open.generation },
+                    );
+                    (open.done)(Ok(open.bdev_name));
+                }
+                Err(error) => {
+                    let _ = self.running(|volume| volume.close_restore(id));
+                    (open.done)(Err(error));
+                }
+            }
+        }
+        any
+    }
+
+    fn register_restore(&self, id: RestoreId, bdev_name: &str) -> Result<(), VolumeError> {
+        let (block_size, num_blocks) = {
+            let state = self.state.borrow();
+            let HostState::Running(volume) = &*state else {
+                return Err(VolumeError::Failed("the volume is closing".into()));
+            };
+            let identity = volume.identity();
+            let block = self.descs.borrow()[0].bdev().block_size();
+            (block, identity.volume_bytes / u64::from(block))
+        };
+        let properties = vbdev::BdevProperties {
+            name: bdev_name.to_string(),
+            product_name: "chronicle restore".into(),
+            block_size,
+            num_blocks,
+            write_unit_blocks: 1,
+            split_on_write_unit: false,
+            buffer_alignment: 1,
+            write_cache: true,
+            uuid: None,
+        };
+        let owner = Thread::current().expect("on the app thread").handle();
+        let data = RestoreBdev::new(self.id, id, bdev_name.to_string(), owner);
+        vbdev::register(&properties, data)
+            .map_err(|(errno, _)| VolumeError::Failed(format!("cannot register restore volume {bdev_name}: {errno}")))
     }
 
     fn finish_io(&self, completion: HostCompletion) {
@@ -1037,7 +1145,7 @@ enum Event {
 /// the volume's thread, the status on the way back. Nothing is allocated for the trip
 /// ([`DetachedIo::send`]).
 pub enum HostIoCtx {
-    Request { id: u64, request: HostRequest },
+    Request { id: u64, restore: Option<RestoreId>, request: HostRequest },
     Done(IoStatus),
 }
 
@@ -1055,13 +1163,13 @@ fn arrive_home(mut io: DetachedIo<IoCtx>) {
 
 /// A host I/O arrives on the volume's thread.
 fn arrive_at_volume(mut io: DetachedIo<IoCtx>) {
-    let Some(HostIoCtx::Request { id, request }) = io.take_ctx() else {
+    let Some(HostIoCtx::Request { id, restore, request }) = io.take_ctx() else {
         return send_home(io, IoStatus::Failed, None);
     };
     match host_by_id(id) {
         Some(host) => {
             host.counters.borrow_mut().remote_submissions += 1;
-            host.submit(PendingIo::Remote(io), request)
+            host.submit(PendingIo::Remote(io), request, restore)
         }
         // The volume is gone: fail the I/O at home.
         None => send_home(io, IoStatus::Failed, None),
@@ -1092,19 +1200,25 @@ fn send_home(mut io: DetachedIo<IoCtx>, status: IoStatus, host: Option<&VolumeHo
 
 /// The chronicle bdev's entry for host I/O, on the submitting thread: `owner` is the volume's
 /// thread. Zero copy: the request carries the I/O's own buffers.
-pub(crate) fn submit_io(id: u64, owner: ThreadHandle, io: BdevIo<IoCtx>, request: HostRequest) {
+pub(crate) fn submit_io(
+    id: u64,
+    restore: Option<RestoreId>,
+    owner: ThreadHandle,
+    io: BdevIo<IoCtx>,
+    request: HostRequest,
+) {
     if owner.is_current() {
         match host_by_id(id) {
             Some(host) => {
                 host.counters.borrow_mut().local_submissions += 1;
-                host.submit(PendingIo::Local(io), request)
+                host.submit(PendingIo::Local(io), request, restore)
             }
             None => io.complete(IoStatus::Failed),
         }
         return;
     }
     let mut io = io.detach();
-    io.set_ctx(HostIoCtx::Request { id, request });
+    io.set_ctx(HostIoCtx::Request { id, restore, request });
     if let Err((_, mut io)) = io.send(owner, arrive_at_volume) {
         // SPDK's message pool is empty: the bdev layer retries a NOMEM I/O later.
         drop(io.take_ctx());
@@ -1180,6 +1294,68 @@ pub fn rollback(name: &str, generation: u64, comment: &str, done: MarkerWaiter) 
         Ok(handle) => host.markers.borrow_mut().push((handle, done)),
         Err(error) => done(Err(error)),
     }
+}
+
+/// Opens generation `generation` of volume `name` as an R-VOL and registers it as bdev
+/// `bdev_name` (FIG 13–15); `done` gets the bdev's name.
+pub fn open_restore(name: &str, generation: u64, bdev_name: &str, done: RestoreWaiter) {
+    let Some(host) = host_by_name(name) else { return done(Err(VolumeError::NotFound(name.to_string()))) };
+    if bdev_name.is_empty() || bdev_name.contains('\0') {
+        return done(Err(VolumeError::Invalid("restore_name must be a non-empty bdev name without NUL".into())));
+    }
+    let taken = super::bdev::bdev_exists(bdev_name)
+        || host_registry_names().contains(&bdev_name.to_string())
+        || REGISTRY.with(|r| {
+            r.borrow().by_id.values().any(|h| h.restore_opens.borrow().iter().any(|o| o.bdev_name == bdev_name))
+        });
+    if taken {
+        return done(Err(VolumeError::Invalid(format!("a bdev named {bdev_name} exists already"))));
+    }
+    match host.running(|volume| volume.open_restore(generation)) {
+        Ok(handle) => host.restore_opens.borrow_mut().push(RestoreOpen {
+            handle,
+            bdev_name: bdev_name.to_string(),
+            generation,
+            done,
+        }),
+        Err(error) => done(Err(error)),
+    }
+}
+
+/// Deletes the R-VOL bdev `bdev_name`: unregistering it closes the R-VOL (its own writes are
+/// given up, its units freed).
+pub fn delete_restore(bdev_name: &str, done: impl FnOnce(Result<(), VolumeError>) + 'static) {
+    let known = REGISTRY.with(|r| r.borrow().by_id.values().any(|h| h.restores.borrow().contains_key(bdev_name)));
+    if !known {
+        return done(Err(VolumeError::NotFound(bdev_name.to_string())));
+    }
+    let name = bdev_name.to_string();
+    vbdev::unregister::<Chronicle, _>(bdev_name, move |result| {
+        done(result.map_err(|errno| VolumeError::Failed(format!("cannot delete restore volume {name}: {errno}"))))
+    });
+}
+
+/// The R-VOL bdev `bdev_name` of volume `volume` is being removed (app thread).
+pub(crate) fn restore_destruct(volume: u64, bdev_name: &str, done: vbdev::DestructDone) {
+    if let Some(host) = host_by_id(volume) {
+        if let Some(info) = host.restores.borrow_mut().remove(bdev_name) {
+            // The volume may be closing already: its R-VOLs end with it.
+            let _ = host.running(|v| v.close_restore(info.id));
+        }
+    }
+    done.finish();
+}
+
+/// What R-VOL `restore` of volume `volume` reports (for `bdev_get_bdevs`).
+pub(crate) fn restore_info(volume: u64, restore: RestoreId) -> Option<RestoreInfo> {
+    let host = host_by_id(volume)?;
+    let state = host.state.borrow();
+    let HostState::Running(volume) = &*state else { return None };
+    volume.status().restores.into_iter().find(|r| r.id == restore)
+}
+
+fn host_registry_names() -> Vec<String> {
+    REGISTRY.with(|r| r.borrow().by_name.keys().cloned().collect())
 }
 
 /// Merges the history records of generations `from..=through` of volume `name` (FIG 11/12).
@@ -1266,6 +1442,8 @@ pub struct VolumeReport {
     pub volume: Option<Status>,
     pub io: HostCounters,
     pub io_pending: usize,
+    /// R-VOL bdevs of the volume.
+    pub restore_bdevs: Vec<RestoreBdevInfo>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -1322,6 +1500,7 @@ impl VolumeHost {
             volume,
             io: self.counters.borrow().clone(),
             io_pending: self.pending.borrow().len(),
+            restore_bdevs: self.restores.borrow().values().cloned().collect(),
         }
     }
 }
