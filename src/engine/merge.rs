@@ -24,9 +24,13 @@
 use std::sync::Arc;
 use std::task::Poll;
 
+use rustc_hash::FxHashMap;
+
+use crate::core::allocator::Extent;
 use crate::core::element_map::{Addressing, ElementMap, ADDRESS_MASK};
 use crate::core::format::catalog::{CatalogEntry, EntryKind, EntryState};
 use crate::core::format::control_block::ControlBlock;
+use crate::core::plan::dedup::content_hash;
 use crate::core::plan::merge::plan_merge;
 use crate::core::plan::RecordExtent;
 use crate::device::IoBuffers;
@@ -62,6 +66,13 @@ pub struct MergeReport {
     pub units_before: u64,
     /// History units the merged record holds.
     pub units_after: u64,
+    /// Elements not stored because an equal one (byte compare) was stored by the merge: the
+    /// units dedup saved.
+    #[serde(default)]
+    pub dedup_shared: u64,
+    /// Elements whose content hash matched a stored one but whose bytes differed (stored).
+    #[serde(default)]
+    pub dedup_mismatches: u64,
 }
 
 /// Why a maintenance request failed, by what the caller can do about it.
@@ -237,10 +248,13 @@ pub(crate) async fn merge(
     let plan =
         plan_merge(&map_refs, 0).map_err(|e| EngineError::Damaged(format!("merge of {from}..{through}: {e}")))?;
     let elements = plan.output_units();
-    let (output, control, unit, options) = {
+    // Room for the worst case: every element stored, an address table in the control block.
+    // What dedup saves is given back at the commit.
+    let (output, control, unit, options, hash_bits) = {
         let mut s = shared.borrow_mut();
-        let extents = s.meta.allocate_record(from, elements)?;
-        (extents.elements, extents.control, s.meta.unit_bytes() as usize, s.options.sort.clone())
+        let extents = s.meta.allocate_record_with_table(from, elements, elements)?;
+        let hash_bits = s.options.dedup_hash_bits;
+        (extents.elements, extents.control, s.meta.unit_bytes() as usize, s.options.sort.clone(), hash_bits)
     };
     let release = |shared: &SharedRef| {
         let mut s = shared.borrow_mut();
@@ -273,52 +287,101 @@ pub(crate) async fn merge(
         return Err(error);
     }
 
-    // Copy: batches in block order; reads by runs of consecutive source units, writes by runs
-    // of consecutive output units.
+    // Copy: batches in block order; reads by runs of consecutive source units; each element
+    // is stored at the next output unit or shared with an equal one stored before (dedup);
+    // the stored ones of a batch are consecutive and go out as one write.
     let copied = async {
-        let mut done = 0usize;
+        let mut dedup = MergeDedup::new(hash_bits);
+        let mut table = Vec::with_capacity(elements as usize);
         for batch in plan.batches(options.batch_elements.max(1)) {
             let reads = batch.iter().map(|step| {
                 let lba = shared.borrow().meta.history_lba(step.source & ADDRESS_MASK);
                 async move { io.read(Role::History, lba, unit).await }
             });
             let buffers = run_bounded(reads, options.max_in_flight).await?;
-            let segments: Vec<_> = buffers.into_iter().flat_map(IoBuffers::into_segments).collect();
-            let lba = shared.borrow().meta.history_lba(output.start + done as u64);
-            io.write(Role::History, lba, Arc::new(IoBuffers::from_segments(segments)), false).await?;
-            done += batch.len();
+            let batch_first = output.start + dedup.stored;
+            let mut stored: Vec<crate::device::DmaBuf> = Vec::with_capacity(batch.len());
+            for element in buffers.into_iter().flat_map(IoBuffers::into_segments) {
+                debug_assert_eq!(element.len(), unit, "one unit per merge step");
+                let bytes = element.as_slice();
+                let hash = dedup.hash(bytes);
+                let mut twin = None;
+                for candidate in dedup.candidates(hash) {
+                    // A byte compare decides: equal hashes of different contents never share.
+                    let same = if candidate >= batch_first {
+                        stored[(candidate - batch_first) as usize].as_slice() == bytes
+                    } else {
+                        let lba = shared.borrow().meta.history_lba(candidate);
+                        io.read(Role::History, lba, unit).await?.to_vec() == bytes
+                    };
+                    if same {
+                        twin = Some(candidate);
+                        break;
+                    }
+                    dedup.mismatches += 1;
+                }
+                match twin {
+                    Some(address) => {
+                        table.push(address);
+                        dedup.shared += 1;
+                    }
+                    None => {
+                        let address = output.start + dedup.stored;
+                        table.push(address);
+                        dedup.insert(hash, address);
+                        dedup.stored += 1;
+                        stored.push(element);
+                    }
+                }
+            }
+            if !stored.is_empty() {
+                let lba = shared.borrow().meta.history_lba(batch_first);
+                io.write(Role::History, lba, Arc::new(IoBuffers::from_segments(stored)), false).await?;
+            }
         }
+        debug_assert_eq!(table.len() as u64, elements, "one address per merged block");
+        debug_assert_eq!(dedup.stored + dedup.shared, elements, "every element stored or shared");
         io.flush(Role::History).await?;
-        let map = ElementMap::new(plan.merged.bitmap().clone(), Addressing::Contiguous { first: output.start })
-            .expect("contiguous maps have no table");
-        let block = ControlBlock { generation: from, through_generation: through, map }.encode();
+        let addressing = if dedup.shared == 0 {
+            Addressing::Contiguous { first: output.start }
+        } else {
+            Addressing::Explicit(table)
+        };
+        let map = ElementMap::new(plan.merged.bitmap().clone(), addressing)
+            .map_err(|e| EngineError::Damaged(format!("merged map of {from}..{through}: {e}")))?;
+        let block = ControlBlock { generation: from, through_generation: through, map: map.clone() }.encode();
+        let control_needed = (block.len() as u64).div_ceil(unit as u64);
+        assert!(control_needed <= control.units, "the control block was sized for a full address table");
         let lba = shared.borrow().meta.history_lba(control.start);
         let mut buffer = io.alloc(Role::History, block.len());
         buffer.as_mut_slice().copy_from_slice(&block);
         io.write(Role::History, lba, Arc::new(IoBuffers::single(buffer)), false).await?;
         io.flush(Role::History).await?;
-        Ok::<(), EngineError>(())
+        Ok::<_, EngineError>((map, dedup, control_needed))
     }
     .await;
-    if let Err(error) = copied {
-        // The sources are untouched; drop the unfinished output (or leave it to the next open).
-        let forgotten = update_history_catalog(shared, io, move |catalog| {
-            catalog
-                .entries
-                .retain(|e| !(e.kind == EntryKind::Merged && e.state == EntryState::Merging && e.generation == from));
-            Ok(())
-        })
-        .await;
-        if forgotten.is_ok() {
-            release(shared);
+    let (merged_map, dedup, control_needed) = match copied {
+        Ok(done) => done,
+        Err(error) => {
+            // The sources are untouched; drop the unfinished output (or leave it to the next open).
+            let forgotten = update_history_catalog(shared, io, move |catalog| {
+                catalog.entries.retain(|e| {
+                    !(e.kind == EntryKind::Merged && e.state == EntryState::Merging && e.generation == from)
+                });
+                Ok(())
+            })
+            .await;
+            if forgotten.is_ok() {
+                release(shared);
+            }
+            return Err(error);
         }
-        return Err(error);
-    }
+    };
 
-    // The commit point: one catalog write replaces the sources by the merged record.
-    let merged_map = ElementMap::new(plan.merged.bitmap().clone(), Addressing::Contiguous { first: output.start })
-        .expect("contiguous maps have no table");
+    // The commit point: one catalog write replaces the sources by the merged record, which
+    // owns only the units it used.
     let source_generations: Vec<u64> = sources.iter().map(|s| s.generation).collect();
+    let (stored_units, stored_bytes) = (dedup.stored, dedup.stored * unit as u64);
     update_history_catalog(shared, io, move |catalog| {
         catalog.entries.retain(|e| {
             !(matches!(e.kind, EntryKind::History | EntryKind::Merged)
@@ -331,9 +394,26 @@ pub(crate) async fn merge(
             .find(|e| e.kind == EntryKind::Merged && e.state == EntryState::Merging && e.generation == from)
             .ok_or_else(|| EngineError::Damaged(format!("the merge of {from}..{through} lost its catalog entry")))?;
         entry.state = EntryState::Live;
+        entry.element_count = stored_units;
+        entry.control_count = control_needed;
+        entry.stored_bytes = stored_bytes;
         Ok(())
     })
     .await?;
+    {
+        // What dedup saved, and the control block's unused table room, are free again.
+        let mut s = shared.borrow_mut();
+        for (start, units) in [
+            (output.start + stored_units, output.units - stored_units),
+            (control.start + control_needed, control.units - control_needed),
+        ] {
+            if units > 0 {
+                s.meta.allocator.free(Extent::new(start, units)).map_err(|e| {
+                    EngineError::Damaged(format!("merge of {from}..{through}: freeing what dedup saved: {e}"))
+                })?;
+            }
+        }
+    }
     // R-VOLs that read the sources read the merged record from now on; reads that started
     // earlier finish before the sources' space can be reused.
     let extents: Vec<RecordExtent> =
@@ -346,6 +426,8 @@ pub(crate) async fn merge(
             s.meta.free_entry_extents(source)?;
         }
         s.control.merges += 1;
+        s.control.dedup_shared_elements += dedup.shared;
+        s.control.dedup_mismatches += dedup.mismatches;
         s.space_freed = true;
     }
     Ok(MergeReport {
@@ -353,8 +435,71 @@ pub(crate) async fn merge(
         through_generation: through,
         records: sources.len(),
         units_before: sources.iter().map(units_of).sum(),
-        units_after: output.units + control.units,
+        units_after: stored_units + control_needed,
+        dedup_shared: dedup.shared,
+        dedup_mismatches: dedup.mismatches,
     })
+}
+
+/// Hashes a merge has stored (dedup index of one merge output): content hash → the first
+/// output unit holding those contents, further candidates only after a hash collision.
+/// Within one merge the output owns every unit it points at, so no reference counts are
+/// needed (sharing across records, with `core::plan::dedup`'s counted index, is the next
+/// step). Bounded: past `MERGE_DEDUP_MAX` stored elements new contents are no longer indexed.
+struct MergeDedup {
+    first: FxHashMap<u128, u64>,
+    more: FxHashMap<u128, Vec<u64>>,
+    mask: u128,
+    stored: u64,
+    shared: u64,
+    mismatches: u64,
+}
+
+/// Stored elements a merge indexes (about 32 bytes each: 32 MiB at most).
+const MERGE_DEDUP_MAX: usize = 1 << 20;
+/// Candidates kept per hash (more than one only after a collision).
+const MERGE_DEDUP_CHAIN: usize = 4;
+
+impl MergeDedup {
+    fn new(hash_bits: u32) -> Self {
+        assert!((1..=128).contains(&hash_bits), "dedup hash bits {hash_bits} outside 1..=128");
+        let mask = if hash_bits == 128 { u128::MAX } else { (1u128 << hash_bits) - 1 };
+        MergeDedup {
+            first: FxHashMap::default(),
+            more: FxHashMap::default(),
+            mask,
+            stored: 0,
+            shared: 0,
+            mismatches: 0,
+        }
+    }
+
+    fn hash(&self, bytes: &[u8]) -> u128 {
+        content_hash(bytes) & self.mask
+    }
+
+    fn candidates(&self, hash: u128) -> Vec<u64> {
+        let mut found: Vec<u64> = self.first.get(&hash).copied().into_iter().collect();
+        found.extend(self.more.get(&hash).into_iter().flatten().copied());
+        found
+    }
+
+    fn insert(&mut self, hash: u128, address: u64) {
+        if self.first.len() + self.more.len() >= MERGE_DEDUP_MAX {
+            return;
+        }
+        match self.first.entry(hash) {
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(address);
+            }
+            std::collections::hash_map::Entry::Occupied(_) => {
+                let chain = self.more.entry(hash).or_default();
+                if chain.len() + 1 < MERGE_DEDUP_CHAIN {
+                    chain.push(address);
+                }
+            }
+        }
+    }
 }
 
 /// Gives up image(`generation`): drops the oldest record, or merges a younger one into the
@@ -414,6 +559,8 @@ pub(crate) async fn drop_oldest(
         records: dropped.len(),
         units_before: dropped.iter().map(units_of).sum(),
         units_after: 0,
+        dedup_shared: 0,
+        dedup_mismatches: 0,
     })
 }
 

@@ -89,6 +89,10 @@ pub struct VolumeOptions {
     pub sort: SortOptions,
     /// Which history records are kept, merged or dropped (none: everything is kept).
     pub retention: RetentionPolicy,
+    /// Bits of the 128-bit content hash merges use to find equal elements (dedup). 128 in
+    /// use; tests narrow it so that different contents collide and only the byte compare
+    /// keeps them apart.
+    pub dedup_hash_bits: u32,
 }
 
 impl Default for VolumeOptions {
@@ -98,6 +102,7 @@ impl Default for VolumeOptions {
             max_host_in_flight: 256,
             sort: SortOptions::default(),
             retention: RetentionPolicy::default(),
+            dedup_hash_bits: 128,
         }
     }
 }

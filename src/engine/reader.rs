@@ -300,6 +300,15 @@ impl VolumeReader {
                     record.blocks
                 )));
             }
+            // Every element lies in the record's own units (a merge's dedup shares units only
+            // within its record), so freeing a record frees nothing another record reads.
+            let own = record.element_start..record.element_start + record.element_count;
+            if let Some((block, address)) = map.iter().find(|(_, address)| !own.contains(address)) {
+                return Err(EngineError::Damaged(format!(
+                    "history generation {}: block {block} is at unit {address}, outside the record's units {}..{}",
+                    record.generation, own.start, own.end
+                )));
+            }
             report.history_records += 1;
             report.history_elements += map.len();
         }

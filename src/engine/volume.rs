@@ -78,6 +78,10 @@ pub struct SortProgress {
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct ControlCounters {
     pub merges: u64,
+    /// Elements merges did not store because an equal one was stored (units dedup saved).
+    pub dedup_shared_elements: u64,
+    /// Hash matches whose bytes differed (the element was stored).
+    pub dedup_mismatches: u64,
     pub generations_deleted: u64,
     /// Oldest generations given up for space (journal-full policy "merge-oldest").
     pub dropped_for_space: u64,
@@ -154,6 +158,9 @@ pub struct Status {
     pub journal_used_elements: u64,
     pub history_capacity_units: u64,
     pub history_used_units: u64,
+    /// History units the live merged records do not use thanks to dedup (their blocks minus
+    /// the units they hold).
+    pub history_dedup_saved_units: u64,
     pub sealed_waiting: usize,
     pub sort: Option<SortProgress>,
     pub sort_error: Option<String>,
@@ -613,6 +620,13 @@ impl Volume {
             journal_used_elements: meta.ring.used(),
             history_capacity_units: meta.allocator.capacity(),
             history_used_units: meta.allocator.used_units(),
+            history_dedup_saved_units: meta
+                .history_catalog
+                .entries
+                .iter()
+                .filter(|e| e.kind == EntryKind::Merged && e.state == EntryState::Live)
+                .map(|e| e.blocks.saturating_sub(e.element_count))
+                .sum(),
             sealed_waiting: meta.sealed.len(),
             sort: shared.sort_progress.clone(),
             sort_error: shared.sort_error.clone(),

@@ -117,6 +117,12 @@ fn maintain(dir: &Path, request: impl FnOnce(&mut Volume) -> chronicle::engine::
             report.units_after,
             report.generation
         );
+        if report.dedup_shared > 0 || report.dedup_mismatches > 0 {
+            println!(
+                "  dedup: {} elements stored once for several blocks ({} units saved); {} hash matches with different contents kept apart",
+                report.dedup_shared, report.dedup_shared, report.dedup_mismatches
+            );
+        }
     }
     Ok(())
 }
