@@ -177,12 +177,16 @@ fn units_of(entry: &CatalogEntry) -> u64 {
     entry.element_count + entry.control_count
 }
 
-/// Reads a record's control block: its bitmap and addresses.
+/// A record's map: from memory, else read from its control block (bitmap and addresses) and
+/// kept.
 pub(crate) async fn read_record_map(
     shared: &SharedRef,
     io: &ControlIo<HostRef>,
     entry: &CatalogEntry,
-) -> Result<ElementMap, EngineError> {
+) -> Result<Arc<ElementMap>, EngineError> {
+    if let Some(map) = shared.borrow().meta.record_maps.get(entry.control_start, entry.generation) {
+        return Ok(map);
+    }
     let (lba, bytes, blocks) = {
         let s = shared.borrow();
         (s.meta.history_lba(entry.control_start), entry.control_count * s.meta.unit_bytes(), s.meta.shape.volume_blocks)
@@ -202,7 +206,9 @@ pub(crate) async fn read_record_map(
             control.map.blocks()
         )));
     }
-    Ok(control.map)
+    let map = Arc::new(control.map);
+    shared.borrow_mut().meta.record_maps.insert(entry.control_start, entry.generation, map.clone());
+    Ok(map)
 }
 
 /// Merges the records covering generations `from..=through` (at least two, consecutive).
@@ -244,7 +250,7 @@ pub(crate) async fn merge(
     for source in &sources {
         maps.push(read_record_map(shared, io, source).await?);
     }
-    let map_refs: Vec<&ElementMap> = maps.iter().collect();
+    let map_refs: Vec<&ElementMap> = maps.iter().map(|m| &**m).collect();
     let plan =
         plan_merge(&map_refs, 0).map_err(|e| EngineError::Damaged(format!("merge of {from}..{through}: {e}")))?;
     let elements = plan.output_units();
@@ -403,6 +409,7 @@ pub(crate) async fn merge(
     {
         // What dedup saved, and the control block's unused table room, are free again.
         let mut s = shared.borrow_mut();
+        s.meta.record_maps.insert(control.start, from, Arc::new(merged_map.clone()));
         for (start, units) in [
             (output.start + stored_units, output.units - stored_units),
             (control.start + control_needed, control.units - control_needed),

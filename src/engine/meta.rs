@@ -5,6 +5,7 @@
 use std::collections::VecDeque;
 
 use crate::core::allocator::{RingAllocator, SegmentAllocator};
+use crate::core::element_map::{Addressing, ElementMap};
 use crate::core::format::catalog::{Catalog, CatalogEntry, EntryKind, EntryState};
 use crate::core::format::element_index::{entries_per_page, IndexEntry, IndexPage, SLOT_BYTES};
 use crate::core::format::layout::{HistoryLayout, JournalLayout, LayoutOptions, VolumeShape};
@@ -69,6 +70,7 @@ impl Meta {
 
     /// Frees the history extents a catalog entry owns.
     pub fn free_entry_extents(&mut self, entry: &CatalogEntry) -> Result<(), super::EngineError> {
+        self.record_maps.remove(entry.control_start);
         for (start, units) in [(entry.element_start, entry.element_count), (entry.control_start, entry.control_count)] {
             if units > 0 {
                 self.allocator.free(crate::core::allocator::Extent::new(start, units)).map_err(|e| {
@@ -198,6 +200,55 @@ pub(crate) struct Meta {
     pub allocator: SegmentAllocator,
     pub open: OpenGeneration,
     pub sealed: VecDeque<SealedGeneration>,
+    /// Maps of live history records already read or written (restore volumes, merges and
+    /// rollbacks need them without reading every control block again).
+    pub record_maps: RecordMaps,
+}
+
+/// Bytes of record maps kept in memory per volume; past it, maps are read from their control
+/// blocks each time.
+pub(crate) const RECORD_MAPS_MAX_BYTES: usize = 256 << 20;
+
+/// The maps of live history records, by the unit of their control block (unique among live
+/// records; a merged record has its first generation's number, so generation numbers are not).
+#[derive(Debug, Default)]
+pub(crate) struct RecordMaps {
+    maps: rustc_hash::FxHashMap<u64, (u64, std::sync::Arc<ElementMap>)>,
+    bytes: usize,
+}
+
+impl RecordMaps {
+    /// The cached map of the record whose control block starts at `control_start`, if it is
+    /// the one of `generation`.
+    pub fn get(&self, control_start: u64, generation: u64) -> Option<std::sync::Arc<ElementMap>> {
+        self.maps.get(&control_start).filter(|(g, _)| *g == generation).map(|(_, map)| map.clone())
+    }
+
+    /// Keeps a record's map (skipped when the cache is full).
+    pub fn insert(&mut self, control_start: u64, generation: u64, map: std::sync::Arc<ElementMap>) {
+        let bytes = map_bytes(&map);
+        self.remove(control_start);
+        if self.bytes + bytes <= RECORD_MAPS_MAX_BYTES {
+            self.bytes += bytes;
+            self.maps.insert(control_start, (generation, map));
+        }
+    }
+
+    /// Forgets the map of a record whose space is freed.
+    pub fn remove(&mut self, control_start: u64) {
+        if let Some((_, map)) = self.maps.remove(&control_start) {
+            self.bytes -= map_bytes(&map);
+        }
+    }
+}
+
+fn map_bytes(map: &ElementMap) -> usize {
+    let table = match map.addressing() {
+        Addressing::Contiguous { .. } => 0,
+        Addressing::Explicit(table) => table.len(),
+    };
+    // Bitmap words, the rank index (one word per 8) and the address table.
+    8 * (map.bitmap().words().len() * 9 / 8 + table + 1)
 }
 
 impl Meta {

@@ -320,7 +320,7 @@ async fn build_map(shared: &SharedRef, io: &ControlIo<HostRef>, generation: u64)
         if shared.borrow().meta.history_catalog.backup_generation != backup {
             continue;
         }
-        let refs: Vec<&ElementMap> = maps.iter().collect();
+        let refs: Vec<&ElementMap> = maps.iter().map(|m| &**m).collect();
         let blocks = shared.borrow().meta.shape.volume_blocks;
         return plan_restore(&refs, blocks)
             .map_err(|e| EngineError::Damaged(format!("restore map of generation {generation}: {e}")));

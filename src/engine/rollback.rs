@@ -173,11 +173,11 @@ async fn rollback(
                 "generation {target} cannot be restored (it was merged away or deleted)"
             )));
         }
-        let mut maps: Vec<ElementMap> = Vec::with_capacity(records.len());
+        let mut maps = Vec::with_capacity(records.len());
         for record in &records {
             maps.push(read_record_map(shared, io, record).await?);
         }
-        let refs: Vec<&ElementMap> = maps.iter().collect();
+        let refs: Vec<&ElementMap> = maps.iter().map(|m| &**m).collect();
         let volume_blocks = shared.borrow().meta.shape.volume_blocks;
         let map = plan_restore(&refs, volume_blocks)
             .map_err(|e| EngineError::Damaged(format!("restore of generation {target}: {e}")))?;

@@ -487,6 +487,7 @@ pub(crate) async fn open_volume<O: Copy>(io: &ControlIo<O>, read_only: bool) -> 
         cursor_slot,
         open: OpenGeneration::new(open_entry.generation, open_entry.element_start, open_entry.control_start),
         sealed: VecDeque::new(),
+        record_maps: Default::default(),
     };
     meta.open.opened_ns = open_entry.time_ns;
 

@@ -285,6 +285,7 @@ async fn sort_generation(
         // Every R-VOL takes the record in as its newest (FIG 20).
         let mut s = shared.borrow_mut();
         s.restores.sorted(record, &plan.history)?;
+        s.meta.record_maps.insert(control_start, record, Arc::new(plan.history.clone()));
         s.sorting = None;
     }
     cursor.state = SortState::Idle;
