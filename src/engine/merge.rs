@@ -211,6 +211,20 @@ pub(crate) async fn read_record_map(
     Ok(map)
 }
 
+/// Reads the maps of the live history records into memory, newest first (every R-VOL needs
+/// the newest ones); stops when the volume closes or the memory for maps is used up. A map
+/// that cannot be read is left to whoever needs it (which then reports the damage).
+pub(crate) async fn load_record_maps(shared: SharedRef, io: ControlIo<HostRef>) {
+    for record in live_records(&shared).into_iter().rev() {
+        if shared.borrow().stopping || shared.borrow().meta.record_maps.full() {
+            return;
+        }
+        if read_record_map(&shared, &io, &record).await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Merges the records covering generations `from..=through` (at least two, consecutive).
 pub(crate) async fn merge(
     shared: &SharedRef,

@@ -234,6 +234,11 @@ impl RecordMaps {
         }
     }
 
+    /// Whether the cache has reached its size.
+    pub fn full(&self) -> bool {
+        self.bytes >= RECORD_MAPS_MAX_BYTES * 15 / 16
+    }
+
     /// Forgets the map of a record whose space is freed.
     pub fn remove(&mut self, control_start: u64) {
         if let Some((_, map)) = self.maps.remove(&control_start) {

@@ -289,7 +289,11 @@ impl Volume {
             restores: RestoreVolumes::default(),
             sorting: None,
         }));
-        Volume { shared, hub, executor: Executor::default(), closing: None }
+        let mut volume = Volume { shared, hub, executor: Executor::default(), closing: None };
+        // The history records' maps come into memory in the background (R-VOL opens, merges
+        // and rollbacks then read no control block).
+        volume.executor.spawn(merge::load_record_maps(volume.shared.clone(), volume.control_io()));
+        volume
     }
 
     fn control_io(&self) -> ControlIo<HostRef> {
