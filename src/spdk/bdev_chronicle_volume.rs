@@ -696,6 +696,18 @@ impl VolumeHost {
         for io in pending {
             self.complete(io, IoStatus::Failed);
         }
+        // Requests still waiting (none after a close: the engine finishes its tasks first)
+        // are answered, never left hanging.
+        let gone = || VolumeError::Failed(format!("chronicle volume {} closed", self.config.borrow().name));
+        for (_, waiter) in self.markers.borrow_mut().drain(..).collect::<Vec<_>>() {
+            waiter(Err(gone()));
+        }
+        for (_, waiter) in self.maintenance.borrow_mut().drain(..).collect::<Vec<_>>() {
+            waiter(Err(gone()));
+        }
+        for open in self.restore_opens.borrow_mut().drain(..).collect::<Vec<_>>() {
+            (open.done)(Err(gone()));
+        }
         drop(poller);
     }
 
