@@ -32,7 +32,6 @@ use crate::core::format::catalog::{CatalogEntry, EntryKind, EntryState};
 use crate::core::format::control_block::ControlBlock;
 use crate::core::plan::dedup::content_hash;
 use crate::core::plan::merge::plan_merge;
-use crate::core::plan::RecordExtent;
 use crate::device::IoBuffers;
 
 use super::io::{run_bounded, ControlIo, Role};
@@ -269,12 +268,19 @@ pub(crate) async fn merge(
         plan_merge(&map_refs, 0).map_err(|e| EngineError::Damaged(format!("merge of {from}..{through}: {e}")))?;
     let elements = plan.output_units();
     // Room for the worst case: every element stored, an address table in the control block.
-    // What dedup saves is given back at the commit.
-    let (output, control, unit, options, hash_bits) = {
+    // What dedup saves is given back at the commit. Without room for the table the merge
+    // still runs, without dedup (it needs no more than the records it replaces).
+    let (output, control, unit, options, hash_bits, dedup_room) = {
         let mut s = shared.borrow_mut();
-        let extents = s.meta.allocate_record_with_table(from, elements, elements)?;
+        let (extents, dedup_room) = match s.meta.allocate_record_with_table("merge", from, elements, elements) {
+            Ok(extents) => (extents, true),
+            Err(EngineError::HistoryFull { .. }) => {
+                (s.meta.allocate_record_with_table("merge", from, elements, 0)?, false)
+            }
+            Err(error) => return Err(error),
+        };
         let hash_bits = s.options.dedup_hash_bits;
-        (extents.elements, extents.control, s.meta.unit_bytes() as usize, s.options.sort.clone(), hash_bits)
+        (extents.elements, extents.control, s.meta.unit_bytes() as usize, s.options.sort.clone(), hash_bits, dedup_room)
     };
     let release = |shared: &SharedRef| {
         let mut s = shared.borrow_mut();
@@ -311,7 +317,7 @@ pub(crate) async fn merge(
     // is stored at the next output unit or shared with an equal one stored before (dedup);
     // the stored ones of a batch are consecutive and go out as one write.
     let copied = async {
-        let mut dedup = MergeDedup::new(hash_bits);
+        let mut dedup = MergeDedup::new(hash_bits, dedup_room);
         let mut table = Vec::with_capacity(elements as usize);
         for batch in plan.batches(options.batch_elements.max(1)) {
             let reads = batch.iter().map(|step| {
@@ -377,7 +383,7 @@ pub(crate) async fn merge(
         buffer.as_mut_slice().copy_from_slice(&block);
         io.write(Role::History, lba, Arc::new(IoBuffers::single(buffer)), false).await?;
         io.flush(Role::History).await?;
-        Ok::<_, EngineError>((map, dedup, control_needed))
+        Ok::<_, EngineError>((Arc::new(map), dedup, control_needed))
     }
     .await;
     let (merged_map, dedup, control_needed) = match copied {
@@ -423,7 +429,7 @@ pub(crate) async fn merge(
     {
         // What dedup saved, and the control block's unused table room, are free again.
         let mut s = shared.borrow_mut();
-        s.meta.record_maps.insert(control.start, from, Arc::new(merged_map.clone()));
+        s.meta.record_maps.insert(control.start, from, merged_map.clone());
         for (start, units) in [
             (output.start + stored_units, output.units - stored_units),
             (control.start + control_needed, control.units - control_needed),
@@ -437,9 +443,8 @@ pub(crate) async fn merge(
     }
     // R-VOLs that read the sources read the merged record from now on; reads that started
     // earlier finish before the sources' space can be reused.
-    let extents: Vec<RecordExtent> =
-        sources.iter().map(|s| RecordExtent::new(s.element_start, s.element_count)).collect();
-    shared.borrow_mut().restores.merged(from, &extents, &merged_map)?;
+    let source_controls: Vec<u64> = sources.iter().map(|s| s.control_start).collect();
+    shared.borrow_mut().restores.merged(from, &source_controls, control.start, &merged_map)?;
     restore_volume::fence(shared).await;
     {
         let mut s = shared.borrow_mut();
@@ -468,6 +473,8 @@ pub(crate) async fn merge(
 /// needed (sharing across records, with `core::plan::dedup`'s counted index, is the next
 /// step). Bounded: past `MERGE_DEDUP_MAX` stored elements new contents are no longer indexed.
 struct MergeDedup {
+    /// Off when the control block has no room for an address table: every element is stored.
+    enabled: bool,
     first: FxHashMap<u128, u64>,
     more: FxHashMap<u128, Vec<u64>>,
     mask: u128,
@@ -482,10 +489,11 @@ const MERGE_DEDUP_MAX: usize = 1 << 20;
 const MERGE_DEDUP_CHAIN: usize = 4;
 
 impl MergeDedup {
-    fn new(hash_bits: u32) -> Self {
+    fn new(hash_bits: u32, enabled: bool) -> Self {
         assert!((1..=128).contains(&hash_bits), "dedup hash bits {hash_bits} outside 1..=128");
         let mask = if hash_bits == 128 { u128::MAX } else { (1u128 << hash_bits) - 1 };
         MergeDedup {
+            enabled,
             first: FxHashMap::default(),
             more: FxHashMap::default(),
             mask,
@@ -506,7 +514,7 @@ impl MergeDedup {
     }
 
     fn insert(&mut self, hash: u128, address: u64) {
-        if self.first.len() + self.more.len() >= MERGE_DEDUP_MAX {
+        if !self.enabled || self.first.len() + self.more.len() >= MERGE_DEDUP_MAX {
             return;
         }
         match self.first.entry(hash) {

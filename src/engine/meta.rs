@@ -34,13 +34,15 @@ impl Meta {
     /// Allocates a contiguous record of `elements` units plus a (contiguous-map) control block
     /// for generation `generation`, or says how much is missing.
     pub fn allocate_record(&mut self, generation: u64, elements: u64) -> Result<RecordExtents, super::EngineError> {
-        self.allocate_record_with_table(generation, elements, 0)
+        self.allocate_record_with_table("sort", generation, elements, 0)
     }
 
-    /// As [`allocate_record`](Self::allocate_record), with room in the control block for
-    /// `explicit_elements` addresses (a merge that may share elements through dedup).
+    /// As [`allocate_record`](Self::allocate_record), for `operation` (named in the error),
+    /// with room in the control block for `explicit_elements` addresses (a merge that may
+    /// share elements through dedup).
     pub fn allocate_record_with_table(
         &mut self,
+        operation: &'static str,
         generation: u64,
         elements: u64,
         explicit_elements: u64,
@@ -48,6 +50,7 @@ impl Meta {
         use crate::core::allocator::Extent;
         let control_units = crate::core::format::layout::control_block_units(&self.shape, explicit_elements);
         let full = |allocator: &SegmentAllocator| super::EngineError::HistoryFull {
+            operation,
             generation,
             needed: control_units + elements,
             free: allocator.free_units(),

@@ -149,8 +149,8 @@ pub enum EngineError {
     Damaged(String),
     #[error("{0} is not supported yet")]
     Unsupported(String),
-    #[error("history full: the sort of generation {generation} needs {needed} contiguous units, {free} are free (largest run {largest}); enlarge the history or delete old generations")]
-    HistoryFull { generation: u64, needed: u64, free: u64, largest: u64 },
+    #[error("history full: the {operation} of generation {generation} needs {needed} contiguous units, {free} are free (largest run {largest}); enlarge the history or delete old generations")]
+    HistoryFull { operation: &'static str, generation: u64, needed: u64, free: u64, largest: u64 },
     #[error("history catalog full: the sort of generation {generation} needs a new record but the catalog holds {capacity}; delete old generations")]
     HistoryCatalogFull { generation: u64, capacity: u32 },
     #[error("{count} generations are waiting for the sort; at most {limit} may (let the sort catch up)")]

@@ -2,8 +2,10 @@
 //! that reads and writes without copying the image first.
 //!
 //! - **Map** (FIG 13, S12001–12006): per block, the oldest history record ≥ N holding it, else
-//!   the backup — [`plan_restore`]. Built from the records' control blocks when the R-VOL opens;
-//!   a generation still in the journal opens once the sort has applied it.
+//!   the backup. The R-VOL keeps the maps of the records ≥ N (shared with the volume's map
+//!   cache) and looks a block up in them when it is read, so opening costs no pass over the
+//!   volume's blocks: with the maps in memory it is independent of the volume's size. A
+//!   generation still in the journal opens once the sort has applied it.
 //! - **Read** (FIG 14): the R-VOL's own copy of the block if it wrote one, else the map's
 //!   history unit, else the backup.
 //! - **Write** (FIG 15): redirect-on-write into history units the R-VOL allocates for itself;
@@ -12,11 +14,11 @@
 //!   reads through, it has saved them into the new record; reads of a block already saved go
 //!   to the saved copy (the sort's map, [`Shared::sorting`]), and the sort waits for R-VOL reads
 //!   of the backup that started before the save ([`ReadFence`]). When the record commits, every
-//!   map takes it in as its newest record ([`RestoreMap::extend_with_newer`]).
+//!   R-VOL takes it in as its newest record.
 //! - **Merge while an R-VOL exists**: a merge that would give up an R-VOL's generation is
-//!   refused; otherwise blocks read from the merged records are repointed to the merged record
-//!   ([`RestoreMap::repoint_merged`]) and their space is freed only after the reads that
-//!   started before drain.
+//!   refused; otherwise the merged record takes the place of its sources in every R-VOL's list
+//!   (a block's first hit among the sources is the element the merge kept) and the sources'
+//!   space is freed only after the reads that started before drain.
 //!
 //! R-VOLs live in memory: they end when deleted or when the volume closes, and their own units
 //! (not in any catalog) are free again at the next open. Keep an image with `restore` to a file.
@@ -29,7 +31,7 @@ use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::core::allocator::Extent;
 use crate::core::element_map::ElementMap;
-use crate::core::plan::{plan_restore, RecordExtent, RestoreMap, Source};
+use crate::core::element_map::ADDRESS_MASK;
 use crate::device::{IoBuffers, Operation, Payload, Tag};
 
 use super::io::{run_bounded, ControlIo, Role};
@@ -94,7 +96,11 @@ pub(crate) struct RestoreVolumes {
 
 struct RestoreVolume {
     generation: u64,
-    map: RestoreMap,
+    /// The history records ≥ `generation`, oldest first, by the unit of their control block:
+    /// a block reads the first one holding it, else the backup.
+    records: Vec<(u64, Arc<ElementMap>)>,
+    /// Blocks read from history (computed when asked, forgotten when the records change).
+    history_blocks: std::cell::Cell<Option<u64>>,
     /// Unit → the history unit holding the R-VOL's own copy (FIG 15).
     own: FxHashMap<u64, u64>,
     /// Units a write is in flight on (one at a time per unit).
@@ -136,7 +142,7 @@ impl RestoreVolumes {
             .map(|(id, v)| RestoreInfo {
                 id: *id,
                 generation: v.generation,
-                history_blocks: v.map.history_blocks().count_ones(),
+                history_blocks: v.history_blocks(),
                 own_units: v.own.len() as u64,
                 reads: v.reads,
                 writes: v.writes,
@@ -144,32 +150,71 @@ impl RestoreVolumes {
             .collect()
     }
 
-    /// The sort committed record H(`record`) (`map`): the newest record of every map (FIG 20).
-    pub(crate) fn sorted(&mut self, record: u64, map: &ElementMap) -> Result<(), EngineError> {
+    /// The sort committed record H(`record`), control block at `control`: the newest record of
+    /// every R-VOL (FIG 20).
+    pub(crate) fn sorted(&mut self, record: u64, control: u64, map: &Arc<ElementMap>) {
         for volume in self.volumes.values_mut() {
             debug_assert!(volume.generation <= record, "R-VOLs show sorted generations");
-            volume
-                .map
-                .extend_with_newer(map)
-                .map_err(|e| EngineError::Damaged(format!("R-VOL of generation {}: {e}", volume.generation)))?;
+            volume.records.push((control, map.clone()));
+            volume.history_blocks.set(None);
         }
-        Ok(())
     }
 
-    /// A merge replaced the records owning `sources` by `merged`.
+    /// A merge replaced the records whose control blocks are at `sources` (consecutive) by the
+    /// one at `control`.
     pub(crate) fn merged(
         &mut self,
         from: u64,
-        sources: &[RecordExtent],
-        merged: &ElementMap,
+        sources: &[u64],
+        control: u64,
+        merged: &Arc<ElementMap>,
     ) -> Result<(), EngineError> {
         for volume in self.volumes.values_mut().filter(|v| v.generation <= from) {
-            volume
-                .map
-                .repoint_merged(sources, merged)
-                .map_err(|e| EngineError::Damaged(format!("R-VOL of generation {}: {e}", volume.generation)))?;
+            let Some(first) = volume.records.iter().position(|(c, _)| sources.contains(c)) else {
+                return Err(EngineError::Damaged(format!(
+                    "R-VOL of generation {} does not read the records merged into {from}",
+                    volume.generation
+                )));
+            };
+            let replaced = volume.records.iter().filter(|(c, _)| sources.contains(c)).count();
+            if replaced != sources.len()
+                || !volume.records[first..first + replaced].iter().all(|(c, _)| sources.contains(c))
+            {
+                return Err(EngineError::Damaged(format!(
+                    "R-VOL of generation {} reads {replaced} of the {} records merged into {from}",
+                    volume.generation,
+                    sources.len()
+                )));
+            }
+            volume.records.splice(first..first + replaced, [(control, merged.clone())]);
+            volume.history_blocks.set(None);
         }
         Ok(())
+    }
+}
+
+impl RestoreVolume {
+    /// The history unit block `unit` reads, if a record holds it (else the backup).
+    fn history_address(&self, unit: u64) -> Option<u64> {
+        self.records.iter().find_map(|(_, map)| map.address_of(unit)).map(|address| address & ADDRESS_MASK)
+    }
+
+    fn history_blocks(&self) -> u64 {
+        if let Some(count) = self.history_blocks.get() {
+            return count;
+        }
+        let count = match self.records.split_first() {
+            None => 0,
+            Some(((_, first), rest)) => {
+                let mut union = first.bitmap().clone();
+                for (_, map) in rest {
+                    union.union_with(map.bitmap());
+                }
+                union.count_ones()
+            }
+        };
+        self.history_blocks.set(Some(count));
+        count
     }
 }
 
@@ -261,9 +306,9 @@ async fn open(shared: &SharedRef, io: &ControlIo<HostRef>, generation: u64) -> R
     })
     .await?;
     take_maintenance_lock(shared).await;
-    let built = build_map(shared, io, generation).await;
+    let built = gather_records(shared, io, generation).await;
     shared.borrow_mut().maintenance_running = false;
-    let map = built?;
+    let records = built?;
     let mut s = shared.borrow_mut();
     let id = s.restores.next_id;
     s.restores.next_id += 1;
@@ -271,7 +316,8 @@ async fn open(shared: &SharedRef, io: &ControlIo<HostRef>, generation: u64) -> R
         id,
         RestoreVolume {
             generation,
-            map,
+            records,
+            history_blocks: std::cell::Cell::new(None),
             own: FxHashMap::default(),
             writing: FxHashSet::default(),
             in_flight: 0,
@@ -300,8 +346,13 @@ fn check_shown(shared: &SharedRef, generation: u64) -> Result<(), EngineError> {
     }
 }
 
-/// The map of `generation` (FIG 13); rebuilt if a sort committed a record meanwhile.
-async fn build_map(shared: &SharedRef, io: &ControlIo<HostRef>, generation: u64) -> Result<RestoreMap, EngineError> {
+/// The records ≥ `generation` with their maps (FIG 13); gathered again if a sort committed a
+/// record meanwhile.
+async fn gather_records(
+    shared: &SharedRef,
+    io: &ControlIo<HostRef>,
+    generation: u64,
+) -> Result<Vec<(u64, Arc<ElementMap>)>, EngineError> {
     loop {
         let backup = shared.borrow().meta.history_catalog.backup_generation;
         let records: Vec<_> = live_records(shared).into_iter().filter(|r| r.through_generation >= generation).collect();
@@ -315,15 +366,12 @@ async fn build_map(shared: &SharedRef, io: &ControlIo<HostRef>, generation: u64)
         }
         let mut maps = Vec::with_capacity(records.len());
         for record in &records {
-            maps.push(read_record_map(shared, io, record).await?);
+            maps.push((record.control_start, read_record_map(shared, io, record).await?));
         }
         if shared.borrow().meta.history_catalog.backup_generation != backup {
             continue;
         }
-        let refs: Vec<&ElementMap> = maps.iter().map(|m| &**m).collect();
-        let blocks = shared.borrow().meta.shape.volume_blocks;
-        return plan_restore(&refs, blocks)
-            .map_err(|e| EngineError::Damaged(format!("restore map of generation {generation}: {e}")));
+        return Ok(maps);
     }
 }
 
@@ -411,9 +459,9 @@ fn locate(shared: &SharedRef, id: RestoreId, unit: u64) -> (Role, u64) {
     if let Some(own) = volume.own.get(&unit) {
         return (Role::History, s.meta.history_lba(*own));
     }
-    match volume.map.source(unit) {
-        Source::History(address) => (Role::History, s.meta.history_lba(address)),
-        Source::Backup => {
+    match volume.history_address(unit) {
+        Some(address) => (Role::History, s.meta.history_lba(address)),
+        None => {
             // FIG 20: a block the running sort saved (and may have overwritten) reads the copy.
             let cursor = &s.meta.cursor;
             let saved = s.sorting.as_ref().filter(|_| unit < cursor.saved_through).and_then(|m| m.address_of(unit));

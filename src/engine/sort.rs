@@ -284,8 +284,9 @@ async fn sort_generation(
     {
         // Every R-VOL takes the record in as its newest (FIG 20).
         let mut s = shared.borrow_mut();
-        s.restores.sorted(record, &plan.history)?;
-        s.meta.record_maps.insert(control_start, record, Arc::new(plan.history.clone()));
+        let map = Arc::new(plan.history.clone());
+        s.restores.sorted(record, control_start, &map);
+        s.meta.record_maps.insert(control_start, record, map);
         s.sorting = None;
     }
     cursor.state = SortState::Idle;
