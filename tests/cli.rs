@@ -1,5 +1,5 @@
 //! The `chronicle` command on real files: format's refusals, the demo, crash consistency under
-//! SIGKILL, damaged metadata, offline tools that change nothing, and the bench's JSON line.
+//! SIGKILL, damaged metadata, offline tools that change nothing, and the benches' output.
 //!
 //! Volumes are 16 MiB files in a temporary directory (`CHRONICLE_TEST_DIR`, default the system's
 //! temporary directory). `CHRONICLE_KILL_ROUNDS` sets the rounds of the SIGKILL test (default 5)
@@ -9,7 +9,7 @@
 //! CHRONICLE_KILL_ROUNDS=200 cargo test --profile soak --test cli sigkill -- --nocapture
 //! ```
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
@@ -578,6 +578,116 @@ fn bench_randwrite_prints_a_json_last_line() {
     assert_eq!(result["errors"], 0, "{result:#}");
     assert!(result["p99_us"].as_f64() >= result["p50_us"].as_f64(), "{result:#}");
     chronicle(&["verify".as_ref(), dir.as_os_str()]).expect_ok();
+}
+
+/// `chronicle bench-history` (issue 5) with tiny sizes: the JSON has every section with
+/// positive numbers, the merged record holds exactly the blocks the generations wrote, merging
+/// saves more the more generations overlap, the table prints every section, nothing is left in
+/// DIR, and impossible parameters are refused before anything is written.
+#[test]
+fn bench_history_measures_every_section() {
+    let root = test_dir();
+    let dir = root.path().join("bench");
+    // Three generations of 48 blocks on 2 MiB volumes (8 MiB for the second R-VOL size).
+    let args = |json: bool, seconds: &str| {
+        let mut args = vec![OsString::from("bench-history"), dir.clone().into_os_string()];
+        let sizes = ["--size", "2M", "--latency-size", "2M", "--rvol-sizes", "2M,8M", "--rvol-opens", "2"];
+        let history = ["--generations", "3", "--writes", "48", "--marker-every-ms", "30"];
+        let durations = ["--read-seconds", seconds, "--latency-seconds", seconds];
+        args.extend(sizes.iter().chain(&history).chain(&durations).map(OsString::from));
+        if json {
+            args.push("--json".into());
+        }
+        args
+    };
+    let outcome = chronicle(&args(true, "0.3")).expect_ok();
+    let report: serde_json::Value = serde_json::from_str(&outcome.stdout)
+        .unwrap_or_else(|e| panic!("output is not JSON ({e}):\n{}", outcome.describe()));
+    let positive = |value: &serde_json::Value, path: &str| {
+        let number = path.split('.').fold(value, |v, key| &v[key]).as_f64();
+        assert!(number.is_some_and(|n| n > 0.0), "{path} = {number:?}, expected > 0:\n{value:#}");
+    };
+
+    let merge = &report["merge"];
+    for path in ["source_elements", "output_elements", "seconds", "source_mib_per_s", "source_elements_per_s"] {
+        positive(merge, path);
+    }
+    assert_eq!(merge["records"], 3, "{merge:#}");
+
+    let overlap = report["overlap"].as_array().expect("overlap rows");
+    assert_eq!(overlap.len(), 5, "{overlap:#?}");
+    for row in overlap {
+        positive(row, "units_before");
+        positive(row, "units_after");
+        positive(row, "saved_percent");
+        assert_eq!(
+            row["merged_elements"], row["distinct_blocks"],
+            "the merged record holds every written block: {row:#}"
+        );
+    }
+    let saved = |row: &serde_json::Value| row["saved_percent"].as_f64().unwrap();
+    assert!(saved(&overlap[4]) > saved(&overlap[2]) && saved(&overlap[2]) > saved(&overlap[0]), "{overlap:#?}");
+
+    let sizes = report["rvol_open"]["sizes"].as_array().expect("R-VOL sizes");
+    assert_eq!(sizes.len(), 2, "{sizes:#?}");
+    for size in sizes {
+        positive(size, "total_ms_median");
+        positive(size, "control_block_bytes");
+        assert_eq!(size["records"], 3, "{size:#}");
+        for series in ["open_ms", "first_read_ms", "total_ms"] {
+            let values = size[series].as_array().expect("one value per open");
+            assert!(values.len() == 2 && values.iter().all(|v| v.as_f64() > Some(0.0)), "{series}: {size:#}");
+        }
+    }
+    positive(&report["rvol_open"], "growth");
+
+    let read = &report["rvol_read"];
+    for path in ["history_percent", "volume.iops", "volume.p99_us", "rvol.iops", "rvol.p99_us", "ratio"] {
+        positive(read, path);
+    }
+
+    let latency = &report["latency"];
+    let phases = latency["phases"].as_array().expect("latency phases");
+    let names: Vec<&str> = phases.iter().map(|p| p["phase"].as_str().unwrap_or("?")).collect();
+    assert_eq!(names, ["idle", "markers", "markers+sort", "markers+sort+merge"]);
+    for phase in phases {
+        positive(phase, "writes.iops");
+        positive(phase, "writes.p50_us");
+        assert!(phase["writes"]["p99_us"].as_f64() >= phase["writes"]["p50_us"].as_f64(), "{phase:#}");
+    }
+    for phase in &phases[1..] {
+        positive(phase, "markers");
+    }
+    positive(&phases[3], "merges");
+    positive(&phases[3], "during_merge.ios");
+    positive(&phases[3], "during_merge.p99_us");
+    positive(latency, "merge_p99_over_idle");
+    assert!(std::fs::read_dir(&dir).unwrap().next().is_none(), "bench-history left volumes in {}", dir.display());
+
+    // The table: every section's heading, each followed by numbers.
+    let table = chronicle(&args(false, "0.1")).expect_ok().stdout;
+    for heading in [
+        "1. merge throughput",
+        "2. history units",
+        "3. time to the first R-VOL read",
+        "4. random",
+        "5. host write latency",
+    ] {
+        let at = table.find(heading).unwrap_or_else(|| panic!("no section {heading:?}:\n{table}"));
+        let body = table[at..].lines().nth(2).unwrap_or_default();
+        assert!(
+            body.split_whitespace().any(|w| w.parse::<f64>().is_ok_and(|n| n > 0.0)),
+            "{heading}: {body:?}\n{table}"
+        );
+    }
+
+    for bad in
+        [&["--generations", "1"][..], &["--rvol-sizes", "4095"], &["--latency-seconds", "nan"], &["--writes", "0"]]
+    {
+        let mut args: Vec<&OsStr> = vec!["bench-history".as_ref(), dir.as_os_str()];
+        args.extend(bad.iter().map(OsStr::new));
+        chronicle(&args).expect_refused();
+    }
 }
 
 /// FORMAT.md §6 and §14.1: the superblock has two copies, so one damaged copy leaves a volume

@@ -1,7 +1,8 @@
 //! `chronicle`: the standalone host — format a volume on files, run the demo, load and check it,
-//! inspect and verify it offline, and benchmark it.
+//! inspect and verify it offline, and benchmark it (host I/O, history and restore volumes).
 
 mod bench;
+mod bench_history;
 mod demo;
 mod history;
 mod host;
@@ -173,6 +174,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Measure history maintenance and restore volumes on volumes of files: merge throughput,
+    /// space a merge gives back by overlap, time to the first R-VOL read by volume size, R-VOL
+    /// random reads, and host write latency while the sort and merges run.
+    BenchHistory(bench_history::Options),
 }
 
 fn main() -> ExitCode {
@@ -220,6 +225,7 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::Bench { dir, workload, block_size, queue_depth, seconds, json } => {
             bench::run(&dir, workload, block_size, queue_depth, seconds, json)
         }
+        Command::BenchHistory(options) => bench_history::run(&options),
     }
 }
 
