@@ -582,8 +582,9 @@ fn bench_randwrite_prints_a_json_last_line() {
 
 /// `chronicle bench-history` (issue 5) with tiny sizes: the JSON has every section with
 /// positive numbers, the merged record holds exactly the blocks the generations wrote, merging
-/// saves more the more generations overlap, the table prints every section, nothing is left in
-/// DIR, and impossible parameters are refused before anything is written.
+/// saves more the more generations overlap, dedup shares more the more contents repeat, the
+/// table prints every section, nothing is left in DIR, and impossible parameters are refused
+/// before anything is written.
 #[test]
 fn bench_history_measures_every_section() {
     let root = test_dir();
@@ -627,6 +628,19 @@ fn bench_history_measures_every_section() {
     }
     let saved = |row: &serde_json::Value| row["saved_percent"].as_f64().unwrap();
     assert!(saved(&overlap[4]) > saved(&overlap[2]) && saved(&overlap[2]) > saved(&overlap[0]), "{overlap:#?}");
+
+    // Dedup: nothing shared without repeated contents; with every block repeating one of 16
+    // contents all but at most 16 elements are shared; more repetition, more shared.
+    let dedup = report["dedup"].as_array().expect("dedup rows");
+    assert_eq!(dedup.len(), 5, "{dedup:#?}");
+    let shared = |row: &serde_json::Value| row["dedup_shared"].as_u64().unwrap();
+    let elements = |row: &serde_json::Value| row["merged_elements"].as_u64().unwrap();
+    assert_eq!(shared(&dedup[0]), 0, "{dedup:#?}");
+    assert!(shared(&dedup[4]) + 16 >= elements(&dedup[4]) && elements(&dedup[4]) > 16, "{dedup:#?}");
+    assert!(shared(&dedup[4]) > shared(&dedup[2]) && shared(&dedup[2]) > shared(&dedup[0]), "{dedup:#?}");
+    for row in dedup {
+        assert_eq!(row["dedup_mismatches"], 0, "xxh3-128 never collides here: {row:#}");
+    }
 
     let sizes = report["rvol_open"]["sizes"].as_array().expect("R-VOL sizes");
     assert_eq!(sizes.len(), 2, "{sizes:#?}");
@@ -672,6 +686,7 @@ fn bench_history_measures_every_section() {
         "3. time to the first R-VOL read",
         "4. random",
         "5. host write latency",
+        "6. history units a merge stores",
     ] {
         let at = table.find(heading).unwrap_or_else(|| panic!("no section {heading:?}:\n{table}"));
         let body = table[at..].lines().nth(2).unwrap_or_default();

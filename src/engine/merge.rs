@@ -336,9 +336,14 @@ pub(crate) async fn merge(
                     // A byte compare decides: equal hashes of different contents never share.
                     let same = if candidate >= batch_first {
                         stored[(candidate - batch_first) as usize].as_slice() == bytes
+                    } else if let Some(recent) = dedup.recent(candidate) {
+                        recent == bytes
                     } else {
                         let lba = shared.borrow().meta.history_lba(candidate);
-                        io.read(Role::History, lba, unit).await?.to_vec() == bytes
+                        let read = io.read(Role::History, lba, unit).await?.to_vec();
+                        let same = read == bytes;
+                        dedup.remember(candidate, read);
+                        same
                     };
                     if same {
                         twin = Some(candidate);
@@ -354,7 +359,9 @@ pub(crate) async fn merge(
                     None => {
                         let address = output.start + dedup.stored;
                         table.push(address);
-                        dedup.insert(hash, address);
+                        if dedup.insert(hash, address) {
+                            dedup.remember(address, bytes.to_vec());
+                        }
                         dedup.stored += 1;
                         stored.push(element);
                     }
@@ -477,6 +484,11 @@ struct MergeDedup {
     enabled: bool,
     first: FxHashMap<u128, u64>,
     more: FxHashMap<u128, Vec<u64>>,
+    /// Contents of recently stored or compared elements, so that contents repeating often
+    /// (zeros, templates) are compared in memory instead of read back each time; FIFO,
+    /// `MERGE_DEDUP_RECENT` at most.
+    recent: FxHashMap<u64, Vec<u8>>,
+    recent_order: std::collections::VecDeque<u64>,
     mask: u128,
     stored: u64,
     shared: u64,
@@ -487,6 +499,8 @@ struct MergeDedup {
 const MERGE_DEDUP_MAX: usize = 1 << 20;
 /// Candidates kept per hash (more than one only after a collision).
 const MERGE_DEDUP_CHAIN: usize = 4;
+/// Elements whose contents a merge keeps for byte compares (4 MiB of 4 KiB units).
+const MERGE_DEDUP_RECENT: usize = 1024;
 
 impl MergeDedup {
     fn new(hash_bits: u32, enabled: bool) -> Self {
@@ -496,6 +510,8 @@ impl MergeDedup {
             enabled,
             first: FxHashMap::default(),
             more: FxHashMap::default(),
+            recent: FxHashMap::default(),
+            recent_order: std::collections::VecDeque::new(),
             mask,
             stored: 0,
             shared: 0,
@@ -513,19 +529,38 @@ impl MergeDedup {
         found
     }
 
-    fn insert(&mut self, hash: u128, address: u64) {
+    /// Indexes a stored element; whether it became a candidate.
+    fn insert(&mut self, hash: u128, address: u64) -> bool {
         if !self.enabled || self.first.len() + self.more.len() >= MERGE_DEDUP_MAX {
-            return;
+            return false;
         }
         match self.first.entry(hash) {
             std::collections::hash_map::Entry::Vacant(slot) => {
                 slot.insert(address);
+                true
             }
             std::collections::hash_map::Entry::Occupied(_) => {
                 let chain = self.more.entry(hash).or_default();
                 if chain.len() + 1 < MERGE_DEDUP_CHAIN {
                     chain.push(address);
+                    return true;
                 }
+                false
+            }
+        }
+    }
+
+    fn recent(&self, address: u64) -> Option<&[u8]> {
+        self.recent.get(&address).map(Vec::as_slice)
+    }
+
+    fn remember(&mut self, address: u64, contents: Vec<u8>) {
+        if self.recent.insert(address, contents).is_none() {
+            self.recent_order.push_back(address);
+        }
+        while self.recent_order.len() > MERGE_DEDUP_RECENT {
+            if let Some(oldest) = self.recent_order.pop_front() {
+                self.recent.remove(&oldest);
             }
         }
     }

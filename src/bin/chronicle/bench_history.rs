@@ -8,7 +8,9 @@
 //!    read, on volumes of different sizes holding the same history (FIG 13–15);
 //! 4. **rvol-read**: random reads of an R-VOL against the volume's own;
 //! 5. **latency**: host write latency while markers, the sort and merges run, against the
-//!    same load alone.
+//!    same load alone;
+//! 6. **dedup**: history units a merge stores as the share of the volume's blocks whose
+//!    contents repeat (one of a few common contents) grows: what dedup in merge saves.
 //!
 //! Every 4 KiB written is different (a counter stamped on random bytes), and the volumes of
 //! sections 1, 2, 4 and 5 are written whole before the generations: the history then saves
@@ -45,6 +47,13 @@ const UNIT: u64 = 4096;
 /// Overlaps between consecutive generations measured by the overlap section, in percent.
 const OVERLAPS_PERCENT: [u64; 5] = [0, 25, 50, 75, 100];
 
+/// Shares of the prefill's 4 KiB blocks that repeat a common content, in percent (dedup section).
+const DUPLICATES_PERCENT: [u64; 5] = [0, 25, 50, 75, 100];
+
+/// Common contents the repeated blocks take (as in a volume of VM images: zeros, a few
+/// templates).
+const COMMON_CONTENTS: usize = 16;
+
 /// Blocks per prefill write (1 MiB): the prefill is setup, not what is measured.
 const PREFILL_BLOCKS: u64 = 256;
 
@@ -73,6 +82,7 @@ pub enum Section {
     RvolOpen,
     RvolRead,
     Latency,
+    Dedup,
 }
 
 #[derive(clap::Args)]
@@ -111,7 +121,7 @@ pub struct Options {
     #[arg(long, default_value_t = 500)]
     pub marker_every_ms: u64,
     /// Sections to run, comma-separated (default: all).
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "merge,overlap,rvol-open,rvol-read,latency")]
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "merge,overlap,rvol-open,rvol-read,latency,dedup")]
     pub sections: Vec<Section>,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -139,7 +149,7 @@ pub fn run(options: &Options) -> Result<ExitCode> {
     };
     let wants = |section| options.sections.contains(&section);
     if wants(Section::Merge) || wants(Section::RvolRead) {
-        let (scratch, mut built) = build_history(options, "merge", options.writes, &mut rng, |rng, blocks| {
+        let (scratch, mut built) = build_history(options, "merge", options.writes, &mut rng, 0, |rng, blocks| {
             (0..options.generations).map(|_| distinct_blocks(rng, blocks, options.writes)).collect()
         })
         .context("building the history of the merge and R-VOL read sections")?;
@@ -170,6 +180,13 @@ pub fn run(options: &Options) -> Result<ExitCode> {
     }
     if wants(Section::Latency) {
         report.latency = Some(bench_latency(options, &mut rng).context("latency section")?);
+    }
+    if wants(Section::Dedup) {
+        let mut rows = Vec::with_capacity(DUPLICATES_PERCENT.len());
+        for percent in DUPLICATES_PERCENT {
+            rows.push(bench_dedup(options, percent, &mut rng).with_context(|| format!("dedup, {percent} % repeated"))?);
+        }
+        report.dedup = Some(rows);
     }
     if options.json {
         return crate::print_out(&(serde_json::to_string_pretty(&report)? + "\n"));
@@ -252,6 +269,8 @@ struct Report {
     rvol_read: Option<RvolReadResult>,
     #[serde(skip_serializing_if = "Option::is_none")]
     latency: Option<LatencySection>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dedup: Option<Vec<DedupResult>>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -352,11 +371,16 @@ fn write_generations(volume: &mut Volume, driver: &mut Driver, generations: &[Ve
 
 /// Writes every block of the volume once (1 MiB writes) and seals that as a generation, whose
 /// number it returns.
-fn prefill(volume: &mut Volume, rng: &mut ChaCha8Rng) -> Result<u64> {
+/// `duplicate_percent` of its 4 KiB blocks take one of [`COMMON_CONTENTS`] contents.
+fn prefill(volume: &mut Volume, rng: &mut ChaCha8Rng, duplicate_percent: u64) -> Result<u64> {
     let blocks = volume.status().volume_bytes / UNIT;
     let chunk = if blocks % PREFILL_BLOCKS == 0 { PREFILL_BLOCKS } else { 1 };
     let offsets: Vec<u64> = (0..blocks / chunk).map(|i| i * chunk).collect();
-    Driver::new(8, (chunk * UNIT) as usize, rng).write_all(volume, &offsets)?;
+    let mut driver = Driver::new(8, (chunk * UNIT) as usize, rng);
+    if duplicate_percent > 0 {
+        driver.duplicates = Some(Duplicates::new(duplicate_percent, rng));
+    }
+    driver.write_all(volume, &offsets)?;
     volume.mark_and_wait("prefill", &mut Vec::new()).context("marker after the prefill")
 }
 
@@ -378,6 +402,7 @@ fn build_history(
     name: &str,
     writes: u64,
     rng: &mut ChaCha8Rng,
+    duplicate_percent: u64,
     plan: impl FnOnce(&mut ChaCha8Rng, u64) -> Vec<Vec<u64>>,
 ) -> Result<(Scratch, Built)> {
     let blocks = options.size / UNIT;
@@ -390,7 +415,7 @@ fn build_history(
     let history = blocks + 2 * generations * writes + table_units;
     let (scratch, mut volume) =
         make_volume(options, name, options.size, blocks + 2 * writes, history, generations + 3)?;
-    let prefill = prefill(&mut volume, rng)?;
+    let prefill = prefill(&mut volume, rng, duplicate_percent)?;
     let plan = plan(rng, blocks);
     let mut driver = Driver::new(32, UNIT as usize, rng);
     let sealed = write_generations(&mut volume, &mut driver, &plan)?;
@@ -435,6 +460,40 @@ struct Driver {
     sequence: u64,
     /// Writes whose buffers were still shared and went out unstamped (expected: none).
     unstamped: u64,
+    /// When set, a share of the 4 KiB written repeat common contents instead.
+    duplicates: Option<Duplicates>,
+}
+
+/// Common contents a share of the blocks written take (dedup section).
+struct Duplicates {
+    percent: u64,
+    contents: Vec<Vec<u8>>,
+    rng: ChaCha8Rng,
+}
+
+impl Duplicates {
+    fn new(percent: u64, rng: &mut ChaCha8Rng) -> Duplicates {
+        let contents = (0..COMMON_CONTENTS)
+            .map(|k| {
+                let mut data = vec![0u8; UNIT as usize];
+                if k > 0 {
+                    rng.fill_bytes(&mut data); // content 0 stays zeros
+                }
+                data
+            })
+            .collect();
+        Duplicates { percent, contents, rng: ChaCha8Rng::seed_from_u64(rng.next_u64()) }
+    }
+
+    /// A common content for the next 4 KiB, or `None` for a unique one.
+    fn pick(&mut self) -> Option<&[u8]> {
+        if self.rng.random_range(0..100) < self.percent {
+            let k = self.rng.random_range(0..self.contents.len());
+            Some(&self.contents[k])
+        } else {
+            None
+        }
+    }
 }
 
 impl Driver {
@@ -456,6 +515,7 @@ impl Driver {
             errors: host::ErrorTally::default(),
             sequence: rng.next_u64(),
             unstamped: 0,
+            duplicates: None,
         }
     }
 
@@ -477,6 +537,10 @@ impl Driver {
             // volume's data are seldom equal. The engine holds no reference after completion.
             if let Some(buffers) = Arc::get_mut(&mut buffers) {
                 for at in (0..buffers.len()).step_by(UNIT as usize) {
+                    if let Some(common) = self.duplicates.as_mut().and_then(Duplicates::pick) {
+                        buffers.write_at(at, common);
+                        continue;
+                    }
                     self.sequence = self.sequence.wrapping_add(1);
                     buffers.write_at(at, &self.sequence.to_le_bytes());
                 }
@@ -674,6 +738,55 @@ fn bench_merge(built: &mut Built) -> Result<MergeResult> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// 6. Capacity saved by dedup in merge, by the share of repeated contents
+
+#[derive(Serialize)]
+struct DedupResult {
+    duplicate_percent: u64,
+    records: usize,
+    /// Elements of the merged record (blocks), and units it stores after dedup.
+    merged_elements: u64,
+    units_before: u64,
+    units_after: u64,
+    /// Elements stored once for several blocks (units dedup saved).
+    dedup_shared: u64,
+    /// Share of the merged record's elements dedup did not store.
+    dedup_saved_percent: f64,
+    dedup_mismatches: u64,
+    seconds: f64,
+}
+
+/// A prefill whose blocks repeat common contents `duplicate_percent` of the time, then the
+/// merge section's generations (distinct random blocks, unique contents): merging every
+/// record restores the prefill's image, whose repeated contents dedup stores once.
+fn bench_dedup(options: &Options, duplicate_percent: u64, rng: &mut ChaCha8Rng) -> Result<DedupResult> {
+    let (generations, writes) = (options.generations, options.writes);
+    let (_scratch, mut built) = build_history(
+        options,
+        &format!("dedup-{duplicate_percent}"),
+        writes,
+        rng,
+        duplicate_percent,
+        |rng, blocks| (0..generations).map(|_| distinct_blocks(rng, blocks, writes)).collect(),
+    )?;
+    progress(&format!("dedup {duplicate_percent} %: merging"));
+    let (seconds, report) = merge_range(&mut built.volume, built.prefill, built.last)?;
+    let merged_elements = records(&built.volume.status()).iter().find(|r| r.0 == built.prefill).map_or(0, |r| r.2);
+    built.volume.close()?;
+    Ok(DedupResult {
+        duplicate_percent,
+        records: report.records,
+        merged_elements,
+        units_before: report.units_before,
+        units_after: report.units_after,
+        dedup_shared: report.dedup_shared,
+        dedup_saved_percent: 100.0 * report.dedup_shared as f64 / merged_elements.max(1) as f64,
+        dedup_mismatches: report.dedup_mismatches,
+        seconds,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
 // 2. Capacity saved by merge, by overlap
 
 #[derive(Serialize)]
@@ -719,7 +832,7 @@ fn bench_overlap(options: &Options, overlap_percent: u64, rng: &mut ChaCha8Rng) 
     let (generations, writes) = (options.generations, options.writes);
     let mut union = 0;
     let (_scratch, mut built) =
-        build_history(options, &format!("overlap-{overlap_percent}"), writes, rng, |rng, blocks| {
+        build_history(options, &format!("overlap-{overlap_percent}"), writes, rng, 0, |rng, blocks| {
             let plan = overlapping_generations(blocks, generations, writes, overlap_percent, rng);
             let mut all: Vec<u64> = plan.iter().flatten().copied().collect();
             all.sort_unstable();
@@ -1035,7 +1148,7 @@ fn bench_latency(options: &Options, rng: &mut ChaCha8Rng) -> Result<LatencySecti
     let phase_writes = (options.latency_seconds * MAX_WRITES_PER_SECOND) as u64;
     let history = 3 * blocks + 2 * phase_writes;
     let (_scratch, mut volume) = make_volume(options, "latency", options.latency_size, 2 * blocks, history, 64)?;
-    prefill(&mut volume, rng)?;
+    prefill(&mut volume, rng, 0)?;
     settle(&mut volume)?;
     // The prefill's record (the zeros it overwrote) goes: merges copy what the phases wrote.
     let oldest = records(&volume.status()).first().map(|r| r.0).context("no record after the prefill")?;
@@ -1356,6 +1469,38 @@ impl Report {
                 section.merge_p99_over_idle,
                 if section.target_met { "met" } else { "missed" }
             )?;
+        }
+        if let Some(rows) = &self.dedup {
+            writeln!(
+                out,
+                "\n6. history units a merge stores, by the share of blocks repeating one of {COMMON_CONTENTS} contents"
+            )?;
+            writeln!(
+                out,
+                "   {:>8} {:>8} {:>15} {:>13} {:>12} {:>13} {:>10} {:>8}",
+                "repeated",
+                "records",
+                "merged elements",
+                "units before",
+                "units after",
+                "dedup shared",
+                "dedup saved",
+                "seconds"
+            )?;
+            for r in rows {
+                writeln!(
+                    out,
+                    "   {:>7}% {:>8} {:>15} {:>13} {:>12} {:>13} {:>9.1}% {:>8.3}",
+                    r.duplicate_percent,
+                    r.records,
+                    r.merged_elements,
+                    r.units_before,
+                    r.units_after,
+                    r.dedup_shared,
+                    r.dedup_saved_percent,
+                    r.seconds
+                )?;
+            }
         }
         Ok(out)
     }
