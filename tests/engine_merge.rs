@@ -364,6 +364,10 @@ fn rollback_to_a_generation_still_in_the_journal_and_host_writes_wait_for_it() {
     assert_eq!(s.volume.status().sealed_waiting, 3, "nothing sorted");
     let mut completions = Vec::new();
     let handle = s.volume.rollback(1, "back to 1");
+    // A host read submitted during the rollback waits for it: it sees image 1 whole, never a
+    // mix of the blocks rewritten so far and the ones not yet.
+    let whole = IoBuffers::single(DmaBuf::zeroed(UNITS as usize * UNIT));
+    s.volume.submit(76, HostRequest::Read { offset_blocks: 0, buffers: whole });
     // A host write submitted during the rollback lands after it.
     let mut data = vec![0u8; UNIT];
     s.rng.fill_bytes(&mut data);
@@ -377,8 +381,13 @@ fn rollback_to_a_generation_still_in_the_journal_and_host_writes_wait_for_it() {
         }
         s.volume.poll(&mut completions);
     };
+    assert!(completions.iter().all(|c| c.tag != 76), "the read waited for the rollback");
     s.volume.run_until_idle(&mut completions);
     assert!(completions.iter().any(|c| c.tag == 77 && c.result.is_ok()), "the held write completed");
+    let read = completions.iter().find(|c| c.tag == 76).expect("the held read completed");
+    assert!(read.result.is_ok(), "{:?}", read.result);
+    let chronicle::device::Payload::Read(buffers) = &read.payload else { panic!("a read returns its buffers") };
+    assert!(buffers.to_vec() == s.images[&1], "the read saw image 1 whole");
     let mut expected = s.images[&1].clone();
     s.images.insert(rolled - 1, s.current.clone());
     s.images.insert(rolled, s.images[&1].clone());

@@ -45,6 +45,8 @@ pub(crate) async fn run_rollback(
     marker::wait_for_turn(&shared, barrier).await;
     let result = rollback(&shared, &io, target, comment, barrier).await;
     marker::end_turn(&shared, barrier);
+    let released = shared.borrow_mut().read_holds.pop_front();
+    assert_eq!(released, Some(barrier), "rollbacks release their reads in call order");
     {
         let mut s = shared.borrow_mut();
         if s.sort_paused {

@@ -102,6 +102,9 @@ pub(crate) struct Shared {
     /// no later write slips into the generation they seal): host writes submitted at or after
     /// the first wait; each runs when its barrier is first. At most [`MAX_HOLDS`].
     pub holds: std::collections::VecDeque<u64>,
+    /// Barriers of the rollbacks not finished (a subset of `holds`): host reads submitted at or
+    /// after the first wait too, so that no reader sees the image half rolled back.
+    pub read_holds: std::collections::VecDeque<u64>,
     /// Set after a device error on the write path; writes fail until reopened.
     pub failed: Option<String>,
     pub sort_running: bool,
@@ -272,6 +275,7 @@ impl Volume {
             options,
             hot: HotPath::new(),
             holds: Default::default(),
+            read_holds: Default::default(),
             failed: None,
             sort_running: false,
             stopping: false,
@@ -438,6 +442,7 @@ impl Volume {
     pub fn rollback(&mut self, generation: u64, comment: &str) -> MarkerHandle {
         let handle = MarkerHandle::default();
         let Some(barrier) = self.hold(&handle) else { return handle };
+        self.shared.borrow_mut().read_holds.push_back(barrier);
         self.executor.spawn(rollback::run_rollback(
             self.shared.clone(),
             self.control_io(),

@@ -257,10 +257,13 @@ impl HotStep<'_> {
                     HostRequest::Write { .. } | HostRequest::Unmap { .. } | HostRequest::WriteZeroes { .. },
                     seq,
                 )) => self.held(*tag, *seq),
+                Some((tag, HostRequest::Read { .. }, seq)) => {
+                    tag & INTERNAL_TAG == 0 && self.shared.read_holds.front().is_some_and(|barrier| *seq >= *barrier)
+                }
                 _ => false,
             };
             if held {
-                return; // Submitted after a marker: waits until the generation is sealed (FIG 9).
+                return; // Submitted after a marker (or a rollback): waits until it is done (FIG 9).
             }
             let Some((tag, request, seq)) = self.shared.hot.queue.pop_front() else { return };
             self.start(tag, request, seq);

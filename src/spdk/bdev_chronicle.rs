@@ -12,6 +12,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
@@ -435,11 +436,15 @@ pub struct ChronicleBdev {
     /// volume's newest completed writes (the write path writes it last), so a read needs
     /// neither the volume's thread nor its metadata — the cost of a passthru.
     base: SharedDesc,
+    /// Rollbacks not finished. While there is one, reads go to the volume's thread instead,
+    /// where the engine holds them until the rollback is done: no reader sees the image half
+    /// rolled back.
+    rollbacks: Arc<AtomicU32>,
 }
 
 impl ChronicleBdev {
-    pub(crate) fn new(id: u64, name: String, owner: ThreadHandle, base: SharedDesc) -> Self {
-        ChronicleBdev { id, name, owner, base }
+    pub(crate) fn new(id: u64, name: String, owner: ThreadHandle, base: SharedDesc, rollbacks: Arc<AtomicU32>) -> Self {
+        ChronicleBdev { id, name, owner, base, rollbacks }
     }
 }
 
@@ -462,6 +467,11 @@ impl VirtualBdev for ChronicleBdev {
     fn submit_request(&self, channel: &mut ChronicleChannel, io: BdevIo<volume::HostIoCtx>) {
         let (offset_blocks, num_blocks) = (io.offset_blocks(), io.num_blocks());
         let request = match io.io_type() {
+            IoType::Read if self.rollbacks.load(Ordering::Acquire) > 0 => {
+                // SAFETY: the engine completes the request (dropping the buffers) before the
+                // I/O completes (finish_io).
+                HostRequest::Read { offset_blocks, buffers: unsafe { io.host_buffers() } }
+            }
             IoType::Read => {
                 if let Err((errno, io)) = io.forward_read(self.base.desc(), &channel.base) {
                     // ENOMEM: the bdev layer retries a NOMEM I/O when resources come back.

@@ -314,6 +314,8 @@ pub(crate) struct VolumeHost {
     removed: RefCell<Option<String>>,
     uuid: Cell<Option<[u8; 16]>>,
     counters: RefCell<HostCounters>,
+    /// Rollbacks not finished; the chronicle bdev sends reads here while there is one.
+    rollbacks: std::sync::Arc<std::sync::atomic::AtomicU32>,
 }
 
 #[derive(Default)]
@@ -455,6 +457,7 @@ pub fn create(config: VolumeConfig, mode: CreateMode, done: Waiter) {
             removed: RefCell::new(None),
             uuid: Cell::new(None),
             counters: RefCell::new(HostCounters::default()),
+            rollbacks: Default::default(),
         });
         registry.by_name.insert(config.name.clone(), host.clone());
         registry.by_id.insert(id, host.clone());
@@ -840,7 +843,8 @@ impl VolumeHost {
         drop(config);
         let registered = match reader {
             Ok(desc) => {
-                let data = ChronicleBdev::new(self.id, name.clone(), owner, SharedDesc::new(desc));
+                let data =
+                    ChronicleBdev::new(self.id, name.clone(), owner, SharedDesc::new(desc), self.rollbacks.clone());
                 vbdev::register(&properties, data).map_err(|(errno, _data)| CreateError::Register(errno))
             }
             Err(errno) => Err(CreateError::Open { role: "base", name: base_name, errno }),
@@ -1303,7 +1307,16 @@ pub fn rollback(name: &str, generation: u64, comment: &str, done: MarkerWaiter) 
         Ok(volume.rollback(generation, comment))
     });
     match started.and_then(|handle| handle) {
-        Ok(handle) => host.markers.borrow_mut().push((handle, done)),
+        Ok(handle) => {
+            // Reads go through the engine, which holds them, until the rollback is done.
+            let rollbacks = host.rollbacks.clone();
+            rollbacks.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            let done: MarkerWaiter = Box::new(move |result| {
+                rollbacks.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                done(result)
+            });
+            host.markers.borrow_mut().push((handle, done));
+        }
         Err(error) => done(Err(error)),
     }
 }
