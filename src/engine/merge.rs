@@ -206,7 +206,19 @@ pub(crate) async fn read_record_map(
         )));
     }
     let map = Arc::new(control.map);
-    shared.borrow_mut().meta.record_maps.insert(entry.control_start, entry.generation, map.clone());
+    // Kept only if the record is still live: one freed while its control block was read (by
+    // a merge beside the background loader) must not leave its map under a unit a later
+    // record may reuse.
+    let mut s = shared.borrow_mut();
+    let live = s.meta.history_catalog.entries.iter().any(|e| {
+        e.control_start == entry.control_start
+            && e.generation == entry.generation
+            && e.kind == entry.kind
+            && e.state == EntryState::Live
+    });
+    if live {
+        s.meta.record_maps.insert(entry.control_start, entry.generation, map.clone());
+    }
     Ok(map)
 }
 
