@@ -524,3 +524,29 @@ fn dedup_hash_collisions_never_share_different_contents() {
     }
     s.check(&[2, 3, 4, 5]);
 }
+
+/// Markers called back to back, with no write between them, run one after the other: each
+/// seals its own generation, in call order (their holds must not be mistaken for one).
+#[test]
+fn markers_called_back_to_back_seal_one_generation_each_in_order() {
+    let mut s = Scenario::new(9, VolumeOptions::default());
+    s.generation(5, 10);
+    let mut completions = Vec::new();
+    let handles: Vec<_> = (0..4).map(|k| s.volume.mark(&format!("m{k}"))).collect();
+    let sealed: Vec<u64> = handles
+        .iter()
+        .map(|handle| loop {
+            if let Some(result) = handle.result() {
+                break result.unwrap();
+            }
+            s.volume.poll(&mut completions);
+        })
+        .collect();
+    let first = sealed[0];
+    assert_eq!(sealed, (first..first + 4).collect::<Vec<_>>(), "one generation each, in call order");
+    s.volume.run_until_idle(&mut completions);
+    for generation in &sealed {
+        s.images.insert(*generation, s.current.clone());
+    }
+    s.check(&[]);
+}

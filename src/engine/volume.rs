@@ -517,8 +517,8 @@ impl Volume {
                 .set(Err(format!("{MAX_HOLDS} markers or rollbacks are waiting already; try again when one is done")));
             return None;
         }
-        let barrier = shared.hot.next_seq();
-        debug_assert!(shared.holds.back().is_none_or(|b| *b <= barrier), "barriers in call order");
+        let barrier = shared.hot.take_seq();
+        debug_assert!(shared.holds.back().is_none_or(|b| *b < barrier), "barriers unique, in call order");
         shared.holds.push_back(barrier);
         Some(barrier)
     }

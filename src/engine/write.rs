@@ -187,8 +187,13 @@ impl HotPath {
 
     /// Sequence the next submitted request will get: a marker requested now includes every
     /// request below it.
-    pub(crate) fn next_seq(&self) -> u64 {
-        self.next_seq
+    /// A submission sequence number of its own for a marker's or rollback's hold: requests
+    /// submitted before it are before the barrier, the ones after it after. Taking one (not
+    /// peeking) keeps two holds called with no request between them apart.
+    pub(crate) fn take_seq(&mut self) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        seq
     }
 
     /// Writes submitted before `barrier` that have not finished (queued, blocked or started).
