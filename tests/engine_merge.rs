@@ -6,37 +6,15 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use chronicle::core::format::layout::{self, LayoutOptions, VolumeShape};
-use chronicle::device::memory::{MemoryDevice, MemoryOptions};
-use chronicle::device::{Channel, Device, DmaBuf, IoBuffers};
+use chronicle::device::{DmaBuf, IoBuffers};
 use chronicle::engine::reader::VolumeReader;
 use chronicle::engine::{format, FormatOptions, HostRequest, RetentionPolicy, Volume, VolumeOptions};
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-const UNIT: usize = 4096;
-const UNITS: u64 = 64;
+mod support;
 
-struct Devices([MemoryDevice; 4]);
-
-impl Devices {
-    fn new() -> Self {
-        let shape = VolumeShape { host_write_size: UNIT as u32, volume_blocks: UNITS };
-        let options = LayoutOptions::default();
-        let sizes = [
-            UNITS * UNIT as u64,
-            layout::journal_bytes_for(&shape, &options, 4 * UNITS),
-            UNITS * UNIT as u64,
-            layout::history_bytes_for(&shape, &options, 40 * UNITS),
-        ];
-        let names = ["base", "journal", "backup", "history"];
-        Devices(std::array::from_fn(|i| MemoryDevice::new(names[i], MemoryOptions::new(512, sizes[i] / 512))))
-    }
-
-    fn channels(&self) -> Vec<Box<dyn Channel>> {
-        self.0.iter().map(|d| d.open_channel().unwrap()).collect()
-    }
-}
+use support::memory::{Devices, UNIT, UNITS};
 
 /// A volume and the image of every generation it sealed.
 struct Scenario {
@@ -66,32 +44,28 @@ impl Scenario {
     /// Writes `units` random units out of the first `span` (overlap between generations grows
     /// as `span` shrinks), then marks a generation.
     fn generation(&mut self, units: usize, span: u64) -> u64 {
-        let mut completions = Vec::new();
-        for tag in 0..units as u64 {
-            let unit = self.rng.random_range(0..span);
+        self.generation_of(units, span, |rng| {
             let mut data = vec![0u8; UNIT];
-            self.rng.fill_bytes(&mut data);
-            self.current[unit as usize * UNIT..(unit as usize + 1) * UNIT].copy_from_slice(&data);
-            let buffers = Arc::new(IoBuffers::single(DmaBuf::copy_from(&data)));
-            self.volume.submit(tag, HostRequest::Write { offset_blocks: unit * (UNIT as u64 / 512), buffers });
-            self.volume.run_until_idle(&mut completions);
-        }
-        assert!(completions.iter().all(|c| c.result.is_ok()), "writes succeed");
-        let generation = self.volume.mark_and_wait("g", &mut completions).unwrap();
-        self.images.insert(generation, self.current.clone());
-        self.volume.run_until_idle(&mut completions);
-        generation
+            rng.fill_bytes(&mut data);
+            data
+        })
     }
 
     /// Writes `units` units out of the first `span`, each with one of `pool` contents (so
     /// equal contents sit at many blocks and in many generations), then marks a generation.
     fn generation_from_pool(&mut self, units: usize, span: u64, pool: &[Vec<u8>]) -> u64 {
+        self.generation_of(units, span, |rng| pool[rng.random_range(0..pool.len())].clone())
+    }
+
+    /// Writes `units` units out of the first `span` with the contents `content` makes, then
+    /// marks a generation and records its image.
+    fn generation_of(&mut self, units: usize, span: u64, mut content: impl FnMut(&mut ChaCha8Rng) -> Vec<u8>) -> u64 {
         let mut completions = Vec::new();
         for tag in 0..units as u64 {
             let unit = self.rng.random_range(0..span);
-            let data = &pool[self.rng.random_range(0..pool.len())];
-            self.current[unit as usize * UNIT..(unit as usize + 1) * UNIT].copy_from_slice(data);
-            let buffers = Arc::new(IoBuffers::single(DmaBuf::copy_from(data)));
+            let data = content(&mut self.rng);
+            self.current[unit as usize * UNIT..(unit as usize + 1) * UNIT].copy_from_slice(&data);
+            let buffers = Arc::new(IoBuffers::single(DmaBuf::copy_from(&data)));
             self.volume.submit(tag, HostRequest::Write { offset_blocks: unit * (UNIT as u64 / 512), buffers });
             self.volume.run_until_idle(&mut completions);
         }
@@ -259,17 +233,7 @@ fn retention_keeps_the_last_records_merges_the_older_and_drops_beyond_the_count(
 fn journal_full_policy_merge_oldest_gives_up_old_generations_instead_of_stopping_the_sort() {
     use chronicle::core::format::superblock::JournalFullPolicy;
     // A history for about three generations that write half the volume each.
-    let shape = VolumeShape { host_write_size: UNIT as u32, volume_blocks: UNITS };
-    let options = LayoutOptions::default();
-    let sizes = [
-        UNITS * UNIT as u64,
-        layout::journal_bytes_for(&shape, &options, 2 * UNITS),
-        UNITS * UNIT as u64,
-        layout::history_bytes_for(&shape, &options, 3 * UNITS / 2 + 8),
-    ];
-    let names = ["base", "journal", "backup", "history"];
-    let devices =
-        Devices(std::array::from_fn(|i| MemoryDevice::new(names[i], MemoryOptions::new(512, sizes[i] / 512))));
+    let devices = Devices::sized(2 * UNITS, 3 * UNITS / 2 + 8);
     let format_options = FormatOptions {
         journal_full_policy: JournalFullPolicy::MergeOldest,
         copy_base_to_backup: false,

@@ -6,9 +6,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use chronicle::core::format::layout::{self, LayoutOptions, VolumeShape};
-use chronicle::device::memory::{MemoryDevice, MemoryOptions};
-use chronicle::device::{Channel, Device, DmaBuf, IoBuffers, Payload};
+use chronicle::device::{DmaBuf, IoBuffers, Payload};
 use chronicle::engine::reader::VolumeReader;
 use chronicle::engine::{
     format, FormatOptions, HostCompletion, HostRequest, RestoreId, SortOptions, Volume, VolumeOptions,
@@ -16,30 +14,11 @@ use chronicle::engine::{
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-const UNIT: usize = 4096;
-const UNITS: u64 = 64;
+mod support;
+
+use support::memory::{Devices, UNIT, UNITS};
+
 const BLOCKS_PER_UNIT: u64 = (UNIT / 512) as u64;
-
-struct Devices([MemoryDevice; 4]);
-
-impl Devices {
-    fn new() -> Self {
-        let shape = VolumeShape { host_write_size: UNIT as u32, volume_blocks: UNITS };
-        let options = LayoutOptions::default();
-        let sizes = [
-            UNITS * UNIT as u64,
-            layout::journal_bytes_for(&shape, &options, 4 * UNITS),
-            UNITS * UNIT as u64,
-            layout::history_bytes_for(&shape, &options, 40 * UNITS),
-        ];
-        let names = ["base", "journal", "backup", "history"];
-        Devices(std::array::from_fn(|i| MemoryDevice::new(names[i], MemoryOptions::new(512, sizes[i] / 512))))
-    }
-
-    fn channels(&self) -> Vec<Box<dyn Channel>> {
-        self.0.iter().map(|d| d.open_channel().unwrap()).collect()
-    }
-}
 
 struct Scenario {
     devices: Devices,

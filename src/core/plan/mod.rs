@@ -71,8 +71,6 @@ pub enum PlanError {
     UnknownDedupAddress { address: u64 },
     #[error("the element at address {address} already has the maximum number of references")]
     TooManyReferences { address: u64 },
-    #[error("block {block} was read from a merged record's source, but the merged record does not hold it")]
-    MissingElement { block: u64 },
 }
 
 /// Largest number of elements one plan handles: steps index with `u32` in the dense tables.

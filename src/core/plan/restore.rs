@@ -12,7 +12,7 @@
 //! Its new record is the newest, so [`RestoreMap::extend_with_newer`] points exactly those
 //! blocks at the COW-saved copies — the same map a fresh [`plan_restore`] would build.
 
-use super::{check_volume, union_of, walk_first_hits, PlanError, RecordExtent};
+use super::{check_volume, union_of, walk_first_hits, PlanError};
 use crate::core::bitmap::DifferenceBitmap;
 use crate::core::element_map::{Addressing, ElementMap, ADDRESS_MASK};
 
@@ -87,31 +87,6 @@ impl RestoreMap {
     }
 }
 
-impl RestoreMap {
-    /// Repoints the blocks read from records that a merge replaced (`sources`: the units they
-    /// owned) to the merged record `merged` (FIG 11/12). Exact as long as the map's generation
-    /// is not one the merge gave up: a block's first hit inside the merged range is the oldest
-    /// element of that range, which is the one the merged record kept. Returns how many blocks
-    /// moved.
-    pub fn repoint_merged(&mut self, sources: &[RecordExtent], merged: &ElementMap) -> Result<u64, PlanError> {
-        check_volume(&[&self.map, merged], self.blocks())?;
-        let mut moved = 0;
-        let mut table = Vec::with_capacity(self.map.len() as usize);
-        for (block, address) in self.map.iter() {
-            if sources.iter().any(|source| source.contains(address)) {
-                let to = merged.address_of(block).ok_or(PlanError::MissingElement { block })?;
-                table.push(to & ADDRESS_MASK);
-                moved += 1;
-            } else {
-                table.push(address);
-            }
-        }
-        self.map =
-            ElementMap::new(self.map.bitmap().clone(), Addressing::Explicit(table)).expect("one address per block set");
-        Ok(moved)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,22 +145,21 @@ mod tests {
         );
     }
 
-    /// A merge of H(N+1)..H(N+2) into one record: an R-VOL of N that read block 3 from H(N+1)
-    /// and block 4 from H(N+2) now reads both from the merged record; H(N) stays.
+    /// A merge of H(N+1)..H(N+2) into one record: an R-VOL of N may read the merged record in
+    /// place of its sources (the engine splices it into the R-VOL's records) — the same blocks
+    /// read from history, each from the merged copy of the element it read before; H(N) stays.
     #[test]
-    fn a_merge_repoints_blocks_read_from_its_sources() {
+    fn a_merged_record_stands_in_for_its_sources() {
         let h_n = record(6, &[(1, 10)]);
         let h_n1 = record(6, &[(1, 20), (3, 21)]);
         let h_n2 = record(6, &[(3, 30), (4, 31)]);
-        let mut map = plan_restore(&[&h_n, &h_n1, &h_n2], 6).unwrap();
+        let before = plan_restore(&[&h_n, &h_n1, &h_n2], 6).unwrap();
         let merged = record(6, &[(1, 40), (3, 41), (4, 42)]);
-        let sources = [RecordExtent::new(20, 2), RecordExtent::new(30, 2)];
-        assert_eq!(map.repoint_merged(&sources, &merged).unwrap(), 2);
-        assert_eq!(map, plan_restore(&[&h_n, &merged], 6).unwrap());
+        let map = plan_restore(&[&h_n, &merged], 6).unwrap();
+        assert_eq!(map.history_blocks(), before.history_blocks());
         assert_eq!(map.source(1), Source::History(10), "H(N) is not a source");
+        assert_eq!(before.source(3), Source::History(21));
         assert_eq!(map.source(3), Source::History(41));
-        // A merged record that lacks a block the map read from a source is damage, not a guess.
-        let mut map = plan_restore(&[&h_n1], 6).unwrap();
-        assert!(map.repoint_merged(&sources, &record(6, &[(1, 40)])).is_err());
+        assert_eq!(map.source(4), Source::History(42));
     }
 }
