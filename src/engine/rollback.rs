@@ -25,7 +25,7 @@ use crate::core::element_map::ElementMap;
 use crate::core::format::records::SortState;
 use crate::core::plan::plan_restore;
 
-use super::io::{ControlIo, Role};
+use super::io::{run_bounded, ControlIo, Role};
 use super::marker;
 use super::merge::{live_records, read_record_map, take_maintenance_lock};
 use super::volume::{generation_list, HostRef, MarkerHandle, SharedRef, INTERNAL_TAG};
@@ -231,20 +231,25 @@ async fn rollback(
     let mut next_tag = INTERNAL_TAG;
     while blocks.peek().is_some() {
         let batch: Vec<(u64, Content)> = blocks.by_ref().take(IN_FLIGHT).collect();
+        // The batch's image-N contents are read at once, then written in block order.
+        let sources: Vec<(u64, Role, u64)> = {
+            let s = shared.borrow();
+            batch
+                .iter()
+                .map(|(block, content)| match content {
+                    Content::History(address) => (*block, Role::History, s.meta.history_lba(*address)),
+                    Content::Journal(segment) => (*block, Role::Journal, s.meta.segment_lba(*segment)),
+                    Content::Backup => (*block, Role::Backup, s.meta.volume_lba(2, *block)),
+                })
+                .collect()
+        };
+        let reads = sources.iter().map(|(_, role, lba)| io.read(*role, *lba, unit));
+        let contents = run_bounded(reads, IN_FLIGHT).await?;
         let mut tags = Vec::with_capacity(batch.len());
-        for (block, content) in batch {
-            let (role, lba) = {
-                let s = shared.borrow();
-                match content {
-                    Content::History(address) => (Role::History, s.meta.history_lba(address)),
-                    Content::Journal(segment) => (Role::Journal, s.meta.segment_lba(segment)),
-                    Content::Backup => (Role::Backup, s.meta.volume_lba(2, block)),
-                }
-            };
-            let data = io.read(role, lba, unit).await?;
+        let mut s = shared.borrow_mut();
+        for ((block, _, _), data) in sources.iter().zip(contents) {
             let tag = next_tag;
             next_tag += 1;
-            let mut s = shared.borrow_mut();
             s.internal_pending += 1;
             s.hot.enqueue_internal(
                 tag,
@@ -253,6 +258,7 @@ async fn rollback(
             );
             tags.push(tag);
         }
+        drop(s);
         // The volume's poll starts them and routes their completions here.
         let results = std::future::poll_fn(|_| {
             let mut s = shared.borrow_mut();

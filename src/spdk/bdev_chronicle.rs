@@ -465,31 +465,20 @@ impl VirtualBdev for ChronicleBdev {
     }
 
     fn submit_request(&self, channel: &mut ChronicleChannel, io: BdevIo<volume::HostIoCtx>) {
-        let (offset_blocks, num_blocks) = (io.offset_blocks(), io.num_blocks());
-        let request = match io.io_type() {
-            IoType::Read if self.rollbacks.load(Ordering::Acquire) > 0 => {
-                // SAFETY: the engine completes the request (dropping the buffers) before the
-                // I/O completes (finish_io).
-                HostRequest::Read { offset_blocks, buffers: unsafe { io.host_buffers() } }
+        // Reads go straight to the base, except while a rollback is pending (the engine holds
+        // them until it is done).
+        if io.io_type() == IoType::Read && self.rollbacks.load(Ordering::Acquire) == 0 {
+            if let Err((errno, io)) = io.forward_read(self.base.desc(), &channel.base) {
+                // ENOMEM: the bdev layer retries a NOMEM I/O when resources come back.
+                let status = if errno == Errno::ENOMEM { IoStatus::NoMem } else { IoStatus::Failed };
+                io.complete(status);
             }
-            IoType::Read => {
-                if let Err((errno, io)) = io.forward_read(self.base.desc(), &channel.base) {
-                    // ENOMEM: the bdev layer retries a NOMEM I/O when resources come back.
-                    let status = if errno == Errno::ENOMEM { IoStatus::NoMem } else { IoStatus::Failed };
-                    io.complete(status);
-                }
-                return;
-            }
-            IoType::Write => {
-                // SAFETY: as for reads.
-                HostRequest::Write { offset_blocks, buffers: Arc::new(unsafe { io.host_buffers() }) }
-            }
-            IoType::Flush => HostRequest::Flush,
-            IoType::Unmap => HostRequest::Unmap { offset_blocks, num_blocks },
-            IoType::WriteZeroes => HostRequest::WriteZeroes { offset_blocks, num_blocks },
-            IoType::Reset | IoType::Other(_) => return io.complete(IoStatus::Failed),
-        };
-        volume::submit_io(channel.id, None, channel.owner, io, request);
+            return;
+        }
+        match host_request(&io) {
+            Some(request) => volume::submit_io(channel.id, None, channel.owner, io, request),
+            None => io.complete(IoStatus::Failed),
+        }
     }
 
     fn io_type_supported(&self, io_type: IoType) -> bool {
@@ -532,6 +521,23 @@ impl VirtualBdev for ChronicleBdev {
     }
 }
 
+/// The engine request for a bdev I/O (the host's buffers, not copied); `None` for I/O types
+/// the volume does not take.
+fn host_request(io: &BdevIo<volume::HostIoCtx>) -> Option<HostRequest> {
+    let (offset_blocks, num_blocks) = (io.offset_blocks(), io.num_blocks());
+    Some(match io.io_type() {
+        // SAFETY: the engine completes the request (dropping the buffers) before the I/O
+        // completes (finish_io).
+        IoType::Read => HostRequest::Read { offset_blocks, buffers: unsafe { io.host_buffers() } },
+        // SAFETY: as for reads.
+        IoType::Write => HostRequest::Write { offset_blocks, buffers: Arc::new(unsafe { io.host_buffers() }) },
+        IoType::Flush => HostRequest::Flush,
+        IoType::Unmap => HostRequest::Unmap { offset_blocks, num_blocks },
+        IoType::WriteZeroes => HostRequest::WriteZeroes { offset_blocks, num_blocks },
+        IoType::Reset | IoType::Other(_) => return None,
+    })
+}
+
 /// A restore volume (R-VOL, seed 001 FIG 13–15) of a chronicle volume as a bdev: every I/O
 /// goes to the volume's thread, where the engine reads the generation's map and redirects
 /// writes into the R-VOL's own units.
@@ -564,19 +570,10 @@ impl VirtualBdev for RestoreBdev {
     }
 
     fn submit_request(&self, channel: &mut RestoreChannel, io: BdevIo<volume::HostIoCtx>) {
-        let (offset_blocks, num_blocks) = (io.offset_blocks(), io.num_blocks());
-        let request = match io.io_type() {
-            // SAFETY: the engine completes the request (dropping the buffers) before the I/O
-            // completes (finish_io).
-            IoType::Read => HostRequest::Read { offset_blocks, buffers: unsafe { io.host_buffers() } },
-            // SAFETY: as for reads.
-            IoType::Write => HostRequest::Write { offset_blocks, buffers: Arc::new(unsafe { io.host_buffers() }) },
-            IoType::Flush => HostRequest::Flush,
-            IoType::Unmap => HostRequest::Unmap { offset_blocks, num_blocks },
-            IoType::WriteZeroes => HostRequest::WriteZeroes { offset_blocks, num_blocks },
-            IoType::Reset | IoType::Other(_) => return io.complete(IoStatus::Failed),
-        };
-        volume::submit_io(channel.volume, Some(channel.restore), channel.owner, io, request);
+        match host_request(&io) {
+            Some(request) => volume::submit_io(channel.volume, Some(channel.restore), channel.owner, io, request),
+            None => io.complete(IoStatus::Failed),
+        }
     }
 
     fn io_type_supported(&self, io_type: IoType) -> bool {
