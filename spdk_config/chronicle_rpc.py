@@ -142,8 +142,9 @@ def spdk_rpc_plugin_initialize(subparsers):
                    help='When a write is acknowledged: flush (durable after the next flush; default) '
                    'or write-through (durable when acknowledged). Fixed at format')
     p.add_argument('-f', '--journal-full', choices=['block', 'fail', 'merge-oldest'],
-                   help='When the journal has no room: block (wait for the sort; default) or fail. '
-                   'Fixed at format')
+                   help='When the journal has no room: block (wait for the sort; default), fail, or '
+                   'merge-oldest (block, and give up the oldest history generations when the history is '
+                   'full). Fixed at format')
     p.add_argument('--strict', action='store_true',
                    help='Refuse writes that are not whole host-write-size units instead of '
                    'widening them by read-modify-write')

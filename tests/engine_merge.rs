@@ -23,6 +23,8 @@ struct Scenario {
     current: Vec<u8>,
     images: BTreeMap<u64, Vec<u8>>,
     rng: ChaCha8Rng,
+    /// What the volume is opened with, also when a check reopens it.
+    options: VolumeOptions,
 }
 
 impl Scenario {
@@ -30,7 +32,7 @@ impl Scenario {
         let devices = Devices::new();
         format(devices.channels(), &FormatOptions { copy_base_to_backup: false, ..Default::default() }, &mut |_| {})
             .unwrap();
-        let volume = Volume::open(devices.channels(), options).unwrap();
+        let volume = Volume::open(devices.channels(), options.clone()).unwrap();
         let zero = vec![0u8; UNITS as usize * UNIT];
         Scenario {
             devices,
@@ -38,6 +40,7 @@ impl Scenario {
             current: zero.clone(),
             images: BTreeMap::from([(0, zero)]),
             rng: ChaCha8Rng::seed_from_u64(seed),
+            options,
         }
     }
 
@@ -108,7 +111,7 @@ impl Scenario {
             }
             drop(reader);
             if pass == 0 {
-                let options = VolumeOptions::default();
+                let options = self.options.clone();
                 self.volume.close_in_place();
                 self.volume = Volume::open(self.devices.channels(), options).unwrap();
             }
@@ -248,6 +251,7 @@ fn journal_full_policy_merge_oldest_gives_up_old_generations_instead_of_stopping
         current: zero.clone(),
         images: BTreeMap::from([(0, zero)]),
         rng: ChaCha8Rng::seed_from_u64(4),
+        options: VolumeOptions::default(),
     };
     for _ in 0..10 {
         s.generation(48, UNITS);
@@ -272,7 +276,7 @@ fn base_image(s: &mut Scenario) -> Vec<u8> {
         let reader = VolumeReader::open(s.devices.channels()).unwrap();
         reader.read_image(reader.open_generation()).unwrap()
     };
-    s.volume = Volume::open(s.devices.channels(), VolumeOptions::default()).unwrap();
+    s.volume = Volume::open(s.devices.channels(), s.options.clone()).unwrap();
     image
 }
 

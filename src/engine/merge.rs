@@ -52,6 +52,17 @@ pub struct RetentionPolicy {
     pub max_age_seconds: Option<u64>,
 }
 
+impl RetentionPolicy {
+    /// Refuses a policy that cannot be carried out as written (nothing would say how many
+    /// records `merge_older` keeps).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.merge_older && self.keep_last.is_none() {
+            return Err("merge_older needs keep_last: how many records to keep individually".into());
+        }
+        Ok(())
+    }
+}
+
 /// What a merge did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct MergeReport {
@@ -325,7 +336,7 @@ pub(crate) async fn merge(
         return Err(error);
     }
 
-    // Copy: batches in block order; reads by runs of consecutive source units; each element
+    // Copy: batches in block order, each batch's reads at once (bounded); each element
     // is stored at the next output unit or shared with an equal one stored before (dedup);
     // the stored ones of a batch are consecutive and go out as one write.
     let copied = async {
@@ -342,7 +353,7 @@ pub(crate) async fn merge(
             for element in buffers.into_iter().flat_map(IoBuffers::into_segments) {
                 debug_assert_eq!(element.len(), unit, "one unit per merge step");
                 let bytes = element.as_slice();
-                let hash = dedup.hash(bytes);
+                let hash = if dedup.enabled { dedup.hash(bytes) } else { 0 };
                 let mut twin = None;
                 for candidate in dedup.candidates(hash) {
                     // A byte compare decides: equal hashes of different contents never share.
@@ -535,10 +546,11 @@ impl MergeDedup {
         content_hash(bytes) & self.mask
     }
 
+    /// Stored elements with `hash`, oldest first (none when dedup is off). Collected, since
+    /// the caller reads candidates back while it changes the index.
     fn candidates(&self, hash: u128) -> Vec<u64> {
-        let mut found: Vec<u64> = self.first.get(&hash).copied().into_iter().collect();
-        found.extend(self.more.get(&hash).into_iter().flatten().copied());
-        found
+        let Some(first) = self.first.get(&hash) else { return Vec::new() };
+        std::iter::once(*first).chain(self.more.get(&hash).into_iter().flatten().copied()).collect()
     }
 
     /// Indexes a stored element; whether it became a candidate.

@@ -170,23 +170,18 @@ impl RestoreVolumes {
         merged: &Arc<ElementMap>,
     ) -> Result<(), EngineError> {
         for volume in self.volumes.values_mut().filter(|v| v.generation <= from) {
-            let Some(first) = volume.records.iter().position(|(c, _)| sources.contains(c)) else {
+            // Both lists run oldest first: the sources are a run of the R-VOL's records.
+            let is_run = |first: &usize| {
+                let window = volume.records.get(*first..*first + sources.len());
+                window.is_some_and(|w| w.iter().map(|(c, _)| *c).eq(sources.iter().copied()))
+            };
+            let Some(first) = volume.records.iter().position(|(c, _)| Some(c) == sources.first()).filter(is_run) else {
                 return Err(EngineError::Damaged(format!(
-                    "R-VOL of generation {} does not read the records merged into {from}",
+                    "R-VOL of generation {} does not read the records merged into {from} as one run",
                     volume.generation
                 )));
             };
-            let replaced = volume.records.iter().filter(|(c, _)| sources.contains(c)).count();
-            if replaced != sources.len()
-                || !volume.records[first..first + replaced].iter().all(|(c, _)| sources.contains(c))
-            {
-                return Err(EngineError::Damaged(format!(
-                    "R-VOL of generation {} reads {replaced} of the {} records merged into {from}",
-                    volume.generation,
-                    sources.len()
-                )));
-            }
-            volume.records.splice(first..first + replaced, [(control, merged.clone())]);
+            volume.records.splice(first..first + sources.len(), [(control, merged.clone())]);
             volume.history_blocks.set(None);
         }
         Ok(())

@@ -246,19 +246,20 @@ async fn rollback(
         let reads = sources.iter().map(|(_, role, lba)| io.read(*role, *lba, unit));
         let contents = run_bounded(reads, IN_FLIGHT).await?;
         let mut tags = Vec::with_capacity(batch.len());
-        let mut s = shared.borrow_mut();
-        for ((block, _, _), data) in sources.iter().zip(contents) {
-            let tag = next_tag;
-            next_tag += 1;
-            s.internal_pending += 1;
-            s.hot.enqueue_internal(
-                tag,
-                HostRequest::Write { offset_blocks: block * blocks_per_unit, buffers: Arc::new(data) },
-                barrier.saturating_sub(1),
-            );
-            tags.push(tag);
+        {
+            let mut s = shared.borrow_mut();
+            for ((block, _, _), data) in sources.iter().zip(contents) {
+                let tag = next_tag;
+                next_tag += 1;
+                s.internal_pending += 1;
+                s.hot.enqueue_internal(
+                    tag,
+                    HostRequest::Write { offset_blocks: block * blocks_per_unit, buffers: Arc::new(data) },
+                    barrier.saturating_sub(1),
+                );
+                tags.push(tag);
+            }
         }
-        drop(s);
         // The volume's poll starts them and routes their completions here.
         let results = std::future::poll_fn(|_| {
             let mut s = shared.borrow_mut();

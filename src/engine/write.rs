@@ -262,8 +262,9 @@ impl HotStep<'_> {
                     HostRequest::Write { .. } | HostRequest::Unmap { .. } | HostRequest::WriteZeroes { .. },
                     seq,
                 )) => self.held(*tag, *seq),
-                Some((tag, HostRequest::Read { .. }, seq)) => {
-                    tag & INTERNAL_TAG == 0 && self.shared.read_holds.front().is_some_and(|barrier| *seq >= *barrier)
+                // The volume's own requests never wait in this queue (`hot.internal`).
+                Some((_, HostRequest::Read { .. }, seq)) => {
+                    self.shared.read_holds.front().is_some_and(|barrier| *seq >= *barrier)
                 }
                 _ => false,
             };

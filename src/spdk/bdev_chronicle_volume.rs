@@ -367,6 +367,9 @@ fn check_config(config: &VolumeConfig) -> Result<(), CreateError> {
             VOLUME_NAME_BYTES - 1
         )));
     }
+    if let Some(retention) = &config.retention {
+        retention.validate().map_err(|why| CreateError::Invalid(format!("retention: {why}")))?;
+    }
     if let Some(size) = config.host_write_size {
         if !size.is_power_of_two() || !(512..=1 << 20).contains(&size) {
             return Err(CreateError::Invalid(format!(
@@ -1404,9 +1407,7 @@ fn maintain(name: &str, done: MaintenanceWaiter, request: impl FnOnce(&mut Volum
 /// Sets the retention policy of volume `name` (also what `save_config` records).
 pub fn set_retention(name: &str, policy: RetentionPolicy) -> Result<RetentionPolicy, VolumeError> {
     let host = host_by_name(name).ok_or_else(|| VolumeError::NotFound(name.to_string()))?;
-    if policy.merge_older && policy.keep_last.is_none() {
-        return Err(VolumeError::Invalid("merge_older needs keep_last: how many records to keep individually".into()));
-    }
+    policy.validate().map_err(VolumeError::Invalid)?;
     host.running(|volume| volume.set_retention(policy.clone()))?;
     host.config.borrow_mut().retention = (policy != RetentionPolicy::default()).then(|| policy.clone());
     Ok(policy)

@@ -1,5 +1,5 @@
 //! `chronicle bench-history`: what history maintenance and restore volumes cost on a volume of
-//! files (issue 5). Five sections, on volumes of their own under DIR (removed afterwards):
+//! files (issue 5). Six sections, on volumes of their own under DIR (removed afterwards):
 //!
 //! 1. **merge**: throughput of merging the history records of several generations into one;
 //! 2. **overlap**: history units before and after that merge as the share of each generation's

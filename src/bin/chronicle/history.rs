@@ -119,8 +119,8 @@ fn maintain(dir: &Path, request: impl FnOnce(&mut Volume) -> chronicle::engine::
         );
         if report.dedup_shared > 0 || report.dedup_mismatches > 0 {
             println!(
-                "  dedup: {} elements stored once for several blocks ({} units saved); {} hash matches with different contents kept apart",
-                report.dedup_shared, report.dedup_shared, report.dedup_mismatches
+                "  dedup: {} units saved (elements sharing the unit of an equal one); {} hash matches with different contents kept apart",
+                report.dedup_shared, report.dedup_mismatches
             );
         }
     }

@@ -10,7 +10,9 @@
 //!
 //! Sort while an R-VOL exists (FIG 20): the sort overwrites backup blocks the map reads through.
 //! Its new record is the newest, so [`RestoreMap::extend_with_newer`] points exactly those
-//! blocks at the COW-saved copies — the same map a fresh [`plan_restore`] would build.
+//! blocks at the COW-saved copies — the same map a fresh [`plan_restore`] would build. (The
+//! engine's restore volumes keep the record list itself and resolve blocks at read time,
+//! `engine::restore_volume`; offline restores and rollbacks use this table.)
 
 use super::{check_volume, union_of, walk_first_hits, PlanError};
 use crate::core::bitmap::DifferenceBitmap;
