@@ -54,7 +54,6 @@ ONLY=bdevperf,fio,nvmf
 MEM_MODES=huge,nohuge
 RESULTS_FILE=
 FIO=${FIO:-fio}
-WAIT_MAX=${CHRONICLE_BENCH_WAIT:-600}
 
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
 while [[ $# -gt 0 ]]; do
@@ -93,53 +92,13 @@ mem_args() {
     esac
 }
 
-# Another SPDK application or fio on the machine (not ours: ours are all gone between runs).
-foreign_apps() { pgrep -af '^([^ ]*/)?(spdk_tgt|bdevperf|fio|spdk_dd|nvmf_tgt)( |$)' || true; }
-
-# wait_idle: before a measurement, waits until no other SPDK application or fio runs (up to
-# WAIT_MAX s, then fails) and until other processes use less than 0.3 cores over a second (up
-# to WAIT_MAX s, then measures anyway: the OTHER column shows it).
-wait_idle() {
-    local waited=0 apps busy
-    while apps=$(foreign_apps) && [[ -n $apps ]]; do
-        if ((waited % 30 == 0)); then
-            printf 'waiting for other SPDK applications or fio to finish (%d s so far):\n%s\n' "$waited" "$apps" >&2
-        fi
-        ((waited < WAIT_MAX)) || die "other SPDK applications or fio still run after $WAIT_MAX s"
-        sleep 1
-        waited=$((waited + 1))
-    done
-    waited=0
-    while busy=$(busy_over_a_second) && ((busy >= 30)); do
-        if ((waited % 30 == 0)); then
-            printf 'waiting for the machine to be quiet: other processes use %d%% of a core (%d s so far)\n' "$busy" "$waited" >&2
-            ps -eo pcpu,args --sort=-pcpu | awk 'NR > 1 && $2 != "ps"' | head -2 | cut -c1-120 >&2
-        fi
-        if ((waited >= WAIT_MAX)); then
-            echo "still busy after $WAIT_MAX s; measuring anyway" >&2
-            break
-        fi
-        waited=$((waited + 1))
-    done
-}
-
 # CPU accounting, to see whether anything else ran during a measurement: the machine's user,
 # nice and system time (/proc/stat) minus the time of our own processes (those this script
 # waited for: cutime/cstime of the script; for the NVMe/TCP target, which started before the
 # window, minus what it had used by then). OTHER is in cores (0 = nothing else ran), STEAL is
-# the hypervisor's steal time, also in cores.
-machine_ticks() { awk '/^cpu / { print $2 + $3 + $4, $9; exit }' /proc/stat; }
+# the hypervisor's steal time, also in cores (machine_ticks is in common.sh).
 # proc_ticks PID FIELD: utime+stime (FIELD 14) or cutime+cstime (FIELD 16) of a live process.
 proc_ticks() { sed 's/^.*) //' "/proc/$1/stat" | awk -v f="$2" '{ print $(f - 2) + $(f - 1) }'; }
-
-# busy_over_a_second: percent of a core the machine's processes used over the next second.
-busy_over_a_second() {
-    local b0 b1 steal
-    read -r b0 steal < <(machine_ticks)
-    sleep 1
-    read -r b1 steal < <(machine_ticks)
-    echo $(((b1 - b0) * 100 / $(getconf CLK_TCK)))
-}
 
 # window_begin [PID...]: starts a CPU accounting window; PIDs are our processes already running.
 window_begin() {

@@ -48,27 +48,8 @@ check_prerequisites
 command -v "$PERF" >/dev/null || die "no perf ($PERF; set PERF)"
 [[ $(awk '/^HugePages_Free/ { print $2 }' /proc/meminfo) -ge 512 ]] || die "needs 512 free 2 MiB hugepages"
 
-# Before each run: no other SPDK application or fio, and the machine quiet (other processes
-# below 0.3 cores over a second); waits up to 10 minutes for each.
-wait_idle() {
-    local waited apps b0 b1
-    for ((waited = 0; ; waited++)); do
-        apps=$(pgrep -af '^([^ ]*/)?(spdk_tgt|bdevperf|fio|spdk_dd|nvmf_tgt)( |$)' || true)
-        [[ -n $apps ]] || break
-        ((waited < 600)) || die "other SPDK applications still run: $apps"
-        ((waited % 30)) || printf 'waiting for:\n%s\n' "$apps" >&2
-        sleep 1
-    done
-    for ((waited = 0; waited < 600; waited++)); do
-        b0=$(awk '/^cpu / { print $2 + $3 + $4; exit }' /proc/stat)
-        sleep 1
-        b1=$(awk '/^cpu / { print $2 + $3 + $4; exit }' /proc/stat)
-        (((b1 - b0) * 100 / $(getconf CLK_TCK) < 30)) && return 0
-        ((waited % 30)) || echo "waiting for the machine to be quiet ($(((b1 - b0) * 100 / $(getconf CLK_TCK)))% of a core busy)" >&2
-    done
-    echo "the machine is still busy after 10 minutes; profiling anyway" >&2
-}
-
+# Before each run: wait_idle (common.sh) waits for no other SPDK application or fio and a quiet
+# machine.
 ID_BASE=$(($$ % 20000 + 10000))
 run=0
 for ((rep = 1; rep <= REPEAT; rep++)); do
