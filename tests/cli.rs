@@ -852,3 +852,101 @@ fn history_commands_merge_delete_list_and_restore_generations() {
         "the rolled-back image is generation 4's"
     );
 }
+
+/// Opens the volume in `dir` read-only through io_uring, as the offline tools do.
+fn open_reader(dir: &Path) -> chronicle::engine::reader::VolumeReader {
+    use chronicle::device::uring::{UringContext, UringContextOptions, UringDevice, UringOptions};
+    use chronicle::device::Device;
+    let context = UringContext::new(&UringContextOptions::default()).expect("io_uring");
+    let channels = FILES
+        .iter()
+        .map(|name| {
+            let options = UringOptions { read_only: true, allow_buffered: true, ..UringOptions::default() };
+            UringDevice::open(dir.join(name), &options, context.clone()).unwrap().open_channel().unwrap()
+        })
+        .collect::<Vec<_>>();
+    chronicle::engine::reader::VolumeReader::open(channels).expect("reader")
+}
+
+#[test]
+fn all_mode_restores_any_sequence_and_refuses_what_it_does_not_keep() {
+    let root = test_dir();
+    let dir = root.path().join("vol");
+    // Every write is kept in "all" mode: a journal of four volumes.
+    format(&dir, &["--journal-mode", "all", "--journal-size", "64M", "--history-size", "64M"]);
+    let load = ["load", dir.to_str().unwrap(), "--seconds", "0.4", "--marker-every-ms", "100", "--queue-depth", "8"];
+    chronicle(&load).expect_ok();
+    let listed = chronicle(&[OsStr::new("generations"), dir.as_os_str()]).expect_ok();
+    assert!(
+        listed.stdout.contains("versions:") && listed.stdout.contains("any-point restore"),
+        "{}",
+        listed.describe()
+    );
+    let listed = chronicle(&[OsStr::new("generations"), dir.as_os_str(), OsStr::new("--json")]).expect_ok();
+    let list: serde_json::Value = serde_json::from_str(&listed.stdout).expect("JSON");
+    let open = list.as_array().unwrap().last().unwrap().clone();
+    assert_eq!(open["state"], "open");
+    let versions = &open["versions"];
+    let (first, last) = (versions["first_sequence"].as_u64().unwrap(), versions["last_sequence"].as_u64().unwrap());
+    assert!(first < last, "the load wrote after its last marker: {open}");
+
+    // A sequence in the middle of the open generation: the file is the reader's image there.
+    let target = (first + last) / 2;
+    let output = root.path().join("at.img");
+    let restore = |sequence: u64| {
+        chronicle(&[
+            OsStr::new("restore"),
+            dir.as_os_str(),
+            OsStr::new("--sequence"),
+            OsStr::new(&sequence.to_string()),
+            OsStr::new("--output"),
+            output.as_os_str(),
+        ])
+    };
+    let restored = restore(target).expect_ok();
+    assert!(restored.stdout.contains(&format!("restored sequence {target}")), "{}", restored.describe());
+    let reader = open_reader(&dir);
+    assert!(std::fs::read(&output).unwrap() == reader.read_sequence(target).unwrap(), "the file is sequence {target}");
+    // The backup generation's cut is its image.
+    let backup = reader.backup_generation();
+    let cut = reader.generations().iter().find(|g| g.generation == backup).unwrap().last_sequence;
+    assert!(reader.read_sequence(cut).unwrap() == reader.read_image(backup).unwrap(), "the cut is the image");
+    let next = reader.next_sequence();
+    drop(reader);
+
+    // Beyond the newest write: refused, the output untouched.
+    std::fs::write(&output, b"untouched").unwrap();
+    let refused = restore(next + 10).expect_refused();
+    assert!(
+        refused.stderr.contains("in the future") && refused.stderr.contains("restorable:"),
+        "{}",
+        refused.describe()
+    );
+    assert_eq!(std::fs::read(&output).unwrap(), b"untouched");
+    // Exactly one target.
+    let both = chronicle(&[
+        OsStr::new("restore"),
+        dir.as_os_str(),
+        OsStr::new("--generation"),
+        OsStr::new("0"),
+        OsStr::new("--sequence"),
+        OsStr::new("0"),
+        OsStr::new("--output"),
+        output.as_os_str(),
+    ]);
+    assert!(!both.ok() && !both.panicked() && both.stderr.contains("cannot be used with"), "{}", both.describe());
+
+    // A "latest" mode volume keeps no versions.
+    let latest = root.path().join("latest");
+    format(&latest, &[]);
+    let refused = chronicle(&[
+        OsStr::new("restore"),
+        latest.as_os_str(),
+        OsStr::new("--sequence"),
+        OsStr::new("0"),
+        OsStr::new("--output"),
+        output.as_os_str(),
+    ])
+    .expect_refused();
+    assert!(refused.stderr.contains("\"latest\" journal mode"), "{}", refused.describe());
+}

@@ -592,6 +592,7 @@ impl Codec for IndexPageCodec {
                     crc: random_u64(rng) as u32,
                     sequence: if all { random_u64(rng) } else { 0 },
                     time_ns: if all { random_u64(rng) } else { 0 },
+                    lost: all && rng.random_bool(0.3),
                 })
                 .collect(),
         }

@@ -143,6 +143,10 @@ async fn seal(shared: &SharedRef, io: &ControlIo<HostRef>, comment: String, barr
         let meta = &mut s.meta;
         // One instant: the sealed generation ends when the next one opens.
         let sealed_ns = now_ns();
+        // Writes of the generation were submitted before the barrier, later ones after; a
+        // rollback's own writes carry the barrier itself (rollback.rs).
+        let last_sequence =
+            meta.open.versions.iter().map(|v| v.sequence).max().unwrap_or(0).max(barrier.saturating_sub(1));
         let mut next = OpenGeneration::new(meta.open.generation + 1, meta.ring.head(), meta.pages.head());
         next.opened_ns = sealed_ns;
         let open = std::mem::replace(&mut meta.open, next);
@@ -156,6 +160,8 @@ async fn seal(shared: &SharedRef, io: &ControlIo<HostRef>, comment: String, barr
             page_count: open.pages.len() as u64,
             blocks: open.blocks,
             crcs: open.crcs,
+            versions: open.versions,
+            last_sequence,
             durable: false,
         });
         open.generation

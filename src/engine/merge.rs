@@ -318,6 +318,7 @@ pub(crate) async fn merge(
     let mut merged = CatalogEntry::new(from, EntryKind::Merged, EntryState::Merging);
     merged.through_generation = through;
     merged.time_ns = sources[0].time_ns;
+    merged.last_sequence = sources[0].last_sequence;
     merged.comment = sources[0].comment.clone();
     merged.element_start = output.start;
     merged.element_count = output.units;

@@ -121,6 +121,15 @@ impl PageSet {
     }
 }
 
+/// What "all" mode keeps of one element besides its block and checksum (seed 001 embodiment
+/// 4, "All"): the write's sequence and time, and whether a power cut lost it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Version {
+    pub sequence: u64,
+    pub time_ns: u64,
+    pub lost: bool,
+}
+
 /// The generation collecting host writes.
 #[derive(Debug)]
 pub(crate) struct OpenGeneration {
@@ -134,7 +143,9 @@ pub(crate) struct OpenGeneration {
     pub blocks: Vec<u64>,
     /// crc32c of each entry's element as last written.
     pub crcs: Vec<u32>,
-    /// Block → entry.
+    /// "All" mode: each entry's version (empty in "latest" mode).
+    pub versions: Vec<Version>,
+    /// Block → entry (in "all" mode its newest entry).
     pub entry_of: UnitIndex,
     /// Pages holding entries whose crc changed since the page was last written.
     pub stale_pages: PageSet,
@@ -152,6 +163,7 @@ impl OpenGeneration {
             page_start,
             blocks: Vec::new(),
             crcs: Vec::new(),
+            versions: Vec::new(),
             entry_of: UnitIndex::new(),
             stale_pages: Default::default(),
             durable: 0,
@@ -171,15 +183,41 @@ pub(crate) struct SealedGeneration {
     pub page_count: u64,
     pub blocks: Vec<u64>,
     pub crcs: Vec<u32>,
+    /// "All" mode: each entry's version (empty in "latest" mode).
+    pub versions: Vec<Version>,
+    /// Every write of the generation has a lower sequence, every later write a higher one
+    /// (the marker's barrier − 1).
+    pub last_sequence: u64,
     /// The catalog write that seals it is durable: only then may the sort touch it.
     pub durable: bool,
 }
 
 impl SealedGeneration {
-    /// `(block, virtual segment)` of every element.
+    /// `(block, virtual segment)` of the element that holds each block's content at the seal:
+    /// every element in "latest" mode, the newest version of each block in "all" mode.
     pub fn elements(&self) -> Vec<(u64, u64)> {
-        self.blocks.iter().enumerate().map(|(k, block)| (*block, self.element_start + k as u64)).collect()
+        if self.versions.is_empty() {
+            return self.blocks.iter().enumerate().map(|(k, block)| (*block, self.element_start + k as u64)).collect();
+        }
+        newest_versions(&self.blocks, &self.versions, u64::MAX)
+            .into_iter()
+            .map(|(block, k)| (block, self.element_start + k as u64))
+            .collect()
     }
+}
+
+/// "All" mode: for each block, the entry index of its newest version with sequence at most
+/// `upto` that was not lost, ascending by block. Per block, versions are in allocation order,
+/// which is sequence order (overlapping writes keep their submission order).
+pub(crate) fn newest_versions(blocks: &[u64], versions: &[Version], upto: u64) -> Vec<(u64, usize)> {
+    debug_assert_eq!(blocks.len(), versions.len());
+    let mut newest: std::collections::BTreeMap<u64, usize> = Default::default();
+    for (k, (block, version)) in blocks.iter().zip(versions).enumerate() {
+        if version.sequence <= upto && !version.lost {
+            newest.insert(*block, k);
+        }
+    }
+    newest.into_iter().collect()
 }
 
 pub(crate) struct Meta {
@@ -206,6 +244,11 @@ pub(crate) struct Meta {
     /// Maps of live history records already read or written (restore volumes, merges and
     /// rollbacks need them without reading every control block again).
     pub record_maps: RecordMaps,
+    /// Submission sequence the next host request gets: above every sequence any catalog or
+    /// index entry names, so sequences grow across restarts.
+    pub next_sequence: u64,
+    /// "All" mode: time of the newest write, so write times never go back.
+    pub last_write_ns: u64,
 }
 
 /// Bytes of record maps kept in memory per volume; past it, maps are read from their control
@@ -280,6 +323,15 @@ impl Meta {
         entries_per_page(self.mode())
     }
 
+    /// Units of a write that need a new element: every unit in "all" mode (each write is a
+    /// new version), the units the open generation does not list yet in "latest" mode.
+    pub fn new_units(&self, units: std::ops::Range<u64>) -> u64 {
+        match self.mode() {
+            JournalMode::All => units.end - units.start,
+            JournalMode::Latest => units.filter(|unit| !self.open.entry_of.contains(*unit)).count() as u64,
+        }
+    }
+
     /// Device blocks of the base or backup per unit.
     pub fn blocks_per_unit(&self, role_index: usize) -> u64 {
         self.unit_bytes() / self.block_size[role_index]
@@ -316,18 +368,25 @@ impl Meta {
     pub fn build_journal_catalog(&self) -> Catalog {
         let mut catalog = self.journal_catalog.clone();
         catalog.next_generation = self.open.generation;
+        catalog.write_sequence = self.next_sequence;
         catalog.ring_tail = self.ring.tail();
         catalog.index_tail = self.pages.tail();
         catalog.entries.clear();
         for sealed in &self.sealed {
             let mut entry = CatalogEntry::new(sealed.generation, EntryKind::Online, EntryState::Sealed);
+            entry.first_sequence = sealed.versions.first().map_or(0, |v| v.sequence);
+            entry.last_sequence = sealed.last_sequence;
             entry.time_ns = sealed.time_ns;
             entry.comment = sealed.comment.clone();
             entry.element_start = sealed.element_start;
             entry.element_count = sealed.blocks.len() as u64;
             entry.control_start = sealed.page_start;
             entry.control_count = sealed.page_count;
-            entry.blocks = sealed.blocks.len() as u64;
+            entry.blocks = if sealed.versions.is_empty() {
+                sealed.blocks.len() as u64
+            } else {
+                sealed.blocks.iter().collect::<rustc_hash::FxHashSet<_>>().len() as u64
+            };
             catalog.entries.push(entry);
         }
         let mut open = CatalogEntry::new(self.open.generation, EntryKind::Online, EntryState::Open);
@@ -358,7 +417,16 @@ impl Meta {
             first_segment: self.open.element_start + first as u64,
             mode: self.mode(),
             entries: (first..last)
-                .map(|k| IndexEntry { block: self.open.blocks[k], crc: self.open.crcs[k], sequence: 0, time_ns: 0 })
+                .map(|k| {
+                    let version = self.open.versions.get(k).copied();
+                    IndexEntry {
+                        block: self.open.blocks[k],
+                        crc: self.open.crcs[k],
+                        sequence: version.map_or(0, |v| v.sequence),
+                        time_ns: version.map_or(0, |v| v.time_ns),
+                        lost: version.is_some_and(|v| v.lost),
+                    }
+                })
                 .collect(),
         };
         (self.open.page_start + index as u64, slot, sequence, page.encode())

@@ -38,7 +38,8 @@ pub use merge::{MaintenanceError, MaintenanceHandle, MergeReport, RetentionPolic
 pub use restore_volume::{RestoreHandle, RestoreId, RestoreInfo, MAX_RESTORE_IN_FLIGHT, MAX_RESTORE_VOLUMES};
 pub use setup::{begin_format, format, FormatProgress, Formatting};
 pub use volume::{
-    GenerationInfo, HostCompletion, HostError, HostRequest, Identity, MarkerHandle, Opening, Status, Volume,
+    GenerationInfo, HostCompletion, HostError, HostRequest, Identity, MarkerHandle, Opening, Status, VersionRange,
+    Volume,
 };
 
 /// Everything `format` needs besides the devices.
@@ -149,6 +150,9 @@ pub enum EngineError {
     Damaged(String),
     #[error("{0} is not supported yet")]
     Unsupported(String),
+    /// An any-point-in-time target the volume cannot restore (any more, or yet).
+    #[error("{target} cannot be restored: {why}; restorable: {available}")]
+    TargetUnavailable { target: String, why: String, available: String },
     #[error("history full: the {operation} of generation {generation} needs {needed} contiguous units, {free} are free (largest run {largest}); enlarge the history or delete old generations")]
     HistoryFull { operation: &'static str, generation: u64, needed: u64, free: u64, largest: u64 },
     #[error("history catalog full: the sort of generation {generation} needs a new record but the catalog holds {capacity}; delete old generations")]

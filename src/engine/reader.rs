@@ -12,9 +12,13 @@ use crate::core::format::control_block::ControlBlock;
 use crate::device::Channel;
 
 use super::io::{block_on, ControlIo, Hub, IoHub, Role};
-use super::meta::Meta;
+use super::meta::{newest_versions, Meta};
 use super::volume::GenerationInfo;
 use super::{setup, EngineError};
+
+/// An image as layers: the device most blocks come from, and the blocks that come from
+/// elsewhere, `(block, device, lba)` ascending by block.
+type Layers = (Role, Vec<(u64, Role, u64)>);
 
 /// A volume opened read-only for inspection.
 pub struct VolumeReader {
@@ -210,7 +214,13 @@ impl VolumeReader {
         generation: u64,
         sink: &mut dyn FnMut(u64, &[u8]) -> std::io::Result<()>,
     ) -> Result<(), EngineError> {
-        let unit = self.meta.unit_bytes();
+        let (device, overlay) = self.image_layers(generation)?;
+        self.stream(device, &overlay, sink)
+    }
+
+    /// The device an image of `generation` is read from and the blocks that come from
+    /// elsewhere, `(block, device, lba)` ascending.
+    fn image_layers(&self, generation: u64) -> Result<Layers, EngineError> {
         let source = self.source(generation).ok_or_else(|| {
             EngineError::Invalid(format!("generation {generation} cannot be restored from this volume"))
         })?;
@@ -245,6 +255,17 @@ impl VolumeReader {
                 (Role::Backup, overlay.into_iter().map(|(b, (r, l))| (b, r, l)).collect())
             }
         };
+        Ok((device, overlay))
+    }
+
+    /// Streams `device` overlaid with `overlay` to `sink`, 4 MiB at a time.
+    fn stream(
+        &self,
+        device: Role,
+        overlay: &[(u64, Role, u64)],
+        sink: &mut dyn FnMut(u64, &[u8]) -> std::io::Result<()>,
+    ) -> Result<(), EngineError> {
+        let unit = self.meta.unit_bytes();
         let total = self.meta.geometry.volume_bytes();
         let chunk_bytes = (4u64 << 20) / unit * unit;
         let block_size = self.meta.block_size[device as usize];
@@ -268,6 +289,147 @@ impl VolumeReader {
         Ok(())
     }
 
+    /// The submission sequence the next host request would get: every write the volume holds
+    /// has a lower one.
+    pub fn next_sequence(&self) -> u64 {
+        self.meta.next_sequence
+    }
+
+    /// The image after every host write with a sequence up to `sequence` ("all" mode, seed 001
+    /// embodiment 4): the image of the generation cut at or before it, overlaid with the
+    /// versions of the next generation up to `sequence`, newest per block. Targets whose
+    /// generation's versions are no longer kept, older than the oldest restorable image, or
+    /// beyond the newest write are refused with [`EngineError::TargetUnavailable`].
+    pub fn restore_sequence_to(
+        &self,
+        sequence: u64,
+        sink: &mut dyn FnMut(u64, &[u8]) -> std::io::Result<()>,
+    ) -> Result<(), EngineError> {
+        let (device, overlay) = self.sequence_layers(sequence)?;
+        self.stream(device, &overlay, sink)
+    }
+
+    /// Whether the volume keeps every write ("all" journal mode).
+    pub fn journal_mode_all(&self) -> bool {
+        self.meta.mode() == crate::core::format::superblock::JournalMode::All
+    }
+
+    /// Whether `sequence` can be restored (the error says why not and what can).
+    pub fn check_sequence(&self, sequence: u64) -> Result<(), EngineError> {
+        self.sequence_layers(sequence).map(|_| ())
+    }
+
+    /// The whole image at `sequence` (in memory: for checks and small volumes).
+    pub fn read_sequence(&self, sequence: u64) -> Result<Vec<u8>, EngineError> {
+        let mut image = Vec::with_capacity(self.meta.geometry.volume_bytes() as usize);
+        self.restore_sequence_to(sequence, &mut |_, chunk| {
+            image.extend_from_slice(chunk);
+            Ok(())
+        })?;
+        Ok(image)
+    }
+
+    /// The sequence targets this volume can restore, for error messages and `generations`:
+    /// each restorable generation's cut, and the ranges the journal keeps versions for.
+    pub fn restorable_sequences(&self) -> String {
+        let mut parts = Vec::new();
+        let generations = self.generations();
+        for info in &generations {
+            if info.state != "open" && self.source(info.generation).is_some() {
+                parts.push(format!("{} (generation {})", info.last_sequence, info.generation));
+            }
+        }
+        for info in &generations {
+            let previous = generations.iter().find(|g| g.generation + 1 == info.generation);
+            if let (Some(previous), Some(_)) = (previous, info.versions) {
+                if self.source(previous.generation).is_some() {
+                    let end = if info.state == "open" { self.next_sequence() - 1 } else { info.last_sequence };
+                    parts.push(format!("{}..={} (generation {})", previous.last_sequence, end, info.generation));
+                }
+            }
+        }
+        if parts.is_empty() {
+            "nothing".into()
+        } else {
+            parts.join(", ")
+        }
+    }
+
+    fn sequence_layers(&self, sequence: u64) -> Result<Layers, EngineError> {
+        use crate::core::format::superblock::JournalMode;
+        let unavailable = |why: String| EngineError::TargetUnavailable {
+            target: format!("sequence {sequence}"),
+            why,
+            available: self.restorable_sequences(),
+        };
+        if self.meta.mode() != JournalMode::All {
+            return Err(EngineError::Invalid(
+                "the volume keeps the \"latest\" journal mode (one element per block and generation): restore a generation; any-point restore needs a volume formatted with journal mode \"all\"".into(),
+            ));
+        }
+        if sequence >= self.next_sequence() {
+            return Err(unavailable(format!(
+                "it is in the future (the newest host request has sequence {})",
+                self.next_sequence().saturating_sub(1)
+            )));
+        }
+        // The newest generation whose image is cut at or before the target.
+        let generations = self.generations();
+        let cut = generations
+            .iter()
+            .filter(|g| g.state != "open" && g.last_sequence <= sequence)
+            .max_by_key(|g| g.generation);
+        let Some(cut) = cut else {
+            return Err(unavailable("it is older than the oldest image the volume keeps".into()));
+        };
+        if self.source(cut.generation).is_none() {
+            return Err(unavailable(format!("generation {} was merged away or deleted", cut.generation)));
+        }
+        let (device, overlay) = self.image_layers(cut.generation)?;
+        if sequence == cut.last_sequence {
+            return Ok((device, overlay));
+        }
+        // The versions of the next generation, up to the target.
+        let next = cut.generation + 1;
+        let open = &self.meta.open;
+        let (start, blocks, mut versions, newest_in_base) = if next == open.generation {
+            (open.element_start, &open.blocks, open.versions.clone(), true)
+        } else if let Some(sealed) = self.meta.sealed.iter().find(|s| s.generation == next) {
+            (sealed.element_start, &sealed.blocks, sealed.versions.clone(), false)
+        } else {
+            return Err(unavailable(format!(
+                "it falls in generation {next}, which was sorted into the history (versions are kept only while a generation is in the journal)"
+            )));
+        };
+        let newest: rustc_hash::FxHashSet<usize> =
+            newest_versions(blocks, &versions, u64::MAX).into_iter().map(|(_, k)| k).collect();
+        let unit = self.unit_bytes();
+        if newest_in_base {
+            // Opened without recovery: an older version of the open generation whose journal
+            // write did not survive a power cut is lost, as recovery would mark it.
+            for (k, version) in versions.iter_mut().enumerate() {
+                if !newest.contains(&k) && !version.lost {
+                    let data = self.read_units(Role::Journal, self.meta.segment_lba(start + k as u64), unit)?;
+                    if crate::core::checksum::crc32c(&data) != open.crcs[k] {
+                        version.lost = true;
+                    }
+                }
+            }
+        }
+        let mut layers: std::collections::BTreeMap<u64, (Role, u64)> =
+            overlay.into_iter().map(|(b, r, l)| (b, (r, l))).collect();
+        for (block, k) in newest_versions(blocks, &versions, sequence) {
+            // The open generation's newest version of a block is what the base holds.
+            let layer = if newest_in_base && newest.contains(&k) {
+                (Role::Base, self.meta.volume_lba(0, block))
+            } else {
+                (Role::Journal, self.meta.segment_lba(start + k as u64))
+            };
+            layers.insert(block, layer);
+        }
+        Ok((device, layers.into_iter().map(|(b, (r, l))| (b, r, l)).collect()))
+    }
+
     /// While a sort is interrupted the backup is part old, part new: blocks the sort already
     /// saved read from the history units it saved them to (so the backup still reads as the
     /// backup generation's image).
@@ -277,7 +439,8 @@ impl VolumeReader {
             && cursor.generation == self.backup_generation() + 1;
         let mut overlay = Vec::new();
         if let (true, Some(sealed)) = (interrupted, self.meta.sealed.front()) {
-            let mut blocks = sealed.blocks.clone();
+            // The sort's record holds one unit per block (the newest version in "all" mode).
+            let mut blocks: Vec<u64> = sealed.elements().into_iter().map(|(block, _)| block).collect();
             blocks.sort_unstable();
             for (rank, block) in blocks.iter().enumerate().take_while(|(_, b)| **b < cursor.saved_through) {
                 overlay.push((*block, Role::History, self.meta.history_lba(cursor.history_start + rank as u64)));
@@ -322,7 +485,17 @@ impl VolumeReader {
         report.sealed_elements = self.meta.sealed.iter().map(|s| s.blocks.len() as u64).sum();
         report.open_elements = self.meta.open.blocks.len() as u64;
         let unit = self.meta.unit_bytes();
+        // "All" mode: only a block's newest version is its current content.
+        let newest: Option<rustc_hash::FxHashSet<usize>> = (!self.meta.open.versions.is_empty()).then(|| {
+            newest_versions(&self.meta.open.blocks, &self.meta.open.versions, u64::MAX)
+                .into_iter()
+                .map(|(_, k)| k)
+                .collect()
+        });
         for (k, block) in self.meta.open.blocks.iter().enumerate() {
+            if newest.as_ref().is_some_and(|newest| !newest.contains(&k)) {
+                continue;
+            }
             let element =
                 self.read_units(Role::Journal, self.meta.segment_lba(self.meta.open.element_start + k as u64), unit)?;
             let base = self.read_units(Role::Base, self.meta.volume_lba(0, *block), unit)?;

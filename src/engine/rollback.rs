@@ -255,7 +255,9 @@ async fn rollback(
                 s.hot.enqueue_internal(
                     tag,
                     HostRequest::Write { offset_blocks: block * blocks_per_unit, buffers: Arc::new(data) },
-                    barrier.saturating_sub(1),
+                    // The rollback's writes are one step in sequence order, at its barrier: after
+                    // the undo point (sealed through barrier − 1), before the host's held writes.
+                    barrier,
                 );
                 tags.push(tag);
             }

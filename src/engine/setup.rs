@@ -36,7 +36,7 @@ use crate::core::geometry::{DeviceBlockSize, HostWriteSize, VolumeGeometry};
 use crate::device::{Channel, DeviceGeometry};
 
 use super::io::{block_on, run_bounded, ControlIo, IoHub, Role};
-use super::meta::{Meta, OpenGeneration, PageState, SealedGeneration};
+use super::meta::{newest_versions, Meta, OpenGeneration, PageState, SealedGeneration, Version};
 use super::{now_ns, EngineError, FormatOptions};
 
 const PAGE: u64 = METADATA_PAGE_BYTES as u64;
@@ -173,9 +173,6 @@ pub(crate) async fn format_volume<O: Copy>(
     options: &FormatOptions,
     progress: &mut dyn FnMut(FormatProgress),
 ) -> Result<(), EngineError> {
-    if options.journal_mode == JournalMode::All {
-        return Err(EngineError::Unsupported("journal mode \"all\"".into()));
-    }
     if options.journal_full_policy == JournalFullPolicy::BitmapOnly {
         return Err(EngineError::Unsupported(format!("journal-full policy {:?}", options.journal_full_policy)));
     }
@@ -230,6 +227,8 @@ pub(crate) async fn format_volume<O: Copy>(
     let mut journal_catalog = Catalog::new(DeviceRole::Journal, options.layout.catalog_entries);
     journal_catalog.sequence = 1;
     journal_catalog.next_generation = 1;
+    // Generation 0 (the format's image) ends at sequence 0; the first host request gets 1.
+    journal_catalog.write_sequence = 1;
     let mut open = CatalogEntry::new(1, EntryKind::Online, EntryState::Open);
     open.time_ns = created_ns;
     journal_catalog.entries.push(open);
@@ -488,6 +487,8 @@ pub(crate) async fn open_volume<O: Copy>(io: &ControlIo<O>, read_only: bool) -> 
         open: OpenGeneration::new(open_entry.generation, open_entry.element_start, open_entry.control_start),
         sealed: VecDeque::new(),
         record_maps: Default::default(),
+        next_sequence: 0,
+        last_write_ns: 0,
     };
     meta.open.opened_ns = open_entry.time_ns;
 
@@ -500,7 +501,7 @@ pub(crate) async fn open_volume<O: Copy>(io: &ControlIo<O>, read_only: bool) -> 
         RingAllocator::from_state(meta.journal.index_pages, tail_entry.control_start, open_entry.control_start)
             .map_err(|e| EngineError::Damaged(format!("journal index ring: {e}")))?;
     for entry in sealed_entries {
-        let (blocks, crcs, _) = read_index(
+        let (blocks, crcs, versions, _) = read_index(
             io,
             &meta,
             entry.generation,
@@ -526,13 +527,15 @@ pub(crate) async fn open_volume<O: Copy>(io: &ControlIo<O>, read_only: bool) -> 
             page_count: entry.control_count,
             blocks,
             crcs,
+            versions,
+            last_sequence: entry.last_sequence,
             durable: true,
         });
     }
     for sealed in &meta.sealed {
         verify_sealed_elements(io, &meta, sealed).await?;
     }
-    let (blocks, crcs, pages) =
+    let (blocks, crcs, versions, pages) =
         read_index(io, &meta, open_entry.generation, open_entry.element_start, open_entry.control_start, None).await?;
     let open_elements = blocks.len() as u64;
     let open_pages = pages.len() as u64;
@@ -555,6 +558,13 @@ pub(crate) async fn open_volume<O: Copy>(io: &ControlIo<O>, read_only: bool) -> 
     }
     meta.open.blocks = blocks;
     meta.open.crcs = crcs;
+    meta.open.versions = versions;
+    // Sequences continue above every one a catalog or an index names (a write whose index entry
+    // never became durable never reached the base either: its number may be given again).
+    let named = meta.open.versions.iter().chain(meta.sealed.iter().flat_map(|s| s.versions.iter())).map(|v| v.sequence);
+    let sealed = journal_catalog.entries.iter().chain(&history_catalog.entries).map(|e| e.last_sequence);
+    meta.next_sequence = named.chain(sealed).max().map_or(0, |s| s + 1).max(journal_catalog.write_sequence);
+    meta.last_write_ns = meta.open.versions.iter().map(|v| v.time_ns).max().unwrap_or(0);
 
     // 5. The open generation's elements follow the base again.
     if !read_only {
@@ -606,10 +616,12 @@ async fn read_index<O: Copy>(
     element_start: u64,
     page_start: u64,
     page_count: Option<u64>,
-) -> Result<(Vec<u64>, Vec<u32>, Vec<PageState>), EngineError> {
+) -> Result<(Vec<u64>, Vec<u32>, Vec<Version>, Vec<PageState>), EngineError> {
     let per_page = meta.entries_per_page();
+    let all = meta.mode() == JournalMode::All;
     let mut blocks = Vec::new();
     let mut crcs = Vec::new();
+    let mut versions = Vec::new();
     let mut states = Vec::new();
     let limit = page_count.unwrap_or(meta.journal.index_pages);
     let mut index = 0u64;
@@ -653,6 +665,9 @@ async fn read_index<O: Copy>(
             }
             blocks.push(entry.block);
             crcs.push(entry.crc);
+            if all {
+                versions.push(Version { sequence: entry.sequence, time_ns: entry.time_ns, lost: entry.lost });
+            }
         }
         states.push(PageState { sequence: chosen.sequence, newest_slot: Some(slot) });
         index += 1;
@@ -660,13 +675,14 @@ async fn read_index<O: Copy>(
             break;
         }
     }
+    // "Latest" mode lists a block once per generation; "all" mode once per write.
     let mut seen = rustc_hash::FxHashSet::default();
-    if let Some(duplicate) = blocks.iter().find(|b| !seen.insert(**b)) {
+    if let Some(duplicate) = blocks.iter().find(|b| !all && !seen.insert(**b)) {
         return Err(EngineError::Damaged(format!(
             "generation {generation}: block {duplicate} appears twice in its element index"
         )));
     }
-    Ok((blocks, crcs, states))
+    Ok((blocks, crcs, versions, states))
 }
 
 async fn next_page_belongs<O: Copy>(
@@ -693,7 +709,8 @@ async fn verify_sealed_elements<O: Copy>(
     sealed: &SealedGeneration,
 ) -> Result<(), EngineError> {
     let unit = meta.unit_bytes() as usize;
-    let checks = sealed.blocks.iter().zip(&sealed.crcs).enumerate().map(|(k, (block, crc))| {
+    let lost = |k: usize| sealed.versions.get(k).is_some_and(|v| v.lost);
+    let checks = sealed.blocks.iter().zip(&sealed.crcs).enumerate().filter(|(k, _)| !lost(*k)).map(|(k, (block, crc))| {
         let lba = meta.segment_lba(sealed.element_start + k as u64);
         async move {
             let data = io.read(Role::Journal, lba, unit).await?;
@@ -712,13 +729,40 @@ async fn verify_sealed_elements<O: Copy>(
 }
 
 /// Rewrites every element of the open generation from the base and recomputes its checksum.
+/// In "all" mode that is each block's newest version (the base holds the block's current
+/// content); an older version whose journal write did not survive the cut no longer matches
+/// its checksum and is marked lost (FORMAT.md §9.3).
 async fn resync_open_generation<O: Copy>(io: &ControlIo<O>, meta: &mut Meta) -> Result<(), EngineError> {
     if meta.open.blocks.is_empty() {
         return Ok(());
     }
     let unit = meta.unit_bytes() as usize;
-    let copies = meta.open.blocks.iter().enumerate().map(|(k, block)| {
-        let base_lba = meta.volume_lba(0, *block);
+    if meta.mode() == JournalMode::All {
+        let newest: rustc_hash::FxHashSet<usize> =
+            newest_versions(&meta.open.blocks, &meta.open.versions, u64::MAX).into_iter().map(|(_, k)| k).collect();
+        let older: Vec<usize> =
+            (0..meta.open.blocks.len()).filter(|k| !newest.contains(k) && !meta.open.versions[*k].lost).collect();
+        let checks = older.iter().map(|k| {
+            let (lba, crc) = (meta.segment_lba(meta.open.element_start + *k as u64), meta.open.crcs[*k]);
+            async move { Ok::<bool, EngineError>(crc32c(&io.read(Role::Journal, lba, unit).await?.to_vec()) != crc) }
+        });
+        let lost = run_bounded(checks, 32).await?;
+        let per_page = meta.entries_per_page();
+        for (k, lost) in older.into_iter().zip(lost) {
+            if lost {
+                meta.open.versions[k].lost = true;
+                meta.open.stale_pages.insert(k / per_page);
+            }
+        }
+    }
+    let all = meta.mode() == JournalMode::All;
+    let targets: Vec<usize> = if all {
+        newest_versions(&meta.open.blocks, &meta.open.versions, u64::MAX).into_iter().map(|(_, k)| k).collect()
+    } else {
+        (0..meta.open.blocks.len()).collect()
+    };
+    let copies = targets.iter().map(|k| (*k, meta.open.blocks[*k])).map(|(k, block)| {
+        let base_lba = meta.volume_lba(0, block);
         let journal_lba = meta.segment_lba(meta.open.element_start + k as u64);
         async move {
             let data = io.read(Role::Base, base_lba, unit).await?;
@@ -730,7 +774,7 @@ async fn resync_open_generation<O: Copy>(io: &ControlIo<O>, meta: &mut Meta) -> 
     let crcs = run_bounded(copies, 32).await?;
     io.flush(Role::Journal).await?;
     let per_page = meta.entries_per_page();
-    for (k, crc) in crcs.into_iter().enumerate() {
+    for (k, crc) in targets.into_iter().zip(crcs) {
         if meta.open.crcs[k] != crc {
             meta.open.crcs[k] = crc;
             meta.open.stale_pages.insert(k / per_page);

@@ -120,7 +120,9 @@ async fn sort_generation(
         debug_assert_eq!(s.meta.history_catalog.backup_generation, record, "generations are sorted in order");
         (s.meta.unit_bytes() as usize, s.meta.shape.volume_blocks, s.options.sort.clone(), s.meta.blocks_per_unit(2))
     };
-    let elements = sealed.blocks.len() as u64;
+    // "All" mode: the newest version of each block goes to the backup (seed 001 embodiment 4).
+    let online = sealed.elements();
+    let elements = online.len() as u64;
 
     // Extents: those of an interrupted sort of this generation, or new ones.
     let resumed = {
@@ -157,7 +159,7 @@ async fn sort_generation(
             cursor
         }
     };
-    let plan = plan_sort(blocks, &sealed.elements(), cursor.history_start)
+    let plan = plan_sort(blocks, &online, cursor.history_start)
         .map_err(|e| EngineError::Damaged(format!("sort of generation {generation}: {e}")))?;
     let crc_of_segment: rustc_hash::FxHashMap<u64, u32> =
         (0..sealed.blocks.len()).map(|k| (sealed.element_start + k as u64, sealed.crcs[k])).collect();
@@ -252,7 +254,7 @@ async fn sort_generation(
     io.write(Role::History, lba, Arc::new(IoBuffers::single(buffer)), false).await?;
     io.flush(Role::History).await?;
 
-    let (time_ns, comment) = (sealed.time_ns, sealed.comment.clone());
+    let (time_ns, comment, last_sequence) = (sealed.time_ns, sealed.comment.clone(), sealed.last_sequence);
     let (history_start, history_units, control_start, control_units) =
         (cursor.history_start, cursor.history_units, cursor.control_start, cursor.control_units);
     update_history_catalog(shared, io, move |catalog| {
@@ -264,6 +266,7 @@ async fn sort_generation(
         let backup = catalog.entries.remove(previous);
         let mut history = CatalogEntry::new(record, EntryKind::History, EntryState::Live);
         history.time_ns = backup.time_ns;
+        history.last_sequence = backup.last_sequence;
         history.comment = backup.comment;
         history.element_start = history_start;
         history.element_count = history_units;
@@ -275,6 +278,7 @@ async fn sort_generation(
         let mut backup = CatalogEntry::new(generation, EntryKind::Backup, EntryState::Live);
         backup.time_ns = time_ns;
         backup.comment = comment;
+        backup.last_sequence = last_sequence;
         backup.blocks = elements;
         catalog.entries.push(backup);
         catalog.backup_generation = generation;

@@ -148,6 +148,49 @@ pub struct GenerationInfo {
     pub comment: String,
     /// Blocks written in the generation (open, sealed) or saved in its record (history).
     pub blocks: u64,
+    /// The sequence the generation's image is cut at: every host write with a sequence up to
+    /// it is in the image, every later one is not (0 for the format's generation 0 and for
+    /// generations written before sequences were recorded; the newest write's for the open one).
+    pub last_sequence: u64,
+    /// "All" mode: the versions (host writes) of the generation still kept for any-point
+    /// restore, with their first and last sequence and time; `None` when none are kept.
+    pub versions: Option<VersionRange>,
+}
+
+/// The versions an "all" mode generation keeps (`chronicle generations`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct VersionRange {
+    /// Block versions kept (a write of n blocks makes n).
+    pub elements: u64,
+    pub first_sequence: u64,
+    pub last_sequence: u64,
+    pub first_time_ns: u64,
+    pub last_time_ns: u64,
+}
+
+impl VersionRange {
+    /// The range of the versions not lost to a power cut, if any.
+    pub(crate) fn of(versions: &[super::meta::Version]) -> Option<VersionRange> {
+        let kept = versions.iter().filter(|v| !v.lost);
+        kept.fold(None, |range: Option<VersionRange>, v| {
+            Some(match range {
+                None => VersionRange {
+                    elements: 1,
+                    first_sequence: v.sequence,
+                    last_sequence: v.sequence,
+                    first_time_ns: v.time_ns,
+                    last_time_ns: v.time_ns,
+                },
+                Some(r) => VersionRange {
+                    elements: r.elements + 1,
+                    first_sequence: r.first_sequence.min(v.sequence),
+                    last_sequence: r.last_sequence.max(v.sequence),
+                    first_time_ns: r.first_time_ns.min(v.time_ns),
+                    last_time_ns: r.last_time_ns.max(v.time_ns),
+                },
+            })
+        })
+    }
 }
 
 /// What a volume reports about itself.
@@ -270,10 +313,11 @@ impl Volume {
 
     fn from_meta(hub: Hub<HostRef>, meta: Meta, mut options: VolumeOptions) -> Volume {
         options.strict |= meta.journal_superblock.strict;
+        let first_sequence = meta.next_sequence;
         let shared = Rc::new(RefCell::new(Shared {
             meta,
             options,
-            hot: HotPath::new(),
+            hot: HotPath::new(first_sequence),
             holds: Default::default(),
             read_holds: Default::default(),
             failed: None,
@@ -500,6 +544,12 @@ impl Volume {
         restore_volume::begin_close(&self.shared, restore)?;
         self.executor.spawn(restore_volume::run_close(self.shared.clone(), restore));
         Ok(())
+    }
+
+    /// The submission sequence the next host request will get ("all" mode stores it with the
+    /// write's version; `restore --sequence` targets it).
+    pub fn next_sequence(&self) -> u64 {
+        self.shared.borrow().hot.next_seq
     }
 
     /// Whether [`rollback`](Self::rollback) to `generation` would be accepted now: the volume
@@ -731,6 +781,8 @@ pub(crate) fn generation_list(meta: &Meta) -> Vec<GenerationInfo> {
             time_ns: entry.time_ns,
             comment: entry.comment.clone(),
             blocks: entry.blocks,
+            last_sequence: entry.last_sequence,
+            versions: None,
         });
     }
     for sealed in &meta.sealed {
@@ -740,7 +792,9 @@ pub(crate) fn generation_list(meta: &Meta) -> Vec<GenerationInfo> {
             state: "sealed",
             time_ns: sealed.time_ns,
             comment: sealed.comment.clone(),
-            blocks: sealed.blocks.len() as u64,
+            blocks: sealed.elements().len() as u64,
+            last_sequence: sealed.last_sequence,
+            versions: VersionRange::of(&sealed.versions),
         });
     }
     generations.push(GenerationInfo {
@@ -749,7 +803,9 @@ pub(crate) fn generation_list(meta: &Meta) -> Vec<GenerationInfo> {
         state: "open",
         time_ns: meta.open.opened_ns,
         comment: String::new(),
-        blocks: meta.open.blocks.len() as u64,
+        blocks: meta.open.entry_of.len() as u64,
+        last_sequence: meta.open.versions.iter().map(|v| v.sequence).max().unwrap_or(0),
+        versions: VersionRange::of(&meta.open.versions),
     });
     generations.sort_by_key(|g| g.generation);
     generations
@@ -773,7 +829,9 @@ async fn lock_catalog(shared: &SharedRef, index: usize) {
 pub(crate) async fn write_journal_catalog(shared: &SharedRef, io: &ControlIo<HostRef>) -> Result<(), EngineError> {
     lock_catalog(shared, 0).await;
     let (catalog, slot, offset) = {
-        let s = shared.borrow();
+        let mut s = shared.borrow_mut();
+        // Sequences keep growing across restarts: the next open starts above this one.
+        s.meta.next_sequence = s.meta.next_sequence.max(s.hot.next_seq);
         let mut catalog = s.meta.build_journal_catalog();
         catalog.sequence = s.meta.journal_catalog.sequence + 1;
         let slot = 1 - s.meta.journal_catalog_slot;

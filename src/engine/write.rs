@@ -22,12 +22,12 @@ use rustc_hash::FxHashMap;
 use slab::Slab;
 
 use crate::core::checksum::{crc32c, crc32c_append};
-use crate::core::format::superblock::{Durability, JournalFullPolicy};
+use crate::core::format::superblock::{Durability, JournalFullPolicy, JournalMode};
 use crate::core::geometry::Widening;
 use crate::device::{Completion, IoBuffers, IoError, Operation, Payload, SharedBuffers, Tag};
 
 use super::io::{IoHub, Role};
-use super::meta::PageState;
+use super::meta::{PageState, Version};
 use super::volume::{HostCompletion, HostError, HostRequest, Shared, INTERNAL_TAG};
 
 /// Who an in-flight device operation of the hot path belongs to.
@@ -128,8 +128,9 @@ pub(crate) struct HotPath {
     queue: VecDeque<(Tag, HostRequest, u64)>,
     /// The volume's own writes (a rollback's), started before the host's and never held.
     internal: VecDeque<(Tag, HostRequest, u64)>,
-    /// Sequence the next submitted request gets.
-    next_seq: u64,
+    /// Sequence the next submitted request gets ("all" mode stores it with each version; it
+    /// continues where the previous open ended).
+    pub(crate) next_seq: u64,
     /// Writes waiting for an overlapping earlier write, in arrival order.
     blocked: VecDeque<usize>,
     waiting_space: VecDeque<usize>,
@@ -146,7 +147,7 @@ pub(crate) struct HotPath {
 }
 
 impl HotPath {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(first_sequence: u64) -> Self {
         HotPath {
             writes: Slab::new(),
             reads: Slab::new(),
@@ -154,7 +155,7 @@ impl HotPath {
             zeroes: Slab::new(),
             queue: VecDeque::new(),
             internal: VecDeque::new(),
-            next_seq: 0,
+            next_seq: first_sequence,
             blocked: VecDeque::new(),
             waiting_space: VecDeque::new(),
             waiting_index: Vec::new(),
@@ -521,7 +522,7 @@ impl HotStep<'_> {
         let widening = self.shared.hot.writes[id].widening;
         let meta = &mut self.shared.meta;
         let per_page = meta.entries_per_page();
-        let new_units = widening.units().filter(|unit| !meta.open.entry_of.contains(*unit)).count() as u64;
+        let new_units = meta.new_units(widening.units());
         if new_units > 0 {
             let entries_after = meta.open.blocks.len() + new_units as usize;
             let pages_needed = (entries_after.div_ceil(per_page)).saturating_sub(meta.open.pages.len()) as u64;
@@ -541,9 +542,16 @@ impl HotStep<'_> {
         let mut segments = std::mem::take(&mut self.shared.hot.scratch_segments);
         segments.clear();
         let mut needed = 0usize;
+        // "All" mode (seed 001 embodiment 4): every write appends a version with its
+        // submission sequence and time, never rewriting an element in place.
+        let version = (meta.mode() == JournalMode::All).then(|| {
+            meta.last_write_ns = super::now_ns().max(meta.last_write_ns);
+            Version { sequence: self.shared.hot.writes[id].seq, time_ns: meta.last_write_ns, lost: false }
+        });
         for (index, unit) in widening.units().enumerate() {
             let crc = crc_of(&data, index * unit_bytes, unit_bytes);
-            let entry = match meta.open.entry_of.get(unit) {
+            let rewrite = if version.is_some() { None } else { meta.open.entry_of.get(unit) };
+            let entry = match rewrite {
                 Some(entry) => {
                     // A rewrite: store the new checksum without reading the old one (a cache
                     // miss on a large generation); its index page is rewritten at the marker.
@@ -564,6 +572,7 @@ impl HotStep<'_> {
                     );
                     meta.open.blocks.push(unit);
                     meta.open.crcs.push(crc);
+                    meta.open.versions.extend(version);
                     meta.open.entry_of.insert(unit, entry as u32);
                     needed = entry + 1;
                     entry
@@ -668,7 +677,7 @@ impl HotStep<'_> {
         }
         while let Some(id) = self.shared.hot.waiting_space.pop_front() {
             let widening = self.shared.hot.writes[id].widening;
-            let new_units = widening.units().filter(|u| !self.shared.meta.open.entry_of.contains(*u)).count() as u64;
+            let new_units = self.shared.meta.new_units(widening.units());
             self.shared.hot.writes[id].state = WriteState::Writing;
             self.journal_full(id, new_units);
         }

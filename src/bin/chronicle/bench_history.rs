@@ -315,7 +315,7 @@ fn make_volume(
         UNIT as u32,
         (Some(journal), Some(history)),
         Durability::Flush,
-        JournalFullPolicy::Block,
+        (JournalFullPolicy::Block, chronicle::core::format::superblock::JournalMode::Latest),
         false,
     )
     .with_context(|| format!("{} is left from an earlier run? remove it", dir.display()))?;

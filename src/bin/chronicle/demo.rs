@@ -50,7 +50,10 @@ pub fn run(dir: Option<PathBuf>, size: u64, generations: u32, seed: u64) -> Resu
         unit as u32,
         (None, Some(size + (8 << 20))),
         Durability::Flush,
-        chronicle::core::format::superblock::JournalFullPolicy::Block,
+        (
+            chronicle::core::format::superblock::JournalFullPolicy::Block,
+            chronicle::core::format::superblock::JournalMode::Latest,
+        ),
         false,
     )?;
     println!(

@@ -21,8 +21,8 @@ pub fn generations(dir: &Path, json: bool) -> Result<ExitCode> {
         return crate::print_out(&(serde_json::to_string_pretty(&list)? + "\n"));
     }
     let mut out = format!(
-        "{:>10}  {:<8}  {:<19}  {:>8}  {:<10}  comment\n",
-        "generation", "state", "time (UTC)", "blocks", "restorable"
+        "{:>10}  {:<8}  {:<19}  {:>8}  {:<10}  {:>10}  comment\n",
+        "generation", "state", "time (UTC)", "blocks", "restorable", "sequence"
     );
     for generation in &list {
         let name = if generation.through_generation != generation.generation {
@@ -31,23 +31,57 @@ pub fn generations(dir: &Path, json: bool) -> Result<ExitCode> {
             generation.generation.to_string()
         };
         let restorable = if reader.source(generation.generation).is_some() { "yes" } else { "no" };
+        // The sequence the image is cut at (the open generation has no cut yet).
+        let cut = if generation.state == "open" { "-".to_string() } else { generation.last_sequence.to_string() };
         out += &format!(
-            "{name:>10}  {:<8}  {:<19}  {:>8}  {restorable:<10}  {}\n",
+            "{name:>10}  {:<8}  {:<19}  {:>8}  {restorable:<10}  {cut:>10}  {}\n",
             generation.state,
             crate::format_time(generation.time_ns),
             generation.blocks,
             generation.comment
         );
+        // "All" mode: the writes kept for any-point restore.
+        if let Some(versions) = generation.versions {
+            out += &format!(
+                "{:>10}  versions: {} block versions, sequences {}..={}, written {} .. {}\n",
+                "",
+                versions.elements,
+                versions.first_sequence,
+                versions.last_sequence,
+                crate::format_time(versions.first_time_ns),
+                crate::format_time(versions.last_time_ns)
+            );
+        }
+    }
+    if reader.journal_mode_all() {
+        out += &format!("any-point restore (--sequence): {}\n", reader.restorable_sequences());
     }
     crate::print_out(&out)
 }
 
-/// Writes the image of `generation` to `output` (a file, created or truncated, or an existing
+/// What `restore` writes.
+#[derive(Debug, Clone, Copy)]
+pub enum Target {
+    /// A generation's image.
+    Generation(u64),
+    /// The image after every host write up to a sequence ("all" journal mode).
+    Sequence(u64),
+}
+
+/// Writes the image of `target` to `output` (a file, created or truncated, or an existing
 /// block device), streaming: memory holds one 4 MiB chunk and the list of changed blocks.
-pub fn restore(dir: &Path, generation: u64, output: &Path) -> Result<ExitCode> {
+pub fn restore(dir: &Path, target: Target, output: &Path) -> Result<ExitCode> {
     let reader = VolumeReader::open(host::open_channels(dir, None, true, None)?)
         .with_context(|| format!("cannot open {}", dir.display()))?;
-    if reader.source(generation).is_none() {
+    let generation = match target {
+        Target::Generation(generation) => generation,
+        Target::Sequence(sequence) => {
+            // Refused before the output is touched.
+            reader.check_sequence(sequence)?;
+            u64::MAX
+        }
+    };
+    if generation != u64::MAX && reader.source(generation).is_none() {
         let restorable: Vec<String> = reader
             .generations()
             .iter()
@@ -80,14 +114,24 @@ pub fn restore(dir: &Path, generation: u64, output: &Path) -> Result<ExitCode> {
         indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} ({bytes_per_sec}, {eta})")
             .expect("a valid template"),
     );
-    reader.restore_to(generation, &mut |_, chunk| {
+    let mut sink = |_, chunk: &[u8]| {
         file.write_all(chunk)?;
         progress.inc(chunk.len() as u64);
         Ok(())
-    })?;
+    };
+    let what = match target {
+        Target::Generation(generation) => {
+            reader.restore_to(generation, &mut sink)?;
+            format!("generation {generation}")
+        }
+        Target::Sequence(sequence) => {
+            reader.restore_sequence_to(sequence, &mut sink)?;
+            format!("sequence {sequence}")
+        }
+    };
     file.sync_all().with_context(|| format!("cannot sync {}", output.display()))?;
     progress.finish_and_clear();
-    println!("restored generation {generation} of {} to {} ({volume_bytes} bytes)", dir.display(), output.display());
+    println!("restored {what} of {} to {} ({volume_bytes} bytes)", dir.display(), output.display());
     Ok(ExitCode::SUCCESS)
 }
 

@@ -13,7 +13,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use chronicle::core::format::layout::{self, human, LayoutOptions, VolumeShape};
-use chronicle::core::format::superblock::{Durability, JournalFullPolicy};
+use chronicle::core::format::superblock::{Durability, JournalFullPolicy, JournalMode};
 use chronicle::engine::reader::VolumeReader;
 use chronicle::engine::{self, FormatOptions};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -44,6 +44,16 @@ enum JournalFullArg {
     MergeOldest,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum JournalModeArg {
+    /// A rewrite of a block within a generation replaces its element: restore targets are
+    /// generations.
+    Latest,
+    /// Every write appends an element with its sequence and time: restore can target any
+    /// write (`restore --sequence`); the journal fills faster under overwrites.
+    All,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Create a volume's four files in DIR and format them.
@@ -66,6 +76,9 @@ enum Command {
         /// What happens when the journal (or, with merge-oldest, the history) is full.
         #[arg(long, value_enum, default_value_t = JournalFullArg::Block)]
         journal_full: JournalFullArg,
+        /// Keep the latest element per block and generation, or every write (any-point restore).
+        #[arg(long, value_enum, default_value_t = JournalModeArg::Latest)]
+        journal_mode: JournalModeArg,
         /// Overwrite a volume that already exists in DIR.
         #[arg(long)]
         force: bool,
@@ -125,11 +138,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Write the image of a generation to a file or block device (changes nothing in DIR).
+    /// Write the image of a generation, or of any write's point in time (journal mode "all"),
+    /// to a file or block device (changes nothing in DIR).
+    #[command(group(clap::ArgGroup::new("target").required(true).args(["generation", "sequence"])))]
     Restore {
         dir: PathBuf,
+        /// The generation whose image to write.
         #[arg(long)]
-        generation: u64,
+        generation: Option<u64>,
+        /// The image after every host write with a sequence up to this one ("all" mode; see
+        /// `generations` for the sequences each generation holds).
+        #[arg(long)]
+        sequence: Option<u64>,
         #[arg(long)]
         output: PathBuf,
     },
@@ -193,7 +213,17 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> Result<ExitCode> {
     match command {
-        Command::Format { dir, size, host_write_size, journal_size, history_size, durability, journal_full, force } => {
+        Command::Format {
+            dir,
+            size,
+            host_write_size,
+            journal_size,
+            history_size,
+            durability,
+            journal_full,
+            journal_mode,
+            force,
+        } => {
             let durability = match durability {
                 DurabilityArg::Flush => Durability::Flush,
                 DurabilityArg::WriteThrough => Durability::WriteThrough,
@@ -203,8 +233,12 @@ fn run(command: Command) -> Result<ExitCode> {
                 JournalFullArg::Fail => JournalFullPolicy::Fail,
                 JournalFullArg::MergeOldest => JournalFullPolicy::MergeOldest,
             };
+            let journal_mode = match journal_mode {
+                JournalModeArg::Latest => JournalMode::Latest,
+                JournalModeArg::All => JournalMode::All,
+            };
             let sizes = (journal_size, history_size);
-            format_dir(&dir, size, host_write_size, sizes, durability, journal_full, force)?;
+            format_dir(&dir, size, host_write_size, sizes, durability, (journal_full, journal_mode), force)?;
             println!("formatted {} ({} volume, {} B host write size)", dir.display(), human(size), host_write_size);
             Ok(ExitCode::SUCCESS)
         }
@@ -218,7 +252,11 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::Inspect { dir, json } => inspect(&dir, json),
         Command::Verify { dir } => verify(&dir),
         Command::Generations { dir, json } => history::generations(&dir, json),
-        Command::Restore { dir, generation, output } => history::restore(&dir, generation, &output),
+        Command::Restore { dir, generation, sequence, output } => match (generation, sequence) {
+            (Some(generation), _) => history::restore(&dir, history::Target::Generation(generation), &output),
+            (None, Some(sequence)) => history::restore(&dir, history::Target::Sequence(sequence), &output),
+            (None, None) => unreachable!("clap requires one target"),
+        },
         Command::Merge { dir, from, through } => history::merge(&dir, from, through),
         Command::DeleteGeneration { dir, generation } => history::delete_generation(&dir, generation),
         Command::Rollback { dir, generation, comment } => history::rollback(&dir, generation, &comment),
@@ -236,7 +274,7 @@ pub fn format_dir(
     host_write_size: u32,
     (journal_size, history_size): (Option<u64>, Option<u64>),
     durability: Durability,
-    journal_full_policy: JournalFullPolicy,
+    (journal_full_policy, journal_mode): (JournalFullPolicy, JournalMode),
     force: bool,
 ) -> Result<()> {
     if !host_write_size.is_power_of_two() || !(512..=1 << 20).contains(&host_write_size) {
@@ -272,6 +310,7 @@ pub fn format_dir(
             host_write_size,
             durability,
             journal_full_policy,
+            journal_mode,
             names,
             copy_base_to_backup: false,
             ..Default::default()

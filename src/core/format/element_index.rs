@@ -41,7 +41,14 @@ pub struct IndexEntry {
     pub sequence: u64,
     /// Write time, Unix nanoseconds ("all" mode; 0 in "latest" mode).
     pub time_ns: u64,
+    /// "All" mode: the element did not survive a power cut (its journal write was not durable
+    /// and a newer version of the block followed it); not a restore target. Always false in
+    /// "latest" mode.
+    pub lost: bool,
 }
+
+/// Entry flag bit 0 ("all" mode only): the element was lost in a power cut.
+pub const ENTRY_LOST: u32 = 1 << 0;
 
 pub fn entries_per_page(mode: JournalMode) -> usize {
     match mode {
@@ -81,7 +88,8 @@ impl IndexPage {
         for entry in &self.entries {
             w.put_u64(entry.block);
             w.put_u32(entry.crc);
-            w.put_u32(0);
+            debug_assert!(!entry.lost || self.mode == JournalMode::All, "only \"all\" mode entries are lost");
+            w.put_u32(if entry.lost { ENTRY_LOST } else { 0 });
             if self.mode == JournalMode::All {
                 w.put_u64(entry.sequence);
                 w.put_u64(entry.time_ns);
@@ -113,11 +121,13 @@ impl IndexPage {
         for _ in 0..count {
             let block = r.u64()?;
             let crc = r.u32()?;
-            if r.u32()? != 0 {
+            let flags = r.u32()?;
+            let known = if mode == JournalMode::All { ENTRY_LOST } else { 0 };
+            if flags & !known != 0 {
                 return Err(FormatError::invalid(STRUCTURE, "entry flags", "reserved bits set"));
             }
             let (sequence, time_ns) = if mode == JournalMode::All { (r.u64()?, r.u64()?) } else { (0, 0) };
-            entries.push(IndexEntry { block, crc, sequence, time_ns });
+            entries.push(IndexEntry { block, crc, sequence, time_ns, lost: flags & ENTRY_LOST != 0 });
         }
         Ok(IndexPage { sequence: header.sequence, generation, page, first_segment, mode, entries })
     }
@@ -141,7 +151,7 @@ mod tests {
             first_segment: 8568,
             mode: JournalMode::Latest,
             entries: (0..LATEST_ENTRIES_PER_PAGE as u64)
-                .map(|b| IndexEntry { block: b * 3, crc: b as u32, sequence: 0, time_ns: 0 })
+                .map(|b| IndexEntry { block: b * 3, crc: b as u32, sequence: 0, time_ns: 0, lost: false })
                 .collect(),
         };
         let bytes = page.encode();
@@ -159,7 +169,7 @@ mod tests {
             page: 0,
             first_segment: 0,
             mode: JournalMode::All,
-            entries: vec![IndexEntry { block: 5, crc: 0xDEAD, sequence: 77, time_ns: 99 }],
+            entries: vec![IndexEntry { block: 5, crc: 0xDEAD, sequence: 77, time_ns: 99, lost: true }],
         };
         let bytes = all.encode();
         assert_eq!(IndexPage::decode(&bytes).unwrap(), all);
@@ -176,10 +186,10 @@ mod tests {
             mode: JournalMode::Latest,
             entries: vec![],
         };
-        page.entries.push(IndexEntry { block: 1, crc: 0, sequence: 0, time_ns: 0 });
+        page.entries.push(IndexEntry { block: 1, crc: 0, sequence: 0, time_ns: 0, lost: false });
         let old = page.encode();
         page.sequence = 2;
-        page.entries.push(IndexEntry { block: 2, crc: 0, sequence: 0, time_ns: 0 });
+        page.entries.push(IndexEntry { block: 2, crc: 0, sequence: 0, time_ns: 0, lost: false });
         let mut new = page.encode();
         assert_eq!(choose(&old, &new).unwrap().entries.len(), 2);
         new[70] ^= 4;
