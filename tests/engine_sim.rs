@@ -41,8 +41,8 @@ use chronicle::device::Payload;
 use chronicle::device::{Channel, Device, DmaBuf, IoBuffers};
 use chronicle::engine::reader::VolumeReader;
 use chronicle::engine::{
-    format, FormatOptions, HostCompletion, HostRequest, MaintenanceHandle, MarkerHandle, RestoreHandle, RestoreId,
-    SortOptions, Volume, VolumeOptions,
+    format, FormatOptions, HostCompletion, HostRequest, MaintenanceError, MaintenanceHandle, MarkerHandle,
+    RestoreHandle, RestoreId, SortOptions, Volume, VolumeOptions,
 };
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -771,9 +771,9 @@ fn run_seed(seed: u64, cycles: u64, durability: Durability, mode: JournalMode) -
                                 model.images.remove(&generation);
                             }
                         }
-                        Err(chronicle::engine::MaintenanceError::NoSpace(_)) => {}
+                        Err(MaintenanceError::NoSpace(_)) => {}
                         // Refused: it would give up a generation a restore volume shows.
-                        Err(chronicle::engine::MaintenanceError::Invalid(why)) if why.contains("restore volume") => {}
+                        Err(MaintenanceError::Invalid(why)) if why.contains("restore volume") => {}
                         Err(error) => return Err(format!("cycle {cycle}: history maintenance failed: {error}")),
                     }
                 }
@@ -801,10 +801,8 @@ fn run_seed(seed: u64, cycles: u64, durability: Durability, mode: JournalMode) -
                     // Refused (no journal room, or the target was merged away meanwhile): at
                     // most the undo point was sealed, nothing was rewritten.
                     Err(error)
-                        if error.contains("journal has room")
-                            || error.contains("merged")
-                            || error.contains("not held")
-                            || error.contains("waiting for the sort") =>
+                        if matches!(&error, MaintenanceError::NoSpace(_) | MaintenanceError::Busy(_))
+                            || matches!(&error, MaintenanceError::Invalid(why) if why.contains("merged") || why.contains("not held")) =>
                     {
                         let open = volume.status().open_generation;
                         if open == next_generation + 1 {
@@ -835,7 +833,7 @@ fn run_seed(seed: u64, cycles: u64, durability: Durability, mode: JournalMode) -
                             next_generation += 1;
                             model.durable_upto = model.acked;
                         }
-                        Err(error) if error.contains("waiting for the sort") => {}
+                        Err(MaintenanceError::Busy(_)) => {}
                         Err(error) => return Err(format!("cycle {cycle}: marker failed: {error}")),
                     }
                 }

@@ -339,7 +339,8 @@ fn history_is_merged_deleted_and_retained_through_rpc() {
     let (code, message) = target
         .error("bdev_chronicle_merge", Some(json!({"name": "Chronicle0", "from": from + 1, "through": through + 5})));
     assert_eq!(code, -i64::from(libc::EINVAL), "{message}");
-    assert_eq!(records(&target), after);
+    // (The sort may still be adding records of the load's last generations behind them.)
+    assert_eq!(records(&target)[..after.len()], after[..]);
     // The oldest record is dropped.
     let report = target
         .result("bdev_chronicle_delete_generation", Some(json!({"name": "Chronicle0", "generation": after[0].0})));

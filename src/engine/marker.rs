@@ -34,7 +34,7 @@ pub(crate) async fn run_marker(
             s.failed.get_or_insert(format!("marker failed: {error}"));
         }
     }
-    handle.set(result.map_err(|e| e.to_string()));
+    handle.set(result);
 }
 
 /// Markers and rollbacks run one at a time, in call order: `barrier` is first of the holds.

@@ -91,9 +91,13 @@ pub enum MaintenanceError {
     /// The request names generations that cannot be merged or deleted (nothing changed).
     #[error("{0}")]
     Invalid(String),
-    /// The history has no contiguous room for the merged record (nothing changed).
+    /// No room: the history for the merged record, the journal for a rollback's rewrite
+    /// (nothing changed).
     #[error("{0}")]
     NoSpace(String),
+    /// Too much is waiting already (markers, rollbacks, generations for the sort): retry later.
+    #[error("{0}")]
+    Busy(String),
     /// A device error or damaged metadata.
     #[error("{0}")]
     Failed(String),
@@ -103,10 +107,22 @@ impl From<EngineError> for MaintenanceError {
     fn from(error: EngineError) -> Self {
         match error {
             EngineError::Invalid(_) => MaintenanceError::Invalid(error.to_string()),
-            EngineError::HistoryFull { .. } | EngineError::HistoryCatalogFull { .. } => {
+            EngineError::HistoryFull { .. } | EngineError::HistoryCatalogFull { .. } | EngineError::NoSpace(_) => {
                 MaintenanceError::NoSpace(error.to_string())
             }
+            EngineError::Busy(_) | EngineError::TooManyGenerations { .. } => MaintenanceError::Busy(error.to_string()),
             _ => MaintenanceError::Failed(error.to_string()),
+        }
+    }
+}
+
+impl From<MaintenanceError> for EngineError {
+    fn from(error: MaintenanceError) -> Self {
+        match error {
+            MaintenanceError::Invalid(message) => EngineError::Invalid(message),
+            MaintenanceError::NoSpace(message) => EngineError::NoSpace(message),
+            MaintenanceError::Busy(message) => EngineError::Busy(message),
+            MaintenanceError::Failed(message) => EngineError::Operation(message),
         }
     }
 }

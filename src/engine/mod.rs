@@ -144,6 +144,16 @@ pub enum EngineError {
     Geometry(String),
     #[error("{0}")]
     Invalid(String),
+    /// Not now: too much is waiting already (retry when some of it is done).
+    #[error("{0}")]
+    Busy(String),
+    /// Not enough free space for the request (nothing changed but what the message says).
+    #[error("{0}")]
+    NoSpace(String),
+    /// A marker, rollback or maintenance request failed (a device error or damaged
+    /// metadata); the message says which.
+    #[error("{0}")]
+    Operation(String),
     #[error("the {role} device ({name}) does not belong with the others: {detail}")]
     Mismatch { role: &'static str, name: String, detail: String },
     #[error("volume metadata is damaged: {0}")]

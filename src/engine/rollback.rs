@@ -58,7 +58,7 @@ pub(crate) async fn run_rollback(
             s.failed.get_or_insert(format!("rollback failed: {:?}", result.as_ref().err()));
         }
     }
-    handle.set(result.map_err(|e| e.to_string()));
+    handle.set(result);
 }
 
 /// `target` is a generation whose image the volume holds (sealed, backup, or the first of a
@@ -220,7 +220,7 @@ async fn rollback(
     // The sort is paused, so the journal must hold every rewritten block.
     let free = shared.borrow().meta.ring.free();
     if changed.len() as u64 > free {
-        return Err(EngineError::Invalid(format!(
+        return Err(EngineError::NoSpace(format!(
             "the rollback rewrites {} blocks and the journal has room for {free} now; let the sort catch up (or enlarge the journal) and retry, or restore generation {target} to a new volume (only the undo point, generation {undo}, was sealed)",
             changed.len()
         )));

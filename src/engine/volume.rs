@@ -15,7 +15,7 @@ use crate::core::format::catalog::{Catalog, EntryKind, EntryState};
 use crate::device::{Channel, IoBuffers, IoError, Payload, SharedBuffers, Tag};
 
 use super::io::{ControlIo, Executor, Hub, IoHub, Role};
-use super::merge::{self, MaintenanceHandle, MergeReport, RetentionPolicy};
+use super::merge::{self, MaintenanceError, MaintenanceHandle, MergeReport, RetentionPolicy};
 use super::meta::Meta;
 use super::restore_volume::{self, RestoreHandle, RestoreId, RestoreInfo, RestoreVolumes};
 use super::write::{HotCounters, HotPath, HotStep};
@@ -235,17 +235,18 @@ pub struct Identity {
 /// The result of a marker, filled in when it completes.
 #[derive(Clone, Default)]
 pub struct MarkerHandle {
-    result: Rc<RefCell<Option<Result<u64, String>>>>,
+    result: Rc<RefCell<Option<Result<u64, MaintenanceError>>>>,
 }
 
 impl MarkerHandle {
-    /// `Some(Ok(generation))` once the generation is sealed.
-    pub fn result(&self) -> Option<Result<u64, String>> {
+    /// `Some(Ok(generation))` once the generation is sealed; a refusal says why by kind
+    /// (invalid request, no room, failure), so callers need not check ahead.
+    pub fn result(&self) -> Option<Result<u64, MaintenanceError>> {
         self.result.borrow().clone()
     }
 
-    pub(crate) fn set(&self, result: Result<u64, String>) {
-        *self.result.borrow_mut() = Some(result);
+    pub(crate) fn set(&self, result: Result<u64, EngineError>) {
+        *self.result.borrow_mut() = Some(result.map_err(MaintenanceError::from));
     }
 }
 
@@ -470,7 +471,7 @@ impl Volume {
     ) -> Result<MergeReport, EngineError> {
         loop {
             if let Some(result) = handle.result() {
-                return result.map_err(|e| EngineError::Invalid(e.to_string()));
+                return result.map_err(EngineError::from);
             }
             if self.poll(completions) == 0 {
                 std::hint::spin_loop();
@@ -563,8 +564,9 @@ impl Volume {
     fn hold(&mut self, handle: &MarkerHandle) -> Option<u64> {
         let mut shared = self.shared.borrow_mut();
         if shared.holds.len() >= MAX_HOLDS {
-            handle
-                .set(Err(format!("{MAX_HOLDS} markers or rollbacks are waiting already; try again when one is done")));
+            handle.set(Err(EngineError::Busy(format!(
+                "{MAX_HOLDS} markers or rollbacks are waiting already; try again when one is done"
+            ))));
             return None;
         }
         let barrier = shared.hot.take_seq();
@@ -626,7 +628,7 @@ impl Volume {
         let handle = self.mark(comment);
         loop {
             if let Some(result) = handle.result() {
-                return result.map_err(EngineError::Damaged);
+                return result.map_err(EngineError::from);
             }
             if self.poll(completions) == 0 {
                 std::hint::spin_loop();

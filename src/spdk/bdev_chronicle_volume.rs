@@ -202,6 +202,20 @@ pub enum VolumeError {
     Invalid(String),
     #[error("{0}")]
     NoSpace(String),
+    /// Too much is waiting already (markers, rollbacks): retry later.
+    #[error("{0}")]
+    TryLater(String),
+}
+
+impl From<MaintenanceError> for VolumeError {
+    fn from(error: MaintenanceError) -> Self {
+        match error {
+            MaintenanceError::Invalid(message) => VolumeError::Invalid(message),
+            MaintenanceError::NoSpace(message) => VolumeError::NoSpace(message),
+            MaintenanceError::Busy(message) => VolumeError::TryLater(message),
+            MaintenanceError::Failed(message) => VolumeError::Failed(message),
+        }
+    }
 }
 
 impl VolumeError {
@@ -210,7 +224,7 @@ impl VolumeError {
             VolumeError::Invalid(_) => Errno::EINVAL,
             VolumeError::NoSpace(_) => Errno(libc::ENOSPC),
             VolumeError::NotFound(_) => Errno::ENODEV,
-            VolumeError::Busy { .. } => Errno(libc::EBUSY),
+            VolumeError::Busy { .. } | VolumeError::TryLater(_) => Errno(libc::EBUSY),
             VolumeError::Failed(_) => Errno(libc::EIO),
         }
     }
@@ -1000,11 +1014,7 @@ impl VolumeHost {
             let id = match open.handle.result().expect("partitioned on Some") {
                 Ok(id) => id,
                 Err(error) => {
-                    (open.done)(Err(match error {
-                        MaintenanceError::Invalid(message) => VolumeError::Invalid(message),
-                        MaintenanceError::NoSpace(message) => VolumeError::NoSpace(message),
-                        MaintenanceError::Failed(message) => VolumeError::Failed(message),
-                    }));
+                    (open.done)(Err(error.into()));
                     continue;
                 }
             };
@@ -1118,11 +1128,7 @@ impl VolumeHost {
         };
         let any = !ready.is_empty();
         for (handle, waiter) in ready {
-            waiter(handle.result().expect("partitioned on Some").map_err(|error| match error {
-                MaintenanceError::Invalid(message) => VolumeError::Invalid(message),
-                MaintenanceError::NoSpace(message) => VolumeError::NoSpace(message),
-                MaintenanceError::Failed(message) => VolumeError::Failed(message),
-            }));
+            waiter(handle.result().expect("partitioned on Some").map_err(VolumeError::from));
         }
         any
     }
@@ -1136,7 +1142,7 @@ impl VolumeHost {
         };
         let any = !ready.is_empty();
         for (handle, waiter) in ready {
-            waiter(handle.result().expect("partitioned on Some").map_err(VolumeError::Failed));
+            waiter(handle.result().expect("partitioned on Some").map_err(VolumeError::from));
         }
         any
     }
@@ -1281,13 +1287,6 @@ pub fn delete(name: &str, done: impl FnOnce(Result<(), VolumeError>) + 'static) 
 /// Cuts a generation of volume `name`; `done` gets the sealed generation's number.
 pub fn mark(name: &str, comment: &str, done: MarkerWaiter) {
     let Some(host) = host_by_name(name) else { return done(Err(VolumeError::NotFound(name.to_string()))) };
-    let limit = crate::core::format::catalog::COMMENT_BYTES - 1;
-    if comment.len() > limit || comment.contains('\0') {
-        return done(Err(VolumeError::Invalid(format!(
-            "a marker comment is at most {limit} bytes of UTF-8 without NUL; this one has {}",
-            comment.len()
-        ))));
-    }
     match host.running(|volume| volume.mark(comment)) {
         Ok(handle) => host.markers.borrow_mut().push((handle, done)),
         Err(error) => done(Err(error)),
@@ -1298,18 +1297,7 @@ pub fn mark(name: &str, comment: &str, done: MarkerWaiter) {
 /// the undo point); `done` gets the number of the generation the rollback sealed.
 pub fn rollback(name: &str, generation: u64, comment: &str, done: MarkerWaiter) {
     let Some(host) = host_by_name(name) else { return done(Err(VolumeError::NotFound(name.to_string()))) };
-    let limit = crate::core::format::catalog::COMMENT_BYTES - 1;
-    if comment.len() > limit || comment.contains('\0') {
-        return done(Err(VolumeError::Invalid(format!(
-            "a rollback comment is at most {limit} bytes of UTF-8 without NUL; this one has {}",
-            comment.len()
-        ))));
-    }
-    let started = host.running(|volume| {
-        volume.check_rollback(generation).map_err(|e| VolumeError::Invalid(e.to_string()))?;
-        Ok(volume.rollback(generation, comment))
-    });
-    match started.and_then(|handle| handle) {
+    match host.running(|volume| volume.rollback(generation, comment)) {
         Ok(handle) => {
             // Reads go through the engine, which holds them, until the rollback is done.
             let rollbacks = host.rollbacks.clone();
