@@ -32,6 +32,7 @@ use chronicle::core::format::records::{
 use chronicle::core::format::superblock::{
     Area, AreaKind, DeviceRole, Durability, JournalFullPolicy, JournalMode, PeerDevice, Superblock,
 };
+use chronicle::core::format::version_table::{VersionEntry, VersionTable};
 use chronicle::core::format::FormatError;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -468,7 +469,8 @@ fn random_entry(rng: &mut ChaCha8Rng, online: bool, generation: u64) -> CatalogE
             (RestoreVolume, Deleting),
             (DedupIndex, Live),
             (Retained, Held),
-        ][rng.random_range(0..10)]
+            (Versions, Live),
+        ][rng.random_range(0..11)]
     };
     let mut entry = CatalogEntry::new(generation, kind, state);
     entry.flags = rng.random_range(0..=catalog::flags::KNOWN);
@@ -482,6 +484,7 @@ fn random_entry(rng: &mut ChaCha8Rng, online: bool, generation: u64) -> CatalogE
     entry.control_count = random_u64(rng);
     entry.stored_bytes = random_u64(rng);
     entry.dedup_saved = random_u64(rng);
+    entry.last_time_ns = random_u64(rng);
     entry.blocks = random_u64(rng);
     entry.comment = random_text(rng, 127);
     entry
@@ -628,6 +631,38 @@ impl Codec for SortCursorCodec {
     }
 }
 
+struct VersionTableCodec;
+impl Codec for VersionTableCodec {
+    type Value = VersionTable;
+    const NAME: &'static str = "VersionTable::decode";
+    const MAGIC: &'static [u8; 8] = b"CHRNVERS";
+    fn decode(bytes: &[u8]) -> Result<VersionTable, FormatError> {
+        VersionTable::decode(bytes)
+    }
+    fn encode(value: &VersionTable) -> Vec<u8> {
+        value.encode()
+    }
+    fn sample(rng: &mut ChaCha8Rng) -> VersionTable {
+        let count = rng.random_range(0..200u64);
+        let mut block = rng.random_range(0..1u64 << 40);
+        let mut sequence = rng.random_range(0..1u64 << 40);
+        let mut entries = Vec::new();
+        for _ in 0..count {
+            if rng.random_bool(0.5) {
+                block += rng.random_range(1..10);
+            }
+            sequence += rng.random_range(1..10);
+            entries.push(VersionEntry { block, sequence, time_ns: random_u64(rng), crc: random_u64(rng) as u32 });
+        }
+        VersionTable {
+            generation: random_u64(rng),
+            cut_sequence: sequence + rng.random_range(0..5),
+            first_address: rng.random_range(0..1u64 << 50),
+            entries,
+        }
+    }
+}
+
 struct SiteRecordCodec;
 impl Codec for SiteRecordCodec {
     type Value = SiteRecord;
@@ -725,6 +760,11 @@ fn control_block_decoding_never_panics() {
 #[test]
 fn index_page_decoding_never_panics() {
     run::<IndexPageCodec>();
+}
+
+#[test]
+fn version_table_decoding_never_panics() {
+    run::<VersionTableCodec>();
 }
 
 #[test]

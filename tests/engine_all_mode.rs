@@ -214,6 +214,54 @@ fn the_sort_writes_each_blocks_newest_version_to_the_backup() {
 }
 
 #[test]
+fn versions_survive_the_sort_and_merges_give_up_only_those_over_a_lost_image() {
+    let mut scenario = Scenario::new(4, true);
+    for _ in 0..5 {
+        scenario.submit_writes(14);
+        scenario.settle();
+        scenario.mark();
+    }
+    scenario.submit_writes(6);
+    scenario.settle();
+    // Generations 1..=5 are sorted: their versions are in the history now.
+    let status = scenario.volume().status();
+    assert_eq!(status.backup_generation, 5);
+    assert!(status.control.versions_kept > 0, "the sorts kept versions");
+    // Merging 1..=3 gives up images 2 and 3: the versions of 3 and 4 (over them) go, those of
+    // 2 (over image 1) stay. Deleting generation 0 gives up image 0 and the versions of 1.
+    let mut completions = Vec::new();
+    let merge = scenario.volume().merge(1, 3);
+    scenario.volume().wait_maintenance(&merge, &mut completions).unwrap();
+    let delete = scenario.volume().delete_generation(0);
+    scenario.volume().wait_maintenance(&delete, &mut completions).unwrap();
+    assert_eq!(scenario.volume().status().control.version_records_dropped, 3);
+    scenario.volume.take().unwrap().close().unwrap();
+
+    let reader = VolumeReader::open(scenario.devices.channels()).unwrap();
+    reader.verify().unwrap();
+    let cut = |generation: u64| scenario.markers[&generation] - 1;
+    let mut restored = 0;
+    for sequence in 0..reader.next_sequence() {
+        // Generation g's writes lie in (cut(g − 1), cut(g)]; the open generation's after cut(5).
+        let generation = (1..=5).find(|g| sequence <= cut(*g)).unwrap_or(6);
+        let kept = matches!(generation, 2 | 5 | 6) || [cut(1), cut(4)].contains(&sequence);
+        match reader.read_sequence(sequence) {
+            Ok(image) => {
+                assert!(kept, "sequence {sequence} (generation {generation}) restored though its versions are gone");
+                assert!(image == *scenario.model.at(sequence), "the image at sequence {sequence} is exact");
+                restored += 1;
+            }
+            Err(EngineError::TargetUnavailable { available, .. }) => {
+                assert!(!kept, "sequence {sequence} (generation {generation}) refused; restorable: {available}");
+                assert!(available.contains(&format!("{} (generation 1)", cut(1))), "{available}");
+            }
+            Err(error) => panic!("sequence {sequence}: {error}"),
+        }
+    }
+    assert!(restored > 30, "{restored} sequences restored");
+}
+
+#[test]
 fn a_latest_mode_volume_refuses_sequence_targets() {
     let devices = Devices::new();
     format(devices.channels(), &FormatOptions { copy_base_to_backup: false, ..Default::default() }, &mut |_| {})

@@ -32,6 +32,7 @@ use chronicle::core::format::superblock::{
     AREA_TABLE_OFFSET, MAX_AREAS, MAX_PEERS, PEER_ENTRY_BYTES, PEER_NAME_BYTES, PEER_TABLE_OFFSET, SUPERBLOCK_BYTES,
     VOLUME_NAME_BYTES, VOLUME_NAME_OFFSET,
 };
+use chronicle::core::format::version_table::{VersionEntry, VersionTable, VERSION_ENTRY_BYTES, VERSION_PREFIX_BYTES};
 use chronicle::core::format::{HEADER_BYTES, METADATA_PAGE_BYTES};
 
 const FORMAT_MD: &str = include_str!("../docs/FORMAT.md");
@@ -297,7 +298,7 @@ fn every_layout_tiles_its_documented_size() {
 /// The documented sizes are the code's constants and the numbers the format promises.
 #[test]
 fn documented_sizes_match_the_code() {
-    let sizes: [(&str, usize, usize); 15] = [
+    let sizes: [(&str, usize, usize); 17] = [
         ("header", HEADER_BYTES, 32),
         ("superblock", SUPERBLOCK_BYTES, 1024),
         ("superblock.area", AREA_ENTRY_BYTES, 24),
@@ -313,6 +314,8 @@ fn documented_sizes_match_the_code() {
         ("dedup_table", DEDUP_PREFIX_BYTES, 64),
         ("dedup_entry", DEDUP_ENTRY_BYTES, 32),
         ("bitmap", BITMAP_PREFIX_BYTES, 48),
+        ("version_table", VERSION_PREFIX_BYTES, 128),
+        ("version_entry", VERSION_ENTRY_BYTES, 32),
     ];
     for (name, code, promised) in sizes {
         assert_eq!(layout(name).bytes, code, "FORMAT.md `{name}` size differs from the code");
@@ -548,7 +551,8 @@ fn catalog_variant(variant: u8) -> Catalog {
         let retained = CatalogEntry::new(2, EntryKind::Retained, EntryState::Held);
         let mut backup = CatalogEntry::new(distinct(22) >> 10, EntryKind::Backup, EntryState::Live);
         backup.comment = "nightly".into();
-        entries.extend([merged, restore, history, dedup, retained, backup]);
+        let versions = CatalogEntry::new(5, EntryKind::Versions, EntryState::Live);
+        entries.extend([merged, restore, history, dedup, retained, backup, versions]);
     }
     for (index, entry) in entries.iter_mut().enumerate() {
         let tag = 60 + 16 * index as u8 + variant;
@@ -562,6 +566,7 @@ fn catalog_variant(variant: u8) -> Catalog {
         entry.stored_bytes = distinct(tag + 7);
         entry.dedup_saved = distinct(tag + 8);
         entry.blocks = distinct(tag + 9);
+        entry.last_time_ns = distinct(tag + 10);
     }
     Catalog {
         sequence: distinct(30 + variant),
@@ -627,6 +632,7 @@ fn catalog_fields_sit_where_the_document_says() {
                     int("stored_bytes", e.stored_bytes),
                     int("dedup_saved", e.dedup_saved),
                     int("blocks", e.blocks),
+                    int("last_time_ns", e.last_time_ns),
                     raw("comment", &padded(&e.comment, entry_doc.size("comment"))),
                 ],
                 &[],
@@ -722,6 +728,65 @@ fn control_block_fields_sit_where_the_document_says() {
     for (k, block) in bitmap.iter_ones().enumerate() {
         assert_eq!(contiguous.address_of(block), Some((distinct(52) & ADDRESS_MASK) + k as u64));
     }
+}
+
+#[test]
+fn version_table_fields_sit_where_the_document_says() {
+    let doc = layout("version_table");
+    let entry_doc = layout("version_entry");
+    let table = VersionTable {
+        generation: distinct(110),
+        cut_sequence: distinct(111),
+        first_address: distinct(112) >> 9,
+        entries: (0..5u8)
+            .map(|k| VersionEntry {
+                block: (distinct(113) >> 4) + u64::from(k / 2),
+                sequence: u64::from(k % 2) + distinct(114 + k) % 1000,
+                time_ns: distinct(120 + k),
+                crc: distinct(126 + k) as u32,
+            })
+            .collect(),
+    };
+    let mut table = table;
+    table.cut_sequence = table.entries.iter().map(|e| e.sequence).max().unwrap() + 7;
+    table.entries.sort_by_key(|e| (e.block, e.sequence));
+    table.entries.dedup_by_key(|e| (e.block, e.sequence));
+    let bytes = table.encode();
+    let length = doc.bytes + table.entries.len() * entry_doc.bytes;
+    assert_eq!(VersionTable::decode(&bytes).unwrap(), table);
+    check_header(&bytes, b"CHRNVERS", length, 0);
+    check(
+        doc,
+        &bytes,
+        0,
+        &[
+            int("generation", table.generation),
+            int("cut_sequence", table.cut_sequence),
+            int("first_address", table.first_address),
+            int("entry_count", table.entries.len() as u64),
+        ],
+        &["header"],
+    );
+    assert_eq!(doc.row("entries").offset, Some(doc.bytes));
+    for (k, entry) in table.entries.iter().enumerate() {
+        check(
+            entry_doc,
+            &bytes,
+            doc.offset("entries") + k * entry_doc.bytes,
+            &[
+                int("block", entry.block),
+                int("sequence", entry.sequence),
+                int("time_ns", entry.time_ns),
+                int("crc", entry.crc.into()),
+            ],
+            &[],
+        );
+    }
+    // A set reserved word of an entry is refused, as documented.
+    let mut flagged = bytes.clone();
+    flagged[doc.offset("entries") + entry_doc.offset("reserved")] = 1;
+    reseal_by_definition(&mut flagged);
+    assert!(VersionTable::decode(&flagged).is_err(), "a set reserved entry word must be refused");
 }
 
 #[test]

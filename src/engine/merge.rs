@@ -455,6 +455,8 @@ pub(crate) async fn merge(
     // owns only the units it used.
     let source_generations: Vec<u64> = sources.iter().map(|s| s.generation).collect();
     let (stored_units, stored_bytes) = (dedup.stored, dedup.stored * unit as u64);
+    let pruned = std::cell::RefCell::new(Vec::new());
+    let pruned_ref = &pruned;
     update_history_catalog(shared, io, move |catalog| {
         catalog.entries.retain(|e| {
             !(matches!(e.kind, EntryKind::History | EntryKind::Merged)
@@ -470,6 +472,8 @@ pub(crate) async fn merge(
         entry.element_count = stored_units;
         entry.control_count = control_needed;
         entry.stored_bytes = stored_bytes;
+        // With the merged record live: the versions over the images it gave up go with them.
+        *pruned_ref.borrow_mut() = prune_versions(catalog);
         Ok(())
     })
     .await?;
@@ -495,9 +499,10 @@ pub(crate) async fn merge(
     restore_volume::fence(shared).await;
     {
         let mut s = shared.borrow_mut();
-        for source in &sources {
+        for source in sources.iter().chain(pruned.borrow().iter()) {
             s.meta.free_entry_extents(source)?;
         }
+        s.control.version_records_dropped += pruned.borrow().len() as u64;
         s.control.merges += 1;
         s.control.dedup_shared_elements += dedup.shared;
         s.control.dedup_mismatches += dedup.mismatches;
@@ -629,6 +634,24 @@ pub(crate) async fn delete_generation(
     merge(shared, io, records[index - 1].generation, records[index].through_generation).await
 }
 
+/// "All" mode: the versions of generation g resolve targets on top of image g−1 only. Removes
+/// from `catalog` (in the same write that gives images up) the version records whose image
+/// g−1 is no longer restorable, and returns them so their units can be freed after it.
+pub(crate) fn prune_versions(catalog: &mut crate::core::format::catalog::Catalog) -> Vec<CatalogEntry> {
+    let images: rustc_hash::FxHashSet<u64> = catalog
+        .entries
+        .iter()
+        .filter(|e| matches!(e.kind, EntryKind::History | EntryKind::Merged) && e.state == EntryState::Live)
+        .map(|e| e.generation)
+        .chain([catalog.backup_generation])
+        .collect();
+    let (kept, pruned) = std::mem::take(&mut catalog.entries).into_iter().partition(|e| {
+        e.kind != EntryKind::Versions || e.generation.checked_sub(1).is_some_and(|g| images.contains(&g))
+    });
+    catalog.entries = kept;
+    pruned
+}
+
 /// Drops the `count` oldest records: their generations are no longer restorable.
 pub(crate) async fn drop_oldest(
     shared: &SharedRef,
@@ -643,19 +666,23 @@ pub(crate) async fn drop_oldest(
     let (generation, through) = (first.generation, dropped.last().expect("not empty").through_generation);
     restore_volume::check_not_shown(shared, generation..=through)?;
     let gone: Vec<u64> = dropped.iter().map(|d| d.generation).collect();
+    let pruned = std::cell::RefCell::new(Vec::new());
+    let pruned_ref = &pruned;
     update_history_catalog(shared, io, move |catalog| {
         catalog.entries.retain(|e| {
             !(matches!(e.kind, EntryKind::History | EntryKind::Merged)
                 && e.state == EntryState::Live
                 && gone.contains(&e.generation))
         });
+        *pruned_ref.borrow_mut() = prune_versions(catalog);
         Ok(())
     })
     .await?;
     let mut s = shared.borrow_mut();
-    for record in &dropped {
+    for record in dropped.iter().chain(pruned.borrow().iter()) {
         s.meta.free_entry_extents(record)?;
     }
+    s.control.version_records_dropped += pruned.borrow().len() as u64;
     s.control.generations_deleted += dropped.len() as u64;
     s.space_freed = true;
     Ok(MergeReport {

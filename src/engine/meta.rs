@@ -71,6 +71,32 @@ impl Meta {
         Ok(RecordExtents { elements, control })
     }
 
+    /// Allocates `elements` units and a separate extent of `control_units` for `operation`
+    /// on `generation` (a version record and its table), or says how much is missing.
+    pub fn allocate_record_extents(
+        &mut self,
+        operation: &'static str,
+        generation: u64,
+        elements: u64,
+        control_units: u64,
+    ) -> Result<RecordExtents, super::EngineError> {
+        let full = |allocator: &SegmentAllocator| super::EngineError::HistoryFull {
+            operation,
+            generation,
+            needed: control_units + elements,
+            free: allocator.free_units(),
+            largest: allocator.largest_free(),
+        };
+        let control = self.allocator.allocate(control_units).map_err(|_| full(&self.allocator))?;
+        match self.allocator.allocate(elements) {
+            Ok(elements) => Ok(RecordExtents { elements, control }),
+            Err(_) => {
+                self.allocator.free(control).expect("just allocated");
+                Err(full(&self.allocator))
+            }
+        }
+    }
+
     /// Frees the history extents a catalog entry owns.
     pub fn free_entry_extents(&mut self, entry: &CatalogEntry) -> Result<(), super::EngineError> {
         self.record_maps.remove(entry.control_start);

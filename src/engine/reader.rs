@@ -7,8 +7,9 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use crate::core::element_map::ElementMap;
-use crate::core::format::catalog::{CatalogEntry, EntryKind};
+use crate::core::format::catalog::{CatalogEntry, EntryKind, EntryState};
 use crate::core::format::control_block::ControlBlock;
+use crate::core::format::version_table::VersionTable;
 use crate::device::Channel;
 
 use super::io::{block_on, ControlIo, Hub, IoHub, Role};
@@ -50,6 +51,9 @@ pub struct VerifyReport {
     /// Elements of the open generation that differ from the base: expected after a crash
     /// (recovery rebuilds them from the base), a sign of damage after a clean close.
     pub open_elements_differing: u64,
+    /// "All" mode: version records and the versions they keep.
+    pub version_records: usize,
+    pub versions: u64,
 }
 
 impl VolumeReader {
@@ -396,9 +400,27 @@ impl VolumeReader {
             (open.element_start, &open.blocks, open.versions.clone(), true)
         } else if let Some(sealed) = self.meta.sealed.iter().find(|s| s.generation == next) {
             (sealed.element_start, &sealed.blocks, sealed.versions.clone(), false)
+        } else if let Some(entry) = self.version_record(next) {
+            // Sorted: the generation's version record in the history.
+            if sequence > entry.last_sequence {
+                return Err(unavailable(format!(
+                    "it falls after generation {next} (cut at {}), whose image was merged away or deleted",
+                    entry.last_sequence
+                )));
+            }
+            if entry.element_count == 0 {
+                return Ok((device, overlay)); // a generation without writes
+            }
+            let table = self.read_versions(entry)?;
+            let mut layers: std::collections::BTreeMap<u64, (Role, u64)> =
+                overlay.into_iter().map(|(b, r, l)| (b, (r, l))).collect();
+            for (block, k) in table.newest_up_to(sequence) {
+                layers.insert(block, (Role::History, self.meta.history_lba(table.first_address + k as u64)));
+            }
+            return Ok((device, layers.into_iter().map(|(b, (r, l))| (b, r, l)).collect()));
         } else {
             return Err(unavailable(format!(
-                "it falls in generation {next}, which was sorted into the history (versions are kept only while a generation is in the journal)"
+                "it falls in generation {next}, whose versions are no longer kept (merged away or deleted)"
             )));
         };
         let newest: rustc_hash::FxHashSet<usize> =
@@ -428,6 +450,43 @@ impl VolumeReader {
             layers.insert(block, layer);
         }
         Ok((device, layers.into_iter().map(|(b, (r, l))| (b, r, l)).collect()))
+    }
+
+    /// The live version record of `generation`'s writes ("all" mode), if kept.
+    fn version_record(&self, generation: u64) -> Option<&CatalogEntry> {
+        self.meta
+            .history_catalog
+            .entries
+            .iter()
+            .find(|e| e.kind == EntryKind::Versions && e.state == EntryState::Live && e.generation == generation)
+    }
+
+    /// Reads and checks a version record's table: its generation, and that its elements are
+    /// exactly the record's units.
+    fn read_versions(&self, entry: &CatalogEntry) -> Result<VersionTable, EngineError> {
+        let lba = self.meta.history_lba(entry.control_start);
+        let data = self.read_units(Role::History, lba, entry.control_count * self.meta.unit_bytes())?;
+        let damaged =
+            |why: String| EngineError::Damaged(format!("version record of generation {}: {why}", entry.generation));
+        let table = VersionTable::decode(&data).map_err(|e| damaged(e.to_string()))?;
+        if table.generation != entry.generation
+            || table.cut_sequence != entry.last_sequence
+            || table.first_address != entry.element_start
+            || table.entries.len() as u64 != entry.element_count
+        {
+            return Err(damaged(format!(
+                "its table names generation {} with {} versions at unit {}, the catalog {} at unit {}",
+                table.generation,
+                table.entries.len(),
+                table.first_address,
+                entry.element_count,
+                entry.element_start
+            )));
+        }
+        if let Some(bad) = table.entries.iter().find(|v| v.block >= self.meta.shape.volume_blocks) {
+            return Err(damaged(format!("block {} is beyond the volume", bad.block)));
+        }
+        Ok(table)
     }
 
     /// While a sort is interrupted the backup is part old, part new: blocks the sort already
@@ -479,6 +538,15 @@ impl VolumeReader {
             if self.source(generation).is_none() {
                 // Gaps appear only when generations were deleted on purpose (retention).
                 continue;
+            }
+        }
+        // "All" mode: every version record's table decodes and matches its catalog entry.
+        let version_records: Vec<&CatalogEntry> =
+            self.meta.history_catalog.entries.iter().filter(|e| e.kind == EntryKind::Versions).collect();
+        for entry in version_records {
+            report.version_records += 1;
+            if entry.element_count > 0 || entry.control_count > 0 {
+                report.versions += self.read_versions(entry)?.entries.len() as u64;
             }
         }
         report.sealed_generations = self.meta.sealed.len();

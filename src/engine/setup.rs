@@ -583,6 +583,7 @@ pub(crate) async fn open_volume<O: Copy>(io: &ControlIo<O>, read_only: bool) -> 
                     | EntryKind::RestoreVolume
                     | EntryKind::DedupIndex
                     | EntryKind::Retained
+                    | EntryKind::Versions
             ) && units > 0
             {
                 meta.allocator.reserve(Extent::new(start, units)).map_err(|e| {

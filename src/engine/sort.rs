@@ -32,7 +32,7 @@ use super::io::{run_bounded, ControlIo, Role};
 use super::meta::SealedGeneration;
 use super::volume::{elapsed_us, update_history_catalog, write_journal_catalog, HostRef, SharedRef, SortProgress};
 use super::{restore_volume, EngineError};
-use crate::core::format::superblock::JournalFullPolicy;
+use crate::core::format::superblock::{JournalFullPolicy, JournalMode};
 
 /// Sorts sealed generations oldest first until none is left or one fails.
 pub(crate) async fn run_sorts(shared: SharedRef, io: ControlIo<HostRef>) {
@@ -133,7 +133,9 @@ async fn sort_generation(
     {
         let s = shared.borrow();
         let catalog = &s.meta.history_catalog;
-        if catalog.entries.len() >= catalog.capacity_entries as usize {
+        // The sort adds a record (and, in "all" mode, a version record) to the catalog.
+        let adds = if s.meta.mode() == JournalMode::All { 2 } else { 1 };
+        if catalog.entries.len() + adds > catalog.capacity_entries as usize {
             return Err(EngineError::HistoryCatalogFull { generation, capacity: catalog.capacity_entries });
         }
     }
@@ -243,7 +245,61 @@ async fn sort_generation(
         }
     }
 
-    // The record's control block, then the catalogs.
+    // "All" mode: every version of the generation into the history, then the record's control
+    // block, then the catalogs (the catalog write commits both records).
+    let versions = write_versions(shared, io, &sealed).await?;
+    let committed = commit(shared, io, &sealed, &cursor, &plan, versions.clone()).await;
+    if let (Err(_), Some(versions)) = (&committed, &versions) {
+        // Not owned by any catalog entry: free again (a reopen would find them free as well).
+        shared.borrow_mut().meta.free_entry_extents(versions)?;
+    }
+    committed?;
+    let control_start = cursor.control_start;
+    {
+        // Every R-VOL takes the record in as its newest (FIG 20).
+        let mut s = shared.borrow_mut();
+        let map = Arc::new(plan.history.clone());
+        s.restores.sorted(record, control_start, &map);
+        s.meta.record_maps.insert(control_start, record, map);
+        s.sorting = None;
+    }
+    cursor.state = SortState::Idle;
+    write_cursor(shared, io, cursor).await?;
+
+    {
+        let mut s = shared.borrow_mut();
+        let meta = &mut s.meta;
+        let done = meta.sealed.pop_front().expect("the sorted generation is the oldest");
+        debug_assert_eq!(done.generation, generation);
+        let (element_tail, page_tail) = match meta.sealed.front() {
+            Some(next) => (next.element_start, next.page_start),
+            None => (meta.open.element_start, meta.open.page_start),
+        };
+        meta.ring.release_to(element_tail);
+        meta.pages.release_to(page_tail);
+    }
+    write_journal_catalog(shared, io).await?;
+    let mut s = shared.borrow_mut();
+    s.space_freed = true;
+    s.retention_pending = true;
+    s.control.generations_sorted += 1;
+    Ok(())
+}
+
+/// Writes the record's control block and commits the sort with one history catalog write:
+/// the backup's previous generation becomes record H(g−1), the backup entry names g, and in
+/// "all" mode the version record of g joins them.
+async fn commit(
+    shared: &SharedRef,
+    io: &ControlIo<HostRef>,
+    sealed: &SealedGeneration,
+    cursor: &SortCursor,
+    plan: &crate::core::plan::sort::SortPlan,
+    versions: Option<CatalogEntry>,
+) -> Result<(), EngineError> {
+    let (generation, record) = (sealed.generation, sealed.generation - 1);
+    let unit = shared.borrow().meta.unit_bytes() as usize;
+    let elements = plan.history_units();
     let map = ElementMap::new(plan.history.bitmap().clone(), Addressing::Contiguous { first: cursor.history_start })
         .expect("contiguous maps have no table");
     debug_assert_eq!(&map, &plan.history);
@@ -281,39 +337,118 @@ async fn sort_generation(
         backup.last_sequence = last_sequence;
         backup.blocks = elements;
         catalog.entries.push(backup);
+        catalog.entries.extend(versions);
         catalog.backup_generation = generation;
         Ok(())
     })
-    .await?;
-    {
-        // Every R-VOL takes the record in as its newest (FIG 20).
-        let mut s = shared.borrow_mut();
-        let map = Arc::new(plan.history.clone());
-        s.restores.sorted(record, control_start, &map);
-        s.meta.record_maps.insert(control_start, record, map);
-        s.sorting = None;
-    }
-    cursor.state = SortState::Idle;
-    write_cursor(shared, io, cursor).await?;
+    .await
+}
 
-    {
-        let mut s = shared.borrow_mut();
-        let meta = &mut s.meta;
-        let done = meta.sealed.pop_front().expect("the sorted generation is the oldest");
-        debug_assert_eq!(done.generation, generation);
-        let (element_tail, page_tail) = match meta.sealed.front() {
-            Some(next) => (next.element_start, next.page_start),
-            None => (meta.open.element_start, meta.open.page_start),
-        };
-        meta.ring.release_to(element_tail);
-        meta.pages.release_to(page_tail);
+/// "All" mode (seed 001 embodiment 4): copies every version of the sealed generation, in
+/// (block, sequence) order, from the journal into one contiguous history extent, and its
+/// version table (FORMAT.md §8.1) behind it; returns the catalog entry that will own both.
+/// Until the sort's catalog write adds it, nothing owns the units: a crash before leaves them
+/// free and the resumed sort writes them again (the generation is still in the journal).
+async fn write_versions(
+    shared: &SharedRef,
+    io: &ControlIo<HostRef>,
+    sealed: &SealedGeneration,
+) -> Result<Option<CatalogEntry>, EngineError> {
+    use crate::core::format::version_table::{VersionEntry, VersionTable};
+    let generation = sealed.generation;
+    if shared.borrow().meta.mode() != JournalMode::All {
+        return Ok(None);
     }
-    write_journal_catalog(shared, io).await?;
-    let mut s = shared.borrow_mut();
-    s.space_freed = true;
-    s.retention_pending = true;
-    s.control.generations_sorted += 1;
-    Ok(())
+    // Lost versions (a power cut took their journal write) are no restore targets.
+    let mut order: Vec<usize> = (0..sealed.versions.len()).filter(|k| !sealed.versions[*k].lost).collect();
+    order.sort_by_key(|k| (sealed.blocks[*k], sealed.versions[*k].sequence, *k));
+    // One version per (block, sequence): the later element if a request wrote a block twice.
+    let key = |k: usize| (sealed.blocks[k], sealed.versions[k].sequence);
+    order = order
+        .iter()
+        .enumerate()
+        .filter(|(i, k)| order.get(i + 1).is_none_or(|n| key(*n) != key(**k)))
+        .map(|(_, k)| *k)
+        .collect();
+    let mut entry = CatalogEntry::new(generation, EntryKind::Versions, EntryState::Live);
+    // The versions resolve targets up to the generation's cut, also once its image is merged
+    // away (a generation without writes keeps an entry without units: its targets are image
+    // g−1).
+    entry.last_sequence = sealed.last_sequence;
+    if order.is_empty() {
+        return Ok(Some(entry));
+    }
+    let (unit, max_in_flight) = {
+        let s = shared.borrow();
+        (s.meta.unit_bytes(), s.options.sort.max_in_flight.max(1))
+    };
+    let count = order.len() as u64;
+    let table_units = VersionTable::disk_bytes(count).div_ceil(unit);
+    let extents =
+        shared.borrow_mut().meta.allocate_record_extents("sort (versions)", generation, count, table_units)?;
+    let entries: Vec<VersionEntry> = order
+        .iter()
+        .map(|k| VersionEntry {
+            block: sealed.blocks[*k],
+            sequence: sealed.versions[*k].sequence,
+            time_ns: sealed.versions[*k].time_ns,
+            crc: sealed.crcs[*k],
+        })
+        .collect();
+    let written = async {
+        for (batch, chunk) in order.chunks(max_in_flight.max(8)).enumerate() {
+            let reads = chunk.iter().map(|k| {
+                let (lba, expected, block) = {
+                    let s = shared.borrow();
+                    (s.meta.segment_lba(sealed.element_start + *k as u64), sealed.crcs[*k], sealed.blocks[*k])
+                };
+                async move {
+                    let data = io.read(Role::Journal, lba, unit as usize).await?;
+                    let actual = crc32c(&data.to_vec());
+                    if actual != expected {
+                        return Err(EngineError::Damaged(format!(
+                            "generation {generation}: a journal version of block {block} is damaged (crc32c {actual:#010x}, expected {expected:#010x}); the sort stopped"
+                        )));
+                    }
+                    Ok(data)
+                }
+            });
+            let data = run_bounded(reads, max_in_flight).await?;
+            let segments: Vec<_> = data.into_iter().flat_map(IoBuffers::into_segments).collect();
+            let first = extents.elements.start + (batch * max_in_flight.max(8)) as u64;
+            let lba = shared.borrow().meta.history_lba(first);
+            io.write(Role::History, lba, Arc::new(IoBuffers::from_segments(segments)), false).await?;
+        }
+        let table = VersionTable {
+            generation,
+            cut_sequence: sealed.last_sequence,
+            first_address: extents.elements.start,
+            entries: entries.clone(),
+        }
+        .encode();
+        let lba = shared.borrow().meta.history_lba(extents.control.start);
+        let mut buffer = io.alloc(Role::History, table.len());
+        buffer.as_mut_slice().copy_from_slice(&table);
+        io.write(Role::History, lba, Arc::new(IoBuffers::single(buffer)), false).await?;
+        io.flush(Role::History).await?;
+        Ok::<(), EngineError>(())
+    }
+    .await;
+    entry.first_sequence = entries.iter().map(|e| e.sequence).min().expect("not empty");
+    entry.time_ns = entries.iter().map(|e| e.time_ns).min().expect("not empty");
+    entry.last_time_ns = entries.iter().map(|e| e.time_ns).max().expect("not empty");
+    entry.element_start = extents.elements.start;
+    entry.element_count = extents.elements.units;
+    entry.control_start = extents.control.start;
+    entry.control_count = extents.control.units;
+    entry.blocks = entries.windows(2).filter(|w| w[0].block != w[1].block).count() as u64 + 1;
+    entry.stored_bytes = count * unit;
+    if let Err(error) = written {
+        shared.borrow_mut().meta.free_entry_extents(&entry)?;
+        return Err(error);
+    }
+    shared.borrow_mut().control.versions_kept += count;
+    Ok(Some(entry))
 }
 
 /// Waits until `bytes` moved since `start` fit within `rate` bytes per second.

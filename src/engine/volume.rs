@@ -91,6 +91,10 @@ pub struct ControlCounters {
     pub generations_sorted: u64,
     pub elements_sorted: u64,
     pub sort_busy_us: u64,
+    /// "All" mode: versions the sorts kept in the history (version records).
+    pub versions_kept: u64,
+    /// "All" mode: version records dropped because the image under them was given up.
+    pub version_records_dropped: u64,
 }
 
 /// State shared by the hot path and the control tasks (one thread; borrowed briefly).
@@ -229,6 +233,7 @@ pub struct Identity {
     pub volume_bytes: u64,
     pub durability: crate::core::format::superblock::Durability,
     pub journal_full_policy: crate::core::format::superblock::JournalFullPolicy,
+    pub journal_mode: crate::core::format::superblock::JournalMode,
     pub strict: bool,
 }
 
@@ -647,6 +652,7 @@ impl Volume {
             volume_bytes: meta.geometry.volume_bytes(),
             durability: meta.durability(),
             journal_full_policy: meta.journal_full_policy(),
+            journal_mode: meta.mode(),
             strict: meta.journal_superblock.strict,
         }
     }
@@ -776,6 +782,19 @@ pub(crate) fn generation_list(meta: &Meta) -> Vec<GenerationInfo> {
             (EntryKind::Backup, _) => "backup",
             _ => continue,
         };
+        // "All" mode: the version record of the generation's writes, if kept.
+        let versions = meta
+            .history_catalog
+            .entries
+            .iter()
+            .find(|v| v.kind == EntryKind::Versions && v.state == EntryState::Live && v.generation == entry.generation)
+            .map(|v| VersionRange {
+                elements: v.element_count,
+                first_sequence: v.first_sequence,
+                last_sequence: v.last_sequence,
+                first_time_ns: v.time_ns,
+                last_time_ns: v.last_time_ns,
+            });
         generations.push(GenerationInfo {
             generation: entry.generation,
             through_generation: entry.through_generation,
@@ -784,7 +803,7 @@ pub(crate) fn generation_list(meta: &Meta) -> Vec<GenerationInfo> {
             comment: entry.comment.clone(),
             blocks: entry.blocks,
             last_sequence: entry.last_sequence,
-            versions: None,
+            versions,
         });
     }
     for sealed in &meta.sealed {

@@ -21,6 +21,9 @@ pub enum Workload {
     Randwrite,
     Randread,
     Seqwrite,
+    /// Random writes within the first sixteenth of the volume: overwrite-heavy (what "all"
+    /// journal mode pays for most).
+    Hotwrite,
 }
 
 /// Device block size of volumes made by `chronicle format`.
@@ -32,6 +35,7 @@ pub fn run(
     block_size: u64,
     queue_depth: usize,
     seconds: f64,
+    marker_every_ms: Option<u64>,
     json: bool,
 ) -> Result<ExitCode> {
     if block_size == 0 || block_size % BLOCK != 0 {
@@ -66,8 +70,19 @@ pub fn run(
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let started = Instant::now();
     let mut completions = Vec::with_capacity(queue_depth);
+    // Markers cut generations so the sort frees journal space ("all" mode needs them: every
+    // write takes a new element).
+    let marker_every = marker_every_ms.map(Duration::from_millis);
+    let mut next_marker = marker_every.map(|every| started + every);
+    let mut markers = Vec::new();
     loop {
         let running = Instant::now() < deadline;
+        if let (Some(due), Some(every)) = (next_marker, marker_every) {
+            if running && Instant::now() >= due {
+                markers.push(volume.mark("bench"));
+                next_marker = Some(due + every);
+            }
+        }
         // Keep the queue full until the deadline.
         while let Some(slot) = if running { free_slots.pop() } else { None } {
             let offset = match workload {
@@ -76,6 +91,7 @@ pub fn run(
                     sequential += 1;
                     offset
                 }
+                Workload::Hotwrite => rng.random_range(0..slots.div_ceil(16)),
                 _ => rng.random_range(0..slots),
             } * (block_size / BLOCK);
             let request = match workload {
@@ -111,7 +127,17 @@ pub fn run(
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let mut marker_errors = 0;
+    for marker in &markers {
+        while marker.result().is_none() {
+            volume.poll(&mut completions);
+        }
+        marker_errors += u64::from(marker.result().is_some_and(|r| r.is_err()));
+    }
+    // Let the sort catch up, so the history's space is measured after it.
+    volume.run_until_idle(&mut completions);
     let status = volume.status();
+    let journal_mode = volume.identity().journal_mode;
     volume.close()?;
     let error_count = errors.total();
     latencies_ns.sort_unstable();
@@ -141,6 +167,14 @@ pub fn run(
         "journal_full_waits": status.host.journal_full_waits,
         "journal_used_elements": status.journal_used_elements,
         "journal_capacity_elements": status.journal_capacity_elements,
+        // Space: what the journal mode costs (FIG 8 "latest" vs "all").
+        "journal_mode": format!("{journal_mode:?}").to_lowercase(),
+        "markers": markers.len(),
+        "marker_errors": marker_errors,
+        "generations_sorted": status.control.generations_sorted,
+        "elements_sorted": status.control.elements_sorted,
+        "versions_kept": status.control.versions_kept,
+        "history_used_units": status.history_used_units,
     });
     if !json {
         println!(

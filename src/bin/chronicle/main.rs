@@ -191,6 +191,10 @@ enum Command {
         queue_depth: usize,
         #[arg(long, default_value_t = 10.0)]
         seconds: f64,
+        /// Mark a generation every this many milliseconds (the sort then frees journal space;
+        /// "all" journal mode needs it under sustained writes).
+        #[arg(long)]
+        marker_every_ms: Option<u64>,
         #[arg(long)]
         json: bool,
     },
@@ -260,8 +264,8 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::Merge { dir, from, through } => history::merge(&dir, from, through),
         Command::DeleteGeneration { dir, generation } => history::delete_generation(&dir, generation),
         Command::Rollback { dir, generation, comment } => history::rollback(&dir, generation, &comment),
-        Command::Bench { dir, workload, block_size, queue_depth, seconds, json } => {
-            bench::run(&dir, workload, block_size, queue_depth, seconds, json)
+        Command::Bench { dir, workload, block_size, queue_depth, seconds, marker_every_ms, json } => {
+            bench::run(&dir, workload, block_size, queue_depth, seconds, marker_every_ms, json)
         }
         Command::BenchHistory(options) => bench_history::run(&options),
     }

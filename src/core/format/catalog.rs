@@ -24,7 +24,16 @@ pub const DEFAULT_CAPACITY_ENTRIES: u32 = 1023;
 
 byte_enum!(
     /// What an entry describes.
-    EntryKind { Online = 1, History = 2, Merged = 3, RestoreVolume = 4, DedupIndex = 5, Retained = 6, Backup = 7 }
+    EntryKind {
+        Online = 1,
+        History = 2,
+        Merged = 3,
+        RestoreVolume = 4,
+        DedupIndex = 5,
+        Retained = 6,
+        Backup = 7,
+        Versions = 8,
+    }
 );
 byte_enum!(
     /// Life-cycle state of an entry (which states are valid depends on the kind).
@@ -81,6 +90,9 @@ pub struct CatalogEntry {
     pub dedup_saved: u64,
     /// Blocks the record covers (population count of its bitmap).
     pub blocks: u64,
+    /// Versions ("all" mode): time of the generation's last version, Unix nanoseconds (its first
+    /// is `time_ns`); 0 for other kinds.
+    pub last_time_ns: u64,
     /// User comment of the marker, or the name of a restore volume (UTF-8, < 128 bytes).
     pub comment: String,
 }
@@ -104,6 +116,7 @@ impl CatalogEntry {
             stored_bytes: 0,
             dedup_saved: 0,
             blocks: 0,
+            last_time_ns: 0,
             comment: String::new(),
         }
     }
@@ -116,7 +129,7 @@ impl CatalogEntry {
             (Online, Open | Sealed | Sorting)
                 | (History | Merged, Live | Merging | Deleting)
                 | (RestoreVolume, Active | Deleting)
-                | (DedupIndex | Backup, Live)
+                | (DedupIndex | Backup | Versions, Live)
                 | (Retained, Held)
         );
         if !valid {
@@ -166,10 +179,11 @@ impl CatalogEntry {
             self.stored_bytes,
             self.dedup_saved,
             self.blocks,
+            self.last_time_ns,
         ] {
             w.put_u64(value);
         }
-        w.skip(24);
+        w.skip(16);
         debug_assert_eq!(w.position() - start, ENTRY_BYTES - COMMENT_BYTES);
         w.put_bytes(self.comment.as_bytes());
         w.skip(COMMENT_BYTES - self.comment.len());
@@ -182,11 +196,11 @@ impl CatalogEntry {
         let flags = r.u16()?;
         let comment_len = r.u16()? as usize;
         r.u16()?;
-        let mut values = [0u64; 11];
+        let mut values = [0u64; 12];
         for value in &mut values {
             *value = r.u64()?;
         }
-        r.skip(24)?;
+        r.skip(16)?;
         let comment_bytes = r.take(COMMENT_BYTES)?;
         if comment_len >= COMMENT_BYTES || comment_bytes[comment_len..].iter().any(|b| *b != 0) {
             return Err(FormatError::invalid(STRUCTURE, "comment", "length and padding disagree"));
@@ -194,7 +208,7 @@ impl CatalogEntry {
         let comment = std::str::from_utf8(&comment_bytes[..comment_len])
             .map_err(|_| FormatError::invalid(STRUCTURE, "comment", "not UTF-8"))?
             .to_owned();
-        let [time_ns, first_sequence, last_sequence, through_generation, element_start, element_count, control_start, control_count, stored_bytes, dedup_saved, blocks] =
+        let [time_ns, first_sequence, last_sequence, through_generation, element_start, element_count, control_start, control_count, stored_bytes, dedup_saved, blocks, last_time_ns] =
             values;
         let entry = CatalogEntry {
             generation,
@@ -212,6 +226,7 @@ impl CatalogEntry {
             stored_bytes,
             dedup_saved,
             blocks,
+            last_time_ns,
             comment,
         };
         entry.validate()?;

@@ -12,6 +12,7 @@ pub mod header;
 pub mod layout;
 pub mod records;
 pub mod superblock;
+pub mod version_table;
 
 pub use header::{Header, HEADER_BYTES};
 
