@@ -872,8 +872,9 @@ fn open_reader(dir: &Path) -> chronicle::engine::reader::VolumeReader {
 fn all_mode_restores_any_sequence_and_refuses_what_it_does_not_keep() {
     let root = test_dir();
     let dir = root.path().join("vol");
-    // Every write is kept in "all" mode: a journal of four volumes.
-    format(&dir, &["--journal-mode", "all", "--journal-size", "64M", "--history-size", "64M"]);
+    // Every write is kept in "all" mode: a journal of eight volumes (large enough that an index
+    // sized for "latest" entries would leave no room for online generations).
+    format(&dir, &["--journal-mode", "all", "--journal-size", "128M", "--history-size", "128M"]);
     let load = ["load", dir.to_str().unwrap(), "--seconds", "0.4", "--marker-every-ms", "100", "--queue-depth", "8"];
     chronicle(&load).expect_ok();
     let listed = chronicle(&[OsStr::new("generations"), dir.as_os_str()]).expect_ok();
@@ -912,7 +913,31 @@ fn all_mode_restores_any_sequence_and_refuses_what_it_does_not_keep() {
     let cut = reader.generations().iter().find(|g| g.generation == backup).unwrap().last_sequence;
     assert!(reader.read_sequence(cut).unwrap() == reader.read_image(backup).unwrap(), "the cut is the image");
     let next = reader.next_sequence();
+    // A time: the newest write taken by then (RFC 3339 or Unix nanoseconds).
+    let now = chronicle::engine::now_ns();
+    let at_now = reader.read_sequence(reader.sequence_at_time(now).unwrap()).unwrap();
     drop(reader);
+    for time in [chronicle::core::time::rfc3339(now), now.to_string()] {
+        chronicle(&[
+            OsStr::new("restore"),
+            dir.as_os_str(),
+            OsStr::new("--time"),
+            OsStr::new(&time),
+            OsStr::new("--output"),
+            output.as_os_str(),
+        ])
+        .expect_ok();
+        assert!(std::fs::read(&output).unwrap() == at_now, "the file is the image at {time}");
+    }
+    let garbled = chronicle(&[
+        OsStr::new("restore"),
+        dir.as_os_str(),
+        OsStr::new("--time"),
+        OsStr::new("yesterday"),
+        OsStr::new("--output"),
+        output.as_os_str(),
+    ]);
+    assert!(!garbled.ok() && !garbled.panicked() && garbled.stderr.contains("RFC 3339"), "{}", garbled.describe());
 
     // Beyond the newest write: refused, the output untouched.
     std::fs::write(&output, b"untouched").unwrap();

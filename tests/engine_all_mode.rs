@@ -262,6 +262,35 @@ fn versions_survive_the_sort_and_merges_give_up_only_those_over_a_lost_image() {
 }
 
 #[test]
+fn a_time_target_restores_every_write_taken_by_then() {
+    let mut scenario = Scenario::new(5, true);
+    let mut instants = Vec::new();
+    for round in 0..6 {
+        scenario.submit_writes(5);
+        scenario.settle();
+        // Between two writes: after every write so far, before every later one.
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        instants.push((chronicle::engine::now_ns(), scenario.model.current.clone()));
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        if round % 2 == 1 {
+            scenario.mark();
+        }
+    }
+    scenario.settle();
+    scenario.volume.take().unwrap().close().unwrap();
+    let reader = VolumeReader::open(scenario.devices.channels()).unwrap();
+    // Sorted generations, sealed ones and the open one alike.
+    assert!(reader.backup_generation() >= 1);
+    for (time_ns, image) in &instants {
+        let sequence = reader.sequence_at_time(*time_ns).unwrap();
+        assert!(reader.read_sequence(sequence).unwrap() == *image, "the image at {time_ns} is exact");
+    }
+    let future = chronicle::engine::now_ns() + 60_000_000_000;
+    assert!(matches!(reader.sequence_at_time(future), Err(EngineError::TargetUnavailable { .. })));
+    assert!(matches!(reader.sequence_at_time(1), Err(EngineError::TargetUnavailable { .. })));
+}
+
+#[test]
 fn a_latest_mode_volume_refuses_sequence_targets() {
     let devices = Devices::new();
     format(devices.channels(), &FormatOptions { copy_base_to_backup: false, ..Default::default() }, &mut |_| {})

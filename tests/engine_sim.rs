@@ -126,7 +126,7 @@ impl Media {
 fn layout_options(mode: JournalMode) -> LayoutOptions {
     // "All" mode: a version record per sorted generation beside its history record.
     let catalog_entries = if mode == JournalMode::All { 127 } else { 63 };
-    LayoutOptions { catalog_entries, site_slots: 1, max_online_generations: 16, ..Default::default() }
+    LayoutOptions { catalog_entries, site_slots: 1, max_online_generations: 16, mode }
 }
 
 /// Unit contents written at many blocks (zeros among them): merges find equal elements.

@@ -313,6 +313,51 @@ impl VolumeReader {
         self.stream(device, &overlay, sink)
     }
 
+    /// The sequence of the newest write taken at or before `time_ns` (and not before the cut of
+    /// a generation sealed by then): `restore --time` restores it. Write times never go back
+    /// (FORMAT.md §9.3), so this is the image after every write up to `time_ns`.
+    pub fn sequence_at_time(&self, time_ns: u64) -> Result<u64, EngineError> {
+        let target = crate::core::time::rfc3339(time_ns);
+        if self.meta.mode() != crate::core::format::superblock::JournalMode::All {
+            return self.sequence_layers(0).map(|_| 0); // the "latest" mode refusal
+        }
+        if time_ns > super::now_ns() {
+            return Err(EngineError::TargetUnavailable {
+                target: format!("time {target}"),
+                why: "it is in the future".into(),
+                available: self.restorable_sequences(),
+            });
+        }
+        let mut best: Option<u64> = None;
+        let mut take = |sequence: u64| best = Some(best.map_or(sequence, |b: u64| b.max(sequence)));
+        // Generations sealed by then (their markers' times): at least their cut.
+        for info in self.generations().iter().filter(|g| g.state != "open" && g.time_ns <= time_ns) {
+            take(info.last_sequence);
+        }
+        // Versions in the journal.
+        let open = std::iter::once(&self.meta.open.versions);
+        for versions in open.chain(self.meta.sealed.iter().map(|s| &s.versions)) {
+            versions.iter().filter(|v| !v.lost && v.time_ns <= time_ns).for_each(|v| take(v.sequence));
+        }
+        // The newest version record with a version by then.
+        let record = self
+            .meta
+            .history_catalog
+            .entries
+            .iter()
+            .filter(|e| e.kind == EntryKind::Versions && e.element_count > 0 && e.time_ns <= time_ns)
+            .max_by_key(|e| e.generation);
+        if let Some(entry) = record {
+            let table = self.read_versions(entry)?;
+            table.entries.iter().filter(|v| v.time_ns <= time_ns).for_each(|v| take(v.sequence));
+        }
+        best.ok_or_else(|| EngineError::TargetUnavailable {
+            target: format!("time {target}"),
+            why: "it is older than every generation and write the volume keeps".into(),
+            available: self.restorable_sequences(),
+        })
+    }
+
     /// Whether the volume keeps every write ("all" journal mode).
     pub fn journal_mode_all(&self) -> bool {
         self.meta.mode() == crate::core::format::superblock::JournalMode::All

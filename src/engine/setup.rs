@@ -187,8 +187,11 @@ pub(crate) async fn format_volume<O: Copy>(
     let device_names = names(io);
     let geometry = volume_geometry(&devices, &device_names, options.host_write_size, None)?;
     let shape = VolumeShape { host_write_size: options.host_write_size, volume_blocks: geometry.volume_blocks() };
-    let journal = layout::plan_journal(&shape, &options.layout, devices[1].size_bytes())?;
-    let history = layout::plan_history(&shape, &options.layout, devices[3].size_bytes())?;
+    // The element index is sized for the journal mode's entries (126 per page in "all" mode,
+    // 252 in "latest"): the mode recorded in the superblock is the one the layout is planned for.
+    let layout_options = layout::LayoutOptions { mode: options.journal_mode, ..options.layout };
+    let journal = layout::plan_journal(&shape, &layout_options, devices[1].size_bytes())?;
+    let history = layout::plan_history(&shape, &layout_options, devices[3].size_bytes())?;
     let volume_uuid = *uuid::Uuid::new_v4().as_bytes();
     let created_ns = now_ns();
 
@@ -564,7 +567,11 @@ pub(crate) async fn open_volume<O: Copy>(io: &ControlIo<O>, read_only: bool) -> 
     let named = meta.open.versions.iter().chain(meta.sealed.iter().flat_map(|s| s.versions.iter())).map(|v| v.sequence);
     let sealed = journal_catalog.entries.iter().chain(&history_catalog.entries).map(|e| e.last_sequence);
     meta.next_sequence = named.chain(sealed).max().map_or(0, |s| s + 1).max(journal_catalog.write_sequence);
-    meta.last_write_ns = meta.open.versions.iter().map(|v| v.time_ns).max().unwrap_or(0);
+    // Write times never go back, across restarts too.
+    let journal_times = meta.open.versions.iter().chain(meta.sealed.iter().flat_map(|s| s.versions.iter()));
+    let history_times = history_catalog.entries.iter().filter(|e| e.kind == EntryKind::Versions);
+    meta.last_write_ns =
+        journal_times.map(|v| v.time_ns).chain(history_times.map(|e| e.last_time_ns)).max().unwrap_or(0);
 
     // 5. The open generation's elements follow the base again.
     if !read_only {

@@ -66,6 +66,8 @@ pub enum Target {
     Generation(u64),
     /// The image after every host write up to a sequence ("all" journal mode).
     Sequence(u64),
+    /// The image after every host write taken at or before a time, Unix nanoseconds.
+    Time(u64),
 }
 
 /// Writes the image of `target` to `output` (a file, created or truncated, or an existing
@@ -73,9 +75,14 @@ pub enum Target {
 pub fn restore(dir: &Path, target: Target, output: &Path) -> Result<ExitCode> {
     let reader = VolumeReader::open(host::open_channels(dir, None, true, None)?)
         .with_context(|| format!("cannot open {}", dir.display()))?;
+    // A time is the sequence of the newest write taken by then.
+    let target = match target {
+        Target::Time(time_ns) => Target::Sequence(reader.sequence_at_time(time_ns)?),
+        other => other,
+    };
     let generation = match target {
         Target::Generation(generation) => generation,
-        Target::Sequence(sequence) => {
+        Target::Sequence(sequence) | Target::Time(sequence) => {
             // Refused before the output is touched.
             reader.check_sequence(sequence)?;
             u64::MAX
@@ -124,7 +131,7 @@ pub fn restore(dir: &Path, target: Target, output: &Path) -> Result<ExitCode> {
             reader.restore_to(generation, &mut sink)?;
             format!("generation {generation}")
         }
-        Target::Sequence(sequence) => {
+        Target::Sequence(sequence) | Target::Time(sequence) => {
             reader.restore_sequence_to(sequence, &mut sink)?;
             format!("sequence {sequence}")
         }

@@ -140,7 +140,7 @@ enum Command {
     },
     /// Write the image of a generation, or of any write's point in time (journal mode "all"),
     /// to a file or block device (changes nothing in DIR).
-    #[command(group(clap::ArgGroup::new("target").required(true).args(["generation", "sequence"])))]
+    #[command(group(clap::ArgGroup::new("target").required(true).args(["generation", "sequence", "time"])))]
     Restore {
         dir: PathBuf,
         /// The generation whose image to write.
@@ -150,6 +150,10 @@ enum Command {
         /// `generations` for the sequences each generation holds).
         #[arg(long)]
         sequence: Option<u64>,
+        /// The image after every host write taken at or before this time ("all" mode): RFC 3339
+        /// (2026-11-30T13:05:07.5Z) or Unix nanoseconds.
+        #[arg(long, value_parser = parse_time)]
+        time: Option<u64>,
         #[arg(long)]
         output: PathBuf,
     },
@@ -215,6 +219,10 @@ fn main() -> ExitCode {
     }
 }
 
+fn parse_time(text: &str) -> Result<u64, String> {
+    chronicle::core::time::parse(text)
+}
+
 fn run(command: Command) -> Result<ExitCode> {
     match command {
         Command::Format {
@@ -256,11 +264,15 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::Inspect { dir, json } => inspect(&dir, json),
         Command::Verify { dir } => verify(&dir),
         Command::Generations { dir, json } => history::generations(&dir, json),
-        Command::Restore { dir, generation, sequence, output } => match (generation, sequence) {
-            (Some(generation), _) => history::restore(&dir, history::Target::Generation(generation), &output),
-            (None, Some(sequence)) => history::restore(&dir, history::Target::Sequence(sequence), &output),
-            (None, None) => unreachable!("clap requires one target"),
-        },
+        Command::Restore { dir, generation, sequence, time, output } => {
+            let target = match (generation, sequence, time) {
+                (Some(generation), _, _) => history::Target::Generation(generation),
+                (_, Some(sequence), _) => history::Target::Sequence(sequence),
+                (_, _, Some(time_ns)) => history::Target::Time(time_ns),
+                (None, None, None) => unreachable!("clap requires one target"),
+            };
+            history::restore(&dir, target, &output)
+        }
         Command::Merge { dir, from, through } => history::merge(&dir, from, through),
         Command::DeleteGeneration { dir, generation } => history::delete_generation(&dir, generation),
         Command::Rollback { dir, generation, comment } => history::rollback(&dir, generation, &comment),
@@ -296,7 +308,7 @@ pub fn format_dir(
         );
     }
     let shape = VolumeShape { host_write_size, volume_blocks: size / u64::from(host_write_size) };
-    let options = LayoutOptions::default();
+    let options = LayoutOptions { mode: journal_mode, ..LayoutOptions::default() };
     let round = |bytes: u64| bytes.div_ceil(4096) * 4096;
     let journal = round(journal_size.unwrap_or_else(|| layout::recommended_journal_bytes(&shape, &options)));
     let history = round(history_size.unwrap_or_else(|| layout::recommended_history_bytes(&shape, &options)));
