@@ -299,3 +299,36 @@ fn a_latest_mode_volume_refuses_sequence_targets() {
     let error = reader.read_sequence(0).map(|_| ()).unwrap_err();
     assert!(error.to_string().contains("\"latest\" journal mode"), "{error}");
 }
+
+#[test]
+fn a_catalog_naming_an_impossible_write_sequence_is_refused_as_damaged() {
+    use chronicle::core::format::catalog::{self, Catalog};
+    use chronicle::core::format::superblock::{AreaKind, Superblock};
+    use chronicle::core::format::METADATA_PAGE_BYTES;
+
+    let mut s = Scenario::new(11, false);
+    s.submit_writes(20);
+    s.settle();
+    s.volume.take().expect("open").close().unwrap();
+    // The journal's newest catalog, rewritten (valid checksum, next sequence) with a write
+    // sequence no volume reaches: the open must refuse it, not wrap or overflow.
+    let journal = s.devices.device(1);
+    let bytes = journal.snapshot();
+    let superblock = Superblock::decode(&bytes[..METADATA_PAGE_BYTES]).expect("journal superblock");
+    let area = |kind: AreaKind| superblock.area(kind).expect("catalog area");
+    let slot = |kind: AreaKind| &bytes[area(kind).start_bytes as usize..area(kind).end_bytes() as usize];
+    let mut newest = catalog::choose(slot(AreaKind::CatalogA), slot(AreaKind::CatalogB)).expect("a catalog");
+    let older_slot = if Catalog::decode(slot(AreaKind::CatalogA)).is_ok_and(|c| c.sequence == newest.sequence) {
+        AreaKind::CatalogB
+    } else {
+        AreaKind::CatalogA
+    };
+    newest.sequence += 1;
+    newest.write_sequence = u64::MAX;
+    journal.write_blocks(area(older_slot).start_bytes / 512, &newest.encode());
+    match Volume::open(s.devices.channels(), options(false)) {
+        Err(EngineError::Damaged(why)) => assert!(why.contains("write sequence"), "{why}"),
+        Err(other) => panic!("refused, but not as damaged: {other}"),
+        Ok(_) => panic!("a write sequence of 2^64 - 1 was accepted"),
+    }
+}

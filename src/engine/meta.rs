@@ -230,6 +230,17 @@ impl SealedGeneration {
             .map(|(block, k)| (block, self.element_start + k as u64))
             .collect()
     }
+
+    /// Blocks the generation holds content for: `elements().len()` without building the list
+    /// in "latest" mode (status asks for it often).
+    pub fn block_count(&self) -> u64 {
+        if self.versions.is_empty() {
+            return self.blocks.len() as u64;
+        }
+        let held: rustc_hash::FxHashSet<u64> =
+            self.blocks.iter().zip(&self.versions).filter(|(_, v)| !v.lost).map(|(block, _)| *block).collect();
+        held.len() as u64
+    }
 }
 
 /// "All" mode: for each block, the entry index of its newest version with sequence at most

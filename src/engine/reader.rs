@@ -392,7 +392,8 @@ impl VolumeReader {
             let previous = generations.iter().find(|g| g.generation + 1 == info.generation);
             if let (Some(previous), Some(_)) = (previous, info.versions) {
                 if self.source(previous.generation).is_some() {
-                    let end = if info.state == "open" { self.next_sequence() - 1 } else { info.last_sequence };
+                    let end =
+                        if info.state == "open" { self.next_sequence().saturating_sub(1) } else { info.last_sequence };
                     parts.push(format!("{}..={} (generation {})", previous.last_sequence, end, info.generation));
                 }
             }

@@ -39,6 +39,9 @@ use super::io::{block_on, run_bounded, ControlIo, IoHub, Role};
 use super::meta::{newest_versions, Meta, OpenGeneration, PageState, SealedGeneration, Version};
 use super::{now_ns, EngineError, FormatOptions};
 
+/// Write sequences at or above this are damaged metadata, never a real volume's.
+const MAX_SEQUENCE: u64 = 1 << 62;
+
 const PAGE: u64 = METADATA_PAGE_BYTES as u64;
 /// Bytes copied per I/O by format's base-to-backup copy and by recovery.
 const COPY_CHUNK_BYTES: u64 = 1 << 20;
@@ -566,7 +569,16 @@ pub(crate) async fn open_volume<O: Copy>(io: &ControlIo<O>, read_only: bool) -> 
     // never became durable never reached the base either: its number may be given again).
     let named = meta.open.versions.iter().chain(meta.sealed.iter().flat_map(|s| s.versions.iter())).map(|v| v.sequence);
     let sealed = journal_catalog.entries.iter().chain(&history_catalog.entries).map(|e| e.last_sequence);
-    meta.next_sequence = named.chain(sealed).max().map_or(0, |s| s + 1).max(journal_catalog.write_sequence);
+    let newest_named = named.chain(sealed).max();
+    // No volume takes 2^62 writes: a larger number is damaged metadata (and would overflow
+    // the counters that continue from it).
+    let newest = newest_named.unwrap_or(0).max(journal_catalog.write_sequence);
+    if newest >= MAX_SEQUENCE {
+        return Err(EngineError::Damaged(format!(
+            "a catalog or index entry names write sequence {newest}, more than any volume writes ({MAX_SEQUENCE})"
+        )));
+    }
+    meta.next_sequence = newest_named.map_or(0, |s| s + 1).max(journal_catalog.write_sequence);
     // Write times never go back, across restarts too.
     let journal_times = meta.open.versions.iter().chain(meta.sealed.iter().flat_map(|s| s.versions.iter()));
     let history_times = history_catalog.entries.iter().filter(|e| e.kind == EntryKind::Versions);
@@ -763,13 +775,14 @@ async fn resync_open_generation<O: Copy>(io: &ControlIo<O>, meta: &mut Meta) -> 
             }
         }
     }
-    let all = meta.mode() == JournalMode::All;
-    let targets: Vec<usize> = if all {
+    // The entries to refill: each block's newest version ("all" mode), else every entry (no
+    // list of them: an open generation may hold millions).
+    let newest: Option<Vec<usize>> = (meta.mode() == JournalMode::All).then(|| {
         newest_versions(&meta.open.blocks, &meta.open.versions, u64::MAX).into_iter().map(|(_, k)| k).collect()
-    } else {
-        (0..meta.open.blocks.len()).collect()
-    };
-    let copies = targets.iter().map(|k| (*k, meta.open.blocks[*k])).map(|(k, block)| {
+    });
+    let count = newest.as_ref().map_or(meta.open.blocks.len(), Vec::len);
+    let target = |i: usize| newest.as_ref().map_or(i, |entries| entries[i]);
+    let copies = (0..count).map(target).map(|k| (k, meta.open.blocks[k])).map(|(k, block)| {
         let base_lba = meta.volume_lba(0, block);
         let journal_lba = meta.segment_lba(meta.open.element_start + k as u64);
         async move {
@@ -782,7 +795,7 @@ async fn resync_open_generation<O: Copy>(io: &ControlIo<O>, meta: &mut Meta) -> 
     let crcs = run_bounded(copies, 32).await?;
     io.flush(Role::Journal).await?;
     let per_page = meta.entries_per_page();
-    for (k, crc) in targets.into_iter().zip(crcs) {
+    for (k, crc) in (0..count).map(target).zip(crcs) {
         if meta.open.crcs[k] != crc {
             meta.open.crcs[k] = crc;
             meta.open.stale_pages.insert(k / per_page);

@@ -813,7 +813,7 @@ pub(crate) fn generation_list(meta: &Meta) -> Vec<GenerationInfo> {
             state: "sealed",
             time_ns: sealed.time_ns,
             comment: sealed.comment.clone(),
-            blocks: sealed.elements().len() as u64,
+            blocks: sealed.block_count(),
             last_sequence: sealed.last_sequence,
             versions: VersionRange::of(&sealed.versions),
         });

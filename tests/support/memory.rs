@@ -31,6 +31,11 @@ impl Devices {
         Devices(std::array::from_fn(|i| MemoryDevice::new(names[i], MemoryOptions::new(512, sizes[i] / 512))))
     }
 
+    /// Device `role`: 0 base, 1 journal, 2 backup, 3 history.
+    pub fn device(&self, role: usize) -> &MemoryDevice {
+        &self.0[role]
+    }
+
     pub fn channels(&self) -> Vec<Box<dyn Channel>> {
         self.0.iter().map(|d| d.open_channel().unwrap()).collect()
     }
