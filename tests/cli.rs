@@ -641,6 +641,23 @@ fn bench_history_measures_every_section() {
     for row in dedup {
         assert_eq!(row["dedup_mismatches"], 0, "xxh3-128 never collides here: {row:#}");
     }
+    // Dedup across records: nothing shared when every rewrite changes its block; the more
+    // blocks are rewritten unchanged, the more merged elements point at another record's unit;
+    // units kept for them when their record goes are counted as retained.
+    let across = report["dedup_across"].as_array().expect("dedup across rows");
+    assert_eq!(across.len(), 5, "{across:#?}");
+    let shared_across = |row: &serde_json::Value| row["shared_across"].as_u64().unwrap();
+    assert_eq!(shared_across(&across[0]), 0, "{across:#?}");
+    assert_eq!(across[0]["retained_units"], 0, "{across:#?}");
+    assert!(shared_across(&across[4]) > shared_across(&across[2]) && shared_across(&across[2]) > 0, "{across:#?}");
+    // Pointing at a record that is merged away later costs its shared units as retained ones:
+    // never more than storing them (the catalog has room for exact retained extents here).
+    assert!(across[4]["units_after"].as_u64() <= across[0]["units_after"].as_u64(), "{across:#?}");
+    assert!(across[4]["retained_units"].as_u64() > Some(0), "{across:#?}");
+    for row in across {
+        positive(row, "merged_elements");
+        positive(row, "merged_elements_per_s");
+    }
 
     let sizes = report["rvol_open"]["sizes"].as_array().expect("R-VOL sizes");
     assert_eq!(sizes.len(), 2, "{sizes:#?}");
@@ -687,6 +704,7 @@ fn bench_history_measures_every_section() {
         "4. random",
         "5. host write latency",
         "6. history units a merge stores",
+        "6b. dedup across records",
     ] {
         let at = table.find(heading).unwrap_or_else(|| panic!("no section {heading:?}:\n{table}"));
         let body = table[at..].lines().nth(2).unwrap_or_default();

@@ -19,7 +19,11 @@
 //!   FIG 11/12) is atomic: after a cut, every generation it would give up is either still
 //!   exact or gone, and every other generation is exact; merges deduplicate (a share of the
 //!   writes use a few common unit contents) with a 3-bit content hash, so most candidates are
-//!   collisions only the byte compare rejects, and every image stays exact;
+//!   collisions only the byte compare rejects, and every image stays exact; merges share with
+//!   other records too, and deleting or merging away a record whose units others point at
+//!   keeps those units (retained): `verify` passes after every recovery (every shared pointer
+//!   lands in a live record's or a retained extent's units, every retained extent is pointed
+//!   at — nothing freed while referenced, nothing leaked);
 //! - a rollback (rewrite of the changed blocks through the journal between an undo point and a
 //!   final seal) cut anywhere leaves every acknowledged write, the undo point's image if it
 //!   was sealed, and the rolled-back image if the final seal was;
@@ -61,6 +65,12 @@ static MAINTENANCE_DONE: std::sync::atomic::AtomicU64 = std::sync::atomic::Atomi
 /// Restore volume reads checked against the model, over the whole run.
 static DEDUP_SHARED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 static DEDUP_MISMATCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Elements merges shared with another record's (or a retained extent's) unit.
+static DEDUP_ACROSS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Recoveries after which some units were retained (kept for another record's pointers after
+/// their own record left), and the retained units seen over them.
+static RETAINED_SEEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static RETAINED_UNITS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 static READS_CHECKED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// Rollbacks that completed, over the whole run.
 static ROLLBACKS_DONE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -506,6 +516,13 @@ fn run_seed(seed: u64, cycles: u64, durability: Durability, mode: JournalMode) -
             ));
         }
         let reader = VolumeReader::open(media.plain_channels()).map_err(|e| format!("cycle {cycle}: reader: {e}"))?;
+        // Dedup across records: every shared pointer lands in a live record's or a retained
+        // extent's units, and every retained extent is pointed at (nothing leaks).
+        let verified = reader.verify().map_err(|e| format!("cycle {cycle}: verify: {e}"))?;
+        if verified.retained_units > 0 {
+            RETAINED_SEEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            RETAINED_UNITS.fetch_add(verified.retained_units, std::sync::atomic::Ordering::Relaxed);
+        }
         for generation in uncertain.drain(..) {
             if reader.source(generation).is_none() {
                 model.images.remove(&generation);
@@ -714,7 +731,7 @@ fn run_seed(seed: u64, cycles: u64, durability: Durability, mode: JournalMode) -
                             records,
                         });
                     }
-                } else if choice < 80 && maintenance.is_none() {
+                } else if choice < 83 && maintenance.is_none() {
                     // Merge two adjacent history records, or give up one generation.
                     let records: Vec<(u64, u64)> = volume
                         .status()
@@ -770,6 +787,7 @@ fn run_seed(seed: u64, cycles: u64, durability: Durability, mode: JournalMode) -
                             MAINTENANCE_DONE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             DEDUP_SHARED.fetch_add(report.dedup_shared, std::sync::atomic::Ordering::Relaxed);
                             DEDUP_MISMATCHES.fetch_add(report.dedup_mismatches, std::sync::atomic::Ordering::Relaxed);
+                            DEDUP_ACROSS.fetch_add(report.dedup_shared_across, std::sync::atomic::Ordering::Relaxed);
                             for generation in gone {
                                 model.images.remove(&generation);
                             }
@@ -970,10 +988,15 @@ fn power_cuts_lose_no_acknowledged_write_and_keep_generations_exact() {
         "\"all\" journal mode: {all} power cuts, {sequences} any-point targets restored as the writes allow, {refused} refused (over images given up)"
     );
     assert!(sequences > 0, "any-point targets were checked");
+    let across = DEDUP_ACROSS.load(std::sync::atomic::Ordering::Relaxed);
+    let retained_seen = RETAINED_SEEN.load(std::sync::atomic::Ordering::Relaxed);
+    let retained_units = RETAINED_UNITS.load(std::sync::atomic::Ordering::Relaxed);
     println!(
-        "{total} power cuts ({flush} in flush mode, {write_through} in write-through mode), {maintenance} merges and deletions ({shared} elements shared by dedup, {mismatches} hash collisions told apart by the byte compare), {rollbacks} rollbacks, {reads} restore volume reads checked, no invariant violated"
+        "{total} power cuts ({flush} in flush mode, {write_through} in write-through mode), {maintenance} merges and deletions ({shared} elements shared by dedup, {across} of them with another record, {mismatches} hash collisions told apart by the byte compare; {retained_seen} recoveries found units retained for other records, {retained_units} units in all), {rollbacks} rollbacks, {reads} restore volume reads checked, no invariant violated"
     );
     assert!(shared > 0 && mismatches > 0, "merges deduplicated and met collisions");
+    assert!(across > 0, "merges shared elements across records");
+    assert!(retained_seen > 0, "deletions kept units other records point at");
     assert!(reads > 0, "restore volumes were read");
     assert!(maintenance > 0, "history maintenance ran");
     assert!(rollbacks > 0, "rollbacks ran");

@@ -542,7 +542,10 @@ fn catalog_variant(variant: u8) -> Catalog {
     } else {
         let mut merged = CatalogEntry::new(distinct(21) >> 9, EntryKind::Merged, EntryState::Merging);
         merged.through_generation = (distinct(21) >> 9) + 77;
-        merged.flags = catalog::flags::DEDUPLICATED | catalog::flags::EXTERNAL | catalog::flags::PATH_OFFLINE;
+        merged.flags = catalog::flags::DEDUPLICATED
+            | catalog::flags::EXTERNAL
+            | catalog::flags::PATH_OFFLINE
+            | catalog::flags::SHARES_ACROSS;
         merged.comment = "m".repeat(COMMENT_BYTES - 1);
         let mut restore = CatalogEntry::new(5, EntryKind::RestoreVolume, EntryState::Active);
         restore.comment = "rvol-gen5".into();
@@ -567,6 +570,7 @@ fn catalog_variant(variant: u8) -> Catalog {
         entry.dedup_saved = distinct(tag + 8);
         entry.blocks = distinct(tag + 9);
         entry.last_time_ns = distinct(tag + 10);
+        entry.shared_across = distinct(tag + 11);
     }
     Catalog {
         sequence: distinct(30 + variant),
@@ -633,6 +637,7 @@ fn catalog_fields_sit_where_the_document_says() {
                     int("dedup_saved", e.dedup_saved),
                     int("blocks", e.blocks),
                     int("last_time_ns", e.last_time_ns),
+                    int("shared_across", e.shared_across),
                     raw("comment", &padded(&e.comment, entry_doc.size("comment"))),
                 ],
                 &[],

@@ -27,8 +27,8 @@ use std::task::Poll;
 use rustc_hash::FxHashMap;
 
 use crate::core::allocator::Extent;
-use crate::core::element_map::{Addressing, ElementMap, ADDRESS_MASK};
-use crate::core::format::catalog::{CatalogEntry, EntryKind, EntryState};
+use crate::core::element_map::{Addressing, ElementMap, ADDRESS_MASK, ADDRESS_SHARED};
+use crate::core::format::catalog::{flags, CatalogEntry, EntryKind, EntryState};
 use crate::core::format::control_block::ControlBlock;
 use crate::core::plan::dedup::content_hash;
 use crate::core::plan::merge::plan_merge;
@@ -83,6 +83,13 @@ pub struct MergeReport {
     /// Elements whose content hash matched a stored one but whose bytes differed (stored).
     #[serde(default)]
     pub dedup_mismatches: u64,
+    /// Of `dedup_shared`, elements pointing at a unit of another record or a retained extent.
+    #[serde(default)]
+    pub dedup_shared_across: u64,
+    /// History units retained extents hold after the operation (kept for other records'
+    /// references to records that left the history).
+    #[serde(default)]
+    pub retained_units: u64,
 }
 
 /// Why a maintenance request failed, by what the caller can do about it.
@@ -353,9 +360,28 @@ pub(crate) async fn merge(
         return Err(error);
     }
 
+    // Units outside the output the merge may share (live records but the sources, retained
+    // extents): none of them goes away while the merge holds the maintenance lock.
+    let kept = match super::dedup::referenced_units(shared, io, &sources, None).await {
+        Ok(kept) => kept,
+        Err(error) => {
+            let _ = update_history_catalog(shared, io, move |catalog| {
+                catalog.entries.retain(|e| {
+                    !(e.kind == EntryKind::Merged && e.state == EntryState::Merging && e.generation == from)
+                });
+                Ok(())
+            })
+            .await
+            .map(|()| release(shared));
+            return Err(error);
+        }
+    };
+    let owners = super::dedup::Owners::for_merge(&shared.borrow().meta, &sources, &kept);
+
     // Copy: batches in block order, each batch's reads at once (bounded); each element
-    // is stored at the next output unit or shared with an equal one stored before (dedup);
-    // the stored ones of a batch are consecutive and go out as one write.
+    // is stored at the next output unit or shared with an equal one stored before (dedup),
+    // by this merge or in another record; the stored ones of a batch are consecutive and go
+    // out as one write.
     let copied = async {
         let mut dedup = MergeDedup::new(hash_bits, dedup_room);
         let mut table = Vec::with_capacity(elements as usize);
@@ -367,8 +393,16 @@ pub(crate) async fn merge(
             let buffers = run_bounded(reads, options.max_in_flight).await?;
             let batch_first = output.start + dedup.stored;
             let mut stored: Vec<crate::device::DmaBuf> = Vec::with_capacity(batch.len());
-            for element in buffers.into_iter().flat_map(IoBuffers::into_segments) {
+            for (step, element) in batch.iter().zip(buffers.into_iter().flat_map(IoBuffers::into_segments)) {
                 debug_assert_eq!(element.len(), unit, "one unit per merge step");
+                // An element in a unit that stays owned (another record's, a retained one, or a
+                // source's that other records point at) is pointed at as it is.
+                if dedup.enabled && owners.contains(step.source & ADDRESS_MASK) {
+                    table.push(step.source | ADDRESS_SHARED);
+                    dedup.shared += 1;
+                    dedup.across += 1;
+                    continue;
+                }
                 let bytes = element.as_slice();
                 let hash = if dedup.enabled { dedup.hash(bytes) } else { 0 };
                 let mut twin = None;
@@ -391,12 +425,45 @@ pub(crate) async fn merge(
                     }
                     dedup.mismatches += 1;
                 }
-                match twin {
-                    Some(address) => {
+                // Else an equal element of another record (FIG 39 across records): the index
+                // only proposes; ownership and a byte compare decide.
+                let mut across = None;
+                if twin.is_none() && dedup.enabled {
+                    let candidates = shared.borrow().content.candidates(hash);
+                    for candidate in candidates {
+                        if !owners.contains(candidate) {
+                            if !owners.in_sources(candidate) {
+                                shared.borrow_mut().content.forget(hash, candidate);
+                            }
+                            continue;
+                        }
+                        let same = if let Some(recent) = dedup.recent(candidate) {
+                            recent == bytes
+                        } else {
+                            let lba = shared.borrow().meta.history_lba(candidate);
+                            let read = io.read(Role::History, lba, unit).await?.to_vec();
+                            let same = read == bytes;
+                            dedup.remember(candidate, read);
+                            same
+                        };
+                        if same {
+                            across = Some(candidate);
+                            break;
+                        }
+                        dedup.mismatches += 1;
+                    }
+                }
+                match (twin, across) {
+                    (Some(address), _) => {
                         table.push(address);
                         dedup.shared += 1;
                     }
-                    None => {
+                    (None, Some(address)) => {
+                        table.push(address | ADDRESS_SHARED);
+                        dedup.shared += 1;
+                        dedup.across += 1;
+                    }
+                    (None, None) => {
                         let address = output.start + dedup.stored;
                         table.push(address);
                         if dedup.insert(hash, address) {
@@ -430,10 +497,14 @@ pub(crate) async fn merge(
         buffer.as_mut_slice().copy_from_slice(&block);
         io.write(Role::History, lba, Arc::new(IoBuffers::single(buffer)), false).await?;
         io.flush(Role::History).await?;
-        Ok::<_, EngineError>((Arc::new(map), dedup, control_needed))
+        // FIG 41/42: the sources' units the remaining records (the merged one included) still
+        // point at stay as retained extents; retained units nothing points at any more go.
+        let referenced = super::dedup::referenced_units(shared, io, &sources, Some(&map)).await?;
+        let retention = super::dedup::plan_leaving(&shared.borrow().meta.history_catalog, &sources, &referenced)?;
+        Ok::<_, EngineError>((Arc::new(map), dedup, control_needed, retention))
     }
     .await;
-    let (merged_map, dedup, control_needed) = match copied {
+    let (merged_map, dedup, control_needed, retention) = match copied {
         Ok(done) => done,
         Err(error) => {
             // The sources are untouched; drop the unfinished output (or leave it to the next open).
@@ -457,7 +528,9 @@ pub(crate) async fn merge(
     let (stored_units, stored_bytes) = (dedup.stored, dedup.stored * unit as u64);
     let pruned = std::cell::RefCell::new(Vec::new());
     let pruned_ref = &pruned;
-    update_history_catalog(shared, io, move |catalog| {
+    let (shared_units, across_units) = (dedup.shared, dedup.across);
+    let retained = retention.clone();
+    let committed = update_history_catalog(shared, io, move |catalog| {
         catalog.entries.retain(|e| {
             !(matches!(e.kind, EntryKind::History | EntryKind::Merged)
                 && e.state == EntryState::Live
@@ -472,11 +545,38 @@ pub(crate) async fn merge(
         entry.element_count = stored_units;
         entry.control_count = control_needed;
         entry.stored_bytes = stored_bytes;
+        entry.dedup_saved = shared_units * unit as u64;
+        entry.shared_across = across_units;
+        if shared_units > 0 {
+            entry.flags |= flags::DEDUPLICATED;
+        }
+        if across_units > 0 {
+            entry.flags |= flags::SHARES_ACROSS;
+        }
+        super::dedup::write_retained(catalog, &retained);
         // With the merged record live: the versions over the images it gave up go with them.
         *pruned_ref.borrow_mut() = prune_versions(catalog);
         Ok(())
     })
-    .await?;
+    .await;
+    if let Err(error) = committed {
+        // Refused before anything was written (the catalog has no room for the retained
+        // extents): the sources stay, the output is forgotten. After a write error the next
+        // open decides.
+        if !matches!(error, EngineError::Io(_)) {
+            let forgotten = update_history_catalog(shared, io, move |catalog| {
+                catalog.entries.retain(|e| {
+                    !(e.kind == EntryKind::Merged && e.state == EntryState::Merging && e.generation == from)
+                });
+                Ok(())
+            })
+            .await;
+            if forgotten.is_ok() {
+                release(shared);
+            }
+        }
+        return Err(error);
+    }
     {
         // What dedup saved, and the control block's unused table room, are free again.
         let mut s = shared.borrow_mut();
@@ -499,11 +599,18 @@ pub(crate) async fn merge(
     restore_volume::fence(shared).await;
     {
         let mut s = shared.borrow_mut();
-        for source in sources.iter().chain(pruned.borrow().iter()) {
-            s.meta.free_entry_extents(source)?;
+        super::dedup::free_leaving(&mut s.meta, &sources, &retention)?;
+        for version in pruned.borrow().iter() {
+            s.meta.free_entry_extents(version)?;
+        }
+        // What the merge stored is a share candidate from now on.
+        let stored: Vec<(u128, u64)> = dedup.indexed().collect();
+        for (hash, address) in stored {
+            s.content.insert(hash, address);
         }
         s.control.version_records_dropped += pruned.borrow().len() as u64;
         s.control.merges += 1;
+        s.control.dedup_shared_across += dedup.across;
         s.control.dedup_shared_elements += dedup.shared;
         s.control.dedup_mismatches += dedup.mismatches;
         s.space_freed = true;
@@ -516,6 +623,8 @@ pub(crate) async fn merge(
         units_after: stored_units + control_needed,
         dedup_shared: dedup.shared,
         dedup_mismatches: dedup.mismatches,
+        dedup_shared_across: dedup.across,
+        retained_units: retention.retained_units(),
     })
 }
 
@@ -537,6 +646,8 @@ struct MergeDedup {
     mask: u128,
     stored: u64,
     shared: u64,
+    /// Of `shared`, elements pointing at another record's or a retained extent's unit.
+    across: u64,
     mismatches: u64,
 }
 
@@ -560,6 +671,7 @@ impl MergeDedup {
             mask,
             stored: 0,
             shared: 0,
+            across: 0,
             mismatches: 0,
         }
     }
@@ -594,6 +706,14 @@ impl MergeDedup {
                 false
             }
         }
+    }
+
+    /// Every indexed stored element: (hash, output address).
+    fn indexed(&self) -> impl Iterator<Item = (u128, u64)> + '_ {
+        self.first
+            .iter()
+            .map(|(hash, address)| (*hash, *address))
+            .chain(self.more.iter().flat_map(|(hash, chain)| chain.iter().map(move |address| (*hash, *address))))
     }
 
     fn recent(&self, address: u64) -> Option<&[u8]> {
@@ -668,19 +788,27 @@ pub(crate) async fn drop_oldest(
     let gone: Vec<u64> = dropped.iter().map(|d| d.generation).collect();
     let pruned = std::cell::RefCell::new(Vec::new());
     let pruned_ref = &pruned;
+    // FIG 41/42: units the remaining records point at stay (retained), in the same write.
+    let referenced = super::dedup::referenced_units(shared, io, &dropped, None).await?;
+    let retention = super::dedup::plan_leaving(&shared.borrow().meta.history_catalog, &dropped, &referenced)?;
+    let retained = retention.clone();
     update_history_catalog(shared, io, move |catalog| {
         catalog.entries.retain(|e| {
             !(matches!(e.kind, EntryKind::History | EntryKind::Merged)
                 && e.state == EntryState::Live
                 && gone.contains(&e.generation))
         });
+        super::dedup::write_retained(catalog, &retained);
         *pruned_ref.borrow_mut() = prune_versions(catalog);
         Ok(())
     })
     .await?;
+    // Reads that started before (an R-VOL following a share) end before units are reused.
+    restore_volume::fence(shared).await;
     let mut s = shared.borrow_mut();
-    for record in dropped.iter().chain(pruned.borrow().iter()) {
-        s.meta.free_entry_extents(record)?;
+    super::dedup::free_leaving(&mut s.meta, &dropped, &retention)?;
+    for version in pruned.borrow().iter() {
+        s.meta.free_entry_extents(version)?;
     }
     s.control.version_records_dropped += pruned.borrow().len() as u64;
     s.control.generations_deleted += dropped.len() as u64;
@@ -693,6 +821,8 @@ pub(crate) async fn drop_oldest(
         units_after: 0,
         dedup_shared: 0,
         dedup_mismatches: 0,
+        dedup_shared_across: 0,
+        retained_units: retention.retained_units(),
     })
 }
 

@@ -16,6 +16,7 @@
 //! operations (format, recovery, marker, sort) are `async fn`s driven by the volume's poll
 //! loop; the hot path uses no futures.
 
+mod dedup;
 mod io;
 mod marker;
 mod merge;

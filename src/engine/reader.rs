@@ -6,7 +6,7 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use crate::core::element_map::ElementMap;
+use crate::core::element_map::{ElementMap, ADDRESS_MASK, ADDRESS_SHARED};
 use crate::core::format::catalog::{CatalogEntry, EntryKind, EntryState};
 use crate::core::format::control_block::ControlBlock;
 use crate::core::format::version_table::VersionTable;
@@ -54,6 +54,12 @@ pub struct VerifyReport {
     /// "All" mode: version records and the versions they keep.
     pub version_records: usize,
     pub versions: u64,
+    /// History elements pointing at another record's or a retained extent's unit (dedup
+    /// across records).
+    pub shared_across_elements: u64,
+    /// Retained extents (units kept for such pointers after their record left) and their units.
+    pub retained_extents: usize,
+    pub retained_units: u64,
 }
 
 impl VolumeReader {
@@ -100,6 +106,7 @@ impl VolumeReader {
                 "time_ns": e.time_ns, "comment": e.comment, "blocks": e.blocks,
                 "element_start": e.element_start, "element_count": e.element_count,
                 "control_start": e.control_start, "control_count": e.control_count,
+                "flags": e.flags, "dedup_saved_bytes": e.dedup_saved, "shared_across": e.shared_across,
             })
         };
         serde_json::json!({
@@ -122,6 +129,13 @@ impl VolumeReader {
             "history": {
                 "capacity_units": meta.allocator.capacity(),
                 "used_units": meta.allocator.used_units(),
+                "dedup_saved_units": meta.history_catalog.entries.iter()
+                    .filter(|e| e.kind == EntryKind::Merged)
+                    .map(|e| e.blocks.saturating_sub(e.element_count)).sum::<u64>(),
+                "dedup_saved_across_units": meta.history_catalog.entries.iter()
+                    .filter(|e| e.kind == EntryKind::Merged).map(|e| e.shared_across).sum::<u64>(),
+                "retained_units": meta.history_catalog.entries.iter()
+                    .filter(|e| e.kind == EntryKind::Retained).map(|e| e.element_count).sum::<u64>(),
                 "backup_generation": meta.history_catalog.backup_generation,
                 "catalog_sequence": meta.history_catalog.sequence,
                 "entries": meta.history_catalog.entries.iter().map(entry).collect::<Vec<_>>(),
@@ -558,6 +572,22 @@ impl VolumeReader {
     /// open), every history control block, and that history records chain without gaps.
     pub fn verify(&self) -> Result<VerifyReport, EngineError> {
         let mut report = VerifyReport::default();
+        // Units a shared pointer may land in: live records' and retained extents'.
+        let retained: Vec<&CatalogEntry> =
+            self.meta.history_catalog.entries.iter().filter(|e| e.kind == EntryKind::Retained).collect();
+        let mut owners: Vec<(u64, u64)> = self
+            .history_records(0)
+            .into_iter()
+            .chain(retained.iter().copied())
+            .filter(|e| e.element_count > 0)
+            .map(|e| (e.element_start, e.element_start + e.element_count))
+            .collect();
+        owners.sort_unstable();
+        let owner_of = |address: u64| {
+            let at = owners.partition_point(|(start, _)| *start <= address);
+            at > 0 && address < owners[at - 1].1
+        };
+        let mut referenced: Vec<u64> = Vec::new();
         for record in self.history_records(0) {
             let map = self.read_control(record)?;
             if map.len() != record.blocks {
@@ -568,17 +598,51 @@ impl VolumeReader {
                     record.blocks
                 )));
             }
-            // Every element lies in the record's own units (a merge's dedup shares units only
-            // within its record), so freeing a record frees nothing another record reads.
+            // Every element lies in the record's own units, or (flagged shared) in another
+            // record's or a retained extent's: freeing a record frees nothing another reads.
             let own = record.element_start..record.element_start + record.element_count;
-            if let Some((block, address)) = map.iter().find(|(_, address)| !own.contains(address)) {
-                return Err(EngineError::Damaged(format!(
-                    "history generation {}: block {block} is at unit {address}, outside the record's units {}..{}",
-                    record.generation, own.start, own.end
-                )));
+            for (block, raw) in map.iter() {
+                let address = raw & ADDRESS_MASK;
+                if raw & ADDRESS_SHARED == 0 {
+                    if !own.contains(&address) {
+                        return Err(EngineError::Damaged(format!(
+                            "history generation {}: block {block} is at unit {address}, outside the record's units {}..{}",
+                            record.generation, own.start, own.end
+                        )));
+                    }
+                    continue;
+                }
+                if own.contains(&address) {
+                    return Err(EngineError::Damaged(format!(
+                        "history generation {}: block {block} flags its own unit {address} as shared",
+                        record.generation
+                    )));
+                }
+                if !owner_of(address) {
+                    return Err(EngineError::Damaged(format!(
+                        "history generation {}: block {block} shares unit {address}, which no other record and no retained extent holds",
+                        record.generation
+                    )));
+                }
+                report.shared_across_elements += 1;
+                referenced.push(address);
             }
             report.history_records += 1;
             report.history_elements += map.len();
+        }
+        // Every retained extent is still pointed at (none is kept forever for nothing).
+        referenced.sort_unstable();
+        for extent in &retained {
+            let (start, end) = (extent.element_start, extent.element_start + extent.element_count);
+            let at = referenced.partition_point(|a| *a < start);
+            if referenced.get(at).is_none_or(|a| *a >= end) {
+                return Err(EngineError::Damaged(format!(
+                    "retained history units {start}..{end} (of generation {}) are referenced by no record",
+                    extent.generation
+                )));
+            }
+            report.retained_extents += 1;
+            report.retained_units += extent.element_count;
         }
         for generation in 0..self.backup_generation() {
             if self.source(generation).is_none() {

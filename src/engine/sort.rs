@@ -191,6 +191,12 @@ async fn sort_generation(
             });
             let buffers = run_bounded(reads, options.max_in_flight).await?;
             let segments: Vec<_> = buffers.into_iter().flat_map(IoBuffers::into_segments).collect();
+            // Share candidates for later merges (embodiment 6 across records).
+            super::dedup::note_stored(
+                shared,
+                to_save[0].history_address,
+                segments.iter().flat_map(|s| s.as_slice().chunks(unit)),
+            );
             let lba = shared.borrow().meta.history_lba(to_save[0].history_address);
             io.write(Role::History, lba, Arc::new(IoBuffers::from_segments(segments)), false).await?;
             io.flush(Role::History).await?;

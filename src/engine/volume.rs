@@ -82,6 +82,9 @@ pub struct ControlCounters {
     pub dedup_shared_elements: u64,
     /// Hash matches whose bytes differed (the element was stored).
     pub dedup_mismatches: u64,
+    /// Of `dedup_shared_elements`, elements shared with another record's (or a retained
+    /// extent's) unit.
+    pub dedup_shared_across: u64,
     pub generations_deleted: u64,
     /// Oldest generations given up for space (journal-full policy "merge-oldest").
     pub dropped_for_space: u64,
@@ -134,6 +137,9 @@ pub(crate) struct Shared {
     /// The map of the record the running sort is writing (FIG 20: R-VOL reads of blocks it
     /// saved go to the saved copy); set until the record commits.
     pub sorting: Option<crate::core::element_map::ElementMap>,
+    /// Contents the sort and merges stored, for merges to share across records (a hint:
+    /// bounded, in memory, see `engine::dedup`).
+    pub content: crate::core::plan::dedup::ContentIndex,
 }
 
 pub(crate) type SharedRef = Rc<RefCell<Shared>>;
@@ -211,6 +217,12 @@ pub struct Status {
     /// History units the live merged records do not use thanks to dedup (their blocks minus
     /// the units they hold).
     pub history_dedup_saved_units: u64,
+    /// Of `history_dedup_saved_units`, elements that point at units of other records or of
+    /// retained extents (dedup across records).
+    pub history_dedup_saved_across_units: u64,
+    /// History units kept only because live records point at them through dedup after the
+    /// record that stored them left the history (retained extents, FIG 41/42).
+    pub history_retained_units: u64,
     pub sealed_waiting: usize,
     pub sort: Option<SortProgress>,
     pub sort_error: Option<String>,
@@ -342,11 +354,14 @@ impl Volume {
             control: ControlCounters::default(),
             restores: RestoreVolumes::default(),
             sorting: None,
+            content: crate::core::plan::dedup::ContentIndex::new(super::dedup::CONTENT_INDEX_CAPACITY),
         }));
         let mut volume = Volume { shared, hub, executor: Executor::default(), closing: None };
         // The history records' maps come into memory in the background (R-VOL opens, merges
         // and rollbacks then read no control block).
         volume.executor.spawn(merge::load_record_maps(volume.shared.clone(), volume.control_io()));
+        // So does the index of stored contents that merges share across records.
+        volume.executor.spawn(super::dedup::rebuild_content_index(volume.shared.clone(), volume.control_io()));
         volume
     }
 
@@ -694,6 +709,14 @@ impl Volume {
                 .filter(|e| e.kind == EntryKind::Merged && e.state == EntryState::Live)
                 .map(|e| e.blocks.saturating_sub(e.element_count))
                 .sum(),
+            history_dedup_saved_across_units: meta
+                .history_catalog
+                .entries
+                .iter()
+                .filter(|e| e.kind == EntryKind::Merged && e.state == EntryState::Live)
+                .map(|e| e.shared_across)
+                .sum(),
+            history_retained_units: super::dedup::retained_units(&meta.history_catalog),
             sealed_waiting: meta.sealed.len(),
             sort: shared.sort_progress.clone(),
             sort_error: shared.sort_error.clone(),

@@ -10,7 +10,10 @@
 //! 5. **latency**: host write latency while markers, the sort and merges run, against the
 //!    same load alone;
 //! 6. **dedup**: history units a merge stores as the share of the volume's blocks whose
-//!    contents repeat (one of a few common contents) grows: what dedup in merge saves.
+//!    contents repeat (one of a few common contents) grows: what dedup in merge saves; and
+//!    across records: generations that rewrite a share of their blocks unchanged, thinned by
+//!    deleting every other generation — the units merges share with other records, the units
+//!    kept (retained) for them, and merge throughput with the volume-wide content index.
 //!
 //! Every 4 KiB written is different (a counter stamped on random bytes), and the volumes of
 //! sections 1, 2, 4 and 5 are written whole before the generations: the history then saves
@@ -187,6 +190,14 @@ pub fn run(options: &Options) -> Result<ExitCode> {
             rows.push(bench_dedup(options, percent, &mut rng).with_context(|| format!("dedup, {percent} % repeated"))?);
         }
         report.dedup = Some(rows);
+        let mut rows = Vec::with_capacity(DUPLICATES_PERCENT.len());
+        for percent in DUPLICATES_PERCENT {
+            rows.push(
+                bench_dedup_across(options, percent, &mut rng)
+                    .with_context(|| format!("dedup across records, {percent} % unchanged"))?,
+            );
+        }
+        report.dedup_across = Some(rows);
     }
     if options.json {
         return crate::print_out(&(serde_json::to_string_pretty(&report)? + "\n"));
@@ -271,6 +282,8 @@ struct Report {
     latency: Option<LatencySection>,
     #[serde(skip_serializing_if = "Option::is_none")]
     dedup: Option<Vec<DedupResult>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dedup_across: Option<Vec<DedupAcrossResult>>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -783,6 +796,131 @@ fn bench_dedup(options: &Options, duplicate_percent: u64, rng: &mut ChaCha8Rng) 
         dedup_saved_percent: 100.0 * report.dedup_shared as f64 / merged_elements.max(1) as f64,
         dedup_mismatches: report.dedup_mismatches,
         seconds,
+    })
+}
+
+// 6b. Dedup across records, by the share of blocks a generation rewrites unchanged
+
+#[derive(Serialize)]
+struct DedupAcrossResult {
+    /// Share of the written blocks each generation rewrites with the contents they had.
+    unchanged_percent: u64,
+    generations: u64,
+    /// Deletions of every other generation (each a merge of two records), newest first.
+    merges: usize,
+    /// Elements of the merged records, and those that point at another record's (or a retained
+    /// extent's) unit instead of being stored.
+    merged_elements: u64,
+    shared_across: u64,
+    saved_across_percent: f64,
+    /// History units in use before and after the thinning, and the units retained for other
+    /// records' pointers after it.
+    units_before: u64,
+    units_after: u64,
+    retained_units: u64,
+    /// Time of the merges, and merged elements per second (throughput with the volume-wide
+    /// content index: lookups, candidate reads and byte compares included).
+    merge_seconds: f64,
+    merged_elements_per_s: f64,
+}
+
+/// The 4 KiB contents of `block` at `version`: distinct for every pair.
+fn versioned_content(block: u64, version: u64) -> DmaBuf {
+    let mut buffer = DmaBuf::zeroed(UNIT as usize);
+    let mut rng = ChaCha8Rng::seed_from_u64(block.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ version);
+    rng.fill_bytes(buffer.as_mut_slice());
+    buffer.as_mut_slice()[..16].copy_from_slice(&[block.to_le_bytes(), version.to_le_bytes()].concat());
+    buffer
+}
+
+/// Writes `blocks` with the contents of their `versions`, 32 in flight.
+fn write_versions(volume: &mut Volume, blocks: &[u64], versions: &[u64]) -> Result<()> {
+    let mut completions = Vec::new();
+    let (mut next, mut in_flight) = (0usize, 0usize);
+    while next < blocks.len() || in_flight > 0 {
+        while in_flight < 32 && next < blocks.len() {
+            let buffers = Arc::new(IoBuffers::single(versioned_content(blocks[next], versions[next])));
+            volume.submit(next as u64, HostRequest::Write { offset_blocks: blocks[next], buffers });
+            (next, in_flight) = (next + 1, in_flight + 1);
+        }
+        if volume.poll(&mut completions) == 0 {
+            std::hint::spin_loop();
+        }
+        for completion in completions.drain(..) {
+            completion.result.map_err(|e| anyhow::anyhow!("write of block {}: {e:?}", completion.tag))?;
+            in_flight -= 1;
+        }
+    }
+    Ok(())
+}
+
+/// Generations (at least 4) that each rewrite the same `--writes` blocks, `unchanged_percent`
+/// of them with the contents they had (a file saved again with most of it unchanged): each
+/// record then repeats that share of the record before it. Deleting every other generation,
+/// newest first, merges pairs of records; each merged record points at the equal elements of
+/// the older record next to it, and when that one is merged away in turn its shared units
+/// stay, retained.
+fn bench_dedup_across(options: &Options, unchanged_percent: u64, rng: &mut ChaCha8Rng) -> Result<DedupAcrossResult> {
+    let generations = options.generations.max(4);
+    let writes = options.writes.min(options.size / UNIT);
+    let blocks = options.size / UNIT;
+    progress(&format!(
+        "dedup across records, {unchanged_percent} % unchanged: {generations} generations × {writes} blocks"
+    ));
+    let table_units = ControlBlock::disk_bytes(blocks, writes).div_ceil(UNIT);
+    let history = (generations + 2) * (writes + table_units);
+    let (_scratch, mut volume) = make_volume(
+        options,
+        &format!("dedup-across-{unchanged_percent}"),
+        options.size,
+        2 * writes,
+        history,
+        2 * generations + 3,
+    )?;
+    let set = distinct_blocks(rng, blocks, writes);
+    let mut versions = vec![0u64; set.len()];
+    let mut next_version = 1u64;
+    for generation in 0..generations {
+        for version in versions.iter_mut() {
+            if generation == 0 || rng.random_range(0..100) >= unchanged_percent {
+                *version = next_version;
+                next_version += 1;
+            }
+        }
+        write_versions(&mut volume, &set, &versions)?;
+        volume.mark_and_wait("across", &mut Vec::new()).context("marker after a generation")?;
+    }
+    settle(&mut volume)?;
+    let units_before = volume.status().history_used_units;
+    let list = records(&volume.status());
+    let (mut merges, mut merged_elements, mut shared_across, mut retained_units, mut seconds) = (0, 0, 0, 0, 0.0);
+    for index in (1..list.len()).rev().step_by(2) {
+        progress(&format!("dedup across records, {unchanged_percent} %: deleting generation {}", list[index].0));
+        let started = Instant::now();
+        let handle = volume.delete_generation(list[index].0);
+        let report = volume
+            .wait_maintenance(&handle, &mut Vec::new())
+            .with_context(|| format!("deleting generation {}", list[index].0))?;
+        seconds += started.elapsed().as_secs_f64();
+        merges += 1;
+        merged_elements += records(&volume.status()).iter().find(|r| r.0 == report.generation).map_or(0, |r| r.2);
+        shared_across += report.dedup_shared_across;
+        retained_units = report.retained_units;
+    }
+    let units_after = volume.status().history_used_units;
+    volume.close()?;
+    Ok(DedupAcrossResult {
+        unchanged_percent,
+        generations,
+        merges,
+        merged_elements,
+        shared_across,
+        saved_across_percent: 100.0 * shared_across as f64 / merged_elements.max(1) as f64,
+        units_before,
+        units_after,
+        retained_units,
+        merge_seconds: seconds,
+        merged_elements_per_s: merged_elements as f64 / seconds.max(1e-9),
     })
 }
 
@@ -1499,6 +1637,42 @@ impl Report {
                     r.dedup_shared,
                     r.dedup_saved_percent,
                     r.seconds
+                )?;
+            }
+        }
+        if let Some(rows) = &self.dedup_across {
+            writeln!(
+                out,
+                "\n6b. dedup across records: generations rewrite the same blocks, a share unchanged; every other generation deleted"
+            )?;
+            writeln!(
+                out,
+                "   {:>9} {:>6} {:>15} {:>13} {:>12} {:>12} {:>11} {:>9} {:>9} {:>12}",
+                "unchanged",
+                "merges",
+                "merged elements",
+                "shared across",
+                "saved across",
+                "units before",
+                "units after",
+                "retained",
+                "seconds",
+                "elements/s"
+            )?;
+            for r in rows {
+                writeln!(
+                    out,
+                    "   {:>8}% {:>6} {:>15} {:>13} {:>11.1}% {:>12} {:>11} {:>9} {:>9.3} {:>12.0}",
+                    r.unchanged_percent,
+                    r.merges,
+                    r.merged_elements,
+                    r.shared_across,
+                    r.saved_across_percent,
+                    r.units_before,
+                    r.units_after,
+                    r.retained_units,
+                    r.merge_seconds,
+                    r.merged_elements_per_s
                 )?;
             }
         }

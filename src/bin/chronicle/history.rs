@@ -170,10 +170,16 @@ fn maintain(dir: &Path, request: impl FnOnce(&mut Volume) -> chronicle::engine::
         );
         if report.dedup_shared > 0 || report.dedup_mismatches > 0 {
             println!(
-                "  dedup: {} units saved (elements sharing the unit of an equal one); {} hash matches with different contents kept apart",
-                report.dedup_shared, report.dedup_mismatches
+                "  dedup: {} units saved (elements sharing the unit of an equal one, {} of them another record's); {} hash matches with different contents kept apart",
+                report.dedup_shared, report.dedup_shared_across, report.dedup_mismatches
             );
         }
+    }
+    if report.retained_units > 0 {
+        println!(
+            "  {} history units are retained for live records that point at them (the records that stored them were deleted or merged away)",
+            report.retained_units
+        );
     }
     Ok(())
 }

@@ -413,6 +413,12 @@ fn verify(dir: &Path) -> Result<ExitCode> {
                 report.sealed_elements,
                 report.open_elements
             );
+            if report.shared_across_elements > 0 || report.retained_extents > 0 {
+                println!(
+                    "  dedup across records: {} elements point at other records' units, {} retained extents ({} units) kept for them; every pointer lands in owned units, every retained extent is pointed at",
+                    report.shared_across_elements, report.retained_extents, report.retained_units
+                );
+            }
             if report.open_elements_differing > 0 {
                 println!(
                     "  note: {} elements of the open generation differ from the base; opening the volume rebuilds them from the base (normal after a crash, damage after a clean shutdown)",

@@ -61,7 +61,10 @@ pub mod flags {
     pub const PATH_OFFLINE: u16 = 1 << 3;
     /// Creating this generation failed (table 205 status "failure").
     pub const FAILED: u16 = 1 << 4;
-    pub const KNOWN: u16 = COMPRESSED | DEDUPLICATED | EXTERNAL | PATH_OFFLINE | FAILED;
+    /// Some explicit addresses (flagged shared) point at units of other records or of
+    /// retained extents: deleting those keeps the units (FIG 41/42).
+    pub const SHARES_ACROSS: u16 = 1 << 5;
+    pub const KNOWN: u16 = COMPRESSED | DEDUPLICATED | EXTERNAL | PATH_OFFLINE | FAILED | SHARES_ACROSS;
 }
 
 /// One row of the catalog. A history catalog has exactly one `Backup` entry: the generation,
@@ -88,6 +91,9 @@ pub struct CatalogEntry {
     pub control_count: u64,
     pub stored_bytes: u64,
     pub dedup_saved: u64,
+    /// Elements pointing at units other entries own (shared across records); part of what
+    /// `dedup_saved` counts.
+    pub shared_across: u64,
     /// Blocks the record covers (population count of its bitmap).
     pub blocks: u64,
     /// Versions ("all" mode): time of the generation's last version, Unix nanoseconds (its first
@@ -115,6 +121,7 @@ impl CatalogEntry {
             control_count: 0,
             stored_bytes: 0,
             dedup_saved: 0,
+            shared_across: 0,
             blocks: 0,
             last_time_ns: 0,
             comment: String::new(),
@@ -180,10 +187,11 @@ impl CatalogEntry {
             self.dedup_saved,
             self.blocks,
             self.last_time_ns,
+            self.shared_across,
         ] {
             w.put_u64(value);
         }
-        w.skip(16);
+        w.skip(8);
         debug_assert_eq!(w.position() - start, ENTRY_BYTES - COMMENT_BYTES);
         w.put_bytes(self.comment.as_bytes());
         w.skip(COMMENT_BYTES - self.comment.len());
@@ -196,11 +204,11 @@ impl CatalogEntry {
         let flags = r.u16()?;
         let comment_len = r.u16()? as usize;
         r.u16()?;
-        let mut values = [0u64; 12];
+        let mut values = [0u64; 13];
         for value in &mut values {
             *value = r.u64()?;
         }
-        r.skip(16)?;
+        r.skip(8)?;
         let comment_bytes = r.take(COMMENT_BYTES)?;
         if comment_len >= COMMENT_BYTES || comment_bytes[comment_len..].iter().any(|b| *b != 0) {
             return Err(FormatError::invalid(STRUCTURE, "comment", "length and padding disagree"));
@@ -208,7 +216,7 @@ impl CatalogEntry {
         let comment = std::str::from_utf8(&comment_bytes[..comment_len])
             .map_err(|_| FormatError::invalid(STRUCTURE, "comment", "not UTF-8"))?
             .to_owned();
-        let [time_ns, first_sequence, last_sequence, through_generation, element_start, element_count, control_start, control_count, stored_bytes, dedup_saved, blocks, last_time_ns] =
+        let [time_ns, first_sequence, last_sequence, through_generation, element_start, element_count, control_start, control_count, stored_bytes, dedup_saved, blocks, last_time_ns, shared_across] =
             values;
         let entry = CatalogEntry {
             generation,
@@ -225,6 +233,7 @@ impl CatalogEntry {
             control_count,
             stored_bytes,
             dedup_saved,
+            shared_across,
             blocks,
             last_time_ns,
             comment,

@@ -12,10 +12,12 @@
 //! zero outlives its owner's record ("retained") until the last reference goes, and an address
 //! whose count reaches zero leaves the index.
 //!
-//! The index is one per volume and shared across merges, so it deduplicates across generations.
-//! Encoding it to disk is the format layer's job (`format::records::DedupTable`, whose
-//! [`DedupEntry`] this index yields and accepts): [`DedupIndex::entries`] and
-//! [`DedupIndex::from_entries`] are the round trip.
+//! [`DedupIndex`] is that counted model, pure, with its round trip to the reserved on-disk
+//! dedup table (`format::records::DedupTable`); the core model test (`tests/core_model.rs`)
+//! runs it. **The engine does not keep counts**: it derives references from the records' maps
+//! when records leave ([`super::delete::plan_retention`]) and finds candidates with the
+//! bounded, in-memory [`ContentIndex`] (a hint; ownership and a byte compare decide) — see
+//! `engine::dedup` and DESIGN.md "Space".
 
 use std::collections::HashMap;
 
@@ -163,6 +165,83 @@ impl DedupIndex {
     }
 }
 
+/// Candidates an index keeps per hash (more than one only after a collision).
+pub const CONTENT_CHAIN_MAX: usize = 4;
+
+/// The volume-wide index of stored contents that merges consult to share an element with an
+/// equal one in **another** record (embodiment 6 across records).
+///
+/// It is a hint, never an authority: an address it yields may have been freed, merged away or
+/// reused since, so the engine shares only with an address a live record or a retained extent
+/// owns, and only after a byte compare. That is what lets it live in memory only, bounded
+/// (`capacity` addresses, oldest forgotten first), rebuilt from what the sort and merges write
+/// after the volume opens — the allocator and the references never depend on it.
+#[derive(Debug, Clone)]
+pub struct ContentIndex {
+    /// Hash → addresses stored with it, oldest first, at most [`CONTENT_CHAIN_MAX`].
+    chains: HashMap<u128, Vec<u64>>,
+    /// Insertion order, for forgetting the oldest; may name addresses already displaced.
+    order: std::collections::VecDeque<(u128, u64)>,
+    capacity: usize,
+    addresses: usize,
+}
+
+impl ContentIndex {
+    pub fn new(capacity: usize) -> Self {
+        ContentIndex { chains: HashMap::new(), order: std::collections::VecDeque::new(), capacity, addresses: 0 }
+    }
+
+    /// Remembers that `address` holds contents with `hash`. A full chain forgets its oldest
+    /// candidate; a full index forgets its oldest insertion.
+    pub fn insert(&mut self, hash: u128, address: u64) {
+        if self.capacity == 0 {
+            return;
+        }
+        let chain = self.chains.entry(hash).or_default();
+        if chain.contains(&address) {
+            return;
+        }
+        if chain.len() == CONTENT_CHAIN_MAX {
+            chain.remove(0);
+            self.addresses -= 1;
+        }
+        chain.push(address);
+        self.addresses += 1;
+        self.order.push_back((hash, address));
+        while self.order.len() > self.capacity {
+            let (old_hash, old_address) = self.order.pop_front().expect("longer than capacity");
+            self.forget(old_hash, old_address);
+        }
+    }
+
+    /// Candidates for `hash`, newest first (the newest record is the likeliest to stay).
+    pub fn candidates(&self, hash: u128) -> Vec<u64> {
+        self.chains.get(&hash).map_or_else(Vec::new, |chain| chain.iter().rev().copied().collect())
+    }
+
+    /// Drops `address` from `hash`'s candidates (it proved stale).
+    pub fn forget(&mut self, hash: u128, address: u64) {
+        if let Some(chain) = self.chains.get_mut(&hash) {
+            if let Some(at) = chain.iter().position(|a| *a == address) {
+                chain.remove(at);
+                self.addresses -= 1;
+            }
+            if chain.is_empty() {
+                self.chains.remove(&hash);
+            }
+        }
+    }
+
+    /// Addresses the index holds.
+    pub fn len(&self) -> usize {
+        self.addresses
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.addresses == 0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,5 +340,33 @@ mod tests {
     fn content_hash_is_xxh3_128() {
         assert_eq!(content_hash(b"abc"), xxhash_rust::xxh3::xxh3_128(b"abc"));
         assert_ne!(content_hash(b"abc"), content_hash(b"abd"));
+    }
+
+    #[test]
+    fn content_index_is_bounded_and_forgets_the_oldest() {
+        let mut index = ContentIndex::new(3);
+        index.insert(1, 10);
+        index.insert(1, 10);
+        index.insert(2, 20);
+        index.insert(1, 11);
+        assert_eq!(index.len(), 3);
+        assert_eq!(index.candidates(1), vec![11, 10], "newest first");
+        index.insert(3, 30);
+        assert_eq!(index.len(), 3, "capacity holds");
+        assert_eq!(index.candidates(1), vec![11], "the oldest insertion went first");
+        index.forget(2, 20);
+        assert!(index.candidates(2).is_empty());
+        assert_eq!(index.len(), 2);
+    }
+
+    #[test]
+    fn content_index_chains_are_bounded() {
+        let mut index = ContentIndex::new(100);
+        for address in 0..10 {
+            index.insert(7, address);
+        }
+        assert_eq!(index.candidates(7), vec![9, 8, 7, 6]);
+        assert_eq!(index.len(), CONTENT_CHAIN_MAX);
+        assert!(ContentIndex::new(0).candidates(7).is_empty());
     }
 }

@@ -14,6 +14,9 @@
 //! drops it to zero frees that single unit, wherever it lies. Everything else of the extent is
 //! freed at once.
 //!
+//! The engine uses [`plan_retention`] instead: references derived from the remaining records'
+//! maps, no counts to keep (FIG 41/42; `engine::dedup`). [`plan_release`] is the counted model.
+//!
 //! Extents are this module's own minimal [`RecordExtent`] (start, units in history units); the
 //! allocator's extent type lives elsewhere and converts trivially.
 
@@ -174,6 +177,128 @@ pub fn plan_release(record: &RecordView<'_>, dedup: &DedupIndex) -> Result<Relea
     Ok(ReleasePlan { free: coalesce(free), releases, retained })
 }
 
+/// Units that may be kept for dedup references: the element extent of a record leaving the
+/// history, or a retained extent already held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldExtent {
+    /// Generation (and newest generation folded in) of the record the units came from.
+    pub generation: u64,
+    pub through_generation: u64,
+    pub extent: RecordExtent,
+}
+
+/// What a change to the live records does to held units: the retained extents after it (every
+/// one holds at least one referenced unit) and what is freed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RetentionPlan {
+    pub retained: Vec<HeldExtent>,
+    pub free: Vec<RecordExtent>,
+}
+
+impl RetentionPlan {
+    pub fn retained_units(&self) -> u64 {
+        self.retained.iter().map(|held| held.extent.units).sum()
+    }
+
+    pub fn freed_units(&self) -> u64 {
+        self.free.iter().map(|extent| extent.units).sum()
+    }
+}
+
+/// Plans what happens to `held` extents (records leaving the history and the retained extents
+/// so far) when `referenced` are the units the remaining live records point at through dedup
+/// (ascending, distinct; the engine collects them from the records' maps, so a crash never
+/// loses a count — FIG 41/42 with references derived instead of stored). Referenced units
+/// are kept (retained), all others freed; nothing referenced is ever freed.
+///
+/// Each run of referenced units becomes one retained extent, at most `max_extents` in all
+/// (catalog entries are bounded): beyond that the smallest gaps between runs of one held
+/// extent are kept too (their units are freed with the run, when its last reference goes).
+/// Fewer extents than held extents with references cannot be: [`PlanError::TooManyRetained`].
+pub fn plan_retention(held: &[HeldExtent], referenced: &[u64], max_extents: usize) -> Result<RetentionPlan, PlanError> {
+    let mut sorted: Vec<HeldExtent> = held.iter().copied().filter(|h| h.extent.units > 0).collect();
+    sorted.sort_by_key(|h| h.extent.start);
+    for pair in sorted.windows(2) {
+        if pair[0].extent.end() > pair[1].extent.start {
+            return Err(PlanError::HeldOverlap { first: pair[0].extent.start, second: pair[1].extent.start });
+        }
+    }
+    debug_assert!(referenced.windows(2).all(|w| w[0] < w[1]), "referenced units ascending and distinct");
+    // Exact runs per held extent.
+    let mut runs: Vec<Vec<RecordExtent>> = Vec::with_capacity(sorted.len());
+    for held in &sorted {
+        let from = referenced.partition_point(|a| *a < held.extent.start);
+        let to = referenced.partition_point(|a| *a < held.extent.end());
+        let mut extent_runs: Vec<RecordExtent> = Vec::new();
+        for &address in &referenced[from..to] {
+            match extent_runs.last_mut() {
+                Some(run) if run.end() == address => run.units += 1,
+                _ => extent_runs.push(RecordExtent::new(address, 1)),
+            }
+        }
+        runs.push(extent_runs);
+    }
+    // Bounded entries: join across the smallest gaps (within one held extent).
+    let total: usize = runs.iter().map(Vec::len).sum();
+    if total > max_extents {
+        let needed = runs.iter().filter(|r| !r.is_empty()).count();
+        if needed > max_extents {
+            return Err(PlanError::TooManyRetained { needed, max: max_extents });
+        }
+        let mut gaps: Vec<(u64, usize, usize)> = Vec::with_capacity(total);
+        for (index, extent_runs) in runs.iter().enumerate() {
+            for k in 1..extent_runs.len() {
+                gaps.push((extent_runs[k].start - extent_runs[k - 1].end(), index, k));
+            }
+        }
+        gaps.sort_unstable();
+        let mut join = vec![Vec::new(); runs.len()];
+        for &(_, index, k) in &gaps[..total - max_extents] {
+            join[index].push(k);
+        }
+        for (extent_runs, mut joined) in runs.iter_mut().zip(join) {
+            if joined.is_empty() {
+                continue;
+            }
+            joined.sort_unstable();
+            let mut merged: Vec<RecordExtent> = Vec::with_capacity(extent_runs.len() - joined.len());
+            let mut next_join = joined.iter().peekable();
+            for (k, run) in extent_runs.iter().enumerate() {
+                if next_join.peek() == Some(&&k) {
+                    next_join.next();
+                    let last = merged.last_mut().expect("a joined run has one before it");
+                    last.units = run.end() - last.start;
+                } else {
+                    merged.push(*run);
+                }
+            }
+            *extent_runs = merged;
+        }
+    }
+    let mut plan = RetentionPlan::default();
+    let mut free = Vec::new();
+    for (held, extent_runs) in sorted.iter().zip(runs) {
+        let extent = held.extent;
+        let mut cursor = extent.start;
+        for run in extent_runs {
+            if run.start > cursor {
+                free.push(RecordExtent::new(cursor, run.start - cursor));
+            }
+            cursor = run.end();
+            plan.retained.push(HeldExtent {
+                generation: held.generation,
+                through_generation: held.through_generation,
+                extent: run,
+            });
+        }
+        if cursor < extent.end() {
+            free.push(RecordExtent::new(cursor, extent.end() - cursor));
+        }
+    }
+    plan.free = coalesce(free);
+    Ok(plan)
+}
+
 /// Sorts extents and joins adjacent ones; they must not overlap.
 fn coalesce(mut extents: Vec<RecordExtent>) -> Vec<RecordExtent> {
     extents.sort_unstable();
@@ -308,5 +433,58 @@ mod tests {
 
         let records = [view];
         assert_eq!(plan_delete(&records, 1, &index, 0), Err(PlanError::NoSuchRecord { index: 1, records: 1 }));
+    }
+
+    fn held(generation: u64, start: u64, units: u64) -> HeldExtent {
+        HeldExtent { generation, through_generation: generation, extent: RecordExtent::new(start, units) }
+    }
+
+    /// FIG 41/42 with derived references: record A (units 10..20) leaves while B points at
+    /// 12, 13 and 17: those are retained, the rest of A is freed. When B goes too (nothing
+    /// referenced) the retained units are freed.
+    #[test]
+    fn referenced_units_are_retained_and_freed_with_the_last_reference() {
+        let plan = plan_retention(&[held(4, 10, 10)], &[3, 12, 13, 17, 40], 16).unwrap();
+        assert_eq!(plan.retained, vec![held(4, 12, 2), held(4, 17, 1)]);
+        assert_eq!(plan.free, vec![RecordExtent::new(10, 2), RecordExtent::new(14, 3), RecordExtent::new(18, 2)]);
+        assert_eq!(plan.retained_units() + plan.freed_units(), 10, "every unit kept or freed, once");
+
+        let later = plan_retention(&plan.retained, &[17], 16).unwrap();
+        assert_eq!(later.retained, vec![held(4, 17, 1)]);
+        assert_eq!(later.free, vec![RecordExtent::new(12, 2)]);
+        let last = plan_retention(&later.retained, &[], 16).unwrap();
+        assert!(last.retained.is_empty());
+        assert_eq!(last.free, vec![RecordExtent::new(17, 1)]);
+    }
+
+    #[test]
+    fn retained_extents_are_bounded_by_joining_the_smallest_gaps() {
+        // 12 isolated referenced units: gaps of 1 except one gap of 5.
+        let referenced: Vec<u64> = (0..12).map(|k| if k < 6 { 2 * k } else { 2 * k + 4 }).collect();
+        let exact = plan_retention(&[held(1, 0, 40)], &referenced, 100).unwrap();
+        assert_eq!(exact.retained.len(), 12, "room enough: exactly the referenced units");
+        assert_eq!(exact.retained_units(), 12);
+        let plan = plan_retention(&[held(1, 0, 40)], &referenced, 2).unwrap();
+        assert_eq!(plan.retained, vec![held(1, 0, 11), held(1, 16, 11)], "the gap of 5 stays free");
+        for address in &referenced {
+            assert!(plan.retained.iter().any(|h| h.extent.contains(*address)), "unit {address} kept");
+            assert!(!plan.free.iter().any(|e| e.contains(*address)), "unit {address} not freed");
+        }
+        assert_eq!(plan.retained_units() + plan.freed_units(), 40);
+        // Two held extents with references need two entries at least.
+        assert_eq!(
+            plan_retention(&[held(1, 0, 4), held(2, 10, 4)], &[1, 11], 1),
+            Err(PlanError::TooManyRetained { needed: 2, max: 1 })
+        );
+    }
+
+    #[test]
+    fn free_extents_coalesce_across_held_extents_and_overlap_is_refused() {
+        let plan = plan_retention(&[held(1, 0, 4), held(2, 4, 4)], &[], 0).unwrap();
+        assert_eq!(plan.free, vec![RecordExtent::new(0, 8)]);
+        assert_eq!(
+            plan_retention(&[held(1, 0, 4), held(2, 3, 4)], &[], 0),
+            Err(PlanError::HeldOverlap { first: 0, second: 3 })
+        );
     }
 }

@@ -24,8 +24,11 @@ pub mod merge;
 pub mod restore;
 pub mod sort;
 
-pub use dedup::{content_hash, DedupDecision, DedupEntry, DedupIndex};
-pub use delete::{plan_delete, plan_release, DeletePlan, RecordExtent, RecordView, ReleasePlan};
+pub use dedup::{content_hash, ContentIndex, DedupDecision, DedupEntry, DedupIndex};
+pub use delete::{
+    plan_delete, plan_release, plan_retention, DeletePlan, HeldExtent, RecordExtent, RecordView, ReleasePlan,
+    RetentionPlan,
+};
 pub use merge::{plan_merge, MergeOutput, MergePlan, MergeStep};
 pub use restore::{plan_restore, RestoreMap, Source};
 pub use sort::{plan_sort, plan_sort_all_mode, SortPlan, SortStep};
@@ -71,6 +74,10 @@ pub enum PlanError {
     UnknownDedupAddress { address: u64 },
     #[error("the element at address {address} already has the maximum number of references")]
     TooManyReferences { address: u64 },
+    #[error("held extents starting at units {first} and {second} overlap")]
+    HeldOverlap { first: u64, second: u64 },
+    #[error("{needed} retained extents are needed but the catalog has room for {max}")]
+    TooManyRetained { needed: usize, max: usize },
 }
 
 /// Largest number of elements one plan handles: steps index with `u32` in the dense tables.
