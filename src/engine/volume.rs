@@ -829,7 +829,11 @@ pub(crate) fn generation_list(meta: &Meta) -> Vec<GenerationInfo> {
             versions,
         });
     }
-    for sealed in &meta.sealed {
+    // A generation the sort has committed (the history catalog names it the backup's) is no
+    // longer sealed, though it stays in the journal's list until the journal catalog write
+    // that frees it: listing it twice would count one marker twice.
+    let backup = meta.history_catalog.backup_generation;
+    for sealed in meta.sealed.iter().filter(|s| s.generation > backup) {
         generations.push(GenerationInfo {
             generation: sealed.generation,
             through_generation: sealed.generation,

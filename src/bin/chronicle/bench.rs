@@ -21,7 +21,7 @@ pub enum Workload {
     Randwrite,
     Randread,
     Seqwrite,
-    /// Random writes within the first sixteenth of the volume: overwrite-heavy (what "all"
+    /// Random writes within the first 1/256 of the volume: overwrite-heavy (what "all"
     /// journal mode pays for most).
     Hotwrite,
 }
@@ -91,7 +91,7 @@ pub fn run(
                     sequential += 1;
                     offset
                 }
-                Workload::Hotwrite => rng.random_range(0..slots.div_ceil(16)),
+                Workload::Hotwrite => rng.random_range(0..slots.div_ceil(256)),
                 _ => rng.random_range(0..slots),
             } * (block_size / BLOCK);
             let request = match workload {
