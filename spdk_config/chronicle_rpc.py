@@ -141,10 +141,11 @@ def spdk_rpc_plugin_initialize(subparsers):
     p.add_argument('-d', '--durability', choices=['flush', 'write-through'],
                    help='When a write is acknowledged: flush (durable after the next flush; default) '
                    'or write-through (durable when acknowledged). Fixed at format')
-    p.add_argument('-f', '--journal-full', choices=['block', 'fail', 'merge-oldest'],
+    p.add_argument('-f', '--journal-full', choices=['block', 'fail', 'merge-oldest', 'bitmap-only'],
                    help='When the journal has no room: block (wait for the sort; default), fail, or '
                    'merge-oldest (block, and give up the oldest history generations when the history is '
-                   'full). Fixed at format')
+                   'full), or bitmap-only (write to the base only, tracked by a durable bitmap, until the '
+                   'sort frees space; FIG 36). Fixed at format')
     p.add_argument('--strict', action='store_true',
                    help='Refuse writes that are not whole host-write-size units instead of '
                    'widening them by read-modify-write')

@@ -30,6 +30,10 @@
 //! - restore volumes (R-VOL, FIG 13–15, 20) opened at random read their generation overlaid
 //!   with their own writes, exactly, while writes, sorts, merges and rollbacks go on (checked
 //!   on every read, between the cuts).
+//! - a third of the seeds use the journal-full policy bitmap-only (FIG 36) with the smallest
+//!   journal: writes the journal has no room for go to the base only, tracked by a durable
+//!   bitmap, and come back into the journal as the sort frees space; every invariant above
+//!   holds for them too (a marker seals only once they are in the journal).
 //!
 //! The seed of a failing run is printed; `CHRONICLE_SIM_SEEDS` and `CHRONICLE_SIM_CYCLES` scale
 //! the run (defaults: 200 seeds × 50 cycles = 10,000 power cuts, plus cuts during recovery).
@@ -38,7 +42,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use chronicle::core::format::layout::{self, LayoutOptions, VolumeShape};
-use chronicle::core::format::superblock::{Durability, JournalMode};
+use chronicle::core::format::superblock::{Durability, JournalFullPolicy, JournalMode};
 use chronicle::device::fault::{FaultController, FaultDevice};
 use chronicle::device::memory::{MemoryDevice, MemoryOptions};
 use chronicle::device::Payload;
@@ -74,6 +78,22 @@ static RETAINED_UNITS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU
 static READS_CHECKED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// Rollbacks that completed, over the whole run.
 static ROLLBACKS_DONE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Base-only writes (policy bitmap-only) and blocks resynced into the journal, over the run.
+static BITMAP_WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static BITMAP_RESYNCED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Cuts taken while some blocks were tracked by the bitmap only.
+static BITMAP_CUTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The journal-full policy of a seed: bitmap-only for a third of the "latest" mode seeds (with
+/// a journal as small as allowed, so the mode engages often; "all" mode refuses it), block for
+/// the others.
+fn policy_of(seed: u64, mode: JournalMode) -> JournalFullPolicy {
+    if mode == JournalMode::Latest && seed % 3 == 1 {
+        JournalFullPolicy::BitmapOnly
+    } else {
+        JournalFullPolicy::Block
+    }
+}
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -86,16 +106,18 @@ struct Media {
 impl Media {
     fn new(seed: u64, mode: JournalMode) -> Self {
         let shape = VolumeShape { host_write_size: UNIT as u32, volume_blocks: UNITS };
-        let options = layout_options(mode);
+        let bitmap_only = policy_of(seed, mode) == JournalFullPolicy::BitmapOnly;
+        let options = LayoutOptions { open_bitmap: bitmap_only, ..layout_options(mode) };
+        let journal_elements = match (mode, bitmap_only) {
+            (JournalMode::All, _) => 4 * UNITS,
+            (_, true) => layout::MIN_JOURNAL_ELEMENTS,
+            _ => UNITS + UNITS / 2,
+        };
         let sizes = [
             UNITS * UNIT as u64,
             // A small journal: the journal-full path and ring wrap are exercised too. "All" mode
             // keeps every write: it gets a larger one (and the workload marks when it fills).
-            layout::journal_bytes_for(
-                &shape,
-                &options,
-                if mode == JournalMode::All { 4 * UNITS } else { UNITS + UNITS / 2 },
-            ),
+            layout::journal_bytes_for(&shape, &options, journal_elements),
             UNITS * UNIT as u64,
             // History for every generation of a seed (Engine I keeps them all).
             // ("All" mode keeps every generation's versions too.)
@@ -136,7 +158,7 @@ impl Media {
 fn layout_options(mode: JournalMode) -> LayoutOptions {
     // "All" mode: a version record per sorted generation beside its history record.
     let catalog_entries = if mode == JournalMode::All { 127 } else { 63 };
-    LayoutOptions { catalog_entries, site_slots: 1, max_online_generations: 16, mode }
+    LayoutOptions { catalog_entries, site_slots: 1, max_online_generations: 16, mode, open_bitmap: false }
 }
 
 /// Unit contents written at many blocks (zeros among them): merges find equal elements.
@@ -441,6 +463,7 @@ fn run_seed(seed: u64, cycles: u64, durability: Durability, mode: JournalMode) -
     let options = FormatOptions {
         host_write_size: UNIT as u32,
         durability,
+        journal_full_policy: policy_of(seed, mode),
         layout: layout_options(mode),
         copy_base_to_backup: false,
         journal_mode: mode,
@@ -874,6 +897,14 @@ fn run_seed(seed: u64, cycles: u64, durability: Durability, mode: JournalMode) -
         if let Some((_, gone)) = maintenance {
             uncertain = gone;
         }
+        let status = volume.status();
+        if let Some(bitmap) = &status.bitmap {
+            BITMAP_WRITES.fetch_add(bitmap.bitmap_writes, std::sync::atomic::Ordering::Relaxed);
+            BITMAP_RESYNCED.fetch_add(bitmap.bitmap_resynced_blocks, std::sync::atomic::Ordering::Relaxed);
+            if status.bitmap_tracked_blocks > 0 {
+                BITMAP_CUTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
         cut(&controllers);
         drop(volume);
         settle(&controllers);
@@ -988,12 +1019,18 @@ fn power_cuts_lose_no_acknowledged_write_and_keep_generations_exact() {
         "\"all\" journal mode: {all} power cuts, {sequences} any-point targets restored as the writes allow, {refused} refused (over images given up)"
     );
     assert!(sequences > 0, "any-point targets were checked");
+    let bitmap_writes = BITMAP_WRITES.load(std::sync::atomic::Ordering::Relaxed);
+    let bitmap_resynced = BITMAP_RESYNCED.load(std::sync::atomic::Ordering::Relaxed);
+    let bitmap_cuts = BITMAP_CUTS.load(std::sync::atomic::Ordering::Relaxed);
     let across = DEDUP_ACROSS.load(std::sync::atomic::Ordering::Relaxed);
     let retained_seen = RETAINED_SEEN.load(std::sync::atomic::Ordering::Relaxed);
     let retained_units = RETAINED_UNITS.load(std::sync::atomic::Ordering::Relaxed);
     println!(
-        "{total} power cuts ({flush} in flush mode, {write_through} in write-through mode), {maintenance} merges and deletions ({shared} elements shared by dedup, {across} of them with another record, {mismatches} hash collisions told apart by the byte compare; {retained_seen} recoveries found units retained for other records, {retained_units} units in all), {rollbacks} rollbacks, {reads} restore volume reads checked, no invariant violated"
+        "{total} power cuts ({flush} in flush mode, {write_through} in write-through mode), {maintenance} merges and deletions ({shared} elements shared by dedup, {across} of them with another record, {mismatches} hash collisions told apart by the byte compare; {retained_seen} recoveries found units retained for other records, {retained_units} units in all), {rollbacks} rollbacks, {reads} restore volume reads checked, {bitmap_writes} base-only writes (journal-full policy bitmap-only), {bitmap_resynced} blocks resynced into the journal, {bitmap_cuts} cuts with blocks tracked by the bitmap only, no invariant violated"
     );
+    if seeds >= 3 {
+        assert!(bitmap_writes > 0 && bitmap_resynced > 0, "the bitmap-only mode engaged and switched back");
+    }
     assert!(shared > 0 && mismatches > 0, "merges deduplicated and met collisions");
     assert!(across > 0, "merges shared elements across records");
     assert!(retained_seen > 0, "deletions kept units other records point at");

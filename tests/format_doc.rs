@@ -23,6 +23,7 @@ use chronicle::core::format::element_index::{
 use chronicle::core::format::layout::{
     plan_history, plan_journal, recommended_history_bytes, recommended_journal_bytes, LayoutOptions, VolumeShape,
 };
+use chronicle::core::format::open_bitmap::{OpenBitmapPage, BLOCKS_PER_PAGE, OPEN_BITMAP_PREFIX_BYTES, WORDS_PER_PAGE};
 use chronicle::core::format::records::{
     DedupEntry, DedupTable, SiteMode, SiteRecord, SiteState, SiteTransfer, SortCursor, SortState, DEDUP_ENTRY_BYTES,
     DEDUP_PREFIX_BYTES, SITE_NAME_BYTES, SITE_PREFIX_BYTES, SORT_CURSOR_BYTES,
@@ -298,7 +299,7 @@ fn every_layout_tiles_its_documented_size() {
 /// The documented sizes are the code's constants and the numbers the format promises.
 #[test]
 fn documented_sizes_match_the_code() {
-    let sizes: [(&str, usize, usize); 17] = [
+    let sizes: [(&str, usize, usize); 18] = [
         ("header", HEADER_BYTES, 32),
         ("superblock", SUPERBLOCK_BYTES, 1024),
         ("superblock.area", AREA_ENTRY_BYTES, 24),
@@ -316,6 +317,7 @@ fn documented_sizes_match_the_code() {
         ("bitmap", BITMAP_PREFIX_BYTES, 48),
         ("version_table", VERSION_PREFIX_BYTES, 128),
         ("version_entry", VERSION_ENTRY_BYTES, 32),
+        ("open_bitmap_page", OPEN_BITMAP_PREFIX_BYTES, 64),
     ];
     for (name, code, promised) in sizes {
         assert_eq!(layout(name).bytes, code, "FORMAT.md `{name}` size differs from the code");
@@ -1035,6 +1037,49 @@ fn difference_bitmap_fields_sit_where_the_document_says() {
             let at = doc.offset("words") + 8 * i;
             assert_eq!(&bytes[at..at + 8], &word.to_le_bytes(), "word {i}");
         }
+    }
+}
+
+#[test]
+fn open_bitmap_page_fields_sit_where_the_document_says() {
+    let doc = layout("open_bitmap_page");
+    // A full page fills its slot; the document states the words and blocks per page.
+    assert_eq!(doc.bytes + 8 * WORDS_PER_PAGE, METADATA_PAGE_BYTES);
+    assert_eq!((WORDS_PER_PAGE, BLOCKS_PER_PAGE), (504, 32256));
+    assert!(FORMAT_MD.contains("pages of 504 words (32256 blocks)"), "FORMAT.md states the page capacity");
+    for count in [WORDS_PER_PAGE, 3, 0] {
+        let page = OpenBitmapPage {
+            sequence: distinct(80),
+            generation: distinct(81),
+            page: 7,
+            words: (0..count as u64).map(|k| distinct((k % 200) as u8 + 10) ^ k).collect(),
+        };
+        let bytes = page.encode();
+        let length = doc.bytes + 8 * count;
+        assert_eq!(OpenBitmapPage::decode(&bytes).unwrap(), page);
+        check_header(&bytes, b"CHRNOBMP", length, page.sequence);
+        check(
+            doc,
+            &bytes,
+            0,
+            &[
+                int("generation", page.generation),
+                int("page", 7),
+                int("first_block", 7 * BLOCKS_PER_PAGE),
+                int("word_count", count as u64),
+            ],
+            &["header"],
+        );
+        assert_eq!(doc.row("words").offset, Some(doc.bytes));
+        for (i, word) in page.words.iter().enumerate() {
+            let at = doc.offset("words") + 8 * i;
+            assert_eq!(&bytes[at..at + 8], &word.to_le_bytes(), "word {i}");
+        }
+        // `first_block` is checked against `page`, as documented.
+        let mut moved = bytes.clone();
+        moved[doc.offset("first_block")] ^= 1;
+        reseal_by_definition(&mut moved);
+        assert!(OpenBitmapPage::decode(&moved).is_err(), "a first block that is not the page's is refused");
     }
 }
 

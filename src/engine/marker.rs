@@ -95,16 +95,17 @@ async fn seal(shared: &SharedRef, io: &ControlIo<HostRef>, comment: String, barr
             return Err(EngineError::TooManyGenerations { count: s.meta.sealed.len(), limit: limit - 1 });
         }
     }
-    // Drain: every write submitted before the marker completes in this generation.
+    // Drain: every write submitted before the marker completes in this generation; then
+    // blocks the journal had no room for (policy bitmap-only) come into it, or the marker is
+    // refused — a sealed generation never depends on the base (bitmap_only.rs).
     std::future::poll_fn(|_| {
-        let s = shared.borrow();
-        if !s.hot.writes_before(barrier) && !s.hot.commit_in_flight() {
-            Poll::Ready(())
-        } else {
-            Poll::Pending
+        let mut s = shared.borrow_mut();
+        if s.hot.writes_before(barrier) || s.hot.commit_in_flight() {
+            return Poll::Pending;
         }
+        super::bitmap_only::poll_sealable(&mut s)
     })
-    .await;
+    .await?;
 
     // Pages whose element checksums changed since they were written.
     let stale = {
@@ -150,6 +151,9 @@ async fn seal(shared: &SharedRef, io: &ControlIo<HostRef>, comment: String, barr
         let mut next = OpenGeneration::new(meta.open.generation + 1, meta.ring.head(), meta.pages.head());
         next.opened_ns = sealed_ns;
         let open = std::mem::replace(&mut meta.open, next);
+        if let Some(bitmap) = meta.open_bitmap.as_mut() {
+            bitmap.reset(open.generation + 1);
+        }
         debug_assert_eq!(open.durable, open.blocks.len(), "drained writes left every entry durable");
         meta.sealed.push_back(SealedGeneration {
             generation: open.generation,

@@ -114,9 +114,10 @@ impl From<EngineError> for MaintenanceError {
     fn from(error: EngineError) -> Self {
         match error {
             EngineError::Invalid(_) => MaintenanceError::Invalid(error.to_string()),
-            EngineError::HistoryFull { .. } | EngineError::HistoryCatalogFull { .. } | EngineError::NoSpace(_) => {
-                MaintenanceError::NoSpace(error.to_string())
-            }
+            EngineError::HistoryFull { .. }
+            | EngineError::HistoryCatalogFull { .. }
+            | EngineError::NoSpace(_)
+            | EngineError::BitmapTracked { .. } => MaintenanceError::NoSpace(error.to_string()),
             EngineError::Busy(_) | EngineError::TooManyGenerations { .. } => MaintenanceError::Busy(error.to_string()),
             _ => MaintenanceError::Failed(error.to_string()),
         }

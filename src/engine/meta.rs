@@ -277,6 +277,9 @@ pub(crate) struct Meta {
     pub pages: RingAllocator,
     pub allocator: SegmentAllocator,
     pub open: OpenGeneration,
+    /// Blocks of the open generation whose content is in the base only (journal-full policy
+    /// bitmap-only, FIG 36); `None` when the journal has no bitmap area.
+    pub open_bitmap: Option<super::bitmap_only::OpenBitmap>,
     pub sealed: VecDeque<SealedGeneration>,
     /// Maps of live history records already read or written (restore volumes, merges and
     /// rollbacks need them without reading every control block again).

@@ -16,6 +16,7 @@
 //! operations (format, recovery, marker, sort) are `async fn`s driven by the volume's poll
 //! loop; the hot path uses no futures.
 
+mod bitmap_only;
 mod dedup;
 mod io;
 mod marker;
@@ -34,6 +35,7 @@ use crate::core::format::superblock::{Durability, JournalFullPolicy, JournalMode
 use crate::core::format::FormatError;
 use crate::device::IoError;
 
+pub use bitmap_only::BitmapCounters;
 pub use io::Role;
 pub use merge::{MaintenanceError, MaintenanceHandle, MergeReport, RetentionPolicy};
 pub use restore_volume::{RestoreHandle, RestoreId, RestoreInfo, MAX_RESTORE_IN_FLIGHT, MAX_RESTORE_VOLUMES};
@@ -172,6 +174,8 @@ pub enum EngineError {
     TooManyGenerations { count: usize, limit: usize },
     #[error("the volume stopped after a device error and must be reopened to recover: {0}")]
     Failed(String),
+    #[error("generation {generation} cannot be sealed: {tracked} of its blocks are tracked by the bitmap only (the journal was full) and {needed} of them need journal elements, but {free} of {capacity} are free and nothing is waiting to be sorted; writes go on (nothing is lost), but this generation fits the journal only if it is enlarged")]
+    BitmapTracked { generation: u64, tracked: u64, needed: u64, free: u64, capacity: u64 },
     #[error("the volume is closing")]
     Closing,
 }

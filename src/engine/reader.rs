@@ -144,7 +144,12 @@ impl VolumeReader {
                     "saved_through": meta.cursor.saved_through, "applied_through": meta.cursor.applied_through,
                 },
             },
-            "open_generation": { "generation": meta.open.generation, "elements": meta.open.blocks.len() },
+            "open_generation": {
+                "generation": meta.open.generation, "elements": meta.open.blocks.len(),
+                // Policy bitmap-only: blocks written to the base only, not yet in the journal.
+                "bitmap_tracked_blocks": meta.open_bitmap.as_ref().map_or(0, |b| b.tracked),
+                "journal_full_mode": if meta.open_bitmap.as_ref().is_some_and(|b| b.tracked > 0) { "bitmap-only" } else { "journaling" },
+            },
             "generations": self.generations(),
         })
     }

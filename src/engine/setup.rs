@@ -176,8 +176,9 @@ pub(crate) async fn format_volume<O: Copy>(
     options: &FormatOptions,
     progress: &mut dyn FnMut(FormatProgress),
 ) -> Result<(), EngineError> {
-    if options.journal_full_policy == JournalFullPolicy::BitmapOnly {
-        return Err(EngineError::Unsupported(format!("journal-full policy {:?}", options.journal_full_policy)));
+    if options.journal_full_policy == JournalFullPolicy::BitmapOnly && options.journal_mode == JournalMode::All {
+        // "All" promises every write's version; a base-only write would keep none.
+        return Err(EngineError::Unsupported("journal-full policy bitmap-only with journal mode \"all\"".into()));
     }
     if options.volume_name.len() >= superblock::VOLUME_NAME_BYTES || options.volume_name.contains('\0') {
         return Err(EngineError::Invalid(format!(
@@ -192,7 +193,10 @@ pub(crate) async fn format_volume<O: Copy>(
     let shape = VolumeShape { host_write_size: options.host_write_size, volume_blocks: geometry.volume_blocks() };
     // The element index is sized for the journal mode's entries (126 per page in "all" mode,
     // 252 in "latest"): the mode recorded in the superblock is the one the layout is planned for.
-    let layout_options = layout::LayoutOptions { mode: options.journal_mode, ..options.layout };
+    // The policy bitmap-only adds the open bitmap area (FIG 36).
+    let bitmap_only = options.journal_full_policy == JournalFullPolicy::BitmapOnly;
+    let layout_options =
+        layout::LayoutOptions { mode: options.journal_mode, open_bitmap: bitmap_only, ..options.layout };
     let journal = layout::plan_journal(&shape, &layout_options, devices[1].size_bytes())?;
     let history = layout::plan_history(&shape, &layout_options, devices[3].size_bytes())?;
     let volume_uuid = *uuid::Uuid::new_v4().as_bytes();
@@ -211,6 +215,9 @@ pub(crate) async fn format_volume<O: Copy>(
     zero_area(Role::Journal, journal.catalogs[1].start_bytes, journal.catalogs[1].length_bytes).await?;
     zero_area(Role::Journal, journal.sites.start_bytes, journal.sites.length_bytes).await?;
     zero_area(Role::Journal, journal.index.start_bytes, journal.index.length_bytes).await?;
+    if let Some(area) = journal.open_bitmap {
+        zero_area(Role::Journal, area.start_bytes, area.length_bytes).await?;
+    }
     zero_area(Role::History, history.catalogs[1].start_bytes, history.catalogs[1].length_bytes).await?;
     zero_area(Role::History, history.sort_cursors.start_bytes, history.sort_cursors.length_bytes).await?;
 
@@ -267,7 +274,12 @@ pub(crate) async fn format_volume<O: Copy>(
         volume_blocks: geometry.volume_blocks(),
         device_bytes: devices[device].size_bytes(),
         features_compat: 0,
-        features_incompat: 0,
+        // Only the journal has the bitmap area; an older build must not open it.
+        features_incompat: if role == DeviceRole::Journal && bitmap_only {
+            superblock::FEATURE_INCOMPAT_OPEN_BITMAP
+        } else {
+            0
+        },
         features_ro_compat: 0,
         created_ns,
         areas,
@@ -421,6 +433,7 @@ pub(crate) async fn open_volume<O: Copy>(io: &ControlIo<O>, read_only: bool) -> 
     let mut options = layout::LayoutOptions {
         mode: journal_superblock.journal_mode,
         max_online_generations: journal.max_online_generations(journal_superblock.journal_mode) as u32,
+        open_bitmap: journal.open_bitmap.is_some(),
         ..Default::default()
     };
     let history = HistoryLayout::from_areas(&history_superblock.areas, &shape)
@@ -491,6 +504,7 @@ pub(crate) async fn open_volume<O: Copy>(io: &ControlIo<O>, read_only: bool) -> 
         cursor,
         cursor_slot,
         open: OpenGeneration::new(open_entry.generation, open_entry.element_start, open_entry.control_start),
+        open_bitmap: None,
         sealed: VecDeque::new(),
         record_maps: Default::default(),
         next_sequence: 0,
@@ -589,6 +603,8 @@ pub(crate) async fn open_volume<O: Copy>(io: &ControlIo<O>, read_only: bool) -> 
     if !read_only {
         resync_open_generation(io, &mut meta).await?;
     }
+    // Blocks written to the base only (policy bitmap-only) and not in the index.
+    super::bitmap_only::load(io, &mut meta).await?;
 
     // 6. History space: every extent is owned by a catalog entry (or by the running sort). A
     //    merge that did not commit is forgotten: its sources are intact, its output is free.

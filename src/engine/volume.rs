@@ -19,7 +19,7 @@ use super::merge::{self, MaintenanceError, MaintenanceHandle, MergeReport, Reten
 use super::meta::Meta;
 use super::restore_volume::{self, RestoreHandle, RestoreId, RestoreInfo, RestoreVolumes};
 use super::write::{HotCounters, HotPath, HotStep};
-use super::{marker, rollback, setup, sort, EngineError, VolumeOptions};
+use super::{bitmap_only, marker, rollback, setup, sort, EngineError, VolumeOptions};
 
 pub(crate) use super::write::HostRef;
 
@@ -224,6 +224,14 @@ pub struct Status {
     /// record that stored them left the history (retained extents, FIG 41/42).
     pub history_retained_units: u64,
     pub sealed_waiting: usize,
+    /// How the open generation tracks writes: "journaling", or "bitmap-only" while some of its
+    /// blocks are in the base only because the journal was full (policy bitmap-only, FIG 36).
+    pub journal_full_mode: &'static str,
+    /// Blocks of the open generation tracked by the bitmap only (copied into the journal as
+    /// space frees; a marker waits for them).
+    pub bitmap_tracked_blocks: u64,
+    /// Counters of the bitmap-only mode (volumes formatted with that policy).
+    pub bitmap: Option<super::BitmapCounters>,
     pub sort: Option<SortProgress>,
     pub sort_error: Option<String>,
     pub retention: RetentionPolicy,
@@ -396,14 +404,19 @@ impl Volume {
             if step.shared.space_freed {
                 step.shared.space_freed = false;
                 step.retry_space();
+                if let Some(bitmap) = step.shared.meta.open_bitmap.as_mut() {
+                    bitmap.resync_due = true; // Back to journaling as space allows (FIG 36).
+                }
             }
             step.fail_space_waiters();
             step.unblock();
             step.admit();
             step.maybe_commit();
+            step.maybe_commit_bitmap();
             reaped
         };
         self.start_sort_if_needed();
+        self.start_resync_if_needed();
         self.start_retention_if_needed();
         self.executor.poll();
         let mut shared = self.shared.borrow_mut();
@@ -438,6 +451,16 @@ impl Volume {
         if start {
             self.shared.borrow_mut().sort_running = true;
             self.executor.spawn(sort::run_sorts(self.shared.clone(), self.control_io()));
+        }
+    }
+
+    fn start_resync_if_needed(&mut self) {
+        let start = bitmap_only::resync_wanted(&self.shared.borrow());
+        if start {
+            let mut shared = self.shared.borrow_mut();
+            shared.meta.open_bitmap.as_mut().expect("resync wanted").resync_running = true;
+            drop(shared);
+            self.executor.spawn(bitmap_only::run_resync(self.shared.clone(), self.control_io()));
         }
     }
 
@@ -629,6 +652,7 @@ impl Volume {
             && shared.hot.completed.is_empty()
             && !retention_due
             && !shared.hot.commit_in_flight()
+            && !bitmap_only::resync_wanted(&shared)
             && self.executor.is_empty()
             && (shared.meta.sealed.is_empty() || shared.sort_error.is_some() || !shared.options.sort.automatic)
     }
@@ -718,6 +742,13 @@ impl Volume {
                 .sum(),
             history_retained_units: super::dedup::retained_units(&meta.history_catalog),
             sealed_waiting: meta.sealed.len(),
+            journal_full_mode: if meta.open_bitmap.as_ref().is_some_and(|b| b.tracked > 0) {
+                "bitmap-only"
+            } else {
+                "journaling"
+            },
+            bitmap_tracked_blocks: meta.open_bitmap.as_ref().map_or(0, |b| b.tracked),
+            bitmap: meta.open_bitmap.as_ref().map(|b| b.counters.clone()),
             sort: shared.sort_progress.clone(),
             sort_error: shared.sort_error.clone(),
             retention: shared.options.retention.clone(),

@@ -14,6 +14,12 @@
 //!
 //! Reads go to the base. Flushes flush base and journal. Unmap and write-zeroes are journaled
 //! as writes of zeroes, in chunks of at most 1 MiB.
+//!
+//! With the journal-full policy bitmap-only, a write the journal has no room for (or one
+//! touching a block already tracked that way) goes to the base only, its bits durable first
+//! (`base_only.rs`, FIG 36).
+
+mod base_only;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -39,6 +45,8 @@ pub(crate) enum HostRef {
     Read(u32),
     Flush(u32),
     Commit,
+    /// A group commit of open-bitmap pages (policy bitmap-only).
+    BitmapCommit,
 }
 
 /// Zero-filled host data of unmap and write-zeroes is written in chunks of this size.
@@ -56,6 +64,8 @@ enum WriteState {
     WaitingSpace,
     /// Journal data submitted; the base waits for the index entries to be durable.
     WaitingIndex,
+    /// Base-only write (policy bitmap-only): the base waits for its bitmap bits to be durable.
+    WaitingBitmap,
     /// Base and journal writes in flight.
     Writing,
 }
@@ -75,6 +85,8 @@ struct HostWrite {
     pending: u32,
     /// Index entries (of the open generation) that must be durable before the base write.
     needed_entries: usize,
+    /// Bitmap sets that must be durable before the base write (base-only writes).
+    needed_bitmap_sets: u64,
     base_submitted: bool,
     error: Option<HostError>,
 }
@@ -422,6 +434,7 @@ impl HotStep<'_> {
             state: WriteState::Blocked,
             pending: 0,
             needed_entries: 0,
+            needed_bitmap_sets: 0,
             base_submitted: false,
             error: None,
         });
@@ -522,6 +535,9 @@ impl HotStep<'_> {
         let widening = self.shared.hot.writes[id].widening;
         let meta = &mut self.shared.meta;
         let per_page = meta.entries_per_page();
+        if meta.open_bitmap.as_ref().is_some_and(|bitmap| bitmap.tracks_any(widening.units())) {
+            return self.write_base_only(id); // Tracked blocks stay base-only until resynced.
+        }
         let new_units = meta.new_units(widening.units());
         if new_units > 0 {
             let entries_after = meta.open.blocks.len() + new_units as usize;
@@ -628,6 +644,9 @@ impl HotStep<'_> {
     }
 
     fn journal_full(&mut self, id: usize, new_units: u64) {
+        if self.shared.meta.bitmap_only() {
+            return self.write_base_only(id);
+        }
         let policy = self.shared.meta.journal_full_policy();
         // Waiting makes sense only while a sort can still free space.
         let sort_will_free = !self.shared.meta.sealed.is_empty()
@@ -763,6 +782,7 @@ impl HotStep<'_> {
                 }
             }
             HostRef::Commit => self.on_commit(completion),
+            HostRef::BitmapCommit => self.on_bitmap_commit(completion),
             HostRef::WriteHead(id) | HostRef::WriteTail(id) => {
                 let id = id as usize;
                 let write = &mut self.shared.hot.writes[id];

@@ -75,6 +75,9 @@ pub enum JournalFullName {
     /// Like block; and when the history is full, give up its oldest generations so the sort
     /// keeps going (writes never stop for lack of history).
     MergeOldest,
+    /// Writes the journal has no room for go to the base only, tracked by a durable bitmap
+    /// until space frees (FIG 36); a marker waits until they are in the journal.
+    BitmapOnly,
 }
 
 fn yes() -> bool {
@@ -649,6 +652,7 @@ impl VolumeHost {
                     JournalFullName::Block => JournalFullPolicy::Block,
                     JournalFullName::Fail => JournalFullPolicy::Fail,
                     JournalFullName::MergeOldest => JournalFullPolicy::MergeOldest,
+                    JournalFullName::BitmapOnly => JournalFullPolicy::BitmapOnly,
                 },
                 names: config.bdev_names().map(str::to_owned),
                 volume_name: config.name.clone(),
@@ -827,7 +831,8 @@ impl VolumeHost {
             config.journal_full = Some(match identity.journal_full_policy {
                 JournalFullPolicy::Fail => JournalFullName::Fail,
                 JournalFullPolicy::MergeOldest => JournalFullName::MergeOldest,
-                JournalFullPolicy::Block | JournalFullPolicy::BitmapOnly => JournalFullName::Block,
+                JournalFullPolicy::Block => JournalFullName::Block,
+                JournalFullPolicy::BitmapOnly => JournalFullName::BitmapOnly,
             });
             config.strict = Some(identity.strict);
         }

@@ -19,8 +19,13 @@ impl Devices {
 
     /// A journal of `journal_elements` elements and a history of `history_units` units.
     pub fn sized(journal_elements: u64, history_units: u64) -> Self {
+        Devices::sized_with(journal_elements, history_units, LayoutOptions::default())
+    }
+
+    /// As [`sized`](Self::sized), for a journal laid out with `options` (an open bitmap area
+    /// for the journal-full policy bitmap-only, for one).
+    pub fn sized_with(journal_elements: u64, history_units: u64, options: LayoutOptions) -> Self {
         let shape = VolumeShape { host_write_size: UNIT as u32, volume_blocks: UNITS };
-        let options = LayoutOptions::default();
         let sizes = [
             UNITS * UNIT as u64,
             layout::journal_bytes_for(&shape, &options, journal_elements),

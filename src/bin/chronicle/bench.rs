@@ -175,6 +175,12 @@ pub fn run(
         "elements_sorted": status.control.elements_sorted,
         "versions_kept": status.control.versions_kept,
         "history_used_units": status.history_used_units,
+        // Journal-full policy bitmap-only: writes that went to the base only, their bitmap
+        // commits, and the blocks still tracked that way at the end.
+        "journal_full_mode": status.journal_full_mode,
+        "bitmap_tracked_blocks": status.bitmap_tracked_blocks,
+        "bitmap_writes": status.bitmap.as_ref().map_or(0, |b| b.bitmap_writes),
+        "bitmap_commits": status.bitmap.as_ref().map_or(0, |b| b.bitmap_commits),
     });
     if !json {
         println!(

@@ -42,6 +42,9 @@ enum JournalFullArg {
     /// Like block, and when the history is full the oldest generations are given up so the
     /// sort keeps going.
     MergeOldest,
+    /// Writes the journal has no room for go to the base only, tracked by a durable bitmap,
+    /// and come into the journal as the sort frees space; a marker waits for them (FIG 36).
+    BitmapOnly,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -244,6 +247,7 @@ fn run(command: Command) -> Result<ExitCode> {
                 JournalFullArg::Block => JournalFullPolicy::Block,
                 JournalFullArg::Fail => JournalFullPolicy::Fail,
                 JournalFullArg::MergeOldest => JournalFullPolicy::MergeOldest,
+                JournalFullArg::BitmapOnly => JournalFullPolicy::BitmapOnly,
             };
             let journal_mode = match journal_mode {
                 JournalModeArg::Latest => JournalMode::Latest,
@@ -367,6 +371,14 @@ fn inspect(dir: &Path, json: bool) -> Result<ExitCode> {
         description["journal"]["capacity_elements"],
         description["history"]["used_units"],
         description["history"]["capacity_units"]
+    )?;
+    writeln!(
+        out,
+        "  journal-full policy {}; open generation {} is {} ({} blocks tracked by the bitmap only)",
+        description["journal_full_policy"].as_str().unwrap_or("?"),
+        description["open_generation"]["generation"],
+        description["open_generation"]["journal_full_mode"].as_str().unwrap_or("?"),
+        description["open_generation"]["bitmap_tracked_blocks"]
     )?;
     writeln!(out, "  generations:")?;
     for generation in reader.generations() {

@@ -1,7 +1,8 @@
 //! Where the areas of a journal or history device lie, and whether a device is big enough —
 //! capacity planning (seed 001 table 203) with errors that name the numbers.
 //!
-//! Journal device: superblock ×2 | catalog A | catalog B | sites | element index | elements.
+//! Journal device: superblock ×2 | catalog A | catalog B | sites | [open bitmap] | element index |
+//! elements (the open bitmap only with the journal-full policy bitmap-only).
 //! History device: superblock ×2 | catalog A | catalog B | sort cursor ×2 | units.
 
 use super::catalog::Catalog;
@@ -37,6 +38,8 @@ pub struct LayoutOptions {
     /// Online generations (open + sealed, not yet sorted) the journal can hold at once.
     pub max_online_generations: u32,
     pub mode: JournalMode,
+    /// Reserve the open-generation bitmap area (journal-full policy bitmap-only, FIG 36).
+    pub open_bitmap: bool,
 }
 
 impl Default for LayoutOptions {
@@ -46,6 +49,7 @@ impl Default for LayoutOptions {
             site_slots: 4,
             max_online_generations: 64,
             mode: JournalMode::Latest,
+            open_bitmap: false,
         }
     }
 }
@@ -55,6 +59,8 @@ pub struct JournalLayout {
     pub catalogs: [Area; 2],
     pub sites: Area,
     pub site_slot_bytes: u64,
+    /// Pages of the open generation's bitmap, two slots each (policy bitmap-only only).
+    pub open_bitmap: Option<Area>,
     pub index: Area,
     pub index_pages: u64,
     pub elements: Area,
@@ -71,7 +77,16 @@ pub struct HistoryLayout {
 
 impl JournalLayout {
     pub fn areas(&self) -> Vec<Area> {
-        vec![self.catalogs[0], self.catalogs[1], self.sites, self.index, self.elements]
+        let mut areas = vec![self.catalogs[0], self.catalogs[1], self.sites];
+        areas.extend(self.open_bitmap);
+        areas.extend([self.index, self.elements]);
+        areas
+    }
+
+    /// Byte offset of slot `slot` of open-bitmap page `page`.
+    pub fn open_bitmap_slot_bytes(&self, page: u64, slot: u8) -> Option<u64> {
+        let area = self.open_bitmap?;
+        Some(area.start_bytes + (2 * page + u64::from(slot)) * SLOT_BYTES as u64)
     }
 
     /// Rebuilds the layout from a superblock's areas.
@@ -80,10 +95,15 @@ impl JournalLayout {
         let index = find(AreaKind::ElementIndex)?;
         let elements = find(AreaKind::Elements)?;
         let sites = find(AreaKind::Sites)?;
+        let open_bitmap = find(AreaKind::OpenBitmap);
+        if open_bitmap.is_some_and(|a| a.length_bytes < open_bitmap_bytes(shape)) {
+            return None;
+        }
         let layout = JournalLayout {
             catalogs: [find(AreaKind::CatalogA)?, find(AreaKind::CatalogB)?],
             sites,
             site_slot_bytes: SiteRecord::slot_bytes(shape.volume_blocks) as u64,
+            open_bitmap,
             index,
             index_pages: index.length_bytes / (2 * SLOT_BYTES as u64),
             elements,
@@ -145,7 +165,14 @@ fn align_up(value: u64, alignment: u64) -> u64 {
     value.div_ceil(alignment) * alignment
 }
 
-fn journal_fixed(shape: &VolumeShape, options: &LayoutOptions) -> (u64, [Area; 2], Area, u64) {
+/// Bytes of the open-bitmap area: two slots per page of the volume's bitmap.
+pub fn open_bitmap_bytes(shape: &VolumeShape) -> u64 {
+    2 * super::open_bitmap::pages_for(shape.volume_blocks) * SLOT_BYTES as u64
+}
+
+type FixedAreas = (u64, [Area; 2], Area, u64, Option<Area>);
+
+fn journal_fixed(shape: &VolumeShape, options: &LayoutOptions) -> FixedAreas {
     let catalog_bytes = Catalog::slot_bytes(options.catalog_entries) as u64;
     let a = Area { kind: AreaKind::CatalogA, start_bytes: 2 * PAGE, length_bytes: catalog_bytes };
     let b = Area { kind: AreaKind::CatalogB, start_bytes: a.end_bytes(), length_bytes: catalog_bytes };
@@ -155,11 +182,16 @@ fn journal_fixed(shape: &VolumeShape, options: &LayoutOptions) -> (u64, [Area; 2
         start_bytes: b.end_bytes(),
         length_bytes: 2 * site_slot_bytes * u64::from(options.site_slots),
     };
-    (sites.end_bytes(), [a, b], sites, site_slot_bytes)
+    let open_bitmap = options.open_bitmap.then(|| Area {
+        kind: AreaKind::OpenBitmap,
+        start_bytes: sites.end_bytes(),
+        length_bytes: open_bitmap_bytes(shape),
+    });
+    (open_bitmap.unwrap_or(sites).end_bytes(), [a, b], sites, site_slot_bytes, open_bitmap)
 }
 
 fn journal_with_capacity(shape: &VolumeShape, options: &LayoutOptions, capacity: u64) -> JournalLayout {
-    let (fixed_end, catalogs, sites, site_slot_bytes) = journal_fixed(shape, options);
+    let (fixed_end, catalogs, sites, site_slot_bytes, open_bitmap) = journal_fixed(shape, options);
     let per_page = entries_per_page(options.mode) as u64;
     let index_pages = capacity.div_ceil(per_page) + u64::from(options.max_online_generations);
     let index = Area {
@@ -170,7 +202,16 @@ fn journal_with_capacity(shape: &VolumeShape, options: &LayoutOptions, capacity:
     let unit = u64::from(shape.host_write_size);
     let elements_start = align_up(index.end_bytes(), unit.max(PAGE));
     let elements = Area { kind: AreaKind::Elements, start_bytes: elements_start, length_bytes: capacity * unit };
-    JournalLayout { catalogs, sites, site_slot_bytes, index, index_pages, elements, element_capacity: capacity }
+    JournalLayout {
+        catalogs,
+        sites,
+        site_slot_bytes,
+        open_bitmap,
+        index,
+        index_pages,
+        elements,
+        element_capacity: capacity,
+    }
 }
 
 /// Device bytes a journal of `capacity` elements needs.
@@ -290,8 +331,10 @@ mod tests {
             }
         }
         for (shape, device_bytes) in cases {
-            for mode in [JournalMode::Latest, JournalMode::All] {
-                let options = LayoutOptions { mode, ..LayoutOptions::default() };
+            for (mode, open_bitmap) in
+                [(JournalMode::Latest, false), (JournalMode::All, false), (JournalMode::Latest, true)]
+            {
+                let options = LayoutOptions { mode, open_bitmap, ..LayoutOptions::default() };
                 let Ok(layout) = plan_journal(&shape, &options, device_bytes) else {
                     assert!(device_bytes < journal_bytes_for(&shape, &options, MIN_JOURNAL_ELEMENTS));
                     continue;
@@ -308,6 +351,10 @@ mod tests {
                 assert!(journal_bytes_for(&shape, &options, layout.element_capacity + 1) > device_bytes, "{here}");
                 assert!(layout.index_pages * entries_per_page(mode) as u64 >= layout.element_capacity, "{here}");
                 assert_eq!(JournalLayout::from_areas(&areas, &shape, mode).unwrap(), layout, "{here}");
+                assert_eq!(layout.open_bitmap.is_some(), open_bitmap, "{here}");
+                if let Some(area) = layout.open_bitmap {
+                    assert!(area.end_bytes() <= layout.index.start_bytes, "{here}");
+                }
                 assert_eq!(layout.max_online_generations(mode), u64::from(options.max_online_generations), "{here}");
             }
         }

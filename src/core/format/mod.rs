@@ -10,6 +10,7 @@ pub mod control_block;
 pub mod element_index;
 pub mod header;
 pub mod layout;
+pub mod open_bitmap;
 pub mod records;
 pub mod superblock;
 pub mod version_table;

@@ -25,8 +25,12 @@ pub const PEER_ENTRY_BYTES: usize = 64;
 pub const VOLUME_NAME_OFFSET: usize = PEER_TABLE_OFFSET + MAX_PEERS * PEER_ENTRY_BYTES;
 pub const VOLUME_NAME_BYTES: usize = 64;
 
-/// Incompatible features this build understands (none yet in format 1.0).
-pub const KNOWN_INCOMPAT_FEATURES: u64 = 0;
+/// Incompatible feature: the journal has an `OpenBitmap` area (journal-full policy
+/// bitmap-only, FIG 36); a reader that does not know it must not open the volume, since it
+/// would miss the blocks the bitmap tracks.
+pub const FEATURE_INCOMPAT_OPEN_BITMAP: u64 = 1 << 0;
+/// Incompatible features this build understands.
+pub const KNOWN_INCOMPAT_FEATURES: u64 = FEATURE_INCOMPAT_OPEN_BITMAP;
 /// Read-only-compatible features this build understands.
 pub const KNOWN_RO_COMPAT_FEATURES: u64 = 0;
 
@@ -66,8 +70,9 @@ byte_enum!(
     Durability { Flush = 0, WriteThrough = 1 }
 );
 
-/// Areas of a device. Journal devices use catalogs, sites, element index and elements;
-/// history devices use catalogs, sort cursors and units.
+/// Areas of a device. Journal devices use catalogs, sites, element index and elements (and the
+/// open bitmap with the journal-full policy bitmap-only); history devices use catalogs, sort
+/// cursors and units.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u32)]
 pub enum AreaKind {
@@ -78,6 +83,7 @@ pub enum AreaKind {
     Elements = 5,
     SortCursors = 6,
     Units = 7,
+    OpenBitmap = 8,
 }
 
 impl AreaKind {
@@ -90,6 +96,7 @@ impl AreaKind {
             5 => AreaKind::Elements,
             6 => AreaKind::SortCursors,
             7 => AreaKind::Units,
+            8 => AreaKind::OpenBitmap,
             other => return Err(FormatError::invalid(STRUCTURE, "area kind", format!("unknown area kind {other}"))),
         })
     }
