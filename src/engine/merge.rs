@@ -411,14 +411,8 @@ pub(crate) async fn merge(
                     // A byte compare decides: equal hashes of different contents never share.
                     let same = if candidate >= batch_first {
                         stored[(candidate - batch_first) as usize].as_slice() == bytes
-                    } else if let Some(recent) = dedup.recent(candidate) {
-                        recent == bytes
                     } else {
-                        let lba = shared.borrow().meta.history_lba(candidate);
-                        let read = io.read(Role::History, lba, unit).await?.to_vec();
-                        let same = read == bytes;
-                        dedup.remember(candidate, read);
-                        same
+                        dedup.equals(shared, io, candidate, bytes).await?
                     };
                     if same {
                         twin = Some(candidate);
@@ -438,16 +432,7 @@ pub(crate) async fn merge(
                             }
                             continue;
                         }
-                        let same = if let Some(recent) = dedup.recent(candidate) {
-                            recent == bytes
-                        } else {
-                            let lba = shared.borrow().meta.history_lba(candidate);
-                            let read = io.read(Role::History, lba, unit).await?.to_vec();
-                            let same = read == bytes;
-                            dedup.remember(candidate, read);
-                            same
-                        };
-                        if same {
+                        if dedup.equals(shared, io, candidate, bytes).await? {
                             across = Some(candidate);
                             break;
                         }
@@ -717,8 +702,23 @@ impl MergeDedup {
             .chain(self.more.iter().flat_map(|(hash, chain)| chain.iter().map(move |address| (*hash, *address))))
     }
 
-    fn recent(&self, address: u64) -> Option<&[u8]> {
-        self.recent.get(&address).map(Vec::as_slice)
+    /// Whether history unit `address` holds `bytes`: compared from memory when it was read
+    /// lately, else read (and kept for the next compare).
+    async fn equals(
+        &mut self,
+        shared: &SharedRef,
+        io: &ControlIo<HostRef>,
+        address: u64,
+        bytes: &[u8],
+    ) -> Result<bool, EngineError> {
+        if let Some(recent) = self.recent.get(&address) {
+            return Ok(recent.as_slice() == bytes);
+        }
+        let lba = shared.borrow().meta.history_lba(address);
+        let read = io.read(Role::History, lba, bytes.len()).await?.to_vec();
+        let same = read == bytes;
+        self.remember(address, read);
+        Ok(same)
     }
 
     fn remember(&mut self, address: u64, contents: Vec<u8>) {

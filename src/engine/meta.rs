@@ -47,28 +47,8 @@ impl Meta {
         elements: u64,
         explicit_elements: u64,
     ) -> Result<RecordExtents, super::EngineError> {
-        use crate::core::allocator::Extent;
         let control_units = crate::core::format::layout::control_block_units(&self.shape, explicit_elements);
-        let full = |allocator: &SegmentAllocator| super::EngineError::HistoryFull {
-            operation,
-            generation,
-            needed: control_units + elements,
-            free: allocator.free_units(),
-            largest: allocator.largest_free(),
-        };
-        let control = self.allocator.allocate(control_units).map_err(|_| full(&self.allocator))?;
-        let elements = if elements > 0 {
-            match self.allocator.allocate(elements) {
-                Ok(extent) => extent,
-                Err(_) => {
-                    self.allocator.free(control).expect("just allocated");
-                    return Err(full(&self.allocator));
-                }
-            }
-        } else {
-            Extent::new(0, 0)
-        };
-        Ok(RecordExtents { elements, control })
+        self.allocate_record_extents(operation, generation, elements, control_units)
     }
 
     /// Allocates `elements` units and a separate extent of `control_units` for `operation`
@@ -88,6 +68,9 @@ impl Meta {
             largest: allocator.largest_free(),
         };
         let control = self.allocator.allocate(control_units).map_err(|_| full(&self.allocator))?;
+        if elements == 0 {
+            return Ok(RecordExtents { elements: crate::core::allocator::Extent::new(0, 0), control });
+        }
         match self.allocator.allocate(elements) {
             Ok(elements) => Ok(RecordExtents { elements, control }),
             Err(_) => {
