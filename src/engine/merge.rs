@@ -494,16 +494,7 @@ pub(crate) async fn merge(
         Ok(done) => done,
         Err(error) => {
             // The sources are untouched; drop the unfinished output (or leave it to the next open).
-            let forgotten = update_history_catalog(shared, io, move |catalog| {
-                catalog.entries.retain(|e| {
-                    !(e.kind == EntryKind::Merged && e.state == EntryState::Merging && e.generation == from)
-                });
-                Ok(())
-            })
-            .await;
-            if forgotten.is_ok() {
-                release(shared);
-            }
+            forget_output(shared, io, from, release).await;
             return Err(error);
         }
     };
@@ -550,16 +541,7 @@ pub(crate) async fn merge(
         // extents): the sources stay, the output is forgotten. After a write error the next
         // open decides.
         if !matches!(error, EngineError::Io(_)) {
-            let forgotten = update_history_catalog(shared, io, move |catalog| {
-                catalog.entries.retain(|e| {
-                    !(e.kind == EntryKind::Merged && e.state == EntryState::Merging && e.generation == from)
-                });
-                Ok(())
-            })
-            .await;
-            if forgotten.is_ok() {
-                release(shared);
-            }
+            forget_output(shared, io, from, release).await;
         }
         return Err(error);
     }
@@ -730,6 +712,22 @@ impl MergeDedup {
                 self.recent.remove(&oldest);
             }
         }
+    }
+}
+
+/// Drops the catalog entry of an unfinished merge's output (state merging, generation `from`)
+/// and, once that is written, gives its units back with `release`; a failed write leaves
+/// both to the next open.
+async fn forget_output(shared: &SharedRef, io: &ControlIo<HostRef>, from: u64, release: impl FnOnce(&SharedRef)) {
+    let forgotten = update_history_catalog(shared, io, move |catalog| {
+        catalog
+            .entries
+            .retain(|e| !(e.kind == EntryKind::Merged && e.state == EntryState::Merging && e.generation == from));
+        Ok(())
+    })
+    .await;
+    if forgotten.is_ok() {
+        release(shared);
     }
 }
 

@@ -843,14 +843,7 @@ impl HotStep<'_> {
         if let Some(error) = commit.error {
             self.shared.failed.get_or_insert(format!("element index write failed: {error}"));
             let waiting = std::mem::take(&mut self.shared.hot.waiting_index);
-            for id in waiting {
-                let write = &mut self.shared.hot.writes[id];
-                write.error.get_or_insert(HostError::Io(error.clone()));
-                write.state = WriteState::Writing;
-                if write.pending == 0 {
-                    self.finish_write(id);
-                }
-            }
+            self.fail_uncommitted(waiting, &error);
             return;
         }
         let meta = &mut self.shared.meta;
@@ -869,6 +862,19 @@ impl HotStep<'_> {
             }
         }
         self.maybe_commit();
+    }
+
+    /// Fails writes whose metadata commit failed: their data must not reach the base (it
+    /// never does: they waited for the commit), and each finishes once nothing is in flight.
+    pub(super) fn fail_uncommitted(&mut self, waiting: Vec<usize>, error: &IoError) {
+        for id in waiting {
+            let write = &mut self.shared.hot.writes[id];
+            write.error.get_or_insert(HostError::Io(error.clone()));
+            write.state = WriteState::Writing;
+            if write.pending == 0 {
+                self.finish_write(id);
+            }
+        }
     }
 
     fn finish_write(&mut self, id: usize) {

@@ -11,7 +11,7 @@ use crate::device::{Completion, IoBuffers, Operation};
 use super::super::bitmap_only::BitmapCommit;
 use super::super::io::Role;
 use super::super::meta::{Meta, PageState};
-use super::{HostError, HostRef, HotPath, HotStep, WriteState};
+use super::{HostRef, HotPath, HotStep, WriteState};
 
 impl HotPath {
     /// Takes `unit`'s lock for the resync if no write holds it.
@@ -110,14 +110,7 @@ impl HotStep<'_> {
             // Bits not durable: their writes must not reach the base, and none may follow.
             self.shared.failed.get_or_insert(format!("open bitmap write failed: {error}"));
             let waiting = std::mem::take(&mut bitmap.waiting);
-            for id in waiting {
-                let write = &mut self.shared.hot.writes[id];
-                write.error.get_or_insert(HostError::Io(error.clone()));
-                write.state = WriteState::Writing;
-                if write.pending == 0 {
-                    self.finish_write(id);
-                }
-            }
+            self.fail_uncommitted(waiting, &error);
             return;
         }
         for (page, slot, sequence) in commit.pages {
