@@ -998,15 +998,22 @@ fn run(durability: Durability, mode: JournalMode, seeds: u64, first_seed: u64) -
 fn power_cuts_lose_no_acknowledged_write_and_keep_generations_exact() {
     if let Ok(seed) = std::env::var("CHRONICLE_SIM_SEED") {
         let seed: u64 = seed.parse().expect("CHRONICLE_SIM_SEED is a number");
-        // Seeds from 2,000,000 on are the "all" journal mode's.
+        // The seed says the run it came from: below 1,000,000 flush, then write-through;
+        // from 2,000,000 the "all" journal mode, flush, then (from 3,000,000) write-through.
         let mode = if seed >= 2_000_000 { JournalMode::All } else { JournalMode::Latest };
-        run_seed(seed, env_or("CHRONICLE_SIM_CYCLES", 50), Durability::Flush, mode).unwrap();
+        let durability = match seed {
+            1_000_000..2_000_000 | 3_000_000.. => Durability::WriteThrough,
+            _ => Durability::Flush,
+        };
+        run_seed(seed, env_or("CHRONICLE_SIM_CYCLES", 50), durability, mode).unwrap();
         return;
     }
     let seeds = env_or("CHRONICLE_SIM_SEEDS", 200);
     let flush = run(Durability::Flush, JournalMode::Latest, seeds * 4 / 5, 0);
     let write_through = run(Durability::WriteThrough, JournalMode::Latest, seeds - seeds * 4 / 5, 1_000_000);
-    let all = run(Durability::Flush, JournalMode::All, (seeds / 10).max(1), 2_000_000);
+    let all_seeds = (seeds / 10).max(2);
+    let all = run(Durability::Flush, JournalMode::All, all_seeds - all_seeds / 2, 2_000_000)
+        + run(Durability::WriteThrough, JournalMode::All, all_seeds / 2, 3_000_000);
     let total = flush + write_through + all;
     let maintenance = MAINTENANCE_DONE.load(std::sync::atomic::Ordering::Relaxed);
     let rollbacks = ROLLBACKS_DONE.load(std::sync::atomic::Ordering::Relaxed);
