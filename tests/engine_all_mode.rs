@@ -8,10 +8,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use chronicle::core::format::superblock::JournalMode;
-use chronicle::device::{DmaBuf, IoBuffers};
+use chronicle::device::{DmaBuf, IoBuffers, Payload};
 use chronicle::engine::reader::VolumeReader;
 use chronicle::engine::{
-    format, EngineError, FormatOptions, HostCompletion, HostRequest, SortOptions, Volume, VolumeOptions,
+    format, EngineError, FormatOptions, HostCompletion, HostRequest, RestoreId, RestoreTarget, SortOptions, Volume,
+    VolumeOptions,
 };
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -122,6 +123,61 @@ impl Scenario {
         self.settle();
         self.volume.take().expect("open").close().unwrap();
         self.volume = Some(Volume::open(self.devices.channels(), options(false)).unwrap());
+    }
+
+    /// Opens a restore volume of `target` and waits for it (the sort runs meanwhile).
+    fn open_restore(&mut self, target: RestoreTarget) -> Result<RestoreId, String> {
+        let handle = self.volume().open_restore_at(target);
+        let mut completions = std::mem::take(&mut self.completions);
+        let result = loop {
+            if let Some(result) = handle.result() {
+                break result.map_err(|e| e.to_string());
+            }
+            self.volume().poll(&mut completions);
+        };
+        self.completions = completions;
+        result
+    }
+
+    /// Runs one request on R-VOL `restore` to completion (host writes go on meanwhile).
+    fn restore_io(&mut self, restore: RestoreId, request: HostRequest) -> HostCompletion {
+        self.tag += 1;
+        let tag = self.tag;
+        self.volume().submit_restore(restore, tag, request);
+        let mut completions = std::mem::take(&mut self.completions);
+        let completion = loop {
+            if let Some(at) = completions.iter().position(|c| c.tag == tag) {
+                break completions.remove(at);
+            }
+            self.volume().poll(&mut completions);
+        };
+        self.completions = completions;
+        completion
+    }
+
+    fn read_restore(&mut self, restore: RestoreId, unit: u64, units: u64) -> Vec<u8> {
+        let buffers = IoBuffers::single(DmaBuf::zeroed(units as usize * UNIT));
+        let completion = self.restore_io(restore, HostRequest::Read { offset_blocks: unit * BLOCKS_PER_UNIT, buffers });
+        completion.result.expect("R-VOL read");
+        match completion.payload {
+            Payload::Read(buffers) => buffers.to_vec(),
+            other => panic!("a read gives its buffers back, got {other:?}"),
+        }
+    }
+
+    fn write_restore(&mut self, restore: RestoreId, unit: u64, data: &[u8]) {
+        let buffers = Arc::new(IoBuffers::single(DmaBuf::copy_from(data)));
+        let request = HostRequest::Write { offset_blocks: unit * BLOCKS_PER_UNIT, buffers };
+        self.restore_io(restore, request).result.expect("R-VOL write");
+    }
+
+    /// A sequence strictly inside generation `generation`'s writes (after the cut before it,
+    /// before its own), chosen by the scenario's generator.
+    fn sequence_inside(&mut self, generation: u64) -> u64 {
+        let after = self.markers.get(&(generation - 1)).map_or(0, |m| m - 1);
+        let cut = self.markers[&generation] - 1;
+        assert!(cut > after + 1, "generation {generation} has writes");
+        self.rng.random_range(after + 1..cut)
     }
 
     /// Closes the volume and reads every sequence from 0 to the newest back.
@@ -331,4 +387,193 @@ fn a_catalog_naming_an_impossible_write_sequence_is_refused_as_damaged() {
         Err(other) => panic!("refused, but not as damaged: {other}"),
         Ok(_) => panic!("a write sequence of 2^64 - 1 was accepted"),
     }
+}
+
+/// Restore volumes at any sequence (seed 001 embodiment 4 with FIG 13–15, 20): R-VOLs at
+/// sequences inside sorted generations, at a cut, and inside a generation still waiting for the
+/// sort read exactly the model's image right after that write — while more generations are
+/// written and sorted (the sort overwrites backup blocks they read through), after a merge that
+/// keeps their image, and with writes of their own that change neither the volume's history
+/// nor the other R-VOLs. A merge that would give up the image under one is refused.
+#[test]
+fn restore_volumes_at_any_sequence_read_exactly_while_the_sort_and_merges_go_on() {
+    let mut s = Scenario::new(21, true);
+    for _ in 0..4 {
+        s.submit_writes(14);
+        s.settle();
+        s.mark();
+    }
+    s.settle();
+    assert_eq!(s.volume().status().backup_generation, 4, "generations 1..=4 are sorted");
+    // Inside generations 2 and 3 (versions in their version records), at the cut of 1, and
+    // inside generation 5, sealed just now: it opens once the sort has applied it.
+    let mut targets = vec![s.sequence_inside(2), s.sequence_inside(2), s.sequence_inside(3), s.markers[&1] - 1];
+    s.submit_writes(10);
+    s.settle();
+    let sealed = s.mark();
+    targets.push(s.sequence_inside(sealed));
+    let mut rvols = Vec::new();
+    for sequence in &targets {
+        let restore = s.open_restore(RestoreTarget::Sequence(*sequence)).unwrap();
+        let image = s.read_restore(restore, 0, UNITS);
+        assert!(image == *s.model.at(*sequence), "R-VOL of sequence {sequence} reads its image");
+        rvols.push((restore, *sequence, s.model.at(*sequence).clone()));
+    }
+    let info = s.volume().status().restores;
+    assert_eq!(info.iter().filter_map(|r| r.sequence).collect::<Vec<_>>(), targets, "{info:?}");
+    assert!(info.iter().filter(|r| r.sequence != Some(s.markers[&1] - 1)).all(|r| r.version_blocks > 0), "{info:?}");
+
+    // Writes to one R-VOL: its own units, read back; the others and the history unchanged.
+    let (written, _, _) = rvols[0];
+    for unit in [0u64, 5, 63] {
+        let mut data = vec![0u8; UNIT];
+        s.rng.fill_bytes(&mut data);
+        s.write_restore(written, unit, &data);
+        rvols[0].2[unit as usize * UNIT..(unit as usize + 1) * UNIT].copy_from_slice(&data);
+    }
+
+    // More generations while reading: each sort overwrites backup blocks under every R-VOL.
+    let mut checked = 0;
+    for round in 0..3 {
+        s.submit_writes(12);
+        let handle = s.volume().mark(&format!("round {round}"));
+        let mut completions = std::mem::take(&mut s.completions);
+        loop {
+            let sealed = handle.result().is_some();
+            if sealed && s.volume().is_idle() {
+                break;
+            }
+            s.volume().poll(&mut completions);
+            if let Some(Ok(generation)) = handle.result() {
+                s.markers.entry(generation).or_insert(0);
+            }
+            for (restore, sequence, image) in rvols.clone() {
+                let unit = s.rng.random_range(0..UNITS);
+                let data = s.read_restore(restore, unit, 1);
+                let expected = &image[unit as usize * UNIT..(unit as usize + 1) * UNIT];
+                assert!(data == expected, "round {round}: unit {unit} of the R-VOL of sequence {sequence}");
+                checked += 1;
+            }
+        }
+        s.completions = completions;
+        s.settle();
+    }
+    assert!(checked >= 30, "reads interleaved with the sorts: {checked}");
+
+    // Merging 2..=3 keeps image 2 (under the R-VOLs inside generation 3) and gives up image 3
+    // (the versions of 4 over it); merging 1 with 2..=3 would give up image 2 and is refused.
+    let mut completions = std::mem::take(&mut s.completions);
+    let merge = s.volume().merge(2, 3);
+    s.volume().wait_maintenance(&merge, &mut completions).unwrap();
+    let merge = s.volume().merge(1, 3);
+    let refused = s.volume().wait_maintenance(&merge, &mut completions).unwrap_err();
+    assert!(refused.to_string().contains("restore volume"), "{refused}");
+    s.completions = completions;
+    for (restore, sequence, image) in rvols.clone() {
+        assert!(s.read_restore(restore, 0, UNITS) == image, "R-VOL of sequence {sequence} after the merge");
+    }
+    for (restore, ..) in &rvols {
+        s.volume().close_restore(*restore).unwrap();
+    }
+    s.settle();
+    assert!(s.volume().status().restores.is_empty());
+    // The R-VOLs' writes left the history alone: every target still restores offline.
+    s.volume.take().unwrap().close().unwrap();
+    let reader = VolumeReader::open(s.devices.channels()).unwrap();
+    reader.verify().unwrap();
+    for sequence in &targets {
+        assert!(reader.read_sequence(*sequence).unwrap() == *s.model.at(*sequence), "sequence {sequence} offline");
+    }
+}
+
+/// R-VOLs end with the volume (as generation R-VOLs do); after a reopen the same sequence
+/// opens again with the same image, and a time target opens the image after every write taken
+/// by then.
+#[test]
+fn restore_volumes_by_sequence_and_time_open_again_after_a_reopen() {
+    let mut s = Scenario::new(22, true);
+    let mut instants = Vec::new();
+    for _ in 0..3 {
+        for _ in 0..2 {
+            s.submit_writes(6);
+            s.settle();
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            instants.push((chronicle::engine::now_ns(), s.model.current.clone()));
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        s.mark();
+    }
+    s.settle();
+    let sequence = s.sequence_inside(2);
+    let before = s.open_restore(RestoreTarget::Sequence(sequence)).unwrap();
+    assert!(s.read_restore(before, 0, UNITS) == *s.model.at(sequence));
+    for (time_ns, image) in instants.clone() {
+        let restore = s.open_restore(RestoreTarget::TimeNs(time_ns)).unwrap();
+        assert!(s.read_restore(restore, 0, UNITS) == image, "the R-VOL of time {time_ns} reads its image");
+        s.volume().close_restore(restore).unwrap();
+    }
+    s.settle();
+    s.reopen();
+    assert!(s.volume().status().restores.is_empty(), "R-VOLs live in memory");
+    let after = s.open_restore(RestoreTarget::Sequence(sequence)).unwrap();
+    assert!(s.read_restore(after, 0, UNITS) == *s.model.at(sequence), "the same image after a reopen");
+    let (time_ns, image) = instants[1].clone();
+    let by_time = s.open_restore(RestoreTarget::TimeNs(time_ns)).unwrap();
+    assert!(s.read_restore(by_time, 0, UNITS) == image);
+}
+
+/// Targets a restore volume cannot show are refused with what can be restored, and nothing is
+/// opened: the open generation (not sealed yet), the future, a time before every write, versions
+/// given up with the image under them, and any sequence or time on a "latest" mode volume.
+#[test]
+fn restore_volume_targets_that_are_not_kept_are_refused() {
+    let mut s = Scenario::new(23, true);
+    let start_ns = chronicle::engine::now_ns();
+    for _ in 0..3 {
+        s.submit_writes(8);
+        s.settle();
+        s.mark();
+    }
+    s.submit_writes(8);
+    s.settle();
+    let open = s.volume().next_sequence() - 1;
+    let refusal = |s: &mut Scenario, target| s.open_restore(target).unwrap_err();
+    let error = refusal(&mut s, RestoreTarget::Sequence(open));
+    assert!(error.contains("open generation 4") && error.contains("restorable:"), "{error}");
+    let error = refusal(&mut s, RestoreTarget::Sequence(open + 100));
+    assert!(error.contains("future"), "{error}");
+    let error = refusal(&mut s, RestoreTarget::TimeNs(start_ns / 2));
+    assert!(error.contains("older than every"), "{error}");
+    let error = refusal(&mut s, RestoreTarget::TimeNs(chronicle::engine::now_ns() + 60_000_000_000));
+    assert!(error.contains("future"), "{error}");
+    // Deleting generation 0 gives up image 0 and the versions of generation 1 over it.
+    let inside_one = s.sequence_inside(1);
+    assert!(s.open_restore(RestoreTarget::Sequence(inside_one)).is_ok_and(|r| s.volume().close_restore(r).is_ok()));
+    s.settle();
+    let mut completions = Vec::new();
+    let delete = s.volume().delete_generation(0);
+    s.volume().wait_maintenance(&delete, &mut completions).unwrap();
+    let error = refusal(&mut s, RestoreTarget::Sequence(inside_one));
+    assert!(error.contains(&format!("sequence {inside_one} cannot be restored")), "{error}");
+    assert!(s.volume().status().restores.is_empty(), "nothing was opened");
+    // The image at generation 1's cut stays restorable.
+    let cut = s.markers[&1] - 1;
+    assert!(s.open_restore(RestoreTarget::Sequence(cut)).is_ok());
+
+    let devices = Devices::new();
+    format(devices.channels(), &FormatOptions { copy_base_to_backup: false, ..Default::default() }, &mut |_| {})
+        .unwrap();
+    let mut latest = Volume::open(devices.channels(), options(true)).unwrap();
+    for target in [RestoreTarget::Sequence(0), RestoreTarget::TimeNs(chronicle::engine::now_ns())] {
+        let handle = latest.open_restore_at(target);
+        let mut completions = Vec::new();
+        let error = loop {
+            if let Some(result) = handle.result() {
+                break result.unwrap_err().to_string();
+            }
+            latest.poll(&mut completions);
+        };
+        assert!(error.contains("\"latest\" journal mode"), "{error}");
+    }
+    assert!(latest.status().restores.is_empty());
 }

@@ -113,7 +113,9 @@ pub enum MaintenanceError {
 impl From<EngineError> for MaintenanceError {
     fn from(error: EngineError) -> Self {
         match error {
-            EngineError::Invalid(_) => MaintenanceError::Invalid(error.to_string()),
+            EngineError::Invalid(_) | EngineError::TargetUnavailable { .. } => {
+                MaintenanceError::Invalid(error.to_string())
+            }
             EngineError::HistoryFull { .. }
             | EngineError::HistoryCatalogFull { .. }
             | EngineError::NoSpace(_)

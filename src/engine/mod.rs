@@ -38,7 +38,9 @@ use crate::device::IoError;
 pub use bitmap_only::BitmapCounters;
 pub use io::Role;
 pub use merge::{MaintenanceError, MaintenanceHandle, MergeReport, RetentionPolicy};
-pub use restore_volume::{RestoreHandle, RestoreId, RestoreInfo, MAX_RESTORE_IN_FLIGHT, MAX_RESTORE_VOLUMES};
+pub use restore_volume::{
+    RestoreHandle, RestoreId, RestoreInfo, RestoreTarget, MAX_RESTORE_IN_FLIGHT, MAX_RESTORE_VOLUMES,
+};
 pub use setup::{begin_format, format, FormatProgress, Formatting};
 pub use volume::{
     GenerationInfo, HostCompletion, HostError, HostRequest, Identity, MarkerHandle, Opening, Status, VersionRange,

@@ -7,7 +7,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use crate::core::element_map::{ElementMap, ADDRESS_MASK, ADDRESS_SHARED};
-use crate::core::format::catalog::{CatalogEntry, EntryKind, EntryState};
+use crate::core::format::catalog::{CatalogEntry, EntryKind};
 use crate::core::format::control_block::ControlBlock;
 use crate::core::format::version_table::VersionTable;
 use crate::device::Channel;
@@ -15,7 +15,7 @@ use crate::device::Channel;
 use super::io::{block_on, ControlIo, Hub, IoHub, Role};
 use super::meta::{newest_versions, Meta};
 use super::volume::GenerationInfo;
-use super::{setup, EngineError};
+use super::{restore_volume, setup, EngineError};
 
 /// An image as layers: the device most blocks come from, and the blocks that come from
 /// elsewhere, `(block, device, lba)` ascending by block.
@@ -347,33 +347,17 @@ impl VolumeReader {
                 available: self.restorable_sequences(),
             });
         }
-        let mut best: Option<u64> = None;
-        let mut take = |sequence: u64| best = Some(best.map_or(sequence, |b: u64| b.max(sequence)));
-        // Generations sealed by then (their markers' times): at least their cut.
-        for info in self.generations().iter().filter(|g| g.state != "open" && g.time_ns <= time_ns) {
-            take(info.last_sequence);
-        }
-        // Versions in the journal.
-        let open = std::iter::once(&self.meta.open.versions);
-        for versions in open.chain(self.meta.sealed.iter().map(|s| &s.versions)) {
-            versions.iter().filter(|v| !v.lost && v.time_ns <= time_ns).for_each(|v| take(v.sequence));
-        }
-        // The newest version record with a version by then.
-        let record = self
-            .meta
-            .history_catalog
-            .entries
-            .iter()
-            .filter(|e| e.kind == EntryKind::Versions && e.element_count > 0 && e.time_ns <= time_ns)
-            .max_by_key(|e| e.generation);
-        if let Some(entry) = record {
-            let table = self.read_versions(entry)?;
-            table.entries.iter().filter(|v| v.time_ns <= time_ns).for_each(|v| take(v.sequence));
-        }
-        best.ok_or_else(|| EngineError::TargetUnavailable {
-            target: format!("time {target}"),
-            why: "it is older than every generation and write the volume keeps".into(),
-            available: self.restorable_sequences(),
+        // The newest version record with a version by then (restore volumes resolve times alike).
+        let table = match restore_volume::version_record_by_time(&self.meta, time_ns) {
+            Some(entry) => Some(self.read_versions(entry)?),
+            None => None,
+        };
+        restore_volume::sequence_by_time(&self.meta, time_ns, table.as_ref()).ok_or_else(|| {
+            EngineError::TargetUnavailable {
+                target: format!("time {target}"),
+                why: "it is older than every generation and write the volume keeps".into(),
+                available: self.restorable_sequences(),
+            }
         })
     }
 
@@ -519,11 +503,7 @@ impl VolumeReader {
 
     /// The live version record of `generation`'s writes ("all" mode), if kept.
     fn version_record(&self, generation: u64) -> Option<&CatalogEntry> {
-        self.meta
-            .history_catalog
-            .entries
-            .iter()
-            .find(|e| e.kind == EntryKind::Versions && e.state == EntryState::Live && e.generation == generation)
+        restore_volume::version_record(&self.meta, generation)
     }
 
     /// Reads and checks a version record's table: its generation, and that its elements are
@@ -534,23 +514,7 @@ impl VolumeReader {
         let damaged =
             |why: String| EngineError::Damaged(format!("version record of generation {}: {why}", entry.generation));
         let table = VersionTable::decode(&data).map_err(|e| damaged(e.to_string()))?;
-        if table.generation != entry.generation
-            || table.cut_sequence != entry.last_sequence
-            || table.first_address != entry.element_start
-            || table.entries.len() as u64 != entry.element_count
-        {
-            return Err(damaged(format!(
-                "its table names generation {} with {} versions at unit {}, the catalog {} at unit {}",
-                table.generation,
-                table.entries.len(),
-                table.first_address,
-                entry.element_count,
-                entry.element_start
-            )));
-        }
-        if let Some(bad) = table.entries.iter().find(|v| v.block >= self.meta.shape.volume_blocks) {
-            return Err(damaged(format!("block {} is beyond the volume", bad.block)));
-        }
+        restore_volume::check_version_table(entry, &table, self.meta.shape.volume_blocks)?;
         Ok(table)
     }
 

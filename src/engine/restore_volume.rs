@@ -20,6 +20,16 @@
 //!   (a block's first hit among the sources is the element the merge kept) and the sources'
 //!   space is freed only after the reads that started before drain.
 //!
+//! - **Any point** ("all" journal mode, seed 001 embodiment 4): an R-VOL of sequence S shows
+//!   the image right after host write S — image G (the newest generation cut at or before S)
+//!   overlaid with the versions of generation G+1 up to S, newest per block, read from G+1's
+//!   version record. The versions of G+1 live as long as image G does (a merge or deletion
+//!   drops them in the catalog write that gives G up, `merge::prune_versions`), so the R-VOL
+//!   pins them by showing G: what gives G up is refused while it is open. Versions still in
+//!   the journal move when the sort commits; an R-VOL opens once the sort has applied G+1
+//!   (waits for a sealed one; a target in the open generation is refused until a marker
+//!   seals it). A time target opens the sequence of the newest write taken by then.
+//!
 //! R-VOLs live in memory: they end when deleted or when the volume closes, and their own units
 //! (not in any catalog) are free again at the next open. Keep an image with `restore` to a file.
 
@@ -34,8 +44,13 @@ use crate::core::element_map::ElementMap;
 use crate::core::element_map::ADDRESS_MASK;
 use crate::device::{IoBuffers, Operation, Payload, Tag};
 
+use crate::core::format::catalog::{CatalogEntry, EntryKind, EntryState};
+use crate::core::format::superblock::JournalMode;
+use crate::core::format::version_table::VersionTable;
+
 use super::io::{run_bounded, ControlIo, Role};
 use super::merge::{live_records, read_record_map, take_maintenance_lock, MaintenanceError};
+use super::meta::Meta;
 use super::volume::{generation_list, HostCompletion, HostError, HostRef, HostRequest, SharedRef};
 use super::EngineError;
 
@@ -51,11 +66,28 @@ pub const MAX_RESTORE_IN_FLIGHT: usize = 256;
 /// Unit reads or writes of one request in flight at once.
 const UNITS_IN_FLIGHT: usize = 16;
 
+/// What an R-VOL shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestoreTarget {
+    /// The image of a generation (FIG 13).
+    Generation(u64),
+    /// "All" mode: the image right after the host write with this sequence.
+    Sequence(u64),
+    /// "All" mode: the image after every host write taken at or before this time (Unix ns).
+    TimeNs(u64),
+}
+
 /// What an R-VOL reports about itself.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RestoreInfo {
     pub id: RestoreId,
+    /// The generation whose image the R-VOL shows (the cut under its sequence, if it has one).
     pub generation: u64,
+    /// "All" mode: the sequence the R-VOL shows the image right after.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sequence: Option<u64>,
+    /// "All" mode: blocks read from the versions of the generation after `generation`.
+    pub version_blocks: u64,
     /// Blocks the R-VOL reads from history records (the others from the backup or its own).
     pub history_blocks: u64,
     /// History units holding the R-VOL's own writes.
@@ -96,6 +128,10 @@ pub(crate) struct RestoreVolumes {
 
 struct RestoreVolume {
     generation: u64,
+    sequence: Option<u64>,
+    /// "All" mode: unit → the history unit of its newest version up to `sequence` in the
+    /// version record of generation `generation + 1` (pinned by showing `generation`).
+    versions: FxHashMap<u64, u64>,
     /// The history records ≥ `generation`, oldest first, by the unit of their control block:
     /// a block reads the first one holding it, else the backup.
     records: Vec<(u64, Arc<ElementMap>)>,
@@ -142,6 +178,8 @@ impl RestoreVolumes {
             .map(|(id, v)| RestoreInfo {
                 id: *id,
                 generation: v.generation,
+                sequence: v.sequence,
+                version_blocks: v.versions.len() as u64,
                 history_blocks: v.history_blocks(),
                 own_units: v.own.len() as u64,
                 reads: v.reads,
@@ -189,8 +227,11 @@ impl RestoreVolumes {
 }
 
 impl RestoreVolume {
-    /// The history unit block `unit` reads, if a record holds it (else the backup).
+    /// The history unit block `unit` reads, if a version or a record holds it (else the backup).
     fn history_address(&self, unit: u64) -> Option<u64> {
+        if let Some(address) = self.versions.get(&unit) {
+            return Some(*address);
+        }
         self.records.iter().find_map(|(_, map)| map.address_of(unit)).map(|address| address & ADDRESS_MASK)
     }
 
@@ -199,13 +240,14 @@ impl RestoreVolume {
             return count;
         }
         let count = match self.records.split_first() {
-            None => 0,
+            None => self.versions.len() as u64,
             Some(((_, first), rest)) => {
                 let mut union = first.bitmap().clone();
                 for (_, map) in rest {
                     union.union_with(map.bitmap());
                 }
-                union.count_ones()
+                let outside = self.versions.keys().filter(|unit| !union.test(**unit)).count() as u64;
+                union.count_ones() + outside
             }
         };
         self.history_blocks.set(Some(count));
@@ -250,10 +292,10 @@ pub(crate) async fn fence(shared: &SharedRef) {
     .await;
 }
 
-/// Opens an R-VOL of `generation`: waits for the sort to apply it if it is still in the
-/// journal, then builds its map under the maintenance lock.
-pub(crate) async fn run_open(shared: SharedRef, io: ControlIo<HostRef>, generation: u64, handle: RestoreHandle) {
-    let result = open(&shared, &io, generation).await;
+/// Opens an R-VOL of `target`: waits for the sort to apply the generations it reads if they
+/// are still in the journal, then builds its map under the maintenance lock.
+pub(crate) async fn run_open(shared: SharedRef, io: ControlIo<HostRef>, target: RestoreTarget, handle: RestoreHandle) {
+    let result = open(&shared, &io, target).await;
     shared.borrow_mut().restores.opening -= 1;
     handle.set(result.map_err(MaintenanceError::from));
 }
@@ -270,10 +312,67 @@ pub(crate) fn reserve_open(shared: &SharedRef) -> Result<(), EngineError> {
     Ok(())
 }
 
-async fn open(shared: &SharedRef, io: &ControlIo<HostRef>, generation: u64) -> Result<RestoreId, EngineError> {
+async fn open(shared: &SharedRef, io: &ControlIo<HostRef>, target: RestoreTarget) -> Result<RestoreId, EngineError> {
+    let sequence = match target {
+        RestoreTarget::Generation(_) => None,
+        RestoreTarget::Sequence(sequence) => Some(sequence),
+        RestoreTarget::TimeNs(time_ns) => {
+            // Under the maintenance lock: the version record it reads is not freed meanwhile.
+            take_maintenance_lock(shared).await;
+            let found = sequence_at_time(shared, io, time_ns).await;
+            shared.borrow_mut().maintenance_running = false;
+            Some(found?)
+        }
+    };
+    let (generation, versions_of) = match (target, sequence) {
+        (RestoreTarget::Generation(generation), _) => (generation, None),
+        (_, Some(sequence)) => {
+            let s = shared.borrow();
+            let cut = resolve_sequence(&s.meta, s.hot.next_seq, sequence)?;
+            (cut.generation, cut.versions_of)
+        }
+        (_, None) => unreachable!("a sequence or time target has a sequence"),
+    };
     check_shown(shared, generation)?;
-    // A generation still in the journal: the sort applies it (and a sort interrupted by a
-    // restart resumes) before the map is built from the history.
+    wait_sorted(shared, versions_of.unwrap_or(generation)).await?;
+    take_maintenance_lock(shared).await;
+    let built = async {
+        let records = gather_records(shared, io, generation).await?;
+        let versions = match (versions_of, sequence) {
+            (Some(next), Some(sequence)) => gather_versions(shared, io, next, sequence).await?,
+            _ => FxHashMap::default(),
+        };
+        Ok::<_, EngineError>((records, versions))
+    }
+    .await;
+    shared.borrow_mut().maintenance_running = false;
+    let (records, versions) = built?;
+    let mut s = shared.borrow_mut();
+    let id = s.restores.next_id;
+    s.restores.next_id += 1;
+    s.restores.volumes.insert(
+        id,
+        RestoreVolume {
+            generation,
+            sequence,
+            versions,
+            records,
+            history_blocks: std::cell::Cell::new(None),
+            own: FxHashMap::default(),
+            writing: FxHashSet::default(),
+            in_flight: 0,
+            closing: false,
+            reads: 0,
+            writes: 0,
+        },
+    );
+    Ok(id)
+}
+
+/// Waits until the sort has applied `generation` (a generation still in the journal: the sort
+/// applies it, and a sort interrupted by a restart resumes, before maps are built from the
+/// history); refused when no sort will.
+async fn wait_sorted(shared: &SharedRef, generation: u64) -> Result<(), EngineError> {
     std::future::poll_fn(|_| {
         let s = shared.borrow();
         let backup = s.meta.history_catalog.backup_generation;
@@ -299,29 +398,247 @@ async fn open(shared: &SharedRef, io: &ControlIo<HostRef>, generation: u64) -> R
             "generation {generation} must be sorted into the history before it can be restored as a volume, and the sort is not running ({why})"
         ))))
     })
-    .await?;
-    take_maintenance_lock(shared).await;
-    let built = gather_records(shared, io, generation).await;
-    shared.borrow_mut().maintenance_running = false;
-    let records = built?;
-    let mut s = shared.borrow_mut();
-    let id = s.restores.next_id;
-    s.restores.next_id += 1;
-    s.restores.volumes.insert(
-        id,
-        RestoreVolume {
-            generation,
-            records,
-            history_blocks: std::cell::Cell::new(None),
-            own: FxHashMap::default(),
-            writing: FxHashSet::default(),
-            in_flight: 0,
-            closing: false,
-            reads: 0,
-            writes: 0,
-        },
-    );
-    Ok(id)
+    .await
+}
+
+/// Where the image after sequence S comes from ("all" mode): image `generation`, the newest
+/// cut at or before S, overlaid, when S is past that cut, with the versions of `versions_of`
+/// (= `generation` + 1) up to S.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SequenceCut {
+    pub generation: u64,
+    pub versions_of: Option<u64>,
+}
+
+/// Resolves sequence target `sequence` of a volume whose next request gets `next_sequence`;
+/// refuses a volume not in "all" mode, a future target, one older than every image kept, one
+/// whose versions were given up, and one in the open generation (not sealed yet).
+pub(crate) fn resolve_sequence(meta: &Meta, next_sequence: u64, sequence: u64) -> Result<SequenceCut, EngineError> {
+    let unavailable = |why: String| EngineError::TargetUnavailable {
+        target: format!("sequence {sequence}"),
+        why,
+        available: restorable_targets(meta, next_sequence),
+    };
+    if meta.mode() != JournalMode::All {
+        return Err(not_all_mode());
+    }
+    if sequence >= next_sequence {
+        return Err(unavailable(format!(
+            "it is in the future (the newest host request has sequence {})",
+            next_sequence.saturating_sub(1)
+        )));
+    }
+    let generations = generation_list(meta);
+    let cut =
+        generations.iter().filter(|g| g.state != "open" && g.last_sequence <= sequence).max_by_key(|g| g.generation);
+    let Some(cut) = cut else {
+        return Err(unavailable("it is older than the oldest image the volume keeps".into()));
+    };
+    if sequence == cut.last_sequence {
+        return Ok(SequenceCut { generation: cut.generation, versions_of: None });
+    }
+    let next = cut.generation + 1;
+    if next == meta.open.generation {
+        return Err(unavailable(format!(
+            "it falls in the open generation {next}, whose writes a restore volume reads once they are sealed and sorted (set a marker first)"
+        )));
+    }
+    let sealed =
+        meta.sealed.iter().any(|s| s.generation == next && s.generation > meta.history_catalog.backup_generation);
+    if !sealed {
+        match version_record(meta, next) {
+            None => {
+                return Err(unavailable(format!(
+                    "it falls in generation {next}, whose versions are no longer kept (merged away or deleted)"
+                )))
+            }
+            Some(entry) if sequence > entry.last_sequence => {
+                return Err(unavailable(format!(
+                    "it falls after generation {next} (cut at {}), whose image was merged away or deleted",
+                    entry.last_sequence
+                )))
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(SequenceCut { generation: cut.generation, versions_of: Some(next) })
+}
+
+fn not_all_mode() -> EngineError {
+    EngineError::Invalid(
+        "the volume keeps the \"latest\" journal mode (one element per block and generation): restore a generation; any-point restore needs a volume formatted with journal mode \"all\"".into(),
+    )
+}
+
+/// The live version record of `generation`'s writes ("all" mode), if kept.
+pub(crate) fn version_record(meta: &Meta, generation: u64) -> Option<&CatalogEntry> {
+    meta.history_catalog
+        .entries
+        .iter()
+        .find(|e| e.kind == EntryKind::Versions && e.state == EntryState::Live && e.generation == generation)
+}
+
+/// The sequence targets a restore volume can open, for error messages: each image's cut, and
+/// the versions kept of each generation after an image (the open generation's once sealed).
+pub(crate) fn restorable_targets(meta: &Meta, next_sequence: u64) -> String {
+    let generations = generation_list(meta);
+    let mut parts = Vec::new();
+    for info in generations.iter().filter(|g| g.state != "open") {
+        parts.push(format!("{} (generation {})", info.last_sequence, info.generation));
+    }
+    for info in &generations {
+        let previous = generations.iter().find(|g| g.generation + 1 == info.generation && g.state != "open");
+        if let (Some(previous), Some(_)) = (previous, info.versions) {
+            if info.state == "open" {
+                let newest = next_sequence.saturating_sub(1);
+                parts.push(format!(
+                    "{}..={newest} (open generation {}, after a marker)",
+                    previous.last_sequence, info.generation
+                ));
+            } else {
+                parts.push(format!(
+                    "{}..={} (generation {})",
+                    previous.last_sequence, info.last_sequence, info.generation
+                ));
+            }
+        }
+    }
+    if parts.is_empty() {
+        "nothing".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+/// Checks a version record's table against its catalog entry: its generation, cut, and that
+/// its versions are exactly the record's units, all within the volume.
+pub(crate) fn check_version_table(
+    entry: &CatalogEntry,
+    table: &VersionTable,
+    volume_blocks: u64,
+) -> Result<(), EngineError> {
+    let damaged =
+        |why: String| EngineError::Damaged(format!("version record of generation {}: {why}", entry.generation));
+    if table.generation != entry.generation
+        || table.cut_sequence != entry.last_sequence
+        || table.first_address != entry.element_start
+        || table.entries.len() as u64 != entry.element_count
+    {
+        return Err(damaged(format!(
+            "its table names generation {} with {} versions at unit {}, the catalog {} at unit {}",
+            table.generation,
+            table.entries.len(),
+            table.first_address,
+            entry.element_count,
+            entry.element_start
+        )));
+    }
+    if let Some(bad) = table.entries.iter().find(|v| v.block >= volume_blocks) {
+        return Err(damaged(format!("block {} is beyond the volume", bad.block)));
+    }
+    Ok(())
+}
+
+/// The version record of the newest generation with a write taken at or before `time_ns`:
+/// the one table a time target needs (write times never go back, FORMAT.md §9.3).
+pub(crate) fn version_record_by_time(meta: &Meta, time_ns: u64) -> Option<&CatalogEntry> {
+    meta.history_catalog
+        .entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::Versions && e.element_count > 0 && e.time_ns <= time_ns)
+        .max_by_key(|e| e.generation)
+}
+
+/// The sequence of the newest write taken at or before `time_ns`, and not before the cut of a
+/// generation sealed by then; `table` is [`version_record_by_time`]'s table. `None` when the
+/// time is older than everything the volume keeps.
+pub(crate) fn sequence_by_time(meta: &Meta, time_ns: u64, table: Option<&VersionTable>) -> Option<u64> {
+    let mut best: Option<u64> = None;
+    let mut take = |sequence: u64| best = Some(best.map_or(sequence, |b: u64| b.max(sequence)));
+    // Generations sealed by then (their markers' times): at least their cut.
+    for info in generation_list(meta).iter().filter(|g| g.state != "open" && g.time_ns <= time_ns) {
+        take(info.last_sequence);
+    }
+    // Versions in the journal.
+    for versions in std::iter::once(&meta.open.versions).chain(meta.sealed.iter().map(|s| &s.versions)) {
+        versions.iter().filter(|v| !v.lost && v.time_ns <= time_ns).for_each(|v| take(v.sequence));
+    }
+    if let Some(table) = table {
+        table.entries.iter().filter(|v| v.time_ns <= time_ns).for_each(|v| take(v.sequence));
+    }
+    best
+}
+
+/// Reads a version record's table (checked against its entry).
+async fn read_version_table(
+    shared: &SharedRef,
+    io: &ControlIo<HostRef>,
+    entry: &CatalogEntry,
+) -> Result<VersionTable, EngineError> {
+    let (lba, bytes, blocks) = {
+        let s = shared.borrow();
+        (s.meta.history_lba(entry.control_start), entry.control_count * s.meta.unit_bytes(), s.meta.shape.volume_blocks)
+    };
+    let data = io.read(Role::History, lba, bytes as usize).await?.to_vec();
+    let table = VersionTable::decode(&data)
+        .map_err(|e| EngineError::Damaged(format!("version record of generation {}: {e}", entry.generation)))?;
+    check_version_table(entry, &table, blocks)?;
+    Ok(table)
+}
+
+/// Resolves time target `time_ns` to a sequence (under the maintenance lock).
+async fn sequence_at_time(shared: &SharedRef, io: &ControlIo<HostRef>, time_ns: u64) -> Result<u64, EngineError> {
+    let unavailable = |why: &str| {
+        let s = shared.borrow();
+        EngineError::TargetUnavailable {
+            target: format!("time {}", crate::core::time::rfc3339(time_ns)),
+            why: why.into(),
+            available: restorable_targets(&s.meta, s.hot.next_seq),
+        }
+    };
+    if shared.borrow().meta.mode() != JournalMode::All {
+        return Err(not_all_mode());
+    }
+    if time_ns > super::now_ns() {
+        return Err(unavailable("it is in the future"));
+    }
+    let entry = version_record_by_time(&shared.borrow().meta, time_ns).cloned();
+    let table = match &entry {
+        Some(entry) => Some(read_version_table(shared, io, entry).await?),
+        None => None,
+    };
+    let found = sequence_by_time(&shared.borrow().meta, time_ns, table.as_ref());
+    found.ok_or_else(|| unavailable("it is older than every generation and write the volume keeps"))
+}
+
+/// The versions of generation `generation` up to `sequence`, newest per block: unit → its
+/// history unit in the generation's version record (under the maintenance lock, so the record
+/// is not dropped meanwhile).
+async fn gather_versions(
+    shared: &SharedRef,
+    io: &ControlIo<HostRef>,
+    generation: u64,
+    sequence: u64,
+) -> Result<FxHashMap<u64, u64>, EngineError> {
+    let entry = {
+        let s = shared.borrow();
+        let entry = version_record(&s.meta, generation).cloned();
+        match entry {
+            Some(entry) if sequence <= entry.last_sequence => entry,
+            _ => {
+                return Err(EngineError::TargetUnavailable {
+                    target: format!("sequence {sequence}"),
+                    why: format!("the versions of generation {generation} are no longer kept (merged away or deleted)"),
+                    available: restorable_targets(&s.meta, s.hot.next_seq),
+                })
+            }
+        }
+    };
+    if entry.element_count == 0 {
+        return Ok(FxHashMap::default()); // a generation without writes
+    }
+    let table = read_version_table(shared, io, &entry).await?;
+    Ok(table.newest_up_to(sequence).into_iter().map(|(block, k)| (block, table.first_address + k as u64)).collect())
 }
 
 /// `generation` is one the volume holds an image of.

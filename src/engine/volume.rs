@@ -17,7 +17,7 @@ use crate::device::{Channel, IoBuffers, IoError, Payload, SharedBuffers, Tag};
 use super::io::{ControlIo, Executor, Hub, IoHub, Role};
 use super::merge::{self, MaintenanceError, MaintenanceHandle, MergeReport, RetentionPolicy};
 use super::meta::Meta;
-use super::restore_volume::{self, RestoreHandle, RestoreId, RestoreInfo, RestoreVolumes};
+use super::restore_volume::{self, RestoreHandle, RestoreId, RestoreInfo, RestoreTarget, RestoreVolumes};
 use super::write::{HotCounters, HotPath, HotStep};
 use super::{bitmap_only, marker, rollback, setup, sort, EngineError, VolumeOptions};
 
@@ -547,12 +547,23 @@ impl Volume {
     /// history is never changed. A generation still in the journal opens once the sort has
     /// applied it. The handle gives the R-VOL's id for [`submit_restore`](Self::submit_restore).
     pub fn open_restore(&mut self, generation: u64) -> RestoreHandle {
+        self.open_restore_at(RestoreTarget::Generation(generation))
+    }
+
+    /// Opens `target` as a restore volume: a generation as [`open_restore`](Self::open_restore)
+    /// does, or ("all" journal mode, seed 001 embodiment 4) the image right after a host write
+    /// given by its sequence, or the image after every write taken by a time. It reads the
+    /// versions of the generation after the target's cut from that generation's version record,
+    /// so a target in a sealed generation opens once the sort has applied it; one in the open
+    /// generation is refused until a marker seals it. Refusals (a volume not in "all" mode, a
+    /// target not kept, in the future, or older than everything kept) come through the handle.
+    pub fn open_restore_at(&mut self, target: RestoreTarget) -> RestoreHandle {
         let handle = RestoreHandle::default();
         match restore_volume::reserve_open(&self.shared) {
             Ok(()) => self.executor.spawn(restore_volume::run_open(
                 self.shared.clone(),
                 self.control_io(),
-                generation,
+                target,
                 handle.clone(),
             )),
             Err(error) => handle.set_error(error),
