@@ -29,7 +29,9 @@
 //!   was sealed, and the rolled-back image if the final seal was;
 //! - restore volumes (R-VOL, FIG 13–15, 20) opened at random read their generation overlaid
 //!   with their own writes, exactly, while writes, sorts, merges and rollbacks go on (checked
-//!   on every read, between the cuts).
+//!   on every read, between the cuts); in "all" mode, R-VOLs opened at any-point targets (a
+//!   sequence checked offline after the recovery, in a sealed or sorted generation) read that
+//!   image the same way.
 //! - a third of the seeds use the journal-full policy bitmap-only (FIG 36) with the smallest
 //!   journal: writes the journal has no room for go to the base only, tracked by a durable
 //!   bitmap, and come back into the journal as the sort frees space; every invariant above
@@ -50,7 +52,7 @@ use chronicle::device::{Channel, Device, DmaBuf, IoBuffers};
 use chronicle::engine::reader::VolumeReader;
 use chronicle::engine::{
     format, FormatOptions, HostCompletion, HostRequest, MaintenanceError, MaintenanceHandle, MarkerHandle,
-    RestoreHandle, RestoreId, SortOptions, Volume, VolumeOptions,
+    RestoreHandle, RestoreId, RestoreTarget, SortOptions, Volume, VolumeOptions,
 };
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -213,6 +215,8 @@ struct LoggedWrite {
 /// and refused, over the whole run.
 static SEQUENCES_CHECKED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 static SEQUENCES_REFUSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Reads of R-VOLs opened at a sequence, checked.
+static SEQUENCE_READS_CHECKED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// What the volume must hold.
 struct Model {
@@ -315,8 +319,12 @@ impl Model {
 /// write, or reads, at a time per R-VOL, so what a read must return is known when it starts.
 #[derive(Default)]
 struct Restores {
-    opening: Option<(RestoreHandle, u64, Vec<u8>)>,
+    /// Handle, generation, sequence ("all" mode targets), image.
+    opening: Option<(RestoreHandle, u64, Option<u64>, Vec<u8>)>,
     open: Vec<SimRestore>,
+    /// "All" mode: sequences in sealed or sorted generations, with the image checked offline
+    /// after this cycle's recovery (an R-VOL opened at one must read it).
+    targets: Vec<(u64, Vec<u8>)>,
     /// Tag → (R-VOL index, byte offset, expected bytes or `None` for a write).
     pending: BTreeMap<u64, (usize, usize, Option<Vec<u8>>)>,
 }
@@ -324,6 +332,7 @@ struct Restores {
 struct SimRestore {
     id: RestoreId,
     generation: u64,
+    sequence: Option<u64>,
     image: Vec<u8>,
     in_flight: usize,
     writing: bool,
@@ -338,12 +347,13 @@ impl Restores {
         uncertain: &[u64],
         next_tag: &mut u64,
     ) {
-        if let Some((handle, generation, image)) = &self.opening {
+        if let Some((handle, generation, sequence, image)) = &self.opening {
             if let Some(result) = handle.result() {
                 match result {
                     Ok(id) => self.open.push(SimRestore {
                         id,
                         generation: *generation,
+                        sequence: *sequence,
                         image: image.clone(),
                         in_flight: 0,
                         writing: false,
@@ -351,16 +361,23 @@ impl Restores {
                     // Merged away or dropped meanwhile: refused.
                     Err(error) => assert!(
                         ["merged", "not held", "cannot be restored"].iter().any(|w| error.to_string().contains(w)),
-                        "opening a restore volume of generation {generation}: {error}"
+                        "opening a restore volume of generation {generation} (sequence {sequence:?}): {error}"
                     ),
                 }
                 self.opening = None;
             }
         }
         if self.opening.is_none() && self.open.len() < 3 && rng.random_bool(0.01) {
-            let candidates: Vec<u64> = model.images.keys().copied().filter(|g| !uncertain.contains(g)).collect();
-            let generation = candidates[rng.random_range(0..candidates.len())];
-            self.opening = Some((volume.open_restore(generation), generation, model.images[&generation].clone()));
+            if !self.targets.is_empty() && rng.random_bool(0.5) {
+                let (sequence, image) = self.targets[rng.random_range(0..self.targets.len())].clone();
+                let handle = volume.open_restore_at(RestoreTarget::Sequence(sequence));
+                self.opening = Some((handle, 0, Some(sequence), image));
+            } else {
+                let candidates: Vec<u64> = model.images.keys().copied().filter(|g| !uncertain.contains(g)).collect();
+                let generation = candidates[rng.random_range(0..candidates.len())];
+                let image = model.images[&generation].clone();
+                self.opening = Some((volume.open_restore(generation), generation, None, image));
+            }
         }
         if self.open.is_empty() || !rng.random_bool(0.3) {
             return;
@@ -437,9 +454,12 @@ impl Restores {
                         format!("block {b} = images {same:?}")
                     })
                     .collect();
-                return Err(format!("restore volume {} (generation {}) read {} bytes at {offset} wrong: blocks {bad:?} ({zero} zero) {notes:?} {}", restore.id, restore.generation, expected.len(), volume_state));
+                return Err(format!("restore volume {} (generation {}, sequence {:?}) read {} bytes at {offset} wrong: blocks {bad:?} ({zero} zero) {notes:?} {}", restore.id, restore.generation, restore.sequence, expected.len(), volume_state));
             }
             READS_CHECKED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if restore.sequence.is_some() {
+                SEQUENCE_READS_CHECKED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
         }
         Ok(None)
     }
@@ -633,9 +653,11 @@ fn run_seed(seed: u64, cycles: u64, durability: Durability, mode: JournalMode) -
                 ));
             }
         }
-        if mode == JournalMode::All {
-            check_sequences(&mut rng, &reader, &model).map_err(|e| format!("cycle {cycle}: {e}"))?;
-        }
+        let targets = if mode == JournalMode::All {
+            check_sequences(&mut rng, &reader, &model).map_err(|e| format!("cycle {cycle}: {e}"))?
+        } else {
+            Vec::new()
+        };
         drop(reader);
         model.checkpoint = base.clone();
         model.current = base;
@@ -652,7 +674,7 @@ fn run_seed(seed: u64, cycles: u64, durability: Durability, mode: JournalMode) -
         let mut marker: Option<(MarkerHandle, Vec<u8>)> = None;
         let mut maintenance: Option<(MaintenanceHandle, Vec<u64>)> = None;
         let mut rollback: Option<Rollback> = None;
-        let mut restores = Restores::default();
+        let mut restores = Restores { targets, ..Restores::default() };
         let mut next_tag = 0u64;
         let mut completions = Vec::new();
         for _ in 0..steps {
@@ -925,12 +947,18 @@ fn run_seed(seed: u64, cycles: u64, durability: Durability, mode: JournalMode) -
 /// "All" mode: any-point targets after a recovery — every generation's cut and a sample of
 /// sequences — restore what the writes up to them allow, on top of the model's image of the
 /// generation cut before them; a refused target must be one the volume no longer (or never)
-/// keeps versions for.
-fn check_sequences(rng: &mut ChaCha8Rng, reader: &VolumeReader, model: &Model) -> Result<(), String> {
+/// keeps versions for. Returns the targets checked in sealed or sorted generations (not the
+/// open one), with their images, for R-VOLs.
+fn check_sequences(rng: &mut ChaCha8Rng, reader: &VolumeReader, model: &Model) -> Result<Vec<(u64, Vec<u8>)>, String> {
     let generations = reader.generations();
     let newest = reader.next_sequence();
-    let mut targets: Vec<u64> = generations.iter().filter(|g| g.state != "open").map(|g| g.last_sequence).collect();
+    let newest_cut = generations.iter().filter(|g| g.state != "open").map(|g| g.last_sequence).max().unwrap_or(0);
+    let mut checked = Vec::new();
+    let cuts: Vec<u64> = generations.iter().filter(|g| g.state != "open").map(|g| g.last_sequence).collect();
+    let mut targets = cuts.clone();
     targets.extend((0..8).map(|_| rng.random_range(0..newest)));
+    // Between the cuts: where R-VOLs read versions.
+    targets.extend((0..4).map(|_| rng.random_range(0..=newest_cut)));
     targets.push(newest - 1);
     for sequence in targets {
         let cut = generations
@@ -976,8 +1004,11 @@ fn check_sequences(rng: &mut ChaCha8Rng, reader: &VolumeReader, model: &Model) -
             ));
         }
         SEQUENCES_CHECKED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if sequence <= newest_cut && !cuts.contains(&sequence) {
+            checked.push((sequence, image));
+        }
     }
-    Ok(())
+    Ok(checked)
 }
 
 fn run(durability: Durability, mode: JournalMode, seeds: u64, first_seed: u64) -> u64 {
@@ -1022,10 +1053,12 @@ fn power_cuts_lose_no_acknowledged_write_and_keep_generations_exact() {
     let mismatches = DEDUP_MISMATCHES.load(std::sync::atomic::Ordering::Relaxed);
     let sequences = SEQUENCES_CHECKED.load(std::sync::atomic::Ordering::Relaxed);
     let refused = SEQUENCES_REFUSED.load(std::sync::atomic::Ordering::Relaxed);
+    let sequence_reads = SEQUENCE_READS_CHECKED.load(std::sync::atomic::Ordering::Relaxed);
     println!(
-        "\"all\" journal mode: {all} power cuts, {sequences} any-point targets restored as the writes allow, {refused} refused (over images given up)"
+        "\"all\" journal mode: {all} power cuts, {sequences} any-point targets restored as the writes allow, {refused} refused (over images given up), {sequence_reads} reads of restore volumes at a sequence checked"
     );
     assert!(sequences > 0, "any-point targets were checked");
+    assert!(sequence_reads > 0, "restore volumes at a sequence were read");
     let bitmap_writes = BITMAP_WRITES.load(std::sync::atomic::Ordering::Relaxed);
     let bitmap_resynced = BITMAP_RESYNCED.load(std::sync::atomic::Ordering::Relaxed);
     let bitmap_cuts = BITMAP_CUTS.load(std::sync::atomic::Ordering::Relaxed);

@@ -337,11 +337,13 @@ async fn open(shared: &SharedRef, io: &ControlIo<HostRef>, target: RestoreTarget
     wait_sorted(shared, versions_of.unwrap_or(generation)).await?;
     take_maintenance_lock(shared).await;
     let built = async {
-        let records = gather_records(shared, io, generation).await?;
         let versions = match (versions_of, sequence) {
             (Some(next), Some(sequence)) => gather_versions(shared, io, next, sequence).await?,
             _ => FxHashMap::default(),
         };
+        // Last: the R-VOL joins the list the sort's commits update with no wait after the
+        // records are gathered, so it misses none.
+        let records = gather_records(shared, io, generation).await?;
         Ok::<_, EngineError>((records, versions))
     }
     .await;
