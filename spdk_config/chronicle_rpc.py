@@ -42,6 +42,7 @@ def bdev_chronicle_create(args):
         'host_write_size': args.host_write_size,
         'durability': args.durability,
         'journal_full': args.journal_full,
+        'journal_mode': args.journal_mode,
         # Flags: sent only when they differ from the module's defaults.
         'strict': True if args.strict else None,
         'copy_base_to_backup': False if args.no_copy_base_to_backup else None,
@@ -65,6 +66,7 @@ def bdev_chronicle_rollback(args):
 
 def bdev_chronicle_restore(args):
     _call(args, 'bdev_chronicle_restore', {'name': args.name, 'generation': args.generation,
+                                           'sequence': args.sequence, 'time': args.time,
                                            'restore_name': args.restore_name})
 
 
@@ -146,6 +148,10 @@ def spdk_rpc_plugin_initialize(subparsers):
                    'merge-oldest (block, and give up the oldest history generations when the history is '
                    'full), or bitmap-only (write to the base only, tracked by a durable bitmap, until the '
                    'sort frees space; FIG 36). Fixed at format')
+    p.add_argument('-m', '--journal-mode', choices=['latest', 'all'],
+                   help='What the journal keeps of a block written again within a generation: latest '
+                   '(default) or all (every write, with its sequence and time: restore at any point). '
+                   'Fixed at format')
     p.add_argument('--strict', action='store_true',
                    help='Refuse writes that are not whole host-write-size units instead of '
                    'widening them by read-modify-write')
@@ -178,10 +184,18 @@ def spdk_rpc_plugin_initialize(subparsers):
     p.set_defaults(func=bdev_chronicle_rollback)
 
     p = subparsers.add_parser('bdev_chronicle_restore',
-                              help='Open a generation as a restore volume (R-VOL): a new bdev that reads '
-                              'its image at once, without copying, and keeps its own writes apart')
+                              help='Open a generation, or ("all" journal mode) the image after a write, as a '
+                              'restore volume (R-VOL): a new bdev that reads its image at once, without '
+                              'copying, and keeps its own writes apart')
     p.add_argument('name', help='Name of the chronicle bdev')
-    p.add_argument('-g', '--generation', type=int, required=True, help='The generation to show')
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument('-g', '--generation', type=int, help='The generation to show')
+    target.add_argument('-s', '--sequence', type=int,
+                        help='"all" mode: the image right after the write with this sequence '
+                        '(restore_sequences in bdev_chronicle_get_generations)')
+    target.add_argument('-t', '--time',
+                        help='"all" mode: the image after every write taken by this time, RFC 3339 '
+                        '(2026-11-30T13:05:07.5Z) or Unix nanoseconds')
     p.add_argument('-r', '--restore-name', dest='restore_name', required=True, help='Name of the new bdev')
     p.set_defaults(func=bdev_chronicle_restore)
 

@@ -99,6 +99,29 @@ fn chronicle(args: &[&str]) -> String {
     text
 }
 
+/// Copies bdev `bdev` of the application `config` (JSON) describes into file `output`, with
+/// `spdk_dd` (the module preloaded).
+fn copy_bdev(spdk_dir: &Path, module: &Path, config: &Path, bdev: &str, output: &Path) {
+    let socket = config.with_extension("dd.sock");
+    let result = Command::new("timeout")
+        .arg("120")
+        .arg("env")
+        .arg(format!("LD_PRELOAD={}", module.display()))
+        .arg(spdk_dir.join("bin/spdk_dd"))
+        .args(["--no-huge", "-s", "1024", "--no-pci", "--disable-cpumask-locks", "-i"])
+        .arg((std::process::id() % 30_000 + 2_000).to_string())
+        .arg("-r")
+        .arg(&socket)
+        .arg("--json")
+        .arg(config)
+        .args(["--ib", bdev, "--bs", "1048576", "--of"])
+        .arg(output)
+        .output()
+        .expect("run spdk_dd");
+    let text = format!("{}{}", String::from_utf8_lossy(&result.stdout), String::from_utf8_lossy(&result.stderr));
+    assert!(result.status.success(), "spdk_dd exited with {}:\n{text}", result.status);
+}
+
 #[test]
 fn markers_under_load_leave_exact_generations_checked_offline() {
     let Some(spdk_dir) = require_spdk("markers_under_load") else { return };
@@ -492,24 +515,7 @@ fn fio_verifies_a_restore_volume_while_the_volume_takes_writes() {
 
     // 1. The R-VOL reads the generation's image: spdk_dd copies it into a file.
     let image = dir.join("restore0.img");
-    let socket = dir.join("dd.sock");
-    let output = Command::new("timeout")
-        .arg("120")
-        .arg("env")
-        .arg(format!("LD_PRELOAD={}", module.display()))
-        .arg(spdk_dir.join("bin/spdk_dd"))
-        .args(["--no-huge", "-s", "1024", "--no-pci", "--disable-cpumask-locks", "-i"])
-        .arg((std::process::id() % 30_000 + 2_000).to_string())
-        .arg("-r")
-        .arg(&socket)
-        .arg("--json")
-        .arg(&config)
-        .args(["--ib", "Restore0", "--bs", "1048576", "--of"])
-        .arg(&image)
-        .output()
-        .expect("run spdk_dd");
-    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-    assert!(output.status.success(), "spdk_dd exited with {}:\n{text}", output.status);
+    copy_bdev(&spdk_dir, &module, &config, "Restore0", &image);
     assert!(
         std::fs::read(&image).unwrap() == std::fs::read(&expected).unwrap(),
         "the R-VOL reads generation {shown}'s image"
@@ -540,5 +546,73 @@ fn fio_verifies_a_restore_volume_while_the_volume_takes_writes() {
         after.to_str().unwrap(),
     ]);
     assert!(std::fs::read(&after).unwrap() == std::fs::read(&expected).unwrap(), "generation {shown} unchanged");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// "All" journal mode end to end (seed 001 embodiment 4): a volume created with journal_mode
+/// "all" takes a load with markers; R-VOLs opened by RPC at a sequence inside a sorted
+/// generation and at a time (from `get_generations`' version ranges) read exactly the images
+/// `chronicle restore --sequence/--time` writes offline from the same files.
+#[test]
+fn restore_volumes_by_sequence_and_time_read_the_images_restored_offline() {
+    let Some(spdk_dir) = require_spdk("restore volume by sequence") else { return };
+    let _serial = serial();
+    let module = module_library();
+    let dir = volume_dir("spdk-any-point");
+    let target = start_target(&spdk_dir, &module, &dir);
+    create_volume_with(&target, json!({"journal_mode": "all"}));
+    let params = json!({"name": "Chronicle0", "seconds": 0.1, "queue_depth": 2, "marker_every_ms": 20, "seed": 9});
+    let report = target.result("bdev_chronicle_load", Some(params));
+    assert_eq!(report["writes_failed"], json!(0), "{report}");
+    target.result("bdev_chronicle_mark", Some(json!({"name": "Chronicle0", "comment": "last"})));
+    // Targets inside a generation with versions: a sequence between its first and last write,
+    // and the time of its first write.
+    let generations = target.result("bdev_chronicle_get_generations", Some(json!({"name": "Chronicle0"})));
+    let inside = generations
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|g| g["state"] != json!("open") && g["versions"]["elements"].as_u64().unwrap_or(0) > 2)
+        .nth(1)
+        .unwrap_or_else(|| panic!("generations with versions: {generations}"))
+        .clone();
+    let versions = &inside["versions"];
+    let sequence = (versions["first_sequence"].as_u64().unwrap() + versions["last_sequence"].as_u64().unwrap()) / 2;
+    let time = versions["first_time"].as_str().unwrap().to_string();
+    let (status, log) = target.stop();
+    assert!(status.success(), "spdk_tgt exited with {status}:\n{log}");
+    let expected_sequence = dir.join("expected-sequence.img");
+    let expected_time = dir.join("expected-time.img");
+    let volume = dir.to_str().unwrap();
+    chronicle(&[
+        "restore",
+        volume,
+        "--sequence",
+        &sequence.to_string(),
+        "--output",
+        expected_sequence.to_str().unwrap(),
+    ]);
+    chronicle(&["restore", volume, "--time", &time, "--output", expected_time.to_str().unwrap()]);
+    assert!(
+        std::fs::read(&expected_sequence).unwrap() != std::fs::read(&expected_time).unwrap(),
+        "two different targets (else the comparison below could not tell them apart)"
+    );
+
+    // An application that opens the volume (examine) and both R-VOLs from its configuration.
+    let mut methods = aio_bdevs(&dir);
+    methods.push(json!({"method": "bdev_wait_for_examine"}));
+    methods.push(json!({"method": "bdev_chronicle_restore",
+        "params": {"name": "Chronicle0", "sequence": sequence, "restore_name": "Sequence0"}}));
+    methods.push(json!({"method": "bdev_chronicle_restore",
+        "params": {"name": "Chronicle0", "time": time, "restore_name": "Time0"}}));
+    let config = dir.join("dd-bdev.json");
+    std::fs::write(&config, json!({"subsystems": [{"subsystem": "bdev", "config": methods}]}).to_string())
+        .expect("write config");
+    for (bdev, expected) in [("Sequence0", &expected_sequence), ("Time0", &expected_time)] {
+        let image = dir.join(format!("{bdev}.img"));
+        copy_bdev(&spdk_dir, &module, &config, bdev, &image);
+        assert!(std::fs::read(&image).unwrap() == std::fs::read(expected).unwrap(), "{bdev} reads its image");
+    }
+    say(&format!("restore volumes at sequence {sequence} and time {time} read their offline images"));
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -396,3 +396,154 @@ fn restore_volumes_are_opened_refused_deleted_and_go_with_their_volume() {
     assert!(status.success(), "spdk_tgt exited with {status}:\n{log}");
     assert!(!log.contains("*ERROR*"), "errors in the target's log:\n{log}");
 }
+
+/// Waits (at most 60 s) until the sort has taken every sealed generation of `name`.
+fn wait_sorted(app: &App, name: &str) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let list = app.result("bdev_chronicle_get_generations", Some(json!({"name": name})));
+        if !list.as_array().expect("generations").iter().any(|g| g["state"] == json!("sealed")) {
+            return list;
+        }
+        assert!(std::time::Instant::now() < deadline, "the sort never caught up: {list}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// "All" journal mode through RPC (seed 001 embodiment 4): `journal_mode` "all" is recorded at
+/// format (save_config replays it; opening with "latest" is refused with nothing registered);
+/// get_generations gives each generation's cut, versions and the sequences restore can open;
+/// R-VOLs open by sequence, by RFC 3339 time and by Unix-ns time and say what they show; bad
+/// targets are refused with nothing registered. (Their contents: spdk_crash.rs.)
+#[test]
+fn an_all_mode_volume_opens_restore_volumes_by_sequence_and_time() {
+    let Some(spdk_dir) = require_spdk("spdk_volume any-point restore") else { return };
+    let _serial = serial();
+    let target = App::start(&spdk_dir, &module_library(), AppOptions::spdk_tgt());
+    // "All" mode keeps a history unit per host write: room for the load's.
+    let volume = MallocVolume::new("Every", SMALL_BLOCKS, BLOCK).with_history_blocks(SMALL_BLOCKS * 4);
+    assert_eq!(volume.create(&target, json!({"journal_mode": "all"})), json!("Every"));
+    let status = target.result("bdev_chronicle_get_status", Some(json!({"name": "Every"})));
+    assert_eq!(status["config"]["journal_mode"], json!("all"), "{status}");
+    let load = json!({"name": "Every", "seconds": 0.06, "queue_depth": 1, "marker_every_ms": 12, "seed": 3});
+    let report = target.result("bdev_chronicle_load", Some(load));
+    assert_eq!(report["writes_failed"], json!(0), "{report}");
+    target.result("bdev_chronicle_mark", Some(json!({"name": "Every", "comment": "last"})));
+    let listed = wait_sorted(&target, "Every");
+    let listed = listed.as_array().expect("generations");
+    // A history generation with several versions: the sequences inside it open.
+    let inside = listed
+        .iter()
+        .find(|g| {
+            g["state"] == json!("history")
+                && g["versions"]["elements"].as_u64().unwrap_or(0) > 2
+                && g["restore_sequences"]["through"].as_u64() > g["restore_sequences"]["from"].as_u64()
+        })
+        .unwrap_or_else(|| panic!("no history generation with versions: {listed:?}"));
+    let generation = inside["generation"].as_u64().unwrap();
+    let (from, through) = (
+        inside["restore_sequences"]["from"].as_u64().unwrap(),
+        inside["restore_sequences"]["through"].as_u64().unwrap(),
+    );
+    let previous = listed.iter().find(|g| g["generation"].as_u64() == Some(generation - 1)).expect("listed before");
+    assert_eq!(previous["last_sequence"].as_u64(), Some(from), "ranges start at the cut before: {listed:?}");
+    assert_eq!(inside["last_sequence"].as_u64(), Some(through), "{listed:?}");
+    let versions = &inside["versions"];
+    assert!(versions["first_sequence"].as_u64().unwrap() > from, "{inside}");
+    assert!(versions["last_sequence"].as_u64().unwrap() <= through, "{inside}");
+
+    // By sequence: the image under it is generation − 1's, with the versions on top.
+    let sequence = (versions["first_sequence"].as_u64().unwrap() + versions["last_sequence"].as_u64().unwrap()) / 2;
+    let params = json!({"name": "Every", "sequence": sequence, "restore_name": "Every-s"});
+    assert_eq!(target.result("bdev_chronicle_restore", Some(params)), json!("Every-s"));
+    let shown = &bdev(&target, "Every-s")["driver_specific"]["chronicle_restore"];
+    assert_eq!(shown["sequence"], json!(sequence), "{shown}");
+    assert_eq!(shown["generation"], json!(generation - 1), "{shown}");
+    // By time, both spellings: the newest write taken by the generation's first write time.
+    let mut by_time = Vec::new();
+    for (key, value, name) in
+        [("time", versions["first_time"].clone(), "Every-t"), ("time_ns", versions["first_time_ns"].clone(), "Every-n")]
+    {
+        let params = json!({"name": "Every", key: value, "restore_name": name});
+        assert_eq!(target.result("bdev_chronicle_restore", Some(params)), json!(name));
+        let shown = bdev(&target, name)["driver_specific"]["chronicle_restore"].clone();
+        let at = shown["sequence"].as_u64().unwrap_or_else(|| panic!("{name} shows a sequence: {shown}"));
+        assert!(at >= versions["first_sequence"].as_u64().unwrap() && at <= through, "{name}: {shown}");
+        by_time.push(at);
+    }
+    assert_eq!(by_time[0], by_time[1], "time and time_ns name the same instant");
+    let status = target.result("bdev_chronicle_get_status", Some(json!({"name": "Every"})));
+    let restore_bdevs = status["restore_bdevs"].as_array().expect("restore_bdevs");
+    assert_eq!(restore_bdevs.len(), 3, "{status}");
+    assert!(restore_bdevs.iter().any(|r| r["sequence"] == json!(sequence)), "{status}");
+
+    // A write in the open generation: its sequence needs a marker first.
+    let load = json!({"name": "Every", "seconds": 0.01, "queue_depth": 1, "seed": 4});
+    target.result("bdev_chronicle_load", Some(load));
+    let listed = target.result("bdev_chronicle_get_generations", Some(json!({"name": "Every"})));
+    let open = listed.as_array().unwrap().last().expect("the open generation").clone();
+    assert_eq!(open["state"], json!("open"), "{listed}");
+    assert!(open.get("restore_sequences").is_none(), "the open generation's writes need a marker: {open}");
+    let newest = open["last_sequence"].as_u64().unwrap();
+    // A latest-mode volume beside it.
+    let latest = MallocVolume::new("Late", SMALL_BLOCKS, BLOCK);
+    assert_eq!(latest.create(&target, json!({})), json!("Late"));
+
+    let before = target.result("bdev_get_bdevs", None).as_array().map(Vec::len);
+    for (params, code, needle) in [
+        (json!({"name": "Every", "generation": 1, "sequence": sequence, "restore_name": "X"}), EINVAL, "exactly one"),
+        (
+            json!({"name": "Every", "time_ns": 1, "time": "2026-01-01T00:00:00Z", "restore_name": "X"}),
+            EINVAL,
+            "exactly one",
+        ),
+        (json!({"name": "Every", "restore_name": "X"}), EINVAL, "exactly one"),
+        (json!({"name": "Every", "sequence": newest, "restore_name": "X"}), EINVAL, "open generation"),
+        (json!({"name": "Every", "sequence": 1u64 << 40, "restore_name": "X"}), EINVAL, "future"),
+        (json!({"name": "Every", "time": "yesterday", "restore_name": "X"}), EINVAL, "RFC 3339"),
+        (json!({"name": "Every", "time_ns": 1, "restore_name": "X"}), EINVAL, "older than every"),
+        (json!({"name": "Every", "sequence": "5", "restore_name": "X"}), INVALID_PARAMS, "expected u64"),
+        (json!({"name": "Late", "sequence": 1, "restore_name": "X"}), EINVAL, "\"latest\" journal mode"),
+        (json!({"name": "Late", "time": "2026-01-01T00:00:00Z", "restore_name": "X"}), EINVAL, "\"latest\""),
+        (json!({"name": "Every", "sequence": sequence, "restore_name": "Every-s"}), EINVAL, "exists"),
+    ] {
+        let (got, message) = target.error("bdev_chronicle_restore", Some(params.clone()));
+        assert_eq!(got, code, "{params}: {message}");
+        assert!(message.contains(needle), "{params}: the message does not say {needle:?}: {message}");
+    }
+    let after = target.result("bdev_get_bdevs", None).as_array().map(Vec::len);
+    assert_eq!(before, after, "a refused restore registered a bdev");
+    let status = target.result("bdev_chronicle_get_status", Some(json!({"name": "Every"})));
+    assert_eq!(status["volume"]["restores"].as_array().map(Vec::len), Some(3), "refusals open nothing: {status}");
+
+    // journal_mode is the volume's: save_config replays it, opening as "latest" is refused.
+    let config = target.result("framework_get_config", Some(json!({"name": "bdev"})));
+    let saved: Vec<&Value> = config
+        .as_array()
+        .expect("bdev config")
+        .iter()
+        .filter(|m| m["method"] == "bdev_chronicle_create" && m["params"]["name"] == "Every")
+        .map(|m| &m["params"])
+        .collect();
+    assert_eq!(saved.len(), 1, "{config}");
+    assert_eq!(saved[0]["journal_mode"], json!("all"), "{config}");
+    assert_eq!(target.result("bdev_chronicle_delete", Some(json!({"name": "Every"}))), json!(true));
+    let (code, message) =
+        target.error("bdev_chronicle_create", Some(volume.create_params(json!({"journal_mode": "latest"}))));
+    assert_eq!(code, EINVAL, "{message}");
+    assert!(message.contains("journal_mode") && message.contains("\"all\""), "{message}");
+    assert!(!chronicle_bdevs(&target).contains(&"Every".to_string()), "a refused open registers nothing");
+    let (code, message) =
+        target.error("bdev_chronicle_create", Some(volume.create_params(json!({"journal_mode": "sometimes"}))));
+    assert_eq!(code, INVALID_PARAMS, "{message}");
+    assert!(message.contains("sometimes"), "{message}");
+    assert_eq!(target.result("bdev_chronicle_create", Some(volume.create_params(json!({})))), json!("Every"));
+    let status = target.result("bdev_chronicle_get_status", Some(json!({"name": "Every"})));
+    assert_eq!(status["config"]["journal_mode"], json!("all"), "{status}");
+    // The same sequence opens again after the reopen.
+    let params = json!({"name": "Every", "sequence": sequence, "restore_name": "Every-again"});
+    assert_eq!(target.result("bdev_chronicle_restore", Some(params)), json!("Every-again"));
+
+    let (status, log) = target.stop();
+    assert!(status.success(), "spdk_tgt exited with {status}:\n{log}");
+}

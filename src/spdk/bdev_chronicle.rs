@@ -156,6 +156,7 @@ fn assemble(done: ExamineDone) {
             host_write_size: None,
             durability: None,
             journal_full: None,
+            journal_mode: None,
             strict: None,
             copy_base_to_backup: false,
             automatic_sort: true,

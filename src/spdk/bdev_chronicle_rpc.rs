@@ -9,7 +9,7 @@ use super::bdev_chronicle_load as load;
 use super::bdev_chronicle_volume::{self as volume, CreateMode, VolumeConfig};
 use super::rpc::{self, RpcError, RpcMethod, RpcRequest, RpcState};
 use super::{bdev_chronicle, Errno};
-use crate::engine::RetentionPolicy;
+use crate::engine::{RestoreTarget, RetentionPolicy};
 
 /// A failure a method answers with: SPDK's `-errno` convention and the message.
 trait Failure: std::fmt::Display {
@@ -177,13 +177,46 @@ impl RpcMethod for Rollback {
 #[serde(deny_unknown_fields)]
 pub struct RestoreParams {
     pub name: String,
-    pub generation: u64,
+    /// Exactly one of `generation`, `sequence`, `time` and `time_ns`.
+    #[serde(default)]
+    pub generation: Option<u64>,
+    /// "All" journal mode: the image right after the host write with this sequence.
+    #[serde(default)]
+    pub sequence: Option<u64>,
+    /// "All" journal mode: the image after every host write taken by this time, RFC 3339
+    /// (as `get_generations` prints times) …
+    #[serde(default)]
+    pub time: Option<String>,
+    /// … or Unix nanoseconds (as its `time_ns`).
+    #[serde(default)]
+    pub time_ns: Option<u64>,
     pub restore_name: String,
 }
 
-/// `bdev_chronicle_restore {name, generation, restore_name}` → the new bdev's name: generation
-/// `generation` of volume `name` as a readable and writable bdev (an R-VOL), at once, without
-/// copying the image. Answered when the bdev is registered.
+impl RestoreParams {
+    fn target(&self) -> Result<RestoreTarget, volume::VolumeError> {
+        let time = match &self.time {
+            Some(text) => Some(
+                crate::core::time::parse(text).map_err(|why| volume::VolumeError::Invalid(format!("time: {why}")))?,
+            ),
+            None => None,
+        };
+        match (self.generation, self.sequence, time, self.time_ns) {
+            (Some(generation), None, None, None) => Ok(RestoreTarget::Generation(generation)),
+            (None, Some(sequence), None, None) => Ok(RestoreTarget::Sequence(sequence)),
+            (None, None, Some(time_ns), None) | (None, None, None, Some(time_ns)) => Ok(RestoreTarget::TimeNs(time_ns)),
+            _ => Err(volume::VolumeError::Invalid(
+                "give exactly one of generation, sequence, time (RFC 3339) and time_ns (Unix nanoseconds)".into(),
+            )),
+        }
+    }
+}
+
+/// `bdev_chronicle_restore {name, generation | sequence | time | time_ns, restore_name}` → the
+/// new bdev's name: generation `generation` of volume `name`, or ("all" journal mode) the image
+/// right after write `sequence` or after every write taken by `time`, as a readable and
+/// writable bdev (an R-VOL), at once, without copying the image. Answered when the bdev is
+/// registered; a refused target registers nothing.
 pub struct Restore;
 
 impl RpcMethod for Restore {
@@ -191,12 +224,15 @@ impl RpcMethod for Restore {
     type Params = RestoreParams;
 
     fn call(request: RpcRequest, params: RestoreParams) {
-        volume::open_restore(
-            &params.name,
-            params.generation,
-            &params.restore_name,
-            Box::new(move |result| answer(request, result)),
-        );
+        match params.target() {
+            Ok(target) => volume::open_restore(
+                &params.name,
+                target,
+                &params.restore_name,
+                Box::new(move |result| answer(request, result)),
+            ),
+            Err(error) => answer::<String, _>(request, Err(error)),
+        }
     }
 }
 

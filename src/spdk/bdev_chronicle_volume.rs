@@ -34,12 +34,14 @@ use super::device::SpdkDevice;
 use super::poller::{PollStatus, Poller};
 use super::thread::{Thread, ThreadHandle};
 use super::{bdev_chronicle, vbdev, Errno};
-use crate::core::format::superblock::{DeviceRole, Durability, JournalFullPolicy, Superblock, VOLUME_NAME_BYTES};
+use crate::core::format::superblock::{
+    DeviceRole, Durability, JournalFullPolicy, JournalMode, Superblock, VOLUME_NAME_BYTES,
+};
 use crate::device::{Channel, Device, Payload, Tag};
 use crate::engine::{
     begin_format, EngineError, FormatOptions, FormatProgress, Formatting, HostCompletion, HostRequest,
     MaintenanceError, MaintenanceHandle, MarkerHandle, MergeReport, Opening, RestoreHandle, RestoreId, RestoreInfo,
-    RetentionPolicy, SortOptions, Status, Volume, VolumeOptions,
+    RestoreTarget, RetentionPolicy, SortOptions, Status, Volume, VolumeOptions,
 };
 
 /// The four bdev roles, in the engine's device order.
@@ -80,6 +82,25 @@ pub enum JournalFullName {
     BitmapOnly,
 }
 
+/// What the journal keeps of a block written again within a generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JournalModeName {
+    /// The newest write (its element is rewritten in place).
+    Latest,
+    /// Every write, with its sequence and time (restore at any point, seed 001 embodiment 4).
+    All,
+}
+
+impl JournalModeName {
+    fn of(mode: JournalMode) -> Self {
+        match mode {
+            JournalMode::Latest => JournalModeName::Latest,
+            JournalMode::All => JournalModeName::All,
+        }
+    }
+}
+
 fn yes() -> bool {
     true
 }
@@ -101,6 +122,10 @@ pub struct VolumeConfig {
     pub durability: Option<DurabilityName>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub journal_full: Option<JournalFullName>,
+    /// "latest" (default for a new volume) or "all"; recorded at format, an existing volume
+    /// keeps its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub journal_mode: Option<JournalModeName>,
     /// Refuse writes that are not whole host-write-size units (SPDK splits at unit
     /// boundaries) instead of widening them by read-modify-write. Recorded at format (default
     /// false); an existing volume keeps its own.
@@ -249,7 +274,7 @@ type RestoreWaiter = Box<dyn FnOnce(Result<String, VolumeError>)>;
 struct RestoreOpen {
     handle: RestoreHandle,
     bdev_name: String,
-    generation: u64,
+    target: RestoreTarget,
     done: RestoreWaiter,
 }
 
@@ -258,7 +283,12 @@ struct RestoreOpen {
 pub struct RestoreBdevInfo {
     pub bdev_name: String,
     pub id: RestoreId,
+    /// The generation whose image it shows (for a sequence or time target: the image under
+    /// the versions it shows on top).
     pub generation: u64,
+    /// "All" mode: the sequence it shows the image right after (a time target's resolved).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sequence: Option<u64>,
 }
 type IoCtx = <Chronicle as bdev_module::BdevModule>::IoCtx;
 
@@ -498,6 +528,14 @@ pub fn create(config: VolumeConfig, mode: CreateMode, done: Waiter) {
     });
 }
 
+/// The mode as the RPC spells it.
+fn mode_name(mode: JournalModeName) -> &'static str {
+    match mode {
+        JournalModeName::Latest => "\"latest\"",
+        JournalModeName::All => "\"all\"",
+    }
+}
+
 /// Format (`true`) or open (`false`), from what the journal and the history hold.
 fn decide(
     config: &VolumeConfig,
@@ -541,6 +579,15 @@ fn decide(
                     "the bdevs hold chronicle volume {} (the name recorded at format); create it as {} \
                      (a restarted application registers it under that name by itself)",
                     j.volume_name, j.volume_name
+                )));
+            }
+            let journal_mode = JournalModeName::of(j.journal_mode);
+            if config.journal_mode.is_some_and(|asked| asked != journal_mode) {
+                return Err(CreateError::Refused(format!(
+                    "volume {} was formatted with journal_mode {}, not {}",
+                    display_name(&j),
+                    mode_name(journal_mode),
+                    mode_name(config.journal_mode.expect("checked"))
                 )));
             }
             if config.strict.is_some_and(|strict| strict != j.strict) {
@@ -653,6 +700,10 @@ impl VolumeHost {
                     JournalFullName::Fail => JournalFullPolicy::Fail,
                     JournalFullName::MergeOldest => JournalFullPolicy::MergeOldest,
                     JournalFullName::BitmapOnly => JournalFullPolicy::BitmapOnly,
+                },
+                journal_mode: match config.journal_mode.unwrap_or(JournalModeName::Latest) {
+                    JournalModeName::Latest => JournalMode::Latest,
+                    JournalModeName::All => JournalMode::All,
                 },
                 names: config.bdev_names().map(str::to_owned),
                 volume_name: config.name.clone(),
@@ -834,6 +885,7 @@ impl VolumeHost {
                 JournalFullPolicy::Block => JournalFullName::Block,
                 JournalFullPolicy::BitmapOnly => JournalFullName::BitmapOnly,
             });
+            config.journal_mode = Some(JournalModeName::of(identity.journal_mode));
             config.strict = Some(identity.strict);
         }
         // Creates that joined while the volume opened: each gets its own answer; their
@@ -917,6 +969,11 @@ impl VolumeHost {
         if let (Some(wanted), Some(recorded)) = (asked.journal_full, config.journal_full) {
             if wanted != recorded {
                 return Err(mismatch("journal_full", format!("{recorded:?}"), format!("{wanted:?}")));
+            }
+        }
+        if let (Some(wanted), Some(recorded)) = (asked.journal_mode, config.journal_mode) {
+            if wanted != recorded {
+                return Err(mismatch("journal_mode", mode_name(recorded).into(), mode_name(wanted).into()));
             }
         }
         if let (Some(wanted), Some(recorded)) = (asked.strict, config.strict) {
@@ -1024,17 +1081,26 @@ impl VolumeHost {
                 }
             };
             let registered = self.register_restore(id, &open.bdev_name);
+            // What the engine resolved the target to (the cut under a sequence, a time's sequence).
+            let shown = self.running(|volume| volume.status().restores.into_iter().find(|r| r.id == id));
+            let (generation, sequence) = match (shown, open.target) {
+                (Ok(Some(info)), _) => (info.generation, info.sequence),
+                (_, RestoreTarget::Generation(generation)) => (generation, None),
+                (_, RestoreTarget::Sequence(sequence)) => (0, Some(sequence)),
+                (_, RestoreTarget::TimeNs(_)) => (0, None),
+            };
             match registered {
                 Ok(()) => {
                     spdk_notice!(
-                        "chronicle: restore volume {} registered (generation {} of {})",
+                        "chronicle: restore volume {} registered (generation {}{} of {})",
                         open.bdev_name,
-                        open.generation,
+                        generation,
+                        sequence.map(|s| format!(", sequence {s}")).unwrap_or_default(),
                         self.config.borrow().name
                     );
                     self.restores.borrow_mut().insert(
                         open.bdev_name.clone(),
-                        RestoreBdevInfo { bdev_name: open.bdev_name.clone(), id, generation: open.generation },
+                        RestoreBdevInfo { bdev_name: open.bdev_name.clone(), id, generation, sequence },
                     );
                     (open.done)(Ok(open.bdev_name));
                 }
@@ -1317,9 +1383,10 @@ pub fn rollback(name: &str, generation: u64, comment: &str, done: MarkerWaiter) 
     }
 }
 
-/// Opens generation `generation` of volume `name` as an R-VOL and registers it as bdev
-/// `bdev_name` (FIG 13–15); `done` gets the bdev's name.
-pub fn open_restore(name: &str, generation: u64, bdev_name: &str, done: RestoreWaiter) {
+/// Opens `target` of volume `name` (a generation, or in "all" journal mode a sequence or a
+/// time) as an R-VOL and registers it as bdev `bdev_name` (FIG 13–15); `done` gets the bdev's
+/// name. A refused target registers nothing.
+pub fn open_restore(name: &str, target: RestoreTarget, bdev_name: &str, done: RestoreWaiter) {
     let Some(host) = host_by_name(name) else { return done(Err(VolumeError::NotFound(name.to_string()))) };
     if bdev_name.is_empty() || bdev_name.contains('\0') {
         return done(Err(VolumeError::Invalid("restore_name must be a non-empty bdev name without NUL".into())));
@@ -1332,13 +1399,10 @@ pub fn open_restore(name: &str, generation: u64, bdev_name: &str, done: RestoreW
     if taken {
         return done(Err(VolumeError::Invalid(format!("a bdev named {bdev_name} exists already"))));
     }
-    match host.running(|volume| volume.open_restore(generation)) {
-        Ok(handle) => host.restore_opens.borrow_mut().push(RestoreOpen {
-            handle,
-            bdev_name: bdev_name.to_string(),
-            generation,
-            done,
-        }),
+    match host.running(|volume| volume.open_restore_at(target)) {
+        Ok(handle) => {
+            host.restore_opens.borrow_mut().push(RestoreOpen { handle, bdev_name: bdev_name.to_string(), target, done })
+        }
         Err(error) => done(Err(error)),
     }
 }
@@ -1418,23 +1482,80 @@ pub struct GenerationReport {
     pub time_ns: u64,
     pub comment: String,
     pub blocks: u64,
+    /// The sequence the image is cut at: every host write up to it is in the image (the open
+    /// generation: its newest write).
+    pub last_sequence: u64,
+    /// "All" mode: the versions (host writes) of the generation kept for any-point restore.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub versions: Option<VersionsReport>,
+    /// "All" mode: the sequences `bdev_chronicle_restore` can open in this generation, from the
+    /// cut before it through its own (the image before it is kept, its versions are, and it
+    /// is sealed: the open generation's writes need a marker first).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restore_sequences: Option<SequenceRange>,
+}
+
+/// The versions of an "all" mode generation.
+#[derive(Debug, Clone, Serialize)]
+pub struct VersionsReport {
+    pub elements: u64,
+    pub first_sequence: u64,
+    pub last_sequence: u64,
+    pub first_time: String,
+    pub first_time_ns: u64,
+    pub last_time: String,
+    pub last_time_ns: u64,
+}
+
+/// Sequences `from..=through`.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct SequenceRange {
+    pub from: u64,
+    pub through: u64,
 }
 
 pub fn generations(name: &str) -> Result<Vec<GenerationReport>, VolumeError> {
     let host = host_by_name(name).ok_or_else(|| VolumeError::NotFound(name.to_string()))?;
     host.running(|volume| {
-        volume
-            .status()
-            .generations
-            .into_iter()
-            .map(|g| GenerationReport {
-                generation: g.generation,
-                through_generation: g.through_generation,
-                state: g.state,
-                time: crate::core::time::rfc3339(g.time_ns),
-                time_ns: g.time_ns,
-                comment: g.comment,
-                blocks: g.blocks,
+        let generations = volume.status().generations;
+        let all = volume.identity().journal_mode == JournalMode::All;
+        let rfc3339 = crate::core::time::rfc3339;
+        generations
+            .iter()
+            .map(|g| {
+                // The image before it is listed (kept) and its versions are: sequences inside.
+                let previous = generations.iter().find(|p| p.generation + 1 == g.generation);
+                let restore_sequences = match (previous, g.versions) {
+                    _ if !all => None,
+                    (Some(previous), Some(_))
+                        if g.state != "open" && previous.through_generation == previous.generation =>
+                    {
+                        Some(SequenceRange { from: previous.last_sequence, through: g.last_sequence })
+                    }
+                    // A generation without writes, or whose image before is gone: its cut.
+                    _ if g.state != "open" => Some(SequenceRange { from: g.last_sequence, through: g.last_sequence }),
+                    _ => None,
+                };
+                GenerationReport {
+                    generation: g.generation,
+                    through_generation: g.through_generation,
+                    state: g.state,
+                    time: rfc3339(g.time_ns),
+                    time_ns: g.time_ns,
+                    comment: g.comment.clone(),
+                    blocks: g.blocks,
+                    last_sequence: g.last_sequence,
+                    versions: g.versions.map(|v| VersionsReport {
+                        elements: v.elements,
+                        first_sequence: v.first_sequence,
+                        last_sequence: v.last_sequence,
+                        first_time: rfc3339(v.first_time_ns),
+                        first_time_ns: v.first_time_ns,
+                        last_time: rfc3339(v.last_time_ns),
+                        last_time_ns: v.last_time_ns,
+                    }),
+                    restore_sequences,
+                }
             })
             .collect()
     })
