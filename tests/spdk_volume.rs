@@ -491,16 +491,20 @@ fn an_all_mode_volume_opens_restore_volumes_by_sequence_and_time() {
 
     let before = target.result("bdev_get_bdevs", None).as_array().map(Vec::len);
     for (params, code, needle) in [
-        (json!({"name": "Every", "generation": 1, "sequence": sequence, "restore_name": "X"}), EINVAL, "exactly one"),
         (
-            json!({"name": "Every", "time_ns": 1, "time": "2026-01-01T00:00:00Z", "restore_name": "X"}),
-            EINVAL,
+            json!({"name": "Every", "generation": 1, "sequence": sequence, "restore_name": "X"}),
+            INVALID_PARAMS,
             "exactly one",
         ),
-        (json!({"name": "Every", "restore_name": "X"}), EINVAL, "exactly one"),
+        (
+            json!({"name": "Every", "time_ns": 1, "time": "2026-01-01T00:00:00Z", "restore_name": "X"}),
+            INVALID_PARAMS,
+            "exactly one",
+        ),
+        (json!({"name": "Every", "restore_name": "X"}), INVALID_PARAMS, "exactly one"),
         (json!({"name": "Every", "sequence": newest, "restore_name": "X"}), EINVAL, "open generation"),
         (json!({"name": "Every", "sequence": 1u64 << 40, "restore_name": "X"}), EINVAL, "future"),
-        (json!({"name": "Every", "time": "yesterday", "restore_name": "X"}), EINVAL, "RFC 3339"),
+        (json!({"name": "Every", "time": "yesterday", "restore_name": "X"}), INVALID_PARAMS, "RFC 3339"),
         (json!({"name": "Every", "time_ns": 1, "restore_name": "X"}), EINVAL, "older than every"),
         (json!({"name": "Every", "sequence": "5", "restore_name": "X"}), INVALID_PARAMS, "expected u64"),
         (json!({"name": "Late", "sequence": 1, "restore_name": "X"}), EINVAL, "\"latest\" journal mode"),

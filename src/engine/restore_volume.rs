@@ -42,11 +42,10 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use crate::core::allocator::Extent;
 use crate::core::element_map::ElementMap;
 use crate::core::element_map::ADDRESS_MASK;
-use crate::device::{IoBuffers, Operation, Payload, Tag};
-
 use crate::core::format::catalog::{CatalogEntry, EntryKind, EntryState};
 use crate::core::format::superblock::JournalMode;
 use crate::core::format::version_table::VersionTable;
+use crate::device::{IoBuffers, Operation, Payload, Tag};
 
 use super::io::{run_bounded, ControlIo, Role};
 use super::merge::{live_records, read_record_map, take_maintenance_lock, MaintenanceError};

@@ -194,20 +194,17 @@ pub struct RestoreParams {
 }
 
 impl RestoreParams {
-    fn target(&self) -> Result<RestoreTarget, volume::VolumeError> {
+    /// The target, or why the parameters do not name exactly one.
+    fn target(&self) -> Result<RestoreTarget, String> {
         let time = match &self.time {
-            Some(text) => Some(
-                crate::core::time::parse(text).map_err(|why| volume::VolumeError::Invalid(format!("time: {why}")))?,
-            ),
+            Some(text) => Some(crate::core::time::parse(text).map_err(|why| format!("time: {why}"))?),
             None => None,
         };
         match (self.generation, self.sequence, time, self.time_ns) {
             (Some(generation), None, None, None) => Ok(RestoreTarget::Generation(generation)),
             (None, Some(sequence), None, None) => Ok(RestoreTarget::Sequence(sequence)),
             (None, None, Some(time_ns), None) | (None, None, None, Some(time_ns)) => Ok(RestoreTarget::TimeNs(time_ns)),
-            _ => Err(volume::VolumeError::Invalid(
-                "give exactly one of generation, sequence, time (RFC 3339) and time_ns (Unix nanoseconds)".into(),
-            )),
+            _ => Err("give exactly one of generation, sequence, time (RFC 3339) and time_ns (Unix nanoseconds)".into()),
         }
     }
 }
@@ -231,7 +228,10 @@ impl RpcMethod for Restore {
                 &params.restore_name,
                 Box::new(move |result| answer(request, result)),
             ),
-            Err(error) => answer::<String, _>(request, Err(error)),
+            Err(why) => request.error(RpcError::invalid_params(format!(
+                "{}: invalid parameters: {why}",
+                Self::NAME.to_string_lossy()
+            ))),
         }
     }
 }
