@@ -98,7 +98,16 @@ def bdev_chronicle_set_retention(args):
         'merge_older': True if args.merge_older else None,
         'max_generations': args.max_generations,
         'max_age_seconds': args.max_age_seconds,
+        'compress_older': True if args.compress_older else None,
     })
+
+
+def bdev_chronicle_compress_generation(args):
+    _call(args, 'bdev_chronicle_compress_generation', {'name': args.name, 'generation': args.generation})
+
+
+def bdev_chronicle_decompress_generation(args):
+    _call(args, 'bdev_chronicle_decompress_generation', {'name': args.name, 'generation': args.generation})
 
 
 def bdev_chronicle_load(args):
@@ -232,7 +241,21 @@ def spdk_rpc_plugin_initialize(subparsers):
                    help='Merge the records older than --keep-last into one')
     p.add_argument('-n', '--max-generations', type=int, help='Drop the oldest records beyond this many')
     p.add_argument('-a', '--max-age-seconds', type=int, help='Drop records older than this')
+    p.add_argument('-c', '--compress-older', action='store_true',
+                   help='Compress the records older than --keep-last (those that do not shrink are left)')
     p.set_defaults(func=bdev_chronicle_set_retention)
+
+    p = subparsers.add_parser('bdev_chronicle_compress_generation',
+                              help='Compress the history record of a generation (it stays restorable)')
+    p.add_argument('name', help='Name of the chronicle bdev')
+    p.add_argument('-g', '--generation', type=int, required=True, help='The generation whose record to compress')
+    p.set_defaults(func=bdev_chronicle_compress_generation)
+
+    p = subparsers.add_parser('bdev_chronicle_decompress_generation',
+                              help='Decompress the history record of a generation')
+    p.add_argument('name', help='Name of the chronicle bdev')
+    p.add_argument('-g', '--generation', type=int, required=True, help='The generation whose record to decompress')
+    p.set_defaults(func=bdev_chronicle_decompress_generation)
 
     p = subparsers.add_parser('bdev_chronicle_get_status',
                               help='State, journal and history use, sort progress and counters of a chronicle bdev')

@@ -486,6 +486,7 @@ fn random_entry(rng: &mut ChaCha8Rng, online: bool, generation: u64) -> CatalogE
     entry.dedup_saved = random_u64(rng);
     entry.last_time_ns = random_u64(rng);
     entry.blocks = random_u64(rng);
+    entry.original_bytes = random_u64(rng);
     entry.comment = random_text(rng, 127);
     entry
 }
@@ -740,6 +741,53 @@ impl Codec for BitmapCodec {
     fn sample(rng: &mut ChaCha8Rng) -> DifferenceBitmap {
         random_bitmap(rng, 4000)
     }
+}
+
+struct FrameTableCodec;
+impl Codec for FrameTableCodec {
+    type Value = chronicle::core::format::frame_table::FrameTable;
+    const NAME: &'static str = "FrameTable::decode";
+    const MAGIC: &'static [u8; 8] = b"CHRNFRMT";
+    fn decode(bytes: &[u8]) -> Result<Self::Value, FormatError> {
+        chronicle::core::format::frame_table::FrameTable::decode(bytes)
+    }
+    fn encode(value: &Self::Value) -> Vec<u8> {
+        value.encode()
+    }
+    fn sample(rng: &mut ChaCha8Rng) -> Self::Value {
+        use chronicle::core::format::frame_table::{FrameEntry, FrameTable, CODEC_LZ4};
+        let frame_units = rng.random_range(1..100u32);
+        let unit_bytes = [512u32, 4096][rng.random_range(0..2)];
+        let logical_units = rng.random_range(1..2000u64);
+        let count = FrameTable::frame_count(logical_units, frame_units) as usize;
+        let data_offset = FrameTable::encoded_len(count) as u64 + rng.random_range(0..5000);
+        let mut table = FrameTable {
+            generation: rng.random_range(0..1000),
+            through_generation: 0,
+            logical_units,
+            unit_bytes,
+            frame_units,
+            codec: CODEC_LZ4,
+            data_offset,
+            frames: Vec::new(),
+        };
+        table.through_generation = table.generation + rng.random_range(0..3);
+        let mut next = data_offset;
+        for index in 0..count {
+            let full = table.frame_raw_bytes(index) as u32;
+            let raw = full == 1 || rng.random_bool(0.3);
+            let stored_bytes = if raw { full } else { rng.random_range(1..full) };
+            let offset_bytes = next + rng.random_range(0..3);
+            next = offset_bytes + u64::from(stored_bytes);
+            table.frames.push(FrameEntry { offset_bytes, stored_bytes, crc: rng.random(), raw });
+        }
+        table
+    }
+}
+
+#[test]
+fn frame_table_decoding_never_panics() {
+    run::<FrameTableCodec>();
 }
 
 #[test]

@@ -24,6 +24,11 @@
 //!   keeps those units (retained): `verify` passes after every recovery (every shared pointer
 //!   lands in a live record's or a retained extent's units, every retained extent is pointed
 //!   at — nothing freed while referenced, nothing leaked);
+//! - compressions and decompressions of random records (embodiment 8), in both journal modes,
+//!   beside merges that share across records: every generation, any-point target and R-VOL
+//!   read stays exact whether they commit before the cut or not, and `verify` holds (units
+//!   others point at stay retained when their record is compressed; no pointer lands in a
+//!   compressed record's frames);
 //! - a rollback (rewrite of the changed blocks through the journal between an undo point and a
 //!   final seal) cut anywhere leaves every acknowledged write, the undo point's image if it
 //!   was sealed, and the rolled-back image if the final seal was;
@@ -96,6 +101,15 @@ fn policy_of(seed: u64, mode: JournalMode) -> JournalFullPolicy {
         JournalFullPolicy::Block
     }
 }
+/// Records compressed and decompressed (embodiment 8), over the whole run.
+static COMPRESSIONS_DONE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static DECOMPRESSIONS_DONE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Compressions of records pointing at other records' units, and units compressions kept
+/// retained for other records (dedup across records with compression), over the whole run.
+static COMPRESSED_SHARING: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static COMPRESSION_RETAINED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Compressions on "all" journal mode volumes.
+static COMPRESSIONS_ALL_MODE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -673,6 +687,9 @@ fn run_seed(seed: u64, cycles: u64, durability: Durability, mode: JournalMode) -
         let mut flushes: BTreeMap<u64, u64> = BTreeMap::new();
         let mut marker: Option<(MarkerHandle, Vec<u8>)> = None;
         let mut maintenance: Option<(MaintenanceHandle, Vec<u64>)> = None;
+        // A compression or decompression gives up no generation: every image stays exact
+        // whether it commits before the cut or not.
+        let mut compression: Option<(chronicle::engine::CompressHandle, bool)> = None;
         let mut rollback: Option<Rollback> = None;
         let mut restores = Restores { targets, ..Restores::default() };
         let mut next_tag = 0u64;
@@ -798,6 +815,24 @@ fn run_seed(seed: u64, cycles: u64, durability: Durability, mode: JournalMode) -
                         };
                         maintenance = Some((volume.delete_generation(records[i].0), gone));
                     }
+                } else if choice < 83 && compression.is_none() {
+                    // Compress a record, or decompress a compressed one.
+                    let records: Vec<(u64, bool)> = volume
+                        .status()
+                        .generations
+                        .iter()
+                        .filter(|g| g.state == "history" || g.state == "merged")
+                        .map(|g| (g.generation, g.compressed))
+                        .collect();
+                    if !records.is_empty() {
+                        let (generation, compressed) = records[rng.random_range(0..records.len())];
+                        let handle = if compressed {
+                            volume.decompress_generation(generation)
+                        } else {
+                            volume.compress_generation(generation)
+                        };
+                        compression = Some((handle, !compressed));
+                    }
                 }
             }
             volume.poll(&mut completions);
@@ -842,6 +877,29 @@ fn run_seed(seed: u64, cycles: u64, durability: Durability, mode: JournalMode) -
                         Err(MaintenanceError::Invalid(why)) if why.contains("restore volume") => {}
                         Err(error) => return Err(format!("cycle {cycle}: history maintenance failed: {error}")),
                     }
+                }
+            }
+            if let Some(result) = compression.as_ref().and_then(|(handle, _)| handle.result()) {
+                let (_, compress) = compression.take().expect("checked");
+                match result {
+                    Ok(report) if compress && report.compressed => {
+                        COMPRESSIONS_DONE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        COMPRESSED_SHARING
+                            .fetch_add(u64::from(report.shared_across > 0), std::sync::atomic::Ordering::Relaxed);
+                        COMPRESSION_RETAINED
+                            .fetch_add(report.retained_for_others, std::sync::atomic::Ordering::Relaxed);
+                        if mode == JournalMode::All {
+                            COMPRESSIONS_ALL_MODE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                    Ok(_) if !compress => {
+                        DECOMPRESSIONS_DONE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Ok(_) | Err(chronicle::engine::MaintenanceError::NoSpace(_)) => {}
+                    // A merge or deletion queued before it changed the record.
+                    Err(chronicle::engine::MaintenanceError::Invalid(why))
+                        if why.contains("no history record") || why.contains("compressed") => {}
+                    Err(error) => return Err(format!("cycle {cycle}: compression failed: {error}")),
                 }
             }
             if let Some(result) = rollback.as_ref().and_then(|r| r.handle.result()) {
@@ -1059,6 +1117,11 @@ fn power_cuts_lose_no_acknowledged_write_and_keep_generations_exact() {
     );
     assert!(sequences > 0, "any-point targets were checked");
     assert!(sequence_reads > 0, "restore volumes at a sequence were read");
+    let compressions = COMPRESSIONS_DONE.load(std::sync::atomic::Ordering::Relaxed);
+    let decompressions = DECOMPRESSIONS_DONE.load(std::sync::atomic::Ordering::Relaxed);
+    let compressed_sharing = COMPRESSED_SHARING.load(std::sync::atomic::Ordering::Relaxed);
+    let compression_retained = COMPRESSION_RETAINED.load(std::sync::atomic::Ordering::Relaxed);
+    let compressions_all = COMPRESSIONS_ALL_MODE.load(std::sync::atomic::Ordering::Relaxed);
     let bitmap_writes = BITMAP_WRITES.load(std::sync::atomic::Ordering::Relaxed);
     let bitmap_resynced = BITMAP_RESYNCED.load(std::sync::atomic::Ordering::Relaxed);
     let bitmap_cuts = BITMAP_CUTS.load(std::sync::atomic::Ordering::Relaxed);
@@ -1066,10 +1129,14 @@ fn power_cuts_lose_no_acknowledged_write_and_keep_generations_exact() {
     let retained_seen = RETAINED_SEEN.load(std::sync::atomic::Ordering::Relaxed);
     let retained_units = RETAINED_UNITS.load(std::sync::atomic::Ordering::Relaxed);
     println!(
-        "{total} power cuts ({flush} in flush mode, {write_through} in write-through mode), {maintenance} merges and deletions ({shared} elements shared by dedup, {across} of them with another record, {mismatches} hash collisions told apart by the byte compare; {retained_seen} recoveries found units retained for other records, {retained_units} units in all), {rollbacks} rollbacks, {reads} restore volume reads checked, {bitmap_writes} base-only writes (journal-full policy bitmap-only), {bitmap_resynced} blocks resynced into the journal, {bitmap_cuts} cuts with blocks tracked by the bitmap only, no invariant violated"
+        "{total} power cuts ({flush} in flush mode, {write_through} in write-through mode), {maintenance} merges and deletions ({shared} elements shared by dedup, {across} of them with another record, {mismatches} hash collisions told apart by the byte compare; {retained_seen} recoveries found units retained for other records, {retained_units} units in all), {compressions} records compressed ({compressions_all} on \"all\" mode volumes, {compressed_sharing} pointing at other records' units, {compression_retained} units retained for other records by compressions) and {decompressions} decompressed, {rollbacks} rollbacks, {reads} restore volume reads checked, {bitmap_writes} base-only writes (journal-full policy bitmap-only), {bitmap_resynced} blocks resynced into the journal, {bitmap_cuts} cuts with blocks tracked by the bitmap only, no invariant violated"
     );
     if seeds >= 3 {
         assert!(bitmap_writes > 0 && bitmap_resynced > 0, "the bitmap-only mode engaged and switched back");
+    }
+    assert!(compressions > 0 && decompressions > 0, "records were compressed and decompressed");
+    if seeds >= 20 {
+        assert!(compressions_all > 0, "records of \"all\" mode volumes were compressed");
     }
     assert!(shared > 0 && mismatches > 0, "merges deduplicated and met collisions");
     assert!(across > 0, "merges shared elements across records");

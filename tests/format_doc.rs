@@ -20,6 +20,9 @@ use chronicle::core::format::element_index::{
     IndexEntry, IndexPage, ALL_ENTRIES_PER_PAGE, ALL_ENTRY_BYTES, LATEST_ENTRIES_PER_PAGE, LATEST_ENTRY_BYTES,
     PAGE_PREFIX_BYTES, SLOT_BYTES,
 };
+use chronicle::core::format::frame_table::{
+    FrameEntry, FrameTable, CODEC_LZ4, FRAME_ENTRY_BYTES, FRAME_RAW, FRAME_TABLE_PREFIX_BYTES,
+};
 use chronicle::core::format::layout::{
     plan_history, plan_journal, recommended_history_bytes, recommended_journal_bytes, LayoutOptions, VolumeShape,
 };
@@ -299,7 +302,7 @@ fn every_layout_tiles_its_documented_size() {
 /// The documented sizes are the code's constants and the numbers the format promises.
 #[test]
 fn documented_sizes_match_the_code() {
-    let sizes: [(&str, usize, usize); 18] = [
+    let sizes: [(&str, usize, usize); 20] = [
         ("header", HEADER_BYTES, 32),
         ("superblock", SUPERBLOCK_BYTES, 1024),
         ("superblock.area", AREA_ENTRY_BYTES, 24),
@@ -318,6 +321,8 @@ fn documented_sizes_match_the_code() {
         ("version_table", VERSION_PREFIX_BYTES, 128),
         ("version_entry", VERSION_ENTRY_BYTES, 32),
         ("open_bitmap_page", OPEN_BITMAP_PREFIX_BYTES, 64),
+        ("frame_table", FRAME_TABLE_PREFIX_BYTES, 96),
+        ("frame_table.frame", FRAME_ENTRY_BYTES, 24),
     ];
     for (name, code, promised) in sizes {
         assert_eq!(layout(name).bytes, code, "FORMAT.md `{name}` size differs from the code");
@@ -573,6 +578,7 @@ fn catalog_variant(variant: u8) -> Catalog {
         entry.blocks = distinct(tag + 9);
         entry.last_time_ns = distinct(tag + 10);
         entry.shared_across = distinct(tag + 11);
+        entry.original_bytes = distinct(tag + 12);
     }
     Catalog {
         sequence: distinct(30 + variant),
@@ -640,6 +646,7 @@ fn catalog_fields_sit_where_the_document_says() {
                     int("blocks", e.blocks),
                     int("last_time_ns", e.last_time_ns),
                     int("shared_across", e.shared_across),
+                    int("original_bytes", e.original_bytes),
                     raw("comment", &padded(&e.comment, entry_doc.size("comment"))),
                 ],
                 &[],
@@ -1015,6 +1022,73 @@ fn dedup_table_fields_sit_where_the_document_says() {
                 raw("hash", &entry.hash.to_le_bytes()),
                 int("address", entry.address),
                 int("references", entry.references.into()),
+            ],
+            &[],
+        );
+    }
+}
+
+#[test]
+fn frame_table_fields_sit_where_the_document_says() {
+    let doc = layout("frame_table");
+    let entry_doc = layout("frame_table.frame");
+    // 5 frames of 0x30 units (the last one 0x11) of 512 bytes; frame 2 raw.
+    let (frame_units, unit_bytes) = (0x30u32, 512u32);
+    let logical_units = 4 * u64::from(frame_units) + 0x11;
+    let data_offset = distinct(180) >> 40;
+    let mut next = data_offset;
+    let frames: Vec<FrameEntry> = (0..5u8)
+        .map(|i| {
+            let raw = i == 2;
+            let full = if i == 4 { 0x11 * unit_bytes } else { frame_units * unit_bytes };
+            let stored_bytes = if raw { full } else { 0x0101 + u32::from(i) * 0x10 };
+            let entry =
+                FrameEntry { offset_bytes: next + u64::from(i), stored_bytes, crc: distinct(181 + i) as u32, raw };
+            next = entry.offset_bytes + u64::from(stored_bytes);
+            entry
+        })
+        .collect();
+    let table = FrameTable {
+        generation: distinct(190) >> 8,
+        through_generation: (distinct(190) >> 8) + 5,
+        logical_units,
+        unit_bytes,
+        frame_units,
+        codec: CODEC_LZ4,
+        data_offset,
+        frames,
+    };
+    let bytes = table.encode();
+    let length = doc.bytes + table.frames.len() * entry_doc.bytes;
+    assert_eq!(FrameTable::decode(&bytes).unwrap(), table);
+    check_header(&bytes, b"CHRNFRMT", length, 0);
+    check(
+        doc,
+        &bytes,
+        0,
+        &[
+            int("generation", table.generation),
+            int("through_generation", table.through_generation),
+            int("logical_units", table.logical_units),
+            int("unit_bytes", unit_bytes.into()),
+            int("frame_units", frame_units.into()),
+            int("frame_count", table.frames.len() as u64),
+            int("codec", CODEC_LZ4.into()),
+            int("data_offset", table.data_offset),
+        ],
+        &["header"],
+    );
+    assert_eq!(doc.row("frames").offset, Some(doc.bytes));
+    for (i, frame) in table.frames.iter().enumerate() {
+        check(
+            entry_doc,
+            &bytes,
+            doc.offset("frames") + i * entry_doc.bytes,
+            &[
+                int("offset_bytes", frame.offset_bytes),
+                int("stored_bytes", frame.stored_bytes.into()),
+                int("crc", frame.crc.into()),
+                int("flags", if frame.raw { FRAME_RAW.into() } else { 0 }),
             ],
             &[],
         );

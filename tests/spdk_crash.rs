@@ -327,7 +327,7 @@ fn history_is_merged_deleted_and_retained_through_rpc() {
     let ack_log = dir.join("ack.log");
     let target = start_target(&spdk_dir, &module, &dir);
     create_volume(&target);
-    let load = |seconds: f64, seed: u64| {
+    let load = |target: &App, seconds: f64, seed: u64| {
         let params = json!({
             "name": "Chronicle0", "seconds": seconds, "queue_depth": 16, "marker_every_ms": 100, "seed": seed,
             "ack_log": ack_log.to_str().expect("utf-8 path"),
@@ -335,7 +335,7 @@ fn history_is_merged_deleted_and_retained_through_rpc() {
         let report = target.result("bdev_chronicle_load", Some(params));
         assert_eq!(report["writes_failed"], json!(0), "{report}");
     };
-    load(1.0, 21);
+    load(&target, 1.0, 21);
     let records = |target: &App| -> Vec<(u64, u64, String)> {
         let generations = target.result("bdev_chronicle_get_generations", Some(json!({"name": "Chronicle0"})));
         generations
@@ -350,6 +350,50 @@ fn history_is_merged_deleted_and_retained_through_rpc() {
     };
     let before = records(&target);
     assert!(before.len() >= 4, "markers made history records: {before:?}");
+    let image = |generation: u64| {
+        let output = dir.join(format!("generation-{generation}.img"));
+        chronicle(&[
+            "restore",
+            dir.to_str().unwrap(),
+            "--generation",
+            &generation.to_string(),
+            "--output",
+            output.to_str().unwrap(),
+        ]);
+        std::fs::read(&output).expect("restored image")
+    };
+
+    // Compression by RPC (embodiment 8): H(0) holds the zeros the first generation overwrote.
+    let params = json!({"name": "Chronicle0", "generation": 0});
+    let report = target.result("bdev_chronicle_compress_generation", Some(params.clone()));
+    eprintln!("bdev_chronicle_compress_generation: {report}");
+    assert_eq!(report["compressed"], json!(true), "{report}");
+    assert!(report["stored_bytes"].as_u64() < report["original_bytes"].as_u64(), "{report}");
+    let (code, message) = target.error("bdev_chronicle_compress_generation", Some(params.clone()));
+    assert_eq!(code, -i64::from(libc::EINVAL), "twice is refused: {message}");
+    let generations = target.result("bdev_chronicle_get_generations", Some(json!({"name": "Chronicle0"})));
+    let record = generations.as_array().unwrap()[0].clone();
+    assert_eq!((&record["compressed"], &record["stored_bytes"]), (&json!(true), &report["stored_bytes"]), "{record}");
+    let status = target.result("bdev_chronicle_get_status", Some(json!({"name": "Chronicle0"})));
+    assert!(status["volume"]["history_compression_saved_bytes"].as_u64() > Some(0), "{status}");
+    let (status, log) = target.stop();
+    assert!(status.success(), "spdk_tgt exited with {status}:\n{log}");
+    let zeros = image(0);
+    assert!(zeros.len() as u64 == VOLUME_BYTES && zeros.iter().all(|b| *b == 0), "generation 0 is the zero volume");
+    let verified = chronicle(&["verify", dir.to_str().unwrap()]);
+    assert!(verified.contains("1 compressed records"), "{verified}");
+    let target = start_target(&spdk_dir, &module, &dir);
+    assert_eq!(target.result("bdev_wait_for_examine", None), json!(true));
+    let report = target.result("bdev_chronicle_decompress_generation", Some(params.clone()));
+    eprintln!("bdev_chronicle_decompress_generation: {report}");
+    assert_eq!(
+        (&report["compressed"], &report["stored_bytes"]),
+        (&json!(false), &report["original_bytes"]),
+        "{report}"
+    );
+    // Compressed again: the deletion below drops a compressed record.
+    let report = target.result("bdev_chronicle_compress_generation", Some(params));
+    assert_eq!(report["compressed"], json!(true), "{report}");
 
     // Merge the second and third record; image of the second stays.
     let (from, through) = (before[1].0, before[2].1);
@@ -376,7 +420,7 @@ fn history_is_merged_deleted_and_retained_through_rpc() {
         Some(json!({"name": "Chronicle0", "keep_last": 2, "merge_older": true})),
     );
     assert_eq!(policy["keep_last"], json!(2), "{policy}");
-    load(0.5, 22);
+    load(&target, 0.5, 22);
     let mut kept = records(&target);
     for _ in 0..50 {
         if kept.len() <= 3 {
@@ -418,19 +462,8 @@ fn history_is_merged_deleted_and_retained_through_rpc() {
     );
     let (status, log) = target.stop();
     assert!(status.success(), "spdk_tgt exited with {status}:\n{log}");
-    let image = |generation: u64| {
-        let output = dir.join(format!("generation-{generation}.img"));
-        chronicle(&[
-            "restore",
-            dir.to_str().unwrap(),
-            "--generation",
-            &generation.to_string(),
-            "--output",
-            output.to_str().unwrap(),
-        ]);
-        std::fs::read(&output).expect("restored image")
-    };
     assert!(image(rolled) == image(wanted), "generation {rolled} holds the image of generation {wanted}");
+
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -11,7 +11,12 @@
 //!   (dropped, or merged away) the units the remaining records point at are collected from
 //!   those maps ([`referenced_units`]) and the leaving records' units among them stay, as
 //!   catalog entries of kind `Retained`, written in the same catalog write that removes the
-//!   records; retained units no record points at any more are freed in that write too. So the
+//!   records; retained units no record points at any more are freed in that write too. A
+//!   compression or decompression (embodiment 8) moves a record's elements the same way: its
+//!   old units leave like a deleted record's.
+//! - **Compressed records** hold frames, not elements: they are never owners (no new pointer
+//!   lands in them) and the content index skips them; their own shared addresses stay history
+//!   units and are read as they are. So the
 //!   catalog alone says what is owned (the allocator is rebuilt from it) and no crash can lose
 //!   or leak a reference: there is no count to get wrong.
 
@@ -69,8 +74,10 @@ impl Owners {
             .entries
             .iter()
             .filter(|e| {
+                // A compressed record's extent holds frames, not elements: never pointed at.
                 (matches!(e.kind, EntryKind::History | EntryKind::Merged)
                     && e.state == EntryState::Live
+                    && e.flags & flags::COMPRESSED == 0
                     && !is_source(e))
                     || (e.kind == EntryKind::Retained && e.state == EntryState::Held)
             })
@@ -182,6 +189,8 @@ pub(crate) fn write_retained(catalog: &mut Catalog, plan: &RetentionPlan) {
 pub(crate) fn free_leaving(meta: &mut Meta, leaving: &[CatalogEntry], plan: &RetentionPlan) -> Result<(), EngineError> {
     for record in leaving {
         meta.record_maps.remove(record.control_start);
+        // A compressed record is known by its control unit, which the next record may take.
+        meta.compression.forget(record.control_start);
         if record.control_count > 0 {
             meta.allocator.free(Extent::new(record.control_start, record.control_count)).map_err(|e| {
                 EngineError::Damaged(format!("control block of history generation {}: {e}", record.generation))
@@ -215,7 +224,8 @@ pub(crate) async fn rebuild_content_index(shared: SharedRef, io: ControlIo<HostR
     let mut budget = CONTENT_INDEX_CAPACITY as u64;
     let mut newest: Vec<CatalogEntry> = Vec::new();
     let mut room = budget;
-    for record in live_records(&shared).into_iter().rev() {
+    // Compressed records hold frames: nothing there can be shared (see `Owners`).
+    for record in live_records(&shared).into_iter().rev().filter(|r| r.flags & flags::COMPRESSED == 0) {
         if room == 0 {
             break;
         }

@@ -50,6 +50,10 @@ pub struct RetentionPolicy {
     pub max_generations: Option<u32>,
     /// Records whose generation is older than this are dropped.
     pub max_age_seconds: Option<u64>,
+    /// Compress the records older than `keep_last` (embodiment 8); records that would not get
+    /// smaller are left as they are.
+    #[serde(default)]
+    pub compress_older: bool,
 }
 
 impl RetentionPolicy {
@@ -58,6 +62,9 @@ impl RetentionPolicy {
     pub fn validate(&self) -> Result<(), String> {
         if self.merge_older && self.keep_last.is_none() {
             return Err("merge_older needs keep_last: how many records to keep individually".into());
+        }
+        if self.compress_older && self.keep_last.is_none() {
+            return Err("compress_older needs keep_last: how many records to keep uncompressed".into());
         }
         Ok(())
     }
@@ -390,8 +397,21 @@ pub(crate) async fn merge(
         let mut table = Vec::with_capacity(elements as usize);
         for batch in plan.batches(options.batch_elements.max(1)) {
             let reads = batch.iter().map(|step| {
+                let control = sources[step.record_index].control_start;
+                let compressed = shared.borrow().meta.compression.is_compressed(control);
+                let frames = super::compress::through_frames(compressed, step.source);
                 let lba = shared.borrow().meta.history_lba(step.source & ADDRESS_MASK);
-                async move { io.read(Role::History, lba, unit).await }
+                async move {
+                    if frames {
+                        // Embodiment 8: a compressed source's own elements read through its
+                        // frames (its shared ones are other records' units, read as they are).
+                        let bytes = super::compress::read_element(shared, io, control, step.source).await?;
+                        let mut buffer = io.alloc(Role::History, unit);
+                        buffer.as_mut_slice().copy_from_slice(&bytes);
+                        return Ok(IoBuffers::single(buffer));
+                    }
+                    Ok::<_, EngineError>(io.read(Role::History, lba, unit).await?)
+                }
             });
             let buffers = run_bounded(reads, options.max_in_flight).await?;
             let batch_first = output.start + dedup.stored;
@@ -399,8 +419,14 @@ pub(crate) async fn merge(
             for (step, element) in batch.iter().zip(buffers.into_iter().flat_map(IoBuffers::into_segments)) {
                 debug_assert_eq!(element.len(), unit, "one unit per merge step");
                 // An element in a unit that stays owned (another record's, a retained one, or a
-                // source's that other records point at) is pointed at as it is.
-                if dedup.enabled && owners.contains(step.source & ADDRESS_MASK) {
+                // source's that other records point at) is pointed at as it is. A compressed
+                // source's own addresses are logical units of its frames, never history units.
+                let control = sources[step.record_index].control_start;
+                let logical = super::compress::through_frames(
+                    shared.borrow().meta.compression.is_compressed(control),
+                    step.source,
+                );
+                if dedup.enabled && !logical && owners.contains(step.source & ADDRESS_MASK) {
                     table.push(step.source | ADDRESS_SHARED);
                     dedup.shared += 1;
                     dedup.across += 1;
@@ -870,6 +896,9 @@ pub(crate) async fn apply_retention(
             merge(shared, io, records[0].generation, records[older - 1].through_generation).await?;
             changed = true;
         }
+    }
+    if let (Some(keep), true) = (policy.keep_last, policy.compress_older) {
+        changed |= super::compress::compress_older(shared, io, keep).await?;
     }
     Ok(changed)
 }

@@ -82,7 +82,12 @@ impl Meta {
 
     /// Frees the history extents a catalog entry owns.
     pub fn free_entry_extents(&mut self, entry: &CatalogEntry) -> Result<(), super::EngineError> {
-        self.record_maps.remove(entry.control_start);
+        if entry.control_count > 0 {
+            // An entry without units (a versions entry of a generation without writes) has
+            // control_start 0, which may be another record's control unit: nothing to forget.
+            self.record_maps.remove(entry.control_start);
+            self.compression.forget(entry.control_start);
+        }
         for (start, units) in [(entry.element_start, entry.element_count), (entry.control_start, entry.control_count)] {
             if units > 0 {
                 self.allocator.free(crate::core::allocator::Extent::new(start, units)).map_err(|e| {
@@ -272,6 +277,8 @@ pub(crate) struct Meta {
     pub next_sequence: u64,
     /// "All" mode: time of the newest write, so write times never go back.
     pub last_write_ns: u64,
+    /// Compressed history records, their frame tables and recent frames (embodiment 8).
+    pub compression: super::compress::Compression,
 }
 
 /// Bytes of record maps kept in memory per volume; past it, maps are read from their control

@@ -17,6 +17,7 @@
 //! loop; the hot path uses no futures.
 
 mod bitmap_only;
+mod compress;
 mod dedup;
 mod io;
 mod marker;
@@ -36,6 +37,7 @@ use crate::core::format::FormatError;
 use crate::device::IoError;
 
 pub use bitmap_only::BitmapCounters;
+pub use compress::{CompressHandle, CompressReport, FRAME_BYTES};
 pub use io::Role;
 pub use merge::{MaintenanceError, MaintenanceHandle, MergeReport, RetentionPolicy};
 pub use restore_volume::{

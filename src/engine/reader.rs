@@ -9,6 +9,7 @@ use std::rc::Rc;
 use crate::core::element_map::{ElementMap, ADDRESS_MASK, ADDRESS_SHARED};
 use crate::core::format::catalog::{CatalogEntry, EntryKind};
 use crate::core::format::control_block::ControlBlock;
+use crate::core::format::frame_table::FrameTable;
 use crate::core::format::version_table::VersionTable;
 use crate::device::Channel;
 
@@ -19,12 +20,27 @@ use super::{restore_volume, setup, EngineError};
 
 /// An image as layers: the device most blocks come from, and the blocks that come from
 /// elsewhere, `(block, device, lba)` ascending by block.
-type Layers = (Role, Vec<(u64, Role, u64)>);
+type Layers = (Role, Vec<(u64, Piece)>);
 
 /// A volume opened read-only for inspection.
 pub struct VolumeReader {
     hub: Hub<()>,
     meta: Meta,
+    /// Frame tables of compressed records read so far, by control unit, and the last frame
+    /// decompressed (restores read in block order: a frame is decompressed once).
+    frame_tables: RefCell<rustc_hash::FxHashMap<u64, Rc<FrameTable>>>,
+    last_frame: RefCell<Option<(super::compress::FrameKey, Rc<Vec<u8>>)>>,
+}
+
+/// Where one block of a restored image comes from.
+#[derive(Debug, Clone, Copy)]
+enum Piece {
+    Device(Role, u64),
+    /// Logical unit `address` of the compressed record whose control block is at `control`.
+    Compressed {
+        control: u64,
+        address: u64,
+    },
 }
 
 /// Where one generation's image comes from.
@@ -45,6 +61,9 @@ pub enum ImageSource {
 pub struct VerifyReport {
     pub history_records: usize,
     pub history_elements: u64,
+    /// Compressed records, and their frames read back, checksummed and decompressed.
+    pub compressed_records: usize,
+    pub compressed_frames: u64,
     pub sealed_generations: usize,
     pub sealed_elements: u64,
     pub open_elements: u64,
@@ -69,7 +88,7 @@ impl VolumeReader {
         let hub = Rc::new(RefCell::new(IoHub::<()>::new(channels)));
         let io = ControlIo { hub: hub.clone() };
         let meta = block_on(&hub, setup::open_volume(&io, true))?;
-        Ok(VolumeReader { hub, meta })
+        Ok(VolumeReader { hub, meta, frame_tables: Default::default(), last_frame: Default::default() })
     }
 
     fn io(&self) -> ControlIo<()> {
@@ -131,7 +150,11 @@ impl VolumeReader {
                 "used_units": meta.allocator.used_units(),
                 "dedup_saved_units": meta.history_catalog.entries.iter()
                     .filter(|e| e.kind == EntryKind::Merged)
-                    .map(|e| e.blocks.saturating_sub(e.element_count)).sum::<u64>(),
+                    .map(|e| e.blocks.saturating_sub(if super::compress::is_compressed_record(e) {
+                        e.original_bytes / meta.unit_bytes()
+                    } else {
+                        e.element_count
+                    })).sum::<u64>(),
                 "dedup_saved_across_units": meta.history_catalog.entries.iter()
                     .filter(|e| e.kind == EntryKind::Merged).map(|e| e.shared_across).sum::<u64>(),
                 "retained_units": meta.history_catalog.entries.iter()
@@ -183,6 +206,56 @@ impl VolumeReader {
             )));
         }
         Ok(control.map)
+    }
+
+    /// The frame table of the compressed record `entry`, read and checked once.
+    fn frame_table(&self, entry: &CatalogEntry) -> Result<Rc<FrameTable>, EngineError> {
+        if let Some(table) = self.frame_tables.borrow().get(&entry.control_start) {
+            return Ok(table.clone());
+        }
+        let units = super::compress::HistoryUnits::of(&self.meta);
+        let io = self.io();
+        let table = Rc::new(block_on(
+            &self.hub,
+            super::compress::read_frame_table(&io, units, entry.generation, entry.element_start, entry.element_count),
+        )?);
+        self.frame_tables.borrow_mut().insert(entry.control_start, table.clone());
+        Ok(table)
+    }
+
+    /// Frame `index` of the compressed record `entry`, decompressed and checked.
+    fn frame(&self, entry: &CatalogEntry, index: usize) -> Result<Rc<Vec<u8>>, EngineError> {
+        if let Some((key, frame)) = &*self.last_frame.borrow() {
+            if *key == (entry.control_start, index) {
+                return Ok(frame.clone());
+            }
+        }
+        let table = self.frame_table(entry)?;
+        let units = super::compress::HistoryUnits::of(&self.meta);
+        let io = self.io();
+        let frame =
+            Rc::new(block_on(&self.hub, super::compress::read_frame(&io, units, entry.element_start, &table, index))?);
+        *self.last_frame.borrow_mut() = Some(((entry.control_start, index), frame.clone()));
+        Ok(frame)
+    }
+
+    /// Logical unit `address` of the compressed record whose control block is at `control`.
+    fn compressed_unit(&self, control: u64, address: u64) -> Result<Vec<u8>, EngineError> {
+        let entry = self.history_records(0).into_iter().find(|e| e.control_start == control).ok_or_else(|| {
+            EngineError::Damaged(format!("no history record has its control block at unit {control}"))
+        })?;
+        let table = self.frame_table(entry)?;
+        if address >= table.logical_units {
+            return Err(EngineError::Damaged(format!(
+                "compressed history generation {}: element at logical unit {address} of {}",
+                entry.generation, table.logical_units
+            )));
+        }
+        let index = (address / u64::from(table.frame_units)) as usize;
+        let frame = self.frame(entry, index)?;
+        let unit = self.meta.unit_bytes() as usize;
+        let at = (address % u64::from(table.frame_units)) as usize * unit;
+        Ok(frame[at..at + unit].to_vec())
     }
 
     fn read_units(&self, role: Role, lba: u64, bytes: u64) -> Result<Vec<u8>, EngineError> {
@@ -242,40 +315,45 @@ impl VolumeReader {
     }
 
     /// The device an image of `generation` is read from and the blocks that come from
-    /// elsewhere, `(block, device, lba)` ascending.
+    /// elsewhere, `(block, where it reads from)` ascending.
     fn image_layers(&self, generation: u64) -> Result<Layers, EngineError> {
         let source = self.source(generation).ok_or_else(|| {
             EngineError::Invalid(format!("generation {generation} cannot be restored from this volume"))
         })?;
-        // Blocks that do not come from the underlying device: (block, device, lba), ascending.
-        let (device, overlay) = match source {
+        // Blocks that do not come from the underlying device, ascending.
+        let interrupted = || -> std::collections::BTreeMap<u64, Piece> {
+            self.interrupted_sort_overlay().into_iter().map(|(b, r, l)| (b, Piece::Device(r, l))).collect()
+        };
+        let (device, overlay): (Role, Vec<(u64, Piece)>) = match source {
             ImageSource::Base => (Role::Base, Vec::new()),
-            ImageSource::Backup => (Role::Backup, self.interrupted_sort_overlay()),
+            ImageSource::Backup => (Role::Backup, interrupted().into_iter().collect()),
             ImageSource::Journal => {
-                let mut overlay: std::collections::BTreeMap<u64, (Role, u64)> =
-                    self.interrupted_sort_overlay().into_iter().map(|(b, r, l)| (b, (r, l))).collect();
+                let mut overlay = interrupted();
                 for sealed in self.meta.sealed.iter().take_while(|s| s.generation <= generation) {
                     for (block, segment) in sealed.elements() {
-                        overlay.insert(block, (Role::Journal, self.meta.segment_lba(segment)));
+                        overlay.insert(block, Piece::Device(Role::Journal, self.meta.segment_lba(segment)));
                     }
                 }
-                (Role::Backup, overlay.into_iter().map(|(b, (r, l))| (b, r, l)).collect())
+                (Role::Backup, overlay.into_iter().collect())
             }
             ImageSource::History => {
-                let mut overlay: std::collections::BTreeMap<u64, (Role, u64)> =
-                    self.interrupted_sort_overlay().into_iter().map(|(b, r, l)| (b, (r, l))).collect();
-                let maps = self
-                    .history_records(generation)
-                    .into_iter()
-                    .map(|record| self.read_control(record))
-                    .collect::<Result<Vec<_>, _>>()?;
+                let mut overlay = interrupted();
+                let records = self.history_records(generation);
+                let maps = records.iter().map(|record| self.read_control(record)).collect::<Result<Vec<_>, _>>()?;
                 let refs: Vec<&ElementMap> = maps.iter().collect();
-                let map = crate::core::plan::plan_restore(&refs, self.meta.shape.volume_blocks)
-                    .map_err(|e| EngineError::Damaged(format!("restore of generation {generation}: {e}")))?;
-                for (block, address) in map.iter_history() {
-                    overlay.insert(block, (Role::History, self.meta.history_lba(address)));
-                }
-                (Role::Backup, overlay.into_iter().map(|(b, (r, l))| (b, r, l)).collect())
+                // FIG 13: the oldest record ≥ generation holding a block wins; a compressed
+                // record's blocks read through its frames.
+                crate::core::plan::walk_first_hits(&refs, self.meta.shape.volume_blocks, |block, index, raw| {
+                    let (control, address) = (records[index].control_start, raw & ADDRESS_MASK);
+                    let compressed = super::compress::is_compressed_record(records[index]);
+                    let piece = if super::compress::through_frames(compressed, raw) {
+                        Piece::Compressed { control, address }
+                    } else {
+                        Piece::Device(Role::History, self.meta.history_lba(address))
+                    };
+                    overlay.insert(block, piece);
+                });
+                (Role::Backup, overlay.into_iter().collect())
             }
         };
         Ok((device, overlay))
@@ -285,7 +363,7 @@ impl VolumeReader {
     fn stream(
         &self,
         device: Role,
-        overlay: &[(u64, Role, u64)],
+        overlay: &[(u64, Piece)],
         sink: &mut dyn FnMut(u64, &[u8]) -> std::io::Result<()>,
     ) -> Result<(), EngineError> {
         let unit = self.meta.unit_bytes();
@@ -299,9 +377,12 @@ impl VolumeReader {
             let mut chunk = self.read_units(device, offset / block_size, len)?;
             let (first_block, end_block) = (offset / unit, (offset + len) / unit);
             while next_override < overlay.len() && overlay[next_override].0 < end_block {
-                let (block, role, lba) = overlay[next_override];
+                let (block, piece) = overlay[next_override];
                 debug_assert!(block >= first_block);
-                let data = self.read_units(role, lba, unit)?;
+                let data = match piece {
+                    Piece::Device(role, lba) => self.read_units(role, lba, unit)?,
+                    Piece::Compressed { control, address } => self.compressed_unit(control, address)?,
+                };
                 let at = ((block - first_block) * unit) as usize;
                 chunk[at..at + unit as usize].copy_from_slice(&data);
                 next_override += 1;
@@ -461,12 +542,12 @@ impl VolumeReader {
                 return Ok((device, overlay)); // a generation without writes
             }
             let table = self.read_versions(entry)?;
-            let mut layers: std::collections::BTreeMap<u64, (Role, u64)> =
-                overlay.into_iter().map(|(b, r, l)| (b, (r, l))).collect();
+            let mut layers: std::collections::BTreeMap<u64, Piece> = overlay.into_iter().collect();
             for (block, k) in table.newest_up_to(sequence) {
-                layers.insert(block, (Role::History, self.meta.history_lba(table.first_address + k as u64)));
+                let lba = self.meta.history_lba(table.first_address + k as u64);
+                layers.insert(block, Piece::Device(Role::History, lba));
             }
-            return Ok((device, layers.into_iter().map(|(b, (r, l))| (b, r, l)).collect()));
+            return Ok((device, layers.into_iter().collect()));
         } else {
             return Err(unavailable(format!(
                 "it falls in generation {next}, whose versions are no longer kept (merged away or deleted)"
@@ -487,18 +568,17 @@ impl VolumeReader {
                 }
             }
         }
-        let mut layers: std::collections::BTreeMap<u64, (Role, u64)> =
-            overlay.into_iter().map(|(b, r, l)| (b, (r, l))).collect();
+        let mut layers: std::collections::BTreeMap<u64, Piece> = overlay.into_iter().collect();
         for (block, k) in newest_versions(blocks, &versions, sequence) {
             // The open generation's newest version of a block is what the base holds.
             let layer = if newest_in_base && newest.contains(&k) {
-                (Role::Base, self.meta.volume_lba(0, block))
+                Piece::Device(Role::Base, self.meta.volume_lba(0, block))
             } else {
-                (Role::Journal, self.meta.segment_lba(start + k as u64))
+                Piece::Device(Role::Journal, self.meta.segment_lba(start + k as u64))
             };
             layers.insert(block, layer);
         }
-        Ok((device, layers.into_iter().map(|(b, (r, l))| (b, r, l)).collect()))
+        Ok((device, layers.into_iter().collect()))
     }
 
     /// The live version record of `generation`'s writes ("all" mode), if kept.
@@ -541,12 +621,14 @@ impl VolumeReader {
     /// open), every history control block, and that history records chain without gaps.
     pub fn verify(&self) -> Result<VerifyReport, EngineError> {
         let mut report = VerifyReport::default();
-        // Units a shared pointer may land in: live records' and retained extents'.
+        // Units a shared pointer may land in: uncompressed live records' and retained extents'
+        // (a compressed record's extent holds frames, never elements another points at).
         let retained: Vec<&CatalogEntry> =
             self.meta.history_catalog.entries.iter().filter(|e| e.kind == EntryKind::Retained).collect();
         let mut owners: Vec<(u64, u64)> = self
             .history_records(0)
             .into_iter()
+            .filter(|e| !super::compress::is_compressed_record(e))
             .chain(retained.iter().copied())
             .filter(|e| e.element_count > 0)
             .map(|e| (e.element_start, e.element_start + e.element_count))
@@ -569,7 +651,26 @@ impl VolumeReader {
             }
             // Every element lies in the record's own units, or (flagged shared) in another
             // record's or a retained extent's: freeing a record frees nothing another reads.
-            let own = record.element_start..record.element_start + record.element_count;
+            // A compressed record numbers its own elements' units 0..logical units (its frames
+            // lie in its extent and each must pass its checksum and decompress to its length);
+            // its shared addresses stay history units of their owners.
+            let own = if super::compress::is_compressed_record(record) {
+                let table = self.frame_table(record)?;
+                if record.original_bytes != table.logical_units * self.meta.unit_bytes() {
+                    return Err(EngineError::Damaged(format!(
+                        "compressed history generation {}: the catalog says {} bytes uncompressed, the frame table {} units",
+                        record.generation, record.original_bytes, table.logical_units
+                    )));
+                }
+                for index in 0..table.frames.len() {
+                    self.frame(record, index)?;
+                }
+                report.compressed_records += 1;
+                report.compressed_frames += table.frames.len() as u64;
+                0..table.logical_units
+            } else {
+                record.element_start..record.element_start + record.element_count
+            };
             for (block, raw) in map.iter() {
                 let address = raw & ADDRESS_MASK;
                 if raw & ADDRESS_SHARED == 0 {
@@ -581,7 +682,7 @@ impl VolumeReader {
                     }
                     continue;
                 }
-                if own.contains(&address) {
+                if !super::compress::is_compressed_record(record) && own.contains(&address) {
                     return Err(EngineError::Damaged(format!(
                         "history generation {}: block {block} flags its own unit {address} as shared",
                         record.generation
@@ -589,7 +690,7 @@ impl VolumeReader {
                 }
                 if !owner_of(address) {
                     return Err(EngineError::Damaged(format!(
-                        "history generation {}: block {block} shares unit {address}, which no other record and no retained extent holds",
+                        "history generation {}: block {block} shares unit {address}, which no other uncompressed record and no retained extent holds",
                         record.generation
                     )));
                 }

@@ -226,12 +226,14 @@ impl RestoreVolumes {
 }
 
 impl RestoreVolume {
-    /// The history unit block `unit` reads, if a version or a record holds it (else the backup).
-    fn history_address(&self, unit: u64) -> Option<u64> {
+    /// Where block `unit` reads in the history, if a version or a record holds it (else the
+    /// backup): the record's control unit (`None` for a version: version records are never
+    /// compressed) and the address, its shared flag kept.
+    fn history_address(&self, unit: u64) -> Option<(Option<u64>, u64)> {
         if let Some(address) = self.versions.get(&unit) {
-            return Some(*address);
+            return Some((None, *address));
         }
-        self.records.iter().find_map(|(_, map)| map.address_of(unit)).map(|address| address & ADDRESS_MASK)
+        self.records.iter().find_map(|(control, map)| map.raw_address_of(unit).map(|raw| (Some(*control), raw)))
     }
 
     fn history_blocks(&self) -> u64 {
@@ -765,22 +767,37 @@ pub(crate) async fn run_request(
     s.hot.completed.push(HostCompletion { tag, result, payload });
 }
 
-/// Where unit `unit` of R-VOL `id` reads from now: (device, block).
-fn locate(shared: &SharedRef, id: RestoreId, unit: u64) -> (Role, u64) {
+/// Where a unit of an R-VOL reads from.
+#[derive(Debug, Clone, Copy)]
+enum Location {
+    /// A device block.
+    Device(Role, u64),
+    /// Logical unit `address` of the compressed record whose control block is at `control`
+    /// (embodiment 8): read through its frame.
+    Compressed { control: u64, address: u64 },
+}
+
+/// Where unit `unit` of R-VOL `id` reads from now.
+fn locate(shared: &SharedRef, id: RestoreId, unit: u64) -> Location {
     let s = shared.borrow();
     let volume = &s.restores.volumes[&id];
     if let Some(own) = volume.own.get(&unit) {
-        return (Role::History, s.meta.history_lba(*own));
+        return Location::Device(Role::History, s.meta.history_lba(*own));
     }
     match volume.history_address(unit) {
-        Some(address) => (Role::History, s.meta.history_lba(address)),
+        Some((Some(control), raw))
+            if super::compress::through_frames(s.meta.compression.is_compressed(control), raw) =>
+        {
+            Location::Compressed { control, address: raw & ADDRESS_MASK }
+        }
+        Some((_, raw)) => Location::Device(Role::History, s.meta.history_lba(raw & ADDRESS_MASK)),
         None => {
             // FIG 20: a block the running sort saved (and may have overwritten) reads the copy.
             let cursor = &s.meta.cursor;
             let saved = s.sorting.as_ref().filter(|_| unit < cursor.saved_through).and_then(|m| m.address_of(unit));
             match saved {
-                Some(address) => (Role::History, s.meta.history_lba(address)),
-                None => (Role::Backup, s.meta.volume_lba(2, unit)),
+                Some(address) => Location::Device(Role::History, s.meta.history_lba(address)),
+                None => Location::Device(Role::Backup, s.meta.volume_lba(2, unit)),
             }
         }
     }
@@ -793,12 +810,25 @@ async fn read_unit(
     id: RestoreId,
     unit: u64,
 ) -> Result<IoBuffers, HostError> {
-    let (role, lba) = locate(shared, id, unit);
+    let location = locate(shared, id, unit);
     let len = shared.borrow().meta.unit_bytes() as usize;
     let epoch = shared.borrow_mut().restores.fence.enter();
-    let result = io.read(role, lba, len).await;
+    let result = match location {
+        Location::Device(role, lba) => io.read(role, lba, len).await.map_err(HostError::from),
+        Location::Compressed { control, address } => {
+            match super::compress::read_element(shared, io, control, address).await {
+                Ok(bytes) => {
+                    let mut buffer = io.alloc(Role::History, len);
+                    buffer.as_mut_slice().copy_from_slice(&bytes);
+                    Ok(IoBuffers::single(buffer))
+                }
+                Err(EngineError::Io(error)) => Err(HostError::Io(error)),
+                Err(error) => Err(HostError::Damaged(error.to_string())),
+            }
+        }
+    };
     shared.borrow_mut().restores.fence.leave(epoch);
-    Ok(result?)
+    result
 }
 
 fn check_range(shared: &SharedRef, offset_blocks: u64, bytes: u64) -> Result<(u64, u64), HostError> {
@@ -828,9 +858,9 @@ async fn read(
     };
     let unit = shared.borrow().meta.unit_bytes();
     let (first, end) = (start / unit, (start + len).div_ceil(unit));
-    if start % unit == 0 && len == unit {
-        // One whole unit: straight into the host's buffers.
-        let (role, lba) = locate(shared, id, first);
+    let whole_unit = start % unit == 0 && len == unit;
+    if let (true, Location::Device(role, lba)) = (whole_unit, locate(shared, id, first)) {
+        // One whole unit from a device: straight into the host's buffers.
         let epoch = shared.borrow_mut().restores.fence.enter();
         let completion = io.submit(role, Operation::Read { offset_blocks: lba, buffers }).await;
         shared.borrow_mut().restores.fence.leave(epoch);

@@ -21,9 +21,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::task::Poll;
 
-use crate::core::element_map::ElementMap;
+use crate::core::element_map::{ElementMap, ADDRESS_MASK};
 use crate::core::format::records::SortState;
-use crate::core::plan::plan_restore;
+use crate::core::plan::walk_first_hits;
 
 use super::io::{run_bounded, ControlIo, Role};
 use super::marker;
@@ -98,7 +98,12 @@ fn interrupted_sort(meta: &super::meta::Meta) -> bool {
 /// Where a block's content in the target image is.
 #[derive(Debug, Clone, Copy)]
 enum Content {
-    History(u64),
+    /// Address in the record whose control block is at `control`, flags included (a
+    /// compressed record's shared addresses are history units, its own logical ones).
+    History {
+        control: u64,
+        address: u64,
+    },
     Journal(u64),
     Backup,
 }
@@ -181,11 +186,11 @@ async fn rollback(
         }
         let refs: Vec<&ElementMap> = maps.iter().map(|m| &**m).collect();
         let volume_blocks = shared.borrow().meta.shape.volume_blocks;
-        let map = plan_restore(&refs, volume_blocks)
-            .map_err(|e| EngineError::Damaged(format!("restore of generation {target}: {e}")))?;
-        for (block, address) in map.iter_history() {
-            changed.insert(block, Content::History(address));
-        }
+        // FIG 13: the oldest record ≥ target holding a block wins (the record is kept: a
+        // compressed one reads through its frames).
+        walk_first_hits(&refs, volume_blocks, |block, index, raw| {
+            changed.insert(block, Content::History { control: records[index].control_start, address: raw });
+        });
         // Every sealed generation (the undo point included) changed its blocks after the target.
         let s = shared.borrow();
         for sealed in &s.meta.sealed {
@@ -232,23 +237,42 @@ async fn rollback(
     while blocks.peek().is_some() {
         let batch: Vec<(u64, Content)> = blocks.by_ref().take(IN_FLIGHT).collect();
         // The batch's image-N contents are read at once, then written in block order.
-        let sources: Vec<(u64, Role, u64)> = {
+        // (block, device, lba, or (control, logical unit) of a compressed record).
+        type Source = (u64, Role, u64, Option<(u64, u64)>);
+        let sources: Vec<Source> = {
             let s = shared.borrow();
             batch
                 .iter()
                 .map(|(block, content)| match content {
-                    Content::History(address) => (*block, Role::History, s.meta.history_lba(*address)),
-                    Content::Journal(segment) => (*block, Role::Journal, s.meta.segment_lba(*segment)),
-                    Content::Backup => (*block, Role::Backup, s.meta.volume_lba(2, *block)),
+                    Content::History { control, address }
+                        if super::compress::through_frames(s.meta.compression.is_compressed(*control), *address) =>
+                    {
+                        (*block, Role::History, 0, Some((*control, *address)))
+                    }
+                    Content::History { address, .. } => {
+                        (*block, Role::History, s.meta.history_lba(*address & ADDRESS_MASK), None)
+                    }
+                    Content::Journal(segment) => (*block, Role::Journal, s.meta.segment_lba(*segment), None),
+                    Content::Backup => (*block, Role::Backup, s.meta.volume_lba(2, *block), None),
                 })
                 .collect()
         };
-        let reads = sources.iter().map(|(_, role, lba)| io.read(*role, *lba, unit));
+        let reads = sources.iter().map(|(_, role, lba, compressed)| async move {
+            match compressed {
+                Some((control, address)) => {
+                    let bytes = super::compress::read_element(shared, io, *control, *address).await?;
+                    let mut buffer = io.alloc(Role::History, unit);
+                    buffer.as_mut_slice().copy_from_slice(&bytes);
+                    Ok(crate::device::IoBuffers::single(buffer))
+                }
+                None => Ok::<_, EngineError>(io.read(*role, *lba, unit).await?),
+            }
+        });
         let contents = run_bounded(reads, IN_FLIGHT).await?;
         let mut tags = Vec::with_capacity(batch.len());
         {
             let mut s = shared.borrow_mut();
-            for ((block, _, _), data) in sources.iter().zip(contents) {
+            for ((block, _, _, _), data) in sources.iter().zip(contents) {
                 let tag = next_tag;
                 next_tag += 1;
                 s.internal_pending += 1;

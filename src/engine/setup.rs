@@ -509,6 +509,7 @@ pub(crate) async fn open_volume<O: Copy>(io: &ControlIo<O>, read_only: bool) -> 
         record_maps: Default::default(),
         next_sequence: 0,
         last_write_ns: 0,
+        compression: Default::default(),
     };
     meta.open.opened_ns = open_entry.time_ns;
 
@@ -609,6 +610,7 @@ pub(crate) async fn open_volume<O: Copy>(io: &ControlIo<O>, read_only: bool) -> 
     // 6. History space: every extent is owned by a catalog entry (or by the running sort). A
     //    merge that did not commit is forgotten: its sources are intact, its output is free.
     meta.history_catalog.entries.retain(|e| !(e.kind == EntryKind::Merged && e.state == EntryState::Merging));
+    meta.compression = super::compress::Compression::from_catalog(&meta.history_catalog);
     for entry in &meta.history_catalog.entries {
         for (start, units) in [(entry.element_start, entry.element_count), (entry.control_start, entry.control_count)] {
             if matches!(

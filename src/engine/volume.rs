@@ -56,6 +56,8 @@ pub enum HostError {
     RestoreSpace { id: u32, free_units: u64 },
     #[error("busy: {0}")]
     Busy(String),
+    #[error("history data is damaged: {0}")]
+    Damaged(String),
 }
 
 /// A completed host operation with its buffers.
@@ -86,6 +88,9 @@ pub struct ControlCounters {
     /// extent's) unit.
     pub dedup_shared_across: u64,
     pub generations_deleted: u64,
+    /// History records compressed and decompressed (embodiment 8).
+    pub compressions: u64,
+    pub decompressions: u64,
     /// Oldest generations given up for space (journal-full policy "merge-oldest").
     pub dropped_for_space: u64,
     pub markers: u64,
@@ -165,6 +170,12 @@ pub struct GenerationInfo {
     /// "All" mode: the versions (host writes) of the generation still kept for any-point
     /// restore, with their first and last sequence and time; `None` when none are kept.
     pub versions: Option<VersionRange>,
+    /// History records: stored compressed (embodiment 8).
+    pub compressed: bool,
+    /// History records: bytes the elements take as stored (frames and frame table when
+    /// compressed), and before compression (equal when not compressed).
+    pub stored_bytes: u64,
+    pub original_bytes: u64,
 }
 
 /// The versions an "all" mode generation keeps (`chronicle generations`).
@@ -223,6 +234,8 @@ pub struct Status {
     /// History units kept only because live records point at them through dedup after the
     /// record that stored them left the history (retained extents, FIG 41/42).
     pub history_retained_units: u64,
+    /// Bytes the compressed records save: original minus stored (embodiment 8).
+    pub history_compression_saved_bytes: u64,
     pub sealed_waiting: usize,
     /// How the open generation tracks writes: "journaling", or "bitmap-only" while some of its
     /// blocks are in the base only because the journal was full (policy bitmap-only, FIG 36).
@@ -492,6 +505,40 @@ impl Volume {
         self.maintain(merge::Maintenance::Delete { generation })
     }
 
+    /// Compresses the history record of `generation` (embodiment 8, FIG 50); the report says
+    /// whether it got smaller (a record that would not is left as it is).
+    pub fn compress_generation(&mut self, generation: u64) -> super::CompressHandle {
+        self.compression(generation, true)
+    }
+
+    /// Decompresses the history record of `generation`.
+    pub fn decompress_generation(&mut self, generation: u64) -> super::CompressHandle {
+        self.compression(generation, false)
+    }
+
+    fn compression(&mut self, generation: u64, compress: bool) -> super::CompressHandle {
+        let handle = super::CompressHandle::default();
+        let task = super::compress::run(self.shared.clone(), self.control_io(), generation, compress, handle.clone());
+        self.executor.spawn(task);
+        handle
+    }
+
+    /// Blocks until a compression request completes (standalone host and tests).
+    pub fn wait_compression(
+        &mut self,
+        handle: &super::CompressHandle,
+        completions: &mut Vec<HostCompletion>,
+    ) -> Result<super::CompressReport, EngineError> {
+        loop {
+            if let Some(result) = handle.result() {
+                return result.map_err(EngineError::from);
+            }
+            if self.poll(completions) == 0 {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
     fn maintain(&mut self, request: merge::Maintenance) -> MaintenanceHandle {
         let handle = MaintenanceHandle::default();
         self.executor.spawn(merge::run_maintenance(self.shared.clone(), self.control_io(), request, handle.clone()));
@@ -742,7 +789,21 @@ impl Volume {
                 .entries
                 .iter()
                 .filter(|e| e.kind == EntryKind::Merged && e.state == EntryState::Live)
-                .map(|e| e.blocks.saturating_sub(e.element_count))
+                .map(|e| {
+                    let compressed = e.flags & crate::core::format::catalog::flags::COMPRESSED != 0;
+                    e.blocks.saturating_sub(if compressed {
+                        e.original_bytes / meta.unit_bytes()
+                    } else {
+                        e.element_count
+                    })
+                })
+                .sum(),
+            history_compression_saved_bytes: meta
+                .history_catalog
+                .entries
+                .iter()
+                .filter(|e| super::compress::is_compressed_record(e))
+                .map(|e| e.original_bytes.saturating_sub(e.stored_bytes))
                 .sum(),
             history_dedup_saved_across_units: meta
                 .history_catalog
@@ -869,6 +930,9 @@ pub(crate) fn generation_list(meta: &Meta) -> Vec<GenerationInfo> {
             blocks: entry.blocks,
             last_sequence: entry.last_sequence,
             versions,
+            compressed: entry.flags & crate::core::format::catalog::flags::COMPRESSED != 0,
+            stored_bytes: entry.stored_bytes,
+            original_bytes: if entry.original_bytes > 0 { entry.original_bytes } else { entry.stored_bytes },
         });
     }
     // A generation the sort has committed (the history catalog names it the backup's) is no
@@ -885,6 +949,9 @@ pub(crate) fn generation_list(meta: &Meta) -> Vec<GenerationInfo> {
             blocks: sealed.block_count(),
             last_sequence: sealed.last_sequence,
             versions: VersionRange::of(&sealed.versions),
+            compressed: false,
+            stored_bytes: 0,
+            original_bytes: 0,
         });
     }
     generations.push(GenerationInfo {
@@ -896,6 +963,9 @@ pub(crate) fn generation_list(meta: &Meta) -> Vec<GenerationInfo> {
         blocks: meta.open.entry_of.len() as u64,
         last_sequence: meta.open.versions.iter().map(|v| v.sequence).max().unwrap_or(0),
         versions: VersionRange::of(&meta.open.versions),
+        compressed: false,
+        stored_bytes: 0,
+        original_bytes: 0,
     });
     generations.sort_by_key(|g| g.generation);
     generations

@@ -354,6 +354,42 @@ impl RpcMethod for DeleteGeneration {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct CompressGenerationParams {
+    pub name: String,
+    pub generation: u64,
+}
+
+/// `bdev_chronicle_compress_generation {name, generation}` → `{generation, through_generation,
+/// compressed, original_bytes, stored_bytes, frames, raw_frames, units_before, units_after,
+/// retained_for_others, shared_across}`:
+/// compresses the history record of `generation` (embodiment 8); `compressed` false says it
+/// would not have got smaller and was left as it was. Answered when it has committed.
+pub struct CompressGeneration;
+
+impl RpcMethod for CompressGeneration {
+    const NAME: &'static CStr = c"bdev_chronicle_compress_generation";
+    type Params = CompressGenerationParams;
+
+    fn call(request: RpcRequest, params: CompressGenerationParams) {
+        volume::compress_generation(&params.name, params.generation, true, Box::new(move |r| answer(request, r)));
+    }
+}
+
+/// `bdev_chronicle_decompress_generation {name, generation}` → the same report: the history
+/// record of `generation` back to its original size.
+pub struct DecompressGeneration;
+
+impl RpcMethod for DecompressGeneration {
+    const NAME: &'static CStr = c"bdev_chronicle_decompress_generation";
+    type Params = CompressGenerationParams;
+
+    fn call(request: RpcRequest, params: CompressGenerationParams) {
+        volume::compress_generation(&params.name, params.generation, false, Box::new(move |r| answer(request, r)));
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SetRetentionParams {
     pub name: String,
     #[serde(default)]
@@ -364,10 +400,12 @@ pub struct SetRetentionParams {
     pub max_generations: Option<u32>,
     #[serde(default)]
     pub max_age_seconds: Option<u64>,
+    #[serde(default)]
+    pub compress_older: bool,
 }
 
 /// `bdev_chronicle_set_retention {name, keep_last?, merge_older?, max_generations?,
-/// max_age_seconds?}` → the policy: applied now and after every sort; recorded by
+/// max_age_seconds?, compress_older?}` → the policy: applied now and after every sort; recorded by
 /// `save_config`. No limits (all absent) keeps every generation.
 pub struct SetRetention;
 
@@ -381,6 +419,7 @@ impl RpcMethod for SetRetention {
             merge_older: params.merge_older,
             max_generations: params.max_generations,
             max_age_seconds: params.max_age_seconds,
+            compress_older: params.compress_older,
         };
         answer(request, volume::set_retention(&params.name, policy))
     }
@@ -401,6 +440,8 @@ pub fn register() -> Result<(), Errno> {
     rpc::register::<Merge>()?;
     rpc::register::<DeleteGeneration>()?;
     rpc::register::<SetRetention>()?;
+    rpc::register::<CompressGeneration>()?;
+    rpc::register::<DecompressGeneration>()?;
     rpc::register::<Load>()?;
     rpc::register::<VerifyLoad>()
 }

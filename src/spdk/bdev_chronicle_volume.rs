@@ -39,9 +39,9 @@ use crate::core::format::superblock::{
 };
 use crate::device::{Channel, Device, Payload, Tag};
 use crate::engine::{
-    begin_format, EngineError, FormatOptions, FormatProgress, Formatting, HostCompletion, HostRequest,
-    MaintenanceError, MaintenanceHandle, MarkerHandle, MergeReport, Opening, RestoreHandle, RestoreId, RestoreInfo,
-    RestoreTarget, RetentionPolicy, SortOptions, Status, Volume, VolumeOptions,
+    begin_format, CompressHandle, CompressReport, EngineError, FormatOptions, FormatProgress, Formatting,
+    HostCompletion, HostRequest, MaintenanceError, MaintenanceHandle, MarkerHandle, MergeReport, Opening,
+    RestoreHandle, RestoreId, RestoreInfo, RestoreTarget, RetentionPolicy, SortOptions, Status, Volume, VolumeOptions,
 };
 
 /// The four bdev roles, in the engine's device order.
@@ -268,6 +268,7 @@ struct CreateWaiter {
 }
 type MarkerWaiter = Box<dyn FnOnce(Result<u64, VolumeError>)>;
 type MaintenanceWaiter = Box<dyn FnOnce(Result<MergeReport, VolumeError>)>;
+type CompressWaiter = Box<dyn FnOnce(Result<CompressReport, VolumeError>)>;
 type RestoreWaiter = Box<dyn FnOnce(Result<String, VolumeError>)>;
 
 /// An R-VOL being opened for `bdev_chronicle_restore`: the bdev it becomes.
@@ -351,6 +352,8 @@ pub(crate) struct VolumeHost {
     reported_sort_error: RefCell<Option<String>>,
     markers: RefCell<Vec<(MarkerHandle, MarkerWaiter)>>,
     maintenance: RefCell<Vec<(MaintenanceHandle, MaintenanceWaiter)>>,
+    /// Compressions and decompressions of history records waiting for their answer.
+    compressions: RefCell<Vec<(CompressHandle, CompressWaiter)>>,
     restore_opens: RefCell<Vec<RestoreOpen>>,
     /// R-VOL bdevs of this volume, by bdev name.
     restores: RefCell<std::collections::BTreeMap<String, RestoreBdevInfo>>,
@@ -500,6 +503,7 @@ pub fn create(config: VolumeConfig, mode: CreateMode, done: Waiter) {
             reported_sort_error: RefCell::new(None),
             markers: RefCell::new(Vec::new()),
             maintenance: RefCell::new(Vec::new()),
+            compressions: RefCell::new(Vec::new()),
             restore_opens: RefCell::new(Vec::new()),
             restores: RefCell::new(std::collections::BTreeMap::new()),
             destruct: RefCell::new(None),
@@ -780,6 +784,9 @@ impl VolumeHost {
         for (_, waiter) in self.maintenance.borrow_mut().drain(..).collect::<Vec<_>>() {
             waiter(Err(gone()));
         }
+        for (_, waiter) in self.compressions.borrow_mut().drain(..).collect::<Vec<_>>() {
+            waiter(Err(gone()));
+        }
         for open in self.restore_opens.borrow_mut().drain(..).collect::<Vec<_>>() {
             (open.done)(Err(gone()));
         }
@@ -831,6 +838,7 @@ impl VolumeHost {
         *self.completions.borrow_mut() = completions;
         busy |= self.finish_markers();
         busy |= self.finish_maintenance();
+        busy |= self.finish_compressions();
         busy |= self.finish_restore_opens();
         match event {
             None => {}
@@ -1204,6 +1212,20 @@ impl VolumeHost {
         any
     }
 
+    fn finish_compressions(&self) -> bool {
+        let ready: Vec<(CompressHandle, CompressWaiter)> = {
+            let mut pending = self.compressions.borrow_mut();
+            let (ready, waiting) = pending.drain(..).partition(|(handle, _)| handle.result().is_some());
+            *pending = waiting;
+            ready
+        };
+        let any = !ready.is_empty();
+        for (handle, waiter) in ready {
+            waiter(handle.result().expect("partitioned on Some").map_err(VolumeError::from));
+        }
+        any
+    }
+
     fn finish_markers(&self) -> bool {
         let ready: Vec<(MarkerHandle, MarkerWaiter)> = {
             let mut markers = self.markers.borrow_mut();
@@ -1453,6 +1475,23 @@ pub fn delete_generation(name: &str, generation: u64, done: MaintenanceWaiter) {
     maintain(name, done, |volume| volume.delete_generation(generation));
 }
 
+/// Compresses (`compress`) or decompresses the history record of `generation` of volume
+/// `name` (embodiment 8, FIG 50).
+pub fn compress_generation(name: &str, generation: u64, compress: bool, done: CompressWaiter) {
+    let Some(host) = host_by_name(name) else { return done(Err(VolumeError::NotFound(name.to_string()))) };
+    let request = |volume: &mut Volume| {
+        if compress {
+            volume.compress_generation(generation)
+        } else {
+            volume.decompress_generation(generation)
+        }
+    };
+    match host.running(request) {
+        Ok(handle) => host.compressions.borrow_mut().push((handle, done)),
+        Err(error) => done(Err(error)),
+    }
+}
+
 fn maintain(name: &str, done: MaintenanceWaiter, request: impl FnOnce(&mut Volume) -> MaintenanceHandle) {
     let Some(host) = host_by_name(name) else { return done(Err(VolumeError::NotFound(name.to_string()))) };
     match host.running(request) {
@@ -1493,6 +1532,10 @@ pub struct GenerationReport {
     /// is sealed: the open generation's writes need a marker first).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restore_sequences: Option<SequenceRange>,
+    /// History records: stored compressed, bytes as stored and before compression.
+    pub compressed: bool,
+    pub stored_bytes: u64,
+    pub original_bytes: u64,
 }
 
 /// The versions of an "all" mode generation.
@@ -1555,6 +1598,9 @@ pub fn generations(name: &str) -> Result<Vec<GenerationReport>, VolumeError> {
                         last_time_ns: v.last_time_ns,
                     }),
                     restore_sequences,
+                    compressed: g.compressed,
+                    stored_bytes: g.stored_bytes,
+                    original_bytes: g.original_bytes,
                 }
             })
             .collect()

@@ -13,7 +13,11 @@
 //!    contents repeat (one of a few common contents) grows: what dedup in merge saves; and
 //!    across records: generations that rewrite a share of their blocks unchanged, thinned by
 //!    deleting every other generation — the units merges share with other records, the units
-//!    kept (retained) for them, and merge throughput with the volume-wide content index.
+//!    kept (retained) for them, and merge throughput with the volume-wide content index;
+//! 7. **compress**: compression of the generations' records (embodiment 8) as the share of
+//!    text-like 4 KiB blocks goes from 0 % to 100 % (the rest random): ratio, compression and
+//!    decompression throughput, decompression time per record, and random R-VOL reads of the
+//!    oldest generation with its records compressed against uncompressed.
 //!
 //! Every 4 KiB written is different (a counter stamped on random bytes), and the volumes of
 //! sections 1, 2, 4 and 5 are written whole before the generations: the history then saves
@@ -53,6 +57,9 @@ const OVERLAPS_PERCENT: [u64; 5] = [0, 25, 50, 75, 100];
 /// Shares of the prefill's 4 KiB blocks that repeat a common content, in percent (dedup section).
 const DUPLICATES_PERCENT: [u64; 5] = [0, 25, 50, 75, 100];
 
+/// Shares of the 4 KiB blocks written with text-like contents, in percent (compression section).
+const COMPRESSIBLE_PERCENT: [u64; 3] = [0, 50, 100];
+
 /// Common contents the repeated blocks take (as in a volume of VM images: zeros, a few
 /// templates).
 const COMMON_CONTENTS: usize = 16;
@@ -86,6 +93,7 @@ pub enum Section {
     RvolRead,
     Latency,
     Dedup,
+    Compress,
 }
 
 #[derive(clap::Args)]
@@ -124,7 +132,12 @@ pub struct Options {
     #[arg(long, default_value_t = 500)]
     pub marker_every_ms: u64,
     /// Sections to run, comma-separated (default: all).
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "merge,overlap,rvol-open,rvol-read,latency,dedup")]
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "merge,overlap,rvol-open,rvol-read,latency,dedup,compress"
+    )]
     pub sections: Vec<Section>,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -152,10 +165,11 @@ pub fn run(options: &Options) -> Result<ExitCode> {
     };
     let wants = |section| options.sections.contains(&section);
     if wants(Section::Merge) || wants(Section::RvolRead) {
-        let (scratch, mut built) = build_history(options, "merge", options.writes, &mut rng, 0, |rng, blocks| {
-            (0..options.generations).map(|_| distinct_blocks(rng, blocks, options.writes)).collect()
-        })
-        .context("building the history of the merge and R-VOL read sections")?;
+        let (scratch, mut built) =
+            build_history(options, "merge", options.writes, &mut rng, Mix::UNIQUE, |rng, blocks| {
+                (0..options.generations).map(|_| distinct_blocks(rng, blocks, options.writes)).collect()
+            })
+            .context("building the history of the merge and R-VOL read sections")?;
         if wants(Section::RvolRead) {
             report.rvol_read = Some(bench_rvol_read(options, &mut built, &mut rng).context("R-VOL read section")?);
         }
@@ -198,6 +212,15 @@ pub fn run(options: &Options) -> Result<ExitCode> {
             );
         }
         report.dedup_across = Some(rows);
+    }
+    if wants(Section::Compress) {
+        let mut rows = Vec::with_capacity(COMPRESSIBLE_PERCENT.len());
+        for percent in COMPRESSIBLE_PERCENT {
+            rows.push(
+                bench_compress(options, percent, &mut rng).with_context(|| format!("compress, {percent} % text"))?,
+            );
+        }
+        report.compress = Some(rows);
     }
     if options.json {
         return crate::print_out(&(serde_json::to_string_pretty(&report)? + "\n"));
@@ -284,6 +307,8 @@ struct Report {
     dedup: Option<Vec<DedupResult>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     dedup_across: Option<Vec<DedupAcrossResult>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    compress: Option<Vec<CompressResult>>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -385,14 +410,12 @@ fn write_generations(volume: &mut Volume, driver: &mut Driver, generations: &[Ve
 /// Writes every block of the volume once (1 MiB writes) and seals that as a generation, whose
 /// number it returns.
 /// `duplicate_percent` of its 4 KiB blocks take one of [`COMMON_CONTENTS`] contents.
-fn prefill(volume: &mut Volume, rng: &mut ChaCha8Rng, duplicate_percent: u64) -> Result<u64> {
+fn prefill(volume: &mut Volume, rng: &mut ChaCha8Rng, mix: Mix) -> Result<u64> {
     let blocks = volume.status().volume_bytes / UNIT;
     let chunk = if blocks % PREFILL_BLOCKS == 0 { PREFILL_BLOCKS } else { 1 };
     let offsets: Vec<u64> = (0..blocks / chunk).map(|i| i * chunk).collect();
     let mut driver = Driver::new(8, (chunk * UNIT) as usize, rng);
-    if duplicate_percent > 0 {
-        driver.duplicates = Some(Duplicates::new(duplicate_percent, rng));
-    }
+    mix.apply(&mut driver, rng);
     driver.write_all(volume, &offsets)?;
     volume.mark_and_wait("prefill", &mut Vec::new()).context("marker after the prefill")
 }
@@ -415,7 +438,7 @@ fn build_history(
     name: &str,
     writes: u64,
     rng: &mut ChaCha8Rng,
-    duplicate_percent: u64,
+    mix: Mix,
     plan: impl FnOnce(&mut ChaCha8Rng, u64) -> Vec<Vec<u64>>,
 ) -> Result<(Scratch, Built)> {
     let blocks = options.size / UNIT;
@@ -428,9 +451,11 @@ fn build_history(
     let history = blocks + 2 * generations * writes + table_units;
     let (scratch, mut volume) =
         make_volume(options, name, options.size, blocks + 2 * writes, history, generations + 3)?;
-    let prefill = prefill(&mut volume, rng, duplicate_percent)?;
+    let prefill = prefill(&mut volume, rng, mix)?;
     let plan = plan(rng, blocks);
     let mut driver = Driver::new(32, UNIT as usize, rng);
+    // The generations write the same mix of compressible contents as the prefill.
+    Mix { duplicate_percent: 0, ..mix }.apply(&mut driver, rng);
     let sealed = write_generations(&mut volume, &mut driver, &plan)?;
     settle(&mut volume)?;
     // Sorting generation g writes the record of g − 1 (DESIGN.md, "Record numbering").
@@ -475,6 +500,9 @@ struct Driver {
     unstamped: u64,
     /// When set, a share of the 4 KiB written repeat common contents instead.
     duplicates: Option<Duplicates>,
+    /// When set, every 4 KiB written is new: text-like (compressible) for a share, random for
+    /// the rest (compression section).
+    compressible: Option<Compressible>,
 }
 
 /// Common contents a share of the blocks written take (dedup section).
@@ -509,6 +537,101 @@ impl Duplicates {
     }
 }
 
+/// What the 4 KiB blocks a driver writes hold, besides a unique stamp.
+#[derive(Clone, Copy)]
+struct Mix {
+    /// Share repeating one of [`COMMON_CONTENTS`] contents (dedup section).
+    duplicate_percent: u64,
+    /// Share of text-like contents, the rest fresh random bytes (compression section); `None`
+    /// leaves the driver's random buffers as they are (stamped only: fine for every section
+    /// but this one, where lz4 would find the reused bytes within its 64 KiB window).
+    compressible_percent: Option<u64>,
+}
+
+impl Mix {
+    const UNIQUE: Mix = Mix { duplicate_percent: 0, compressible_percent: None };
+
+    fn apply(self, driver: &mut Driver, rng: &mut ChaCha8Rng) {
+        if self.duplicate_percent > 0 {
+            driver.duplicates = Some(Duplicates::new(self.duplicate_percent, rng));
+        }
+        if let Some(percent) = self.compressible_percent {
+            driver.compressible = Some(Compressible::new(percent, rng));
+        }
+    }
+}
+
+/// Contents for a share of text-like 4 KiB blocks (log lines: words from a small vocabulary,
+/// numbers), the rest random — what a volume of logs, documents and compressed media holds.
+struct Compressible {
+    percent: u64,
+    rng: ChaCha8Rng,
+}
+
+/// Words of the text-like blocks.
+const WORDS: [&str; 24] = [
+    "INFO",
+    "WARN",
+    "DEBUG",
+    "request",
+    "completed",
+    "generation",
+    "volume",
+    "user",
+    "session",
+    "GET",
+    "POST",
+    "/api/v1/items",
+    "status=200",
+    "status=404",
+    "latency_ms=",
+    "bytes=",
+    "host=db-01",
+    "host=web-03",
+    "retry",
+    "timeout",
+    "cache",
+    "hit",
+    "miss",
+    "id=",
+];
+
+impl Compressible {
+    fn new(percent: u64, rng: &mut ChaCha8Rng) -> Compressible {
+        Compressible { percent, rng: ChaCha8Rng::seed_from_u64(rng.next_u64()) }
+    }
+
+    /// The next 4 KiB (the caller stamps it).
+    fn next(&mut self) -> Vec<u8> {
+        let mut data = vec![0u8; UNIT as usize];
+        if self.rng.random_range(0..100) >= self.percent {
+            self.rng.fill_bytes(&mut data);
+            return data;
+        }
+        let mut text = String::with_capacity(UNIT as usize + 64);
+        while text.len() < UNIT as usize {
+            let _ = write!(
+                text,
+                "2026-11-30T{:02}:{:02}:{:02}.{:03}Z",
+                self.rng.random_range(0..24),
+                self.rng.random_range(0..60),
+                self.rng.random_range(0..60),
+                self.rng.random_range(0..1000)
+            );
+            for _ in 0..self.rng.random_range(4..10) {
+                text.push(' ');
+                text.push_str(WORDS[self.rng.random_range(0..WORDS.len())]);
+                if self.rng.random_bool(0.3) {
+                    let _ = write!(text, "{}", self.rng.random_range(0..100_000));
+                }
+            }
+            text.push('\n');
+        }
+        data.copy_from_slice(&text.as_bytes()[..UNIT as usize]);
+        data
+    }
+}
+
 impl Driver {
     fn new(queue_depth: usize, io_bytes: usize, rng: &mut ChaCha8Rng) -> Driver {
         let write_pool = (0..queue_depth)
@@ -529,6 +652,7 @@ impl Driver {
             sequence: rng.next_u64(),
             unstamped: 0,
             duplicates: None,
+            compressible: None,
         }
     }
 
@@ -553,6 +677,9 @@ impl Driver {
                     if let Some(common) = self.duplicates.as_mut().and_then(Duplicates::pick) {
                         buffers.write_at(at, common);
                         continue;
+                    }
+                    if let Some(compressible) = self.compressible.as_mut() {
+                        buffers.write_at(at, &compressible.next());
                     }
                     self.sequence = self.sequence.wrapping_add(1);
                     buffers.write_at(at, &self.sequence.to_le_bytes());
@@ -779,7 +906,7 @@ fn bench_dedup(options: &Options, duplicate_percent: u64, rng: &mut ChaCha8Rng) 
         &format!("dedup-{duplicate_percent}"),
         writes,
         rng,
-        duplicate_percent,
+        Mix { duplicate_percent, compressible_percent: None },
         |rng, blocks| (0..generations).map(|_| distinct_blocks(rng, blocks, writes)).collect(),
     )?;
     progress(&format!("dedup {duplicate_percent} %: merging"));
@@ -925,6 +1052,118 @@ fn bench_dedup_across(options: &Options, unchanged_percent: u64, rng: &mut ChaCh
 }
 
 // ---------------------------------------------------------------------------------------------
+// 7. Compression of sealed history (embodiment 8)
+
+#[derive(Serialize)]
+struct CompressResult {
+    compressible_percent: u64,
+    /// The generations' records (the prefill's generation on).
+    records: u64,
+    /// Records left uncompressed because they would not have got smaller.
+    records_left: u64,
+    frames: u64,
+    raw_frames: u64,
+    original_bytes: u64,
+    stored_bytes: u64,
+    /// Original over stored bytes, over the records compressed.
+    ratio: f64,
+    compress_seconds: f64,
+    /// Original bytes of every record, per second of compressing them (a record that does
+    /// not shrink is read and compressed as far as it takes to know).
+    compress_mib_per_s: f64,
+    decompress_seconds: f64,
+    /// Original bytes per second of decompressing them (frames read and expanded into a new
+    /// extent).
+    decompress_mib_per_s: f64,
+    /// Median per record of the time to decompress it.
+    decompress_ms_per_record: f64,
+    /// Random 4 KiB reads of an R-VOL of the prefill's generation, its records uncompressed
+    /// and then compressed.
+    rvol_uncompressed: Latency,
+    rvol_compressed: Latency,
+    /// Compressed over uncompressed R-VOL IOPS.
+    rvol_ratio: f64,
+}
+
+fn bench_compress(options: &Options, compressible_percent: u64, rng: &mut ChaCha8Rng) -> Result<CompressResult> {
+    let (generations, writes) = (options.generations, options.writes);
+    let (_scratch, mut built) = build_history(
+        options,
+        &format!("compress-{compressible_percent}"),
+        writes,
+        rng,
+        Mix { duplicate_percent: 0, compressible_percent: Some(compressible_percent) },
+        |rng, blocks| (0..generations).map(|_| distinct_blocks(rng, blocks, writes)).collect(),
+    )?;
+    let blocks = built.volume_bytes / UNIT;
+    let volume = &mut built.volume;
+    let rvol_reads = |volume: &mut Volume, rng: &mut ChaCha8Rng| -> Result<Latency> {
+        let handle = volume.open_restore(built.prefill);
+        let id = wait_restore(volume, &handle)?;
+        let mut reader = Driver::new(options.read_queue_depth, UNIT as usize, rng);
+        let reads = reader.random_reads(volume, Target::Restore(id), blocks, options.read_seconds, rng)?;
+        close_restore(volume, id)?;
+        Ok(reads)
+    };
+    progress(&format!("compress {compressible_percent} %: R-VOL reads, records uncompressed"));
+    let rvol_uncompressed = rvol_reads(volume, rng)?;
+    let generations: Vec<u64> =
+        records(&volume.status()).iter().map(|r| r.0).filter(|g| (built.prefill..=built.last).contains(g)).collect();
+    progress(&format!("compress {compressible_percent} %: compressing {} records", generations.len()));
+    let (mut original, mut stored, mut frames, mut raw_frames, mut left, mut attempted) = (0, 0, 0, 0, 0, 0);
+    let mut compressed = Vec::new();
+    let started = Instant::now();
+    for generation in &generations {
+        let handle = volume.compress_generation(*generation);
+        let report = volume.wait_compression(&handle, &mut Vec::new())?;
+        frames += report.frames;
+        raw_frames += report.raw_frames;
+        attempted += report.original_bytes;
+        if report.compressed {
+            original += report.original_bytes;
+            stored += report.stored_bytes;
+            compressed.push(*generation);
+        } else {
+            left += 1;
+        }
+    }
+    let compress_seconds = started.elapsed().as_secs_f64();
+    progress(&format!("compress {compressible_percent} %: R-VOL reads, records compressed"));
+    let rvol_compressed = rvol_reads(volume, rng)?;
+    progress(&format!("compress {compressible_percent} %: decompressing {} records", compressed.len()));
+    let mut per_record_ms = Vec::with_capacity(compressed.len());
+    let started = Instant::now();
+    for generation in &compressed {
+        let one = Instant::now();
+        let handle = volume.decompress_generation(*generation);
+        volume.wait_compression(&handle, &mut Vec::new())?;
+        per_record_ms.push(ms(one));
+    }
+    let decompress_seconds = started.elapsed().as_secs_f64();
+    built.volume.close()?;
+    let per_second =
+        |bytes: u64, seconds: f64| if seconds > 0.0 { bytes as f64 / (1 << 20) as f64 / seconds } else { 0.0 };
+    Ok(CompressResult {
+        compressible_percent,
+        records: generations.len() as u64,
+        records_left: left,
+        frames,
+        raw_frames,
+        original_bytes: original,
+        stored_bytes: stored,
+        ratio: if stored > 0 { original as f64 / stored as f64 } else { 1.0 },
+        compress_mib_per_s: per_second(attempted, compress_seconds),
+        compress_seconds,
+        decompress_mib_per_s: per_second(original, decompress_seconds),
+        decompress_seconds,
+        decompress_ms_per_record: median(&per_record_ms),
+        rvol_ratio: if rvol_uncompressed.iops > 0.0 { rvol_compressed.iops / rvol_uncompressed.iops } else { 0.0 },
+        rvol_uncompressed,
+        rvol_compressed,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
 // 2. Capacity saved by merge, by overlap
 
 #[derive(Serialize)]
@@ -970,7 +1209,7 @@ fn bench_overlap(options: &Options, overlap_percent: u64, rng: &mut ChaCha8Rng) 
     let (generations, writes) = (options.generations, options.writes);
     let mut union = 0;
     let (_scratch, mut built) =
-        build_history(options, &format!("overlap-{overlap_percent}"), writes, rng, 0, |rng, blocks| {
+        build_history(options, &format!("overlap-{overlap_percent}"), writes, rng, Mix::UNIQUE, |rng, blocks| {
             let plan = overlapping_generations(blocks, generations, writes, overlap_percent, rng);
             let mut all: Vec<u64> = plan.iter().flatten().copied().collect();
             all.sort_unstable();
@@ -1286,7 +1525,7 @@ fn bench_latency(options: &Options, rng: &mut ChaCha8Rng) -> Result<LatencySecti
     let phase_writes = (options.latency_seconds * MAX_WRITES_PER_SECOND) as u64;
     let history = 3 * blocks + 2 * phase_writes;
     let (_scratch, mut volume) = make_volume(options, "latency", options.latency_size, 2 * blocks, history, 64)?;
-    prefill(&mut volume, rng, 0)?;
+    prefill(&mut volume, rng, Mix::UNIQUE)?;
     settle(&mut volume)?;
     // The prefill's record (the zeros it overwrote) goes: merges copy what the phases wrote.
     let oldest = records(&volume.status()).first().map(|r| r.0).context("no record after the prefill")?;
@@ -1675,6 +1914,50 @@ impl Report {
                     r.merged_elements_per_s
                 )?;
             }
+        }
+        if let Some(rows) = &self.compress {
+            writeln!(
+                out,
+                "\n7. compression of the generations' records (lz4, {} KiB frames), by the share of text-like 4 KiB blocks (the rest random)",
+                chronicle::engine::FRAME_BYTES >> 10
+            )?;
+            writeln!(
+                out,
+                "   {:>5} {:>8} {:>5} {:>11} {:>6} {:>12} {:>14} {:>12} | {:>13} {:>13} {:>7}",
+                "text",
+                "records",
+                "left",
+                "raw frames",
+                "ratio",
+                "compr MiB/s",
+                "decompr MiB/s",
+                "decompr ms",
+                "R-VOL IOPS",
+                "compressed",
+                "ratio"
+            )?;
+            for r in rows {
+                writeln!(
+                    out,
+                    "   {:>4}% {:>8} {:>5} {:>5}/{:<5} {:>6.2} {:>12.1} {:>14.1} {:>12.2} | {:>13.0} {:>13.0} {:>7.2}",
+                    r.compressible_percent,
+                    r.records,
+                    r.records_left,
+                    r.raw_frames,
+                    r.frames,
+                    r.ratio,
+                    r.compress_mib_per_s,
+                    r.decompress_mib_per_s,
+                    r.decompress_ms_per_record,
+                    r.rvol_uncompressed.iops,
+                    r.rvol_compressed.iops,
+                    r.rvol_ratio
+                )?;
+            }
+            writeln!(
+                out,
+                "   (decompr ms: median per record; right of |: random 4 KiB R-VOL reads of the oldest generation, records uncompressed, then compressed)"
+            )?;
         }
         Ok(out)
     }

@@ -117,6 +117,7 @@ pub fn error_kind(error: &HostError) -> &'static str {
         HostError::NoRestoreVolume(_) => "no_restore_volume",
         HostError::RestoreSpace { .. } => "restore_space",
         HostError::Busy(_) => "busy",
+        HostError::Damaged(_) => "damaged",
     }
 }
 

@@ -177,6 +177,20 @@ enum Command {
         #[arg(long)]
         generation: u64,
     },
+    /// Compress the history record of GENERATION (lz4, in independent frames): it stays
+    /// readable by restores, restore volumes, rollbacks and merges; a record that would not
+    /// get smaller is left as it is.
+    Compress {
+        dir: PathBuf,
+        #[arg(long)]
+        generation: u64,
+    },
+    /// Decompress the history record of GENERATION back to its original size.
+    Decompress {
+        dir: PathBuf,
+        #[arg(long)]
+        generation: u64,
+    },
     /// Roll the volume back to the image of GENERATION: the current state is sealed first (the
     /// undo point), the blocks changed since are rewritten through the journal, and the
     /// result is sealed as a new generation (undo by rolling back to the undo point).
@@ -280,6 +294,8 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::Merge { dir, from, through } => history::merge(&dir, from, through),
         Command::DeleteGeneration { dir, generation } => history::delete_generation(&dir, generation),
         Command::Rollback { dir, generation, comment } => history::rollback(&dir, generation, &comment),
+        Command::Compress { dir, generation } => history::compress(&dir, generation, true),
+        Command::Decompress { dir, generation } => history::compress(&dir, generation, false),
         Command::Bench { dir, workload, block_size, queue_depth, seconds, marker_every_ms, json } => {
             bench::run(&dir, workload, block_size, queue_depth, seconds, marker_every_ms, json)
         }
@@ -384,12 +400,17 @@ fn inspect(dir: &Path, json: bool) -> Result<ExitCode> {
     for generation in reader.generations() {
         writeln!(
             out,
-            "    {:>6}  {:<8} {:>8} blocks  {}  {}",
+            "    {:>6}  {:<8} {:>8} blocks  {}  {}{}",
             generation.generation,
             generation.state,
             generation.blocks,
             format_time(generation.time_ns),
-            generation.comment
+            generation.comment,
+            if generation.compressed {
+                format!("  [compressed: {} of {} bytes stored]", generation.stored_bytes, generation.original_bytes)
+            } else {
+                String::new()
+            }
         )?;
     }
     print_out(&out)
@@ -429,6 +450,12 @@ fn verify(dir: &Path) -> Result<ExitCode> {
                 println!(
                     "  dedup across records: {} elements point at other records' units, {} retained extents ({} units) kept for them; every pointer lands in owned units, every retained extent is pointed at",
                     report.shared_across_elements, report.retained_extents, report.retained_units
+                );
+            }
+            if report.compressed_records > 0 {
+                println!(
+                    "  {} compressed records: {} frames read back, checksummed and decompressed",
+                    report.compressed_records, report.compressed_frames
                 );
             }
             if report.open_elements_differing > 0 {

@@ -99,6 +99,8 @@ pub struct CatalogEntry {
     /// Versions ("all" mode): time of the generation's last version, Unix nanoseconds (its first
     /// is `time_ns`); 0 for other kinds.
     pub last_time_ns: u64,
+    /// Compressed records: bytes of the elements before compression (0 otherwise).
+    pub original_bytes: u64,
     /// User comment of the marker, or the name of a restore volume (UTF-8, < 128 bytes).
     pub comment: String,
 }
@@ -124,6 +126,7 @@ impl CatalogEntry {
             shared_across: 0,
             blocks: 0,
             last_time_ns: 0,
+            original_bytes: 0,
             comment: String::new(),
         }
     }
@@ -188,10 +191,10 @@ impl CatalogEntry {
             self.blocks,
             self.last_time_ns,
             self.shared_across,
+            self.original_bytes,
         ] {
             w.put_u64(value);
         }
-        w.skip(8);
         debug_assert_eq!(w.position() - start, ENTRY_BYTES - COMMENT_BYTES);
         w.put_bytes(self.comment.as_bytes());
         w.skip(COMMENT_BYTES - self.comment.len());
@@ -204,11 +207,10 @@ impl CatalogEntry {
         let flags = r.u16()?;
         let comment_len = r.u16()? as usize;
         r.u16()?;
-        let mut values = [0u64; 13];
+        let mut values = [0u64; 14];
         for value in &mut values {
             *value = r.u64()?;
         }
-        r.skip(8)?;
         let comment_bytes = r.take(COMMENT_BYTES)?;
         if comment_len >= COMMENT_BYTES || comment_bytes[comment_len..].iter().any(|b| *b != 0) {
             return Err(FormatError::invalid(STRUCTURE, "comment", "length and padding disagree"));
@@ -216,7 +218,7 @@ impl CatalogEntry {
         let comment = std::str::from_utf8(&comment_bytes[..comment_len])
             .map_err(|_| FormatError::invalid(STRUCTURE, "comment", "not UTF-8"))?
             .to_owned();
-        let [time_ns, first_sequence, last_sequence, through_generation, element_start, element_count, control_start, control_count, stored_bytes, dedup_saved, blocks, last_time_ns, shared_across] =
+        let [time_ns, first_sequence, last_sequence, through_generation, element_start, element_count, control_start, control_count, stored_bytes, dedup_saved, blocks, last_time_ns, shared_across, original_bytes] =
             values;
         let entry = CatalogEntry {
             generation,
@@ -236,6 +238,7 @@ impl CatalogEntry {
             shared_across,
             blocks,
             last_time_ns,
+            original_bytes,
             comment,
         };
         entry.validate()?;

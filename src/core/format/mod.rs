@@ -8,6 +8,7 @@
 pub mod catalog;
 pub mod control_block;
 pub mod element_index;
+pub mod frame_table;
 pub mod header;
 pub mod layout;
 pub mod open_bitmap;

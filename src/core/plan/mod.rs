@@ -109,7 +109,7 @@ fn check_volume(records: &[&ElementMap], blocks: u64) -> Result<(), PlanError> {
 /// oldest record ≥ N wins). It runs a word (64 blocks) at a time: per word, each record takes the
 /// bits no older record has taken; ranks are kept per record so addresses cost no rank lookups.
 /// Cost: O(records × words + elements visited).
-fn walk_first_hits(records: &[&ElementMap], blocks: u64, mut visit: impl FnMut(u64, usize, u64)) {
+pub fn walk_first_hits(records: &[&ElementMap], blocks: u64, mut visit: impl FnMut(u64, usize, u64)) {
     debug_assert!(records.iter().all(|r| r.blocks() == blocks));
     let words: Vec<&[u64]> = records.iter().map(|r| r.bitmap().words()).collect();
     let word_count = usize::try_from(blocks.div_ceil(64)).expect("bitmap fits in memory");
