@@ -143,10 +143,14 @@ impl Compression {
         self.records.contains_key(&control)
     }
 
-    /// Forgets a record whose space is freed.
-    pub fn forget(&mut self, control: u64) {
-        self.records.remove(&control);
-        self.frames.retain(|((c, _), _)| *c != control);
+    /// Forgets the record of `generation` whose space is freed. Both numbers must match: a
+    /// control unit alone may name another record (one that took the unit since, or an
+    /// entry without units whose control_start reads 0).
+    pub fn forget(&mut self, control: u64, generation: u64) {
+        if self.records.get(&control).is_some_and(|record| record.generation == generation) {
+            self.records.remove(&control);
+            self.frames.retain(|((c, _), _)| *c != control);
+        }
     }
 
     fn frame(&self, control: u64, index: usize) -> Option<Arc<Vec<u8>>> {
@@ -752,4 +756,22 @@ pub(crate) async fn compress_older(
         changed |= compress_record(shared, io, record.generation).await?.compressed;
     }
     Ok(changed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forgetting_needs_the_control_unit_and_the_generation() {
+        let mut compression = Compression::default();
+        compression
+            .records
+            .insert(0, CompressedRecord { generation: 4, element_start: 9, element_count: 3, table: None });
+        // An entry without units (control_start 0) of generation 2 is not the record at unit 0.
+        compression.forget(0, 2);
+        assert!(compression.is_compressed(0));
+        compression.forget(0, 4);
+        assert!(!compression.is_compressed(0));
+    }
 }

@@ -188,10 +188,10 @@ pub(crate) fn write_retained(catalog: &mut Catalog, plan: &RetentionPlan) {
 /// After the catalog write: frees the leaving records' control blocks and what the plan frees.
 pub(crate) fn free_leaving(meta: &mut Meta, leaving: &[CatalogEntry], plan: &RetentionPlan) -> Result<(), EngineError> {
     for record in leaving {
-        meta.record_maps.remove(record.control_start);
-        // A compressed record is known by its control unit, which the next record may take.
-        meta.compression.forget(record.control_start);
         if record.control_count > 0 {
+            // A compressed record is known by its control unit, which the next record may take.
+            meta.record_maps.remove(record.control_start);
+            meta.compression.forget(record.control_start, record.generation);
             meta.allocator.free(Extent::new(record.control_start, record.control_count)).map_err(|e| {
                 EngineError::Damaged(format!("control block of history generation {}: {e}", record.generation))
             })?;

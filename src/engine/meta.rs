@@ -86,7 +86,7 @@ impl Meta {
             // An entry without units (a versions entry of a generation without writes) has
             // control_start 0, which may be another record's control unit: nothing to forget.
             self.record_maps.remove(entry.control_start);
-            self.compression.forget(entry.control_start);
+            self.compression.forget(entry.control_start, entry.generation);
         }
         for (start, units) in [(entry.element_start, entry.element_count), (entry.control_start, entry.control_count)] {
             if units > 0 {
