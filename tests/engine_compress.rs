@@ -6,10 +6,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use chronicle::core::format::layout::{self, LayoutOptions, VolumeShape};
-use chronicle::device::fault::{FaultController, FaultDevice};
-use chronicle::device::memory::{MemoryDevice, MemoryOptions};
-use chronicle::device::{Channel, Device, DmaBuf, IoBuffers, Payload};
+use chronicle::device::{DmaBuf, IoBuffers, Payload};
 use chronicle::engine::reader::VolumeReader;
 use chronicle::engine::{
     format, CompressReport, FormatOptions, HostError, HostRequest, RestoreId, Volume, VolumeOptions,
@@ -17,44 +14,13 @@ use chronicle::engine::{
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+mod support;
+use support::memory::Media;
+
 const UNIT: usize = 4096;
 /// 512 units (2 MiB): a record of the whole volume has 8 frames.
 const UNITS: u64 = 512;
 const BLOCKS_PER_UNIT: u64 = UNIT as u64 / 512;
-
-struct Media([Arc<MemoryDevice>; 4]);
-
-impl Media {
-    fn new() -> Self {
-        let shape = VolumeShape { host_write_size: UNIT as u32, volume_blocks: UNITS };
-        let options = LayoutOptions::default();
-        let sizes = [
-            UNITS * UNIT as u64,
-            layout::journal_bytes_for(&shape, &options, 4 * UNITS),
-            UNITS * UNIT as u64,
-            layout::history_bytes_for(&shape, &options, 24 * UNITS),
-        ];
-        let names = ["base", "journal", "backup", "history"];
-        Media(std::array::from_fn(|i| Arc::new(MemoryDevice::new(names[i], MemoryOptions::new(512, sizes[i] / 512)))))
-    }
-
-    fn channels(&self) -> Vec<Box<dyn Channel>> {
-        self.0.iter().map(|d| d.open_channel().unwrap()).collect()
-    }
-
-    /// Channels through fault devices, for power cuts.
-    fn fault_channels(&self, seed: u64) -> (Vec<Box<dyn Channel>>, Vec<FaultController>) {
-        let mut channels = Vec::new();
-        let mut controllers = Vec::new();
-        for (i, device) in self.0.iter().enumerate() {
-            let inner: Arc<dyn Device> = device.clone();
-            let (fault, controller) = FaultDevice::new(inner, seed.wrapping_mul(7).wrapping_add(i as u64));
-            channels.push(fault.open_channel().unwrap());
-            controllers.push(controller);
-        }
-        (channels, controllers)
-    }
-}
 
 /// Contents of one unit: compressible text-like bytes, or random (incompressible) ones.
 fn content(rng: &mut ChaCha8Rng, compressible: bool) -> Vec<u8> {
@@ -90,7 +56,7 @@ impl Scenario {
     }
 
     fn with_format(seed: u64, options: FormatOptions) -> Self {
-        let media = Media::new();
+        let media = Media::new(UNITS, 4 * UNITS, 24 * UNITS);
         format(media.channels(), &options, &mut |_| {}).unwrap();
         let volume = Volume::open(media.channels(), VolumeOptions::default()).unwrap();
         let zero = vec![0u8; UNITS as usize * UNIT];
@@ -357,7 +323,7 @@ fn retention_compresses_the_records_older_than_keep_last() {
 
 /// Offset on the history device of the first frame table (found by its magic).
 fn frame_table_offset(media: &Media) -> usize {
-    let history = media.0[3].snapshot();
+    let history = media.device(3).snapshot();
     (0..history.len() / UNIT)
         .map(|u| u * UNIT)
         .find(|at| &history[*at..*at + 8] == b"CHRNFRMT")
@@ -374,9 +340,9 @@ fn a_damaged_frame_is_a_typed_error_for_restore_verify_and_restore_volumes() {
     assert!(report.compressed && report.frames > 1, "{report:?}");
     // Flip a byte of frame 0 (right after the table's unit).
     let at = frame_table_offset(&s.media) + UNIT + 100;
-    let mut byte = s.media.0[3].read_blocks((at / 512) as u64, 1);
+    let mut byte = s.media.device(3).read_blocks((at / 512) as u64, 1);
     byte[at % 512] ^= 0x20;
-    s.media.0[3].write_blocks((at / 512) as u64, &byte);
+    s.media.device(3).write_blocks((at / 512) as u64, &byte);
 
     // The volume opened before the damage reads it through an R-VOL: a damaged error, no panic.
     let restore = s.open_restore(0);
@@ -397,9 +363,9 @@ fn a_damaged_frame_is_a_typed_error_for_restore_verify_and_restore_volumes() {
 
     // A damaged frame table is refused at the read too.
     let table = frame_table_offset(&s.media);
-    let mut block = s.media.0[3].read_blocks((table / 512) as u64, 1);
+    let mut block = s.media.device(3).read_blocks((table / 512) as u64, 1);
     block[40] ^= 1;
-    s.media.0[3].write_blocks((table / 512) as u64, &block);
+    s.media.device(3).write_blocks((table / 512) as u64, &block);
     let reader = VolumeReader::open(s.media.channels()).unwrap();
     let error = reader.read_image(0).unwrap_err().to_string();
     assert!(error.contains("frame table"), "{error}");

@@ -17,63 +17,17 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use chronicle::core::format::layout::{self, LayoutOptions, VolumeShape};
-use chronicle::device::fault::{FaultController, FaultDevice};
-use chronicle::device::memory::{MemoryDevice, MemoryOptions};
-use chronicle::device::{Channel, Device, DmaBuf, IoBuffers, OperationKind, Payload};
+use chronicle::device::fault::FaultController;
+use chronicle::device::{DmaBuf, IoBuffers, OperationKind, Payload};
 use chronicle::engine::reader::VolumeReader;
 use chronicle::engine::{format, FormatOptions, HostRequest, MergeReport, Volume, VolumeOptions};
+
+mod support;
+use support::memory::Media;
 
 const UNIT: usize = 4096;
 const UNITS: u64 = 64;
 const BLOCKS_PER_UNIT: u64 = UNIT as u64 / 512;
-
-struct Media {
-    devices: [Arc<MemoryDevice>; 4],
-}
-
-impl Media {
-    fn new() -> Self {
-        let shape = VolumeShape { host_write_size: UNIT as u32, volume_blocks: UNITS };
-        let options = LayoutOptions::default();
-        let sizes = [
-            UNITS * UNIT as u64,
-            layout::journal_bytes_for(&shape, &options, 4 * UNITS),
-            UNITS * UNIT as u64,
-            layout::history_bytes_for(&shape, &options, 8 * UNITS),
-        ];
-        let names = ["base", "journal", "backup", "history"];
-        let devices =
-            std::array::from_fn(|i| Arc::new(MemoryDevice::new(names[i], MemoryOptions::new(512, sizes[i] / 512))));
-        Media { devices }
-    }
-
-    fn channels(&self) -> Vec<Box<dyn Channel>> {
-        self.devices.iter().map(|d| d.open_channel().unwrap()).collect()
-    }
-
-    fn fault_channels(&self, seed: u64) -> (Vec<Box<dyn Channel>>, Vec<FaultController>) {
-        let mut channels = Vec::new();
-        let mut controllers = Vec::new();
-        for (i, device) in self.devices.iter().enumerate() {
-            let inner: Arc<dyn Device> = device.clone();
-            let (fault, controller) = FaultDevice::new(inner, seed.wrapping_mul(7).wrapping_add(i as u64));
-            channels.push(fault.open_channel().unwrap());
-            controllers.push(controller);
-        }
-        (channels, controllers)
-    }
-
-    fn snapshot(&self) -> Vec<Vec<u8>> {
-        self.devices.iter().map(|d| d.snapshot()).collect()
-    }
-
-    fn restore(&self, snapshot: &[Vec<u8>]) {
-        for (device, bytes) in self.devices.iter().zip(snapshot) {
-            device.write_blocks(0, bytes);
-        }
-    }
-}
 
 fn content(seed: u8) -> Vec<u8> {
     (0..UNIT).map(|i| (i as u8).wrapping_mul(seed).wrapping_add(seed)).collect()
@@ -184,7 +138,7 @@ fn open(media: &Media) -> Volume {
 
 #[test]
 fn deleting_a_record_keeps_units_another_record_shares_until_the_last_reference_goes() {
-    let media = Media::new();
+    let media = Media::new(UNITS, 4 * UNITS, 8 * UNITS);
     let mut images = prepare(&media);
     let mut volume = open(&media);
 
@@ -265,7 +219,7 @@ fn used_units(reader: &VolumeReader) -> u64 {
 /// before or the after amount (nothing leaked).
 #[test]
 fn a_power_cut_at_every_step_of_sharing_and_deleting_loses_nothing_and_leaks_nothing() {
-    let media = Media::new();
+    let media = Media::new(UNITS, 4 * UNITS, 8 * UNITS);
     let mut images = prepare(&media);
     let mut cut_points = 0u64;
     for (index, step) in STEPS.iter().enumerate() {

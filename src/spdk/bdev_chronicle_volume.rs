@@ -266,10 +266,34 @@ struct CreateWaiter {
     asked: Option<VolumeConfig>,
     done: Waiter,
 }
-type MarkerWaiter = Box<dyn FnOnce(Result<u64, VolumeError>)>;
-type MaintenanceWaiter = Box<dyn FnOnce(Result<MergeReport, VolumeError>)>;
-type CompressWaiter = Box<dyn FnOnce(Result<CompressReport, VolumeError>)>;
-type RestoreWaiter = Box<dyn FnOnce(Result<String, VolumeError>)>;
+/// Hands every finished request of `pending` to its waiter; whether any finished. The
+/// requests are taken out first: a waiter may queue a new request.
+fn finish_ready<H, T, E>(
+    pending: &RefCell<Vec<(H, RequestWaiter<T>)>>,
+    result: impl Fn(&H) -> Option<Result<T, E>>,
+) -> bool
+where
+    VolumeError: From<E>,
+{
+    let ready: Vec<_> = {
+        let mut pending = pending.borrow_mut();
+        let (ready, waiting) = pending.drain(..).partition(|(handle, _)| result(handle).is_some());
+        *pending = waiting;
+        ready
+    };
+    let any = !ready.is_empty();
+    for (handle, waiter) in ready {
+        waiter(result(&handle).expect("partitioned on Some").map_err(VolumeError::from));
+    }
+    any
+}
+
+/// Called once with the outcome of a marker, maintenance or compression request.
+type RequestWaiter<T> = Box<dyn FnOnce(Result<T, VolumeError>)>;
+type MarkerWaiter = RequestWaiter<u64>;
+type MaintenanceWaiter = RequestWaiter<MergeReport>;
+type CompressWaiter = RequestWaiter<CompressReport>;
+type RestoreWaiter = RequestWaiter<String>;
 
 /// An R-VOL being opened for `bdev_chronicle_restore`: the bdev it becomes.
 struct RestoreOpen {
@@ -1199,45 +1223,15 @@ impl VolumeHost {
     }
 
     fn finish_maintenance(&self) -> bool {
-        let ready: Vec<(MaintenanceHandle, MaintenanceWaiter)> = {
-            let mut pending = self.maintenance.borrow_mut();
-            let (ready, waiting) = pending.drain(..).partition(|(handle, _)| handle.result().is_some());
-            *pending = waiting;
-            ready
-        };
-        let any = !ready.is_empty();
-        for (handle, waiter) in ready {
-            waiter(handle.result().expect("partitioned on Some").map_err(VolumeError::from));
-        }
-        any
+        finish_ready(&self.maintenance, MaintenanceHandle::result)
     }
 
     fn finish_compressions(&self) -> bool {
-        let ready: Vec<(CompressHandle, CompressWaiter)> = {
-            let mut pending = self.compressions.borrow_mut();
-            let (ready, waiting) = pending.drain(..).partition(|(handle, _)| handle.result().is_some());
-            *pending = waiting;
-            ready
-        };
-        let any = !ready.is_empty();
-        for (handle, waiter) in ready {
-            waiter(handle.result().expect("partitioned on Some").map_err(VolumeError::from));
-        }
-        any
+        finish_ready(&self.compressions, CompressHandle::result)
     }
 
     fn finish_markers(&self) -> bool {
-        let ready: Vec<(MarkerHandle, MarkerWaiter)> = {
-            let mut markers = self.markers.borrow_mut();
-            let (ready, waiting) = markers.drain(..).partition(|(handle, _)| handle.result().is_some());
-            *markers = waiting;
-            ready
-        };
-        let any = !ready.is_empty();
-        for (handle, waiter) in ready {
-            waiter(handle.result().expect("partitioned on Some").map_err(VolumeError::from));
-        }
-        any
+        finish_ready(&self.markers, MarkerHandle::result)
     }
 
     fn running<T>(&self, f: impl FnOnce(&mut Volume) -> T) -> Result<T, VolumeError> {

@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses a part of this module
 
 use chronicle::core::format::layout::{self, LayoutOptions, VolumeShape};
+use chronicle::device::fault::{FaultController, FaultDevice};
 use chronicle::device::memory::{MemoryDevice, MemoryOptions};
 use chronicle::device::{Channel, Device};
 
@@ -43,5 +44,59 @@ impl Devices {
 
     pub fn channels(&self) -> Vec<Box<dyn Channel>> {
         self.0.iter().map(|d| d.open_channel().unwrap()).collect()
+    }
+}
+
+/// The four memory devices of a volume of `units` units of 4 KiB, shared (`Arc`) so they can
+/// also be opened through fault devices for power cuts, and copied and put back whole.
+pub struct Media([std::sync::Arc<MemoryDevice>; 4]);
+
+impl Media {
+    /// A journal of `journal_elements` elements and a history of `history_units` units.
+    pub fn new(units: u64, journal_elements: u64, history_units: u64) -> Self {
+        let shape = VolumeShape { host_write_size: UNIT as u32, volume_blocks: units };
+        let options = LayoutOptions::default();
+        let sizes = [
+            units * UNIT as u64,
+            layout::journal_bytes_for(&shape, &options, journal_elements),
+            units * UNIT as u64,
+            layout::history_bytes_for(&shape, &options, history_units),
+        ];
+        let names = ["base", "journal", "backup", "history"];
+        Media(std::array::from_fn(|i| {
+            std::sync::Arc::new(MemoryDevice::new(names[i], MemoryOptions::new(512, sizes[i] / 512)))
+        }))
+    }
+
+    /// Device `role`: 0 base, 1 journal, 2 backup, 3 history.
+    pub fn device(&self, role: usize) -> &MemoryDevice {
+        &self.0[role]
+    }
+
+    pub fn channels(&self) -> Vec<Box<dyn Channel>> {
+        self.0.iter().map(|d| d.open_channel().unwrap()).collect()
+    }
+
+    /// Channels through fault devices (one per role, seeded from `seed`), for power cuts.
+    pub fn fault_channels(&self, seed: u64) -> (Vec<Box<dyn Channel>>, Vec<FaultController>) {
+        let mut channels = Vec::new();
+        let mut controllers = Vec::new();
+        for (i, device) in self.0.iter().enumerate() {
+            let inner: std::sync::Arc<dyn Device> = device.clone();
+            let (fault, controller) = FaultDevice::new(inner, seed.wrapping_mul(7).wrapping_add(i as u64));
+            channels.push(fault.open_channel().unwrap());
+            controllers.push(controller);
+        }
+        (channels, controllers)
+    }
+
+    pub fn snapshot(&self) -> Vec<Vec<u8>> {
+        self.0.iter().map(|d| d.snapshot()).collect()
+    }
+
+    pub fn restore(&self, snapshot: &[Vec<u8>]) {
+        for (device, bytes) in self.0.iter().zip(snapshot) {
+            device.write_blocks(0, bytes);
+        }
     }
 }
