@@ -98,8 +98,18 @@ impl DmaBuf {
 /// A scatter-gather list (iovec) of buffers; its length is the sum of its segments.
 #[derive(Debug, Default)]
 pub struct IoBuffers {
-    segments: Vec<DmaBuf>,
+    segments: Segments,
     len: usize,
+}
+
+/// The segments of a list: one buffer inline, so the usual single-buffer operation (a host
+/// write's one iovec, an index page) costs no heap allocation for its list.
+#[derive(Debug, Default)]
+enum Segments {
+    #[default]
+    Empty,
+    One(DmaBuf),
+    Many(Vec<DmaBuf>),
 }
 
 impl IoBuffers {
@@ -109,17 +119,29 @@ impl IoBuffers {
 
     pub fn single(buffer: DmaBuf) -> Self {
         let len = buffer.len();
-        IoBuffers { segments: vec![buffer], len }
+        IoBuffers { segments: Segments::One(buffer), len }
     }
 
-    pub fn from_segments(segments: Vec<DmaBuf>) -> Self {
+    pub fn from_segments(mut segments: Vec<DmaBuf>) -> Self {
         let len = segments.iter().map(DmaBuf::len).sum();
+        let segments = match segments.len() {
+            0 => Segments::Empty,
+            1 => Segments::One(segments.pop().expect("one segment")),
+            _ => Segments::Many(segments),
+        };
         IoBuffers { segments, len }
     }
 
     pub fn push(&mut self, buffer: DmaBuf) {
         self.len += buffer.len();
-        self.segments.push(buffer);
+        self.segments = match std::mem::take(&mut self.segments) {
+            Segments::Empty => Segments::One(buffer),
+            Segments::One(first) => Segments::Many(vec![first, buffer]),
+            Segments::Many(mut all) => {
+                all.push(buffer);
+                Segments::Many(all)
+            }
+        };
     }
 
     pub fn len(&self) -> usize {
@@ -131,15 +153,27 @@ impl IoBuffers {
     }
 
     pub fn segments(&self) -> &[DmaBuf] {
-        &self.segments
+        match &self.segments {
+            Segments::Empty => &[],
+            Segments::One(buffer) => std::slice::from_ref(buffer),
+            Segments::Many(all) => all,
+        }
     }
 
     pub fn segments_mut(&mut self) -> &mut [DmaBuf] {
-        &mut self.segments
+        match &mut self.segments {
+            Segments::Empty => &mut [],
+            Segments::One(buffer) => std::slice::from_mut(buffer),
+            Segments::Many(all) => all,
+        }
     }
 
     pub fn into_segments(self) -> Vec<DmaBuf> {
-        self.segments
+        match self.segments {
+            Segments::Empty => Vec::new(),
+            Segments::One(buffer) => vec![buffer],
+            Segments::Many(all) => all,
+        }
     }
 
     /// Copies `out.len()` bytes starting at byte `offset` of the list into `out`.
@@ -157,7 +191,7 @@ impl IoBuffers {
         assert!(offset + data.len() <= self.len, "write beyond the buffers");
         let mut skip = offset;
         let mut done = 0;
-        for segment in &mut self.segments {
+        for segment in self.segments_mut() {
             if done == data.len() {
                 break;
             }
@@ -189,7 +223,7 @@ impl IoBuffers {
     fn walk(&self, offset: usize, len: usize, mut visit: impl FnMut(&[u8], std::ops::Range<usize>)) {
         let mut skip = offset;
         let mut left = len;
-        for segment in &self.segments {
+        for segment in self.segments() {
             if left == 0 {
                 break;
             }
@@ -216,6 +250,24 @@ mod tests {
         assert_eq!(buffer.len(), 10_000);
         assert!(buffer.is_aligned(BUFFER_ALIGNMENT));
         assert!(buffer.as_slice().iter().all(|b| *b == 0));
+    }
+
+    #[test]
+    fn lists_of_zero_one_and_many_segments_agree() {
+        let empty = IoBuffers::from_segments(Vec::new());
+        assert!(empty.is_empty() && empty.segments().is_empty() && empty.into_segments().is_empty());
+        let mut built = IoBuffers::new();
+        for len in [4, 6, 2] {
+            built.push(DmaBuf::zeroed(len));
+            assert_eq!(built.len(), built.segments().iter().map(DmaBuf::len).sum::<usize>());
+        }
+        assert_eq!(built.segments().iter().map(DmaBuf::len).collect::<Vec<_>>(), [4, 6, 2]);
+        let mut single = IoBuffers::from_segments(vec![DmaBuf::zeroed(8)]);
+        single.write_at(3, &[1, 2, 3]);
+        assert_eq!(single.segments().len(), 1);
+        assert_eq!(single.to_vec(), [0, 0, 0, 1, 2, 3, 0, 0]);
+        single.segments_mut()[0].as_mut_slice()[0] = 9;
+        assert_eq!(single.into_segments()[0].as_slice(), &[9, 0, 0, 1, 2, 3, 0, 0]);
     }
 
     #[test]

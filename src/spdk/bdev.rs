@@ -658,18 +658,18 @@ impl<C: 'static> BdevIo<C> {
     /// Every returned buffer (and clone of the list) must be dropped before the I/O completes:
     /// the memory belongs to whoever submitted the I/O once it has completed.
     pub unsafe fn host_buffers(&self) -> IoBuffers {
-        let segments = self
-            .iovs()
-            .iter()
-            .filter(|iov| iov.iov_len > 0)
-            .map(|iov| {
-                // SAFETY: SPDK gives non-null buffers to submit_request (reads without one got
-                // one through spdk_bdev_io_get_buf first); valid until completion (contract).
-                let ptr = NonNull::new(iov.iov_base.cast::<u8>()).expect("a data buffer");
-                crate::device::DmaBuf::foreign(Box::new(HostMemory { ptr, len: iov.iov_len }))
-            })
-            .collect();
-        IoBuffers::from_segments(segments)
+        let buffer = |iov: &libc::iovec| {
+            // SAFETY: SPDK gives non-null buffers to submit_request (reads without one got
+            // one through spdk_bdev_io_get_buf first); valid until completion (contract).
+            let ptr = NonNull::new(iov.iov_base.cast::<u8>()).expect("a data buffer");
+            crate::device::DmaBuf::foreign(Box::new(HostMemory { ptr, len: iov.iov_len }))
+        };
+        let mut buffers = IoBuffers::new();
+        // No list collected first: the usual one iovec stays inline in the IoBuffers.
+        for iov in self.iovs().iter().filter(|iov| iov.iov_len > 0) {
+            buffers.push(buffer(iov));
+        }
+        buffers
     }
 
     /// Hands the I/O to another thread (for the volume's owner thread); only the submitting
