@@ -158,7 +158,9 @@ wait_idle() {
     while busy=$(busy_over_a_second) && ((busy >= 30)); do
         if ((waited % 30 == 0)); then
             printf 'waiting for the machine to be quiet: other processes use %d%% of a core (%d s so far)\n' "$busy" "$waited" >&2
-            ps -eo pcpu,args --sort=-pcpu | awk 'NR > 1 && $2 != "ps"' | head -2 | cut -c1-120 >&2
+            # `head` closes the pipe early: under pipefail the SIGPIPE of ps or awk (status 141)
+            # would end the calling script.
+            ps -eo pcpu,args --sort=-pcpu | awk 'NR > 1 && $2 != "ps"' | head -2 | cut -c1-120 >&2 || true
         fi
         if ((waited >= WAIT_MAX)); then
             echo "still busy after $WAIT_MAX s; measuring anyway" >&2
