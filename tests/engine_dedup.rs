@@ -75,7 +75,7 @@ fn start(volume: &mut Volume, step: &Step) -> chronicle::engine::MaintenanceHand
 /// Formats and writes the script's generations 1..=5; returns every image.
 fn prepare(media: &Media) -> BTreeMap<u64, Vec<u8>> {
     format(media.channels(), &FormatOptions { copy_base_to_backup: false, ..Default::default() }, &mut |_| {}).unwrap();
-    let mut volume = Volume::open(media.channels(), VolumeOptions::default()).unwrap();
+    let mut volume = Volume::open(media.channels(), script_options()).unwrap();
     let (x, y, z) = (content(3), content(5), content(7));
     let mut image = vec![0u8; UNITS as usize * UNIT];
     let mut images = BTreeMap::from([(0, image.clone())]);
@@ -129,8 +129,14 @@ fn read_restore(volume: &mut Volume, restore: chronicle::engine::RestoreId, tag:
     buffers.to_vec()
 }
 
+/// The script's shares are single units: every match is shared (no minimum run), so these
+/// tests exercise the sharing and retention mechanics; the run policy has its own test.
+fn script_options() -> VolumeOptions {
+    VolumeOptions { dedup_min_run: 1, ..VolumeOptions::default() }
+}
+
 fn open(media: &Media) -> Volume {
-    let mut volume = Volume::open(media.channels(), VolumeOptions::default()).unwrap();
+    let mut volume = Volume::open(media.channels(), script_options()).unwrap();
     // The content index is rebuilt in the background after open.
     volume.run_until_idle(&mut Vec::new());
     volume
@@ -242,7 +248,7 @@ fn a_power_cut_at_every_step_of_sharing_and_deleting_loses_nothing_and_leaks_not
         for k in 1.. {
             media.restore(&before);
             let (channels, controllers) = media.fault_channels(k * 31 + index as u64);
-            let mut volume = Volume::open(channels, VolumeOptions::default()).unwrap();
+            let mut volume = Volume::open(channels, script_options()).unwrap();
             volume.run_until_idle(&mut Vec::new());
             let history = &controllers[3];
             let done = |c: &FaultController| {
@@ -272,7 +278,7 @@ fn a_power_cut_at_every_step_of_sharing_and_deleting_loses_nothing_and_leaks_not
             );
             drop(reader);
             // Recovery opens the volume and leaves it verified too.
-            let volume = Volume::open(media.channels(), VolumeOptions::default()).unwrap();
+            let volume = Volume::open(media.channels(), script_options()).unwrap();
             close(volume);
             check_media(&media, &images, step.gone, &context);
             cut_points += 1;
@@ -285,4 +291,69 @@ fn a_power_cut_at_every_step_of_sharing_and_deleting_loses_nothing_and_leaks_not
     }
     assert!(cut_points >= 15, "{cut_points} cut points");
     eprintln!("{cut_points} power cuts across the five steps, none lost or leaked anything");
+}
+
+/// Contents unique to (`generation`, `block`).
+fn stamped(generation: u64, block: u64) -> Vec<u8> {
+    let mut bytes = content((generation * 31 + block % 251) as u8 | 1);
+    bytes[..16].copy_from_slice(&[generation.to_le_bytes(), block.to_le_bytes()].concat());
+    bytes
+}
+
+/// Merges whose output repeats another live record's contents at the blocks `unchanged`
+/// picks (every generation rewrites all `blocks`; generation 3 rewrites those with generation
+/// 2's contents, so H3 repeats H2 there, block for block). Deleting generation 4 merges H3
+/// and H4: the output (H3's elements) may point at H2's units. Then deleting generation 2
+/// merges H2 away and the units shared with it stay retained. Default options (the run
+/// policy in force). Returns the first merge's report and the retained extents and units
+/// after the second; every image is checked and `verify` passes.
+fn merge_repeating(blocks: u64, unchanged: impl Fn(u64) -> bool) -> (MergeReport, usize, u64) {
+    let media = Media::new(blocks, 4 * blocks, 8 * blocks);
+    format(media.channels(), &FormatOptions { copy_base_to_backup: false, ..Default::default() }, &mut |_| {}).unwrap();
+    let mut volume = Volume::open(media.channels(), VolumeOptions::default()).unwrap();
+    let mut image = vec![0u8; blocks as usize * UNIT];
+    let mut images = BTreeMap::from([(0, image.clone())]);
+    let mut completions = Vec::new();
+    for generation in 1..=5u64 {
+        for block in 0..blocks {
+            let from = if generation == 3 && unchanged(block) { 2 } else { generation };
+            image[block as usize * UNIT..][..UNIT].copy_from_slice(&stamped(from, block));
+        }
+        for (chunk, data) in image.chunks(64 * UNIT).enumerate() {
+            write(&mut volume, chunk as u64 * 64, data);
+        }
+        let marked = volume.mark_and_wait("g", &mut completions).unwrap();
+        images.insert(marked, image.clone());
+        volume.run_until_idle(&mut completions);
+    }
+    close(volume);
+    let mut volume = Volume::open(media.channels(), VolumeOptions::default()).unwrap();
+    volume.run_until_idle(&mut completions);
+    let report = run_step(&mut volume, &Step { name: "delete 4", delete: Some(4), merge: None, gone: &[4] });
+    images.remove(&4);
+    run_step(&mut volume, &Step { name: "delete 2", delete: Some(2), merge: None, gone: &[2] });
+    images.remove(&2);
+    close(volume);
+    let verified = check_media(&media, &images, &[], "after the merges").verify().unwrap();
+    (report, verified.retained_extents, verified.retained_units)
+}
+
+/// Dedup across records shares runs only (minimum run 16, at most 64 runs per merge): 128
+/// scattered single-unit matches are all stored (without the policy: 128 shares and 128
+/// retained extents later); 128 matches in one run store their first 15 and share 113 (one
+/// retained extent); 70 runs of 20 share 5 units in each of the first 64 runs and store the
+/// rest.
+#[test]
+fn scattered_matches_across_records_are_declined_and_runs_are_shared() {
+    let (scattered, extents, units) = merge_repeating(256, |block| block % 2 == 0);
+    assert_eq!((scattered.dedup_shared_across, scattered.dedup_declined_scattered), (0, 128), "{scattered:?}");
+    assert_eq!((extents, units), (0, 0), "nothing shared, nothing retained");
+
+    let (run, extents, units) = merge_repeating(256, |block| block < 128);
+    assert_eq!((run.dedup_shared_across, run.dedup_declined_scattered), (113, 15), "{run:?}");
+    assert_eq!((extents, units), (1, 113), "one run, one retained extent");
+
+    let (runs, extents, units) = merge_repeating(70 * 21, |block| block % 21 != 20);
+    assert_eq!((runs.dedup_shared_across, runs.dedup_declined_scattered), (64 * 5, 64 * 15 + 6 * 20), "{runs:?}");
+    assert_eq!((extents, units), (64, 64 * 5), "one retained extent per shared run, 64 at most");
 }

@@ -188,6 +188,9 @@ fn volume_options() -> VolumeOptions {
     VolumeOptions {
         // A 3-bit content hash: most dedup candidates are collisions the byte compare rejects.
         dedup_hash_bits: 3,
+        // Every match shared (tiny volumes have no runs): the cuts exercise the sharing
+        // mechanics; the run policy has its own test in engine_dedup.
+        dedup_min_run: 1,
         strict: false,
         max_host_in_flight: 64,
         sort: SortOptions { batch_elements: 3, max_in_flight: 4, rate_limit_bytes_per_second: None, automatic: true },

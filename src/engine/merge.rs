@@ -93,6 +93,11 @@ pub struct MergeReport {
     /// Of `dedup_shared`, elements pointing at a unit of another record or a retained extent.
     #[serde(default)]
     pub dedup_shared_across: u64,
+    /// Elements equal to another record's unit (byte compare) but stored all the same: the
+    /// first units of a run of matches (`VolumeOptions::dedup_min_run`), or runs past the
+    /// merge's budget of 64 (scattered shares cost retained extents later).
+    #[serde(default)]
+    pub dedup_declined_scattered: u64,
     /// History units retained extents hold after the operation (kept for other records'
     /// references to records that left the history).
     #[serde(default)]
@@ -394,6 +399,8 @@ pub(crate) async fn merge(
     // out as one write.
     let copied = async {
         let mut dedup = MergeDedup::new(hash_bits, dedup_room);
+        dedup.run_budget = shared_run_budget(&shared.borrow().meta.history_catalog);
+        dedup.min_run = shared.borrow().options.dedup_min_run.max(1);
         let mut table = Vec::with_capacity(elements as usize);
         for batch in plan.batches(options.batch_elements.max(1)) {
             let reads = batch.iter().map(|step| {
@@ -427,6 +434,7 @@ pub(crate) async fn merge(
                     step.source,
                 );
                 if dedup.enabled && !logical && owners.contains(step.source & ADDRESS_MASK) {
+                    dedup.run_next = None;
                     table.push(step.source | ADDRESS_SHARED);
                     dedup.shared += 1;
                     dedup.across += 1;
@@ -452,7 +460,12 @@ pub(crate) async fn merge(
                 // only proposes; ownership and a byte compare decide.
                 let mut across = None;
                 if twin.is_none() && dedup.enabled {
-                    let candidates = shared.borrow().content.candidates(hash);
+                    let mut candidates = shared.borrow().content.candidates(hash);
+                    // The unit continuing the current run first: a run costs one retained
+                    // extent later, however long it is.
+                    if let Some(at) = candidates.iter().position(|c| Some(*c) == dedup.run_next) {
+                        candidates[..=at].rotate_right(1);
+                    }
                     for candidate in candidates {
                         if !owners.contains(candidate) {
                             if !owners.in_sources(candidate) {
@@ -466,6 +479,16 @@ pub(crate) async fn merge(
                         }
                         dedup.mismatches += 1;
                     }
+                }
+                // Sharing less is always safe: a match in a run too short (so far) or past
+                // the merge's run budget is stored (see `MergeDedup::min_run`).
+                if let Some(address) = across {
+                    if !dedup.take_run(address) {
+                        across = None;
+                        dedup.declined_scattered += 1;
+                    }
+                } else {
+                    dedup.run_next = None;
                 }
                 match (twin, across) {
                     (Some(address), _) => {
@@ -609,6 +632,7 @@ pub(crate) async fn merge(
         s.control.dedup_shared_across += dedup.across;
         s.control.dedup_shared_elements += dedup.shared;
         s.control.dedup_mismatches += dedup.mismatches;
+        s.control.dedup_declined_scattered += dedup.declined_scattered;
         s.space_freed = true;
     }
     Ok(MergeReport {
@@ -620,6 +644,7 @@ pub(crate) async fn merge(
         dedup_shared: dedup.shared,
         dedup_mismatches: dedup.mismatches,
         dedup_shared_across: dedup.across,
+        dedup_declined_scattered: dedup.declined_scattered,
         retained_units: retention.retained_units(),
     })
 }
@@ -645,6 +670,35 @@ struct MergeDedup {
     /// Of `shared`, elements pointing at another record's or a retained extent's unit.
     across: u64,
     mismatches: u64,
+    /// Sharing across records goes by runs: consecutive output elements equal to consecutive
+    /// units of another record. Each run of units a record points at becomes one retained
+    /// extent (a catalog entry) once its owner leaves, and a record that shares at all pays
+    /// an address table (8 bytes per element); scattered matches (one run each) outran the
+    /// catalog, whose retained extents then got coarsened and kept unshared units too
+    /// (BENCHMARKS table 6b: +38 % at 25 % repeated content). So a run's first `min_run − 1`
+    /// matches are stored, the rest shared ([`VolumeOptions::dedup_min_run`](super::VolumeOptions)).
+    min_run: u64,
+    /// Runs this merge may still start sharing (at most `MERGE_SHARED_RUNS`).
+    run_budget: u64,
+    /// The unit that continues the run the previous element matched, if it matched one.
+    run_next: Option<u64>,
+    /// Matches in the current run, and whether it is shared.
+    run_length: u64,
+    run_taken: bool,
+    /// Matches across records stored all the same (a run's first units, or past the budget).
+    declined_scattered: u64,
+}
+
+/// Runs of units in other records one merge may share (each a retained extent later): 64
+/// keeps the catalog's 1,023 entries clear of coarsening for many merges (retained extents
+/// take at most half the free entries per change), and a file saved again is a few runs.
+const MERGE_SHARED_RUNS: u64 = 64;
+
+/// The merge's run budget: [`MERGE_SHARED_RUNS`], at most a quarter of the catalog's free
+/// entries (retained extents take at most half of them per change).
+fn shared_run_budget(catalog: &crate::core::format::catalog::Catalog) -> u64 {
+    let free = (catalog.capacity_entries as u64).saturating_sub(catalog.entries.len() as u64);
+    MERGE_SHARED_RUNS.min(free / 4)
 }
 
 /// Stored elements a merge indexes (about 32 bytes each: 32 MiB at most).
@@ -669,7 +723,28 @@ impl MergeDedup {
             shared: 0,
             across: 0,
             mismatches: 0,
+            min_run: 1,
+            run_budget: 0,
+            run_next: None,
+            run_length: 0,
+            run_taken: false,
+            declined_scattered: 0,
         }
+    }
+
+    /// Whether a confirmed match with another record's unit `address` is shared: when it
+    /// continues the run the previous element was shared into, or a new run fits the budget.
+    fn take_run(&mut self, address: u64) -> bool {
+        if self.run_next != Some(address) {
+            (self.run_length, self.run_taken) = (0, false);
+        }
+        self.run_length += 1;
+        self.run_next = Some(address + 1);
+        if !self.run_taken && self.run_length >= self.min_run && self.run_budget > 0 {
+            self.run_budget -= 1;
+            self.run_taken = true;
+        }
+        self.run_taken
     }
 
     fn hash(&self, bytes: &[u8]) -> u128 {
@@ -849,6 +924,7 @@ pub(crate) async fn drop_oldest(
         dedup_shared: 0,
         dedup_mismatches: 0,
         dedup_shared_across: 0,
+        dedup_declined_scattered: 0,
         retained_units: retention.retained_units(),
     })
 }

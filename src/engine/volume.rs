@@ -87,6 +87,9 @@ pub struct ControlCounters {
     /// Of `dedup_shared_elements`, elements shared with another record's (or a retained
     /// extent's) unit.
     pub dedup_shared_across: u64,
+    /// Matches across records merges stored instead of sharing: the first units of a run
+    /// (`VolumeOptions::dedup_min_run`) or runs past a merge's budget of 64.
+    pub dedup_declined_scattered: u64,
     pub generations_deleted: u64,
     /// History records compressed and decompressed (embodiment 8).
     pub compressions: u64,

@@ -939,6 +939,8 @@ struct DedupAcrossResult {
     /// extent's) unit instead of being stored.
     merged_elements: u64,
     shared_across: u64,
+    /// Matches across records stored all the same (past each merge's run budget).
+    declined_scattered: u64,
     saved_across_percent: f64,
     /// History units in use before and after the thinning, and the units retained for other
     /// records' pointers after it.
@@ -1020,7 +1022,8 @@ fn bench_dedup_across(options: &Options, unchanged_percent: u64, rng: &mut ChaCh
     settle(&mut volume)?;
     let units_before = volume.status().history_used_units;
     let list = records(&volume.status());
-    let (mut merges, mut merged_elements, mut shared_across, mut retained_units, mut seconds) = (0, 0, 0, 0, 0.0);
+    let (mut merges, mut merged_elements, mut shared_across, mut declined, mut retained_units, mut seconds) =
+        (0, 0, 0, 0, 0, 0.0);
     for index in (1..list.len()).rev().step_by(2) {
         progress(&format!("dedup across records, {unchanged_percent} %: deleting generation {}", list[index].0));
         let started = Instant::now();
@@ -1032,6 +1035,7 @@ fn bench_dedup_across(options: &Options, unchanged_percent: u64, rng: &mut ChaCh
         merges += 1;
         merged_elements += records(&volume.status()).iter().find(|r| r.0 == report.generation).map_or(0, |r| r.2);
         shared_across += report.dedup_shared_across;
+        declined += report.dedup_declined_scattered;
         retained_units = report.retained_units;
     }
     let units_after = volume.status().history_used_units;
@@ -1042,6 +1046,7 @@ fn bench_dedup_across(options: &Options, unchanged_percent: u64, rng: &mut ChaCh
         merges,
         merged_elements,
         shared_across,
+        declined_scattered: declined,
         saved_across_percent: 100.0 * shared_across as f64 / merged_elements.max(1) as f64,
         units_before,
         units_after,
@@ -1886,11 +1891,12 @@ impl Report {
             )?;
             writeln!(
                 out,
-                "   {:>9} {:>6} {:>15} {:>13} {:>12} {:>12} {:>11} {:>9} {:>9} {:>12}",
+                "   {:>9} {:>6} {:>15} {:>13} {:>9} {:>12} {:>12} {:>11} {:>9} {:>9} {:>12}",
                 "unchanged",
                 "merges",
                 "merged elements",
                 "shared across",
+                "declined",
                 "saved across",
                 "units before",
                 "units after",
@@ -1901,11 +1907,12 @@ impl Report {
             for r in rows {
                 writeln!(
                     out,
-                    "   {:>8}% {:>6} {:>15} {:>13} {:>11.1}% {:>12} {:>11} {:>9} {:>9.3} {:>12.0}",
+                    "   {:>8}% {:>6} {:>15} {:>13} {:>9} {:>11.1}% {:>12} {:>11} {:>9} {:>9.3} {:>12.0}",
                     r.unchanged_percent,
                     r.merges,
                     r.merged_elements,
                     r.shared_across,
+                    r.declined_scattered,
                     r.saved_across_percent,
                     r.units_before,
                     r.units_after,

@@ -180,6 +180,12 @@ fn maintain(dir: &Path, request: impl FnOnce(&mut Volume) -> chronicle::engine::
                 report.dedup_shared, report.dedup_shared_across, report.dedup_mismatches
             );
         }
+        if report.dedup_declined_scattered > 0 {
+            println!(
+                "  dedup: {} elements equal to another record's were stored all the same (scattered: sharing them would have cost more retained extents than the merge's run budget)",
+                report.dedup_declined_scattered
+            );
+        }
     }
     if report.retained_units > 0 {
         println!(
