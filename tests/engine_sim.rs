@@ -78,6 +78,7 @@ static DEDUP_SHARED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64
 static DEDUP_MISMATCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// Elements merges shared with another record's (or a retained extent's) unit.
 static DEDUP_ACROSS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static DEDUP_DECLINED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// Recoveries after which some units were retained (kept for another record's pointers after
 /// their own record left), and the retained units seen over them.
 static RETAINED_SEEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -184,13 +185,14 @@ static DEDUP_POOL: std::sync::LazyLock<Vec<Vec<u8>>> = std::sync::LazyLock::new(
         .collect()
 });
 
-fn volume_options() -> VolumeOptions {
+fn volume_options(seed: u64) -> VolumeOptions {
     VolumeOptions {
         // A 3-bit content hash: most dedup candidates are collisions the byte compare rejects.
         dedup_hash_bits: 3,
-        // Every match shared (tiny volumes have no runs): the cuts exercise the sharing
-        // mechanics; the run policy has its own test in engine_dedup.
-        dedup_min_run: 1,
+        // Mostly every match shared (tiny volumes have few runs), so the cuts exercise the
+        // sharing mechanics; one seed in four shares runs of two or more only, so merges
+        // that decline scattered matches are cut too.
+        dedup_min_run: if seed % 4 == 3 { 2 } else { 1 },
         strict: false,
         max_host_in_flight: 64,
         sort: SortOptions { batch_elements: 3, max_in_flight: 4, rate_limit_bytes_per_second: None, automatic: true },
@@ -528,7 +530,7 @@ fn run_seed(seed: u64, cycles: u64, durability: Durability, mode: JournalMode) -
         // Sometimes the power fails during recovery too.
         if rng.random_bool(0.15) {
             let (channels, controllers) = media.fault_channels(boot ^ 0xABCD);
-            let mut opening = Volume::begin_open(channels, volume_options());
+            let mut opening = Volume::begin_open(channels, volume_options(seed));
             let polls = rng.random_range(1..40);
             let mut opened = None;
             for _ in 0..polls {
@@ -547,7 +549,7 @@ fn run_seed(seed: u64, cycles: u64, durability: Durability, mode: JournalMode) -
         // Recover, then make everything durable so the media can be inspected directly.
         let (channels, controllers) = media.fault_channels(boot);
         let volume =
-            Volume::open(channels, volume_options()).map_err(|e| format!("cycle {cycle}: recovery failed: {e}"))?;
+            Volume::open(channels, volume_options(seed)).map_err(|e| format!("cycle {cycle}: recovery failed: {e}"))?;
         let status = volume.status();
         if (next_generation..=next_generation + unseen_seals).contains(&status.open_generation) {
             // Seals of the last marker or rollback may be durable though their completion was
@@ -684,7 +686,8 @@ fn run_seed(seed: u64, cycles: u64, durability: Durability, mode: JournalMode) -
 
         // Workload until the cut.
         let (channels, controllers) = media.fault_channels(boot ^ 0x5EED);
-        let mut volume = Volume::open(channels, volume_options()).map_err(|e| format!("cycle {cycle}: reopen: {e}"))?;
+        let mut volume =
+            Volume::open(channels, volume_options(seed)).map_err(|e| format!("cycle {cycle}: reopen: {e}"))?;
         let steps = rng.random_range(1..400);
         let mut outstanding: BTreeMap<u64, Outstanding> = BTreeMap::new();
         let mut flushes: BTreeMap<u64, u64> = BTreeMap::new();
@@ -871,6 +874,8 @@ fn run_seed(seed: u64, cycles: u64, durability: Durability, mode: JournalMode) -
                             DEDUP_SHARED.fetch_add(report.dedup_shared, std::sync::atomic::Ordering::Relaxed);
                             DEDUP_MISMATCHES.fetch_add(report.dedup_mismatches, std::sync::atomic::Ordering::Relaxed);
                             DEDUP_ACROSS.fetch_add(report.dedup_shared_across, std::sync::atomic::Ordering::Relaxed);
+                            DEDUP_DECLINED
+                                .fetch_add(report.dedup_declined_scattered, std::sync::atomic::Ordering::Relaxed);
                             for generation in gone {
                                 model.images.remove(&generation);
                             }
@@ -1129,10 +1134,11 @@ fn power_cuts_lose_no_acknowledged_write_and_keep_generations_exact() {
     let bitmap_resynced = BITMAP_RESYNCED.load(std::sync::atomic::Ordering::Relaxed);
     let bitmap_cuts = BITMAP_CUTS.load(std::sync::atomic::Ordering::Relaxed);
     let across = DEDUP_ACROSS.load(std::sync::atomic::Ordering::Relaxed);
+    let declined = DEDUP_DECLINED.load(std::sync::atomic::Ordering::Relaxed);
     let retained_seen = RETAINED_SEEN.load(std::sync::atomic::Ordering::Relaxed);
     let retained_units = RETAINED_UNITS.load(std::sync::atomic::Ordering::Relaxed);
     println!(
-        "{total} power cuts ({flush} in flush mode, {write_through} in write-through mode), {maintenance} merges and deletions ({shared} elements shared by dedup, {across} of them with another record, {mismatches} hash collisions told apart by the byte compare; {retained_seen} recoveries found units retained for other records, {retained_units} units in all), {compressions} records compressed ({compressions_all} on \"all\" mode volumes, {compressed_sharing} pointing at other records' units, {compression_retained} units retained for other records by compressions) and {decompressions} decompressed, {rollbacks} rollbacks, {reads} restore volume reads checked, {bitmap_writes} base-only writes (journal-full policy bitmap-only), {bitmap_resynced} blocks resynced into the journal, {bitmap_cuts} cuts with blocks tracked by the bitmap only, no invariant violated"
+        "{total} power cuts ({flush} in flush mode, {write_through} in write-through mode), {maintenance} merges and deletions ({shared} elements shared by dedup, {across} of them with another record, {declined} matches declined as scattered, {mismatches} hash collisions told apart by the byte compare; {retained_seen} recoveries found units retained for other records, {retained_units} units in all), {compressions} records compressed ({compressions_all} on \"all\" mode volumes, {compressed_sharing} pointing at other records' units, {compression_retained} units retained for other records by compressions) and {decompressions} decompressed, {rollbacks} rollbacks, {reads} restore volume reads checked, {bitmap_writes} base-only writes (journal-full policy bitmap-only), {bitmap_resynced} blocks resynced into the journal, {bitmap_cuts} cuts with blocks tracked by the bitmap only, no invariant violated"
     );
     if seeds >= 3 {
         assert!(bitmap_writes > 0 && bitmap_resynced > 0, "the bitmap-only mode engaged and switched back");
@@ -1143,6 +1149,9 @@ fn power_cuts_lose_no_acknowledged_write_and_keep_generations_exact() {
     }
     assert!(shared > 0 && mismatches > 0, "merges deduplicated and met collisions");
     assert!(across > 0, "merges shared elements across records");
+    if seeds >= 8 {
+        assert!(declined > 0, "merges declined scattered matches (the seeds sharing runs only)");
+    }
     assert!(retained_seen > 0, "deletions kept units other records point at");
     assert!(reads > 0, "restore volumes were read");
     assert!(maintenance > 0, "history maintenance ran");
