@@ -11,6 +11,19 @@ use chronicle::device::{Channel, Device};
 pub const UNIT: usize = 4096;
 pub const UNITS: u64 = 64;
 
+const NAMES: [&str; 4] = ["base", "journal", "backup", "history"];
+
+/// Bytes of the base, journal, backup and history of a volume of `units` units of 4 KiB.
+fn device_bytes(units: u64, journal_elements: u64, history_units: u64, options: &LayoutOptions) -> [u64; 4] {
+    let shape = VolumeShape { host_write_size: UNIT as u32, volume_blocks: units };
+    [
+        units * UNIT as u64,
+        layout::journal_bytes_for(&shape, options, journal_elements),
+        units * UNIT as u64,
+        layout::history_bytes_for(&shape, options, history_units),
+    ]
+}
+
 pub struct Devices([MemoryDevice; 4]);
 
 impl Devices {
@@ -26,15 +39,8 @@ impl Devices {
     /// As [`sized`](Self::sized), for a journal laid out with `options` (an open bitmap area
     /// for the journal-full policy bitmap-only, for one).
     pub fn sized_with(journal_elements: u64, history_units: u64, options: LayoutOptions) -> Self {
-        let shape = VolumeShape { host_write_size: UNIT as u32, volume_blocks: UNITS };
-        let sizes = [
-            UNITS * UNIT as u64,
-            layout::journal_bytes_for(&shape, &options, journal_elements),
-            UNITS * UNIT as u64,
-            layout::history_bytes_for(&shape, &options, history_units),
-        ];
-        let names = ["base", "journal", "backup", "history"];
-        Devices(std::array::from_fn(|i| MemoryDevice::new(names[i], MemoryOptions::new(512, sizes[i] / 512))))
+        let sizes = device_bytes(UNITS, journal_elements, history_units, &options);
+        Devices(std::array::from_fn(|i| MemoryDevice::new(NAMES[i], MemoryOptions::new(512, sizes[i] / 512))))
     }
 
     /// Device `role`: 0 base, 1 journal, 2 backup, 3 history.
@@ -54,17 +60,9 @@ pub struct Media([std::sync::Arc<MemoryDevice>; 4]);
 impl Media {
     /// A journal of `journal_elements` elements and a history of `history_units` units.
     pub fn new(units: u64, journal_elements: u64, history_units: u64) -> Self {
-        let shape = VolumeShape { host_write_size: UNIT as u32, volume_blocks: units };
-        let options = LayoutOptions::default();
-        let sizes = [
-            units * UNIT as u64,
-            layout::journal_bytes_for(&shape, &options, journal_elements),
-            units * UNIT as u64,
-            layout::history_bytes_for(&shape, &options, history_units),
-        ];
-        let names = ["base", "journal", "backup", "history"];
+        let sizes = device_bytes(units, journal_elements, history_units, &LayoutOptions::default());
         Media(std::array::from_fn(|i| {
-            std::sync::Arc::new(MemoryDevice::new(names[i], MemoryOptions::new(512, sizes[i] / 512)))
+            std::sync::Arc::new(MemoryDevice::new(NAMES[i], MemoryOptions::new(512, sizes[i] / 512)))
         }))
     }
 
