@@ -2,6 +2,8 @@
 //! the element type, no `unsafe`) or foreign memory that a backend owns (SPDK DMA memory, an
 //! io_uring registered buffer, a host iovec) behind the [`ForeignMemory`] trait.
 
+use smallvec::{smallvec, SmallVec};
+
 /// Alignment of heap buffers: enough for `O_DIRECT` on any common device.
 pub const BUFFER_ALIGNMENT: usize = 4096;
 
@@ -98,18 +100,10 @@ impl DmaBuf {
 /// A scatter-gather list (iovec) of buffers; its length is the sum of its segments.
 #[derive(Debug, Default)]
 pub struct IoBuffers {
-    segments: Segments,
+    /// One buffer inline, so the usual single-buffer operation (a host write's one iovec, an
+    /// index page) costs no heap allocation for its list.
+    segments: SmallVec<[DmaBuf; 1]>,
     len: usize,
-}
-
-/// The segments of a list: one buffer inline, so the usual single-buffer operation (a host
-/// write's one iovec, an index page) costs no heap allocation for its list.
-#[derive(Debug, Default)]
-enum Segments {
-    #[default]
-    Empty,
-    One(DmaBuf),
-    Many(Vec<DmaBuf>),
 }
 
 impl IoBuffers {
@@ -119,29 +113,17 @@ impl IoBuffers {
 
     pub fn single(buffer: DmaBuf) -> Self {
         let len = buffer.len();
-        IoBuffers { segments: Segments::One(buffer), len }
+        IoBuffers { segments: smallvec![buffer], len }
     }
 
-    pub fn from_segments(mut segments: Vec<DmaBuf>) -> Self {
+    pub fn from_segments(segments: Vec<DmaBuf>) -> Self {
         let len = segments.iter().map(DmaBuf::len).sum();
-        let segments = match segments.len() {
-            0 => Segments::Empty,
-            1 => Segments::One(segments.pop().expect("one segment")),
-            _ => Segments::Many(segments),
-        };
-        IoBuffers { segments, len }
+        IoBuffers { segments: SmallVec::from_vec(segments), len }
     }
 
     pub fn push(&mut self, buffer: DmaBuf) {
         self.len += buffer.len();
-        self.segments = match std::mem::take(&mut self.segments) {
-            Segments::Empty => Segments::One(buffer),
-            Segments::One(first) => Segments::Many(vec![first, buffer]),
-            Segments::Many(mut all) => {
-                all.push(buffer);
-                Segments::Many(all)
-            }
-        };
+        self.segments.push(buffer);
     }
 
     pub fn len(&self) -> usize {
@@ -153,27 +135,15 @@ impl IoBuffers {
     }
 
     pub fn segments(&self) -> &[DmaBuf] {
-        match &self.segments {
-            Segments::Empty => &[],
-            Segments::One(buffer) => std::slice::from_ref(buffer),
-            Segments::Many(all) => all,
-        }
+        &self.segments
     }
 
     pub fn segments_mut(&mut self) -> &mut [DmaBuf] {
-        match &mut self.segments {
-            Segments::Empty => &mut [],
-            Segments::One(buffer) => std::slice::from_mut(buffer),
-            Segments::Many(all) => all,
-        }
+        &mut self.segments
     }
 
     pub fn into_segments(self) -> Vec<DmaBuf> {
-        match self.segments {
-            Segments::Empty => Vec::new(),
-            Segments::One(buffer) => vec![buffer],
-            Segments::Many(all) => all,
-        }
+        self.segments.into_vec()
     }
 
     /// Copies `out.len()` bytes starting at byte `offset` of the list into `out`.
