@@ -778,23 +778,36 @@ fn inspect_into_a_closed_pipe_does_not_panic() {
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
-#[test]
-fn history_commands_merge_delete_list_and_restore_generations() {
-    let root = test_dir();
-    let dir = root.path().join("vol");
+/// A volume in `root`/vol with 64 MiB of journal and history, loaded for a second with a
+/// marker every `marker_every_ms`; its directory and ack log.
+fn loaded_volume(root: &Path, marker_every_ms: &str) -> (PathBuf, PathBuf) {
+    let dir = root.join("vol");
     format(&dir, &["--history-size", "64M", "--journal-size", "64M"]);
-    let ack_log = root.path().join("ack.log");
-    let load = chronicle(&[
+    let ack_log = root.join("ack.log");
+    chronicle(&[
         OsStr::new("load"),
         dir.as_os_str(),
         OsStr::new("--seconds"),
         OsStr::new("1"),
         OsStr::new("--marker-every-ms"),
-        OsStr::new("60"),
+        OsStr::new(marker_every_ms),
         OsStr::new("--ack-log"),
         ack_log.as_os_str(),
-    ]);
-    load.expect_ok();
+    ])
+    .expect_ok();
+    (dir, ack_log)
+}
+
+/// `chronicle generations DIR --json`, parsed.
+fn generations_json(dir: &Path) -> serde_json::Value {
+    let listed = chronicle(&[OsStr::new("generations"), dir.as_os_str(), OsStr::new("--json")]).expect_ok();
+    serde_json::from_str(&listed.stdout).expect("JSON")
+}
+
+#[test]
+fn history_commands_merge_delete_list_and_restore_generations() {
+    let root = test_dir();
+    let (dir, ack_log) = loaded_volume(root.path(), "60");
     let listed = chronicle(&[OsStr::new("generations"), dir.as_os_str()]).expect_ok();
     assert!(listed.stdout.contains("history") && listed.stdout.contains("load marker 0"), "{}", listed.describe());
 
@@ -812,8 +825,7 @@ fn history_commands_merge_delete_list_and_restore_generations() {
     let dropped =
         chronicle(&[OsStr::new("delete-generation"), dir.as_os_str(), OsStr::new("--generation"), OsStr::new("0")]);
     dropped.expect_ok();
-    let listed = chronicle(&[OsStr::new("generations"), dir.as_os_str(), OsStr::new("--json")]).expect_ok();
-    let list: serde_json::Value = serde_json::from_str(&listed.stdout).expect("JSON");
+    let list = generations_json(&dir);
     let states: Vec<(u64, u64, String)> = list
         .as_array()
         .unwrap()
@@ -921,8 +933,7 @@ fn all_mode_restores_any_sequence_and_refuses_what_it_does_not_keep() {
         "{}",
         listed.describe()
     );
-    let listed = chronicle(&[OsStr::new("generations"), dir.as_os_str(), OsStr::new("--json")]).expect_ok();
-    let list: serde_json::Value = serde_json::from_str(&listed.stdout).expect("JSON");
+    let list = generations_json(&dir);
     let open = list.as_array().unwrap().last().unwrap().clone();
     assert_eq!(open["state"], "open");
     let versions = &open["versions"];
@@ -1081,20 +1092,7 @@ fn bitmap_only_keeps_writing_with_a_tiny_journal_and_loses_nothing() {
 #[test]
 fn compress_and_decompress_a_generation_keep_its_image_and_show_the_space() {
     let root = test_dir();
-    let dir = root.path().join("vol");
-    format(&dir, &["--history-size", "64M", "--journal-size", "64M"]);
-    let ack_log = root.path().join("ack.log");
-    chronicle(&[
-        OsStr::new("load"),
-        dir.as_os_str(),
-        OsStr::new("--seconds"),
-        OsStr::new("1"),
-        OsStr::new("--marker-every-ms"),
-        OsStr::new("100"),
-        OsStr::new("--ack-log"),
-        ack_log.as_os_str(),
-    ])
-    .expect_ok();
+    let (dir, ack_log) = loaded_volume(root.path(), "100");
     let restore = |generation: &str, name: &str| {
         let output = root.path().join(name);
         chronicle(&[
@@ -1115,8 +1113,7 @@ fn compress_and_decompress_a_generation_keep_its_image_and_show_the_space() {
     let before = restore("0", "before.img");
     let compressed = generation("compress");
     assert!(compressed.stdout.contains("compressed generation 0:"), "{}", compressed.describe());
-    let listed = chronicle(&[OsStr::new("generations"), dir.as_os_str(), OsStr::new("--json")]).expect_ok();
-    let list: serde_json::Value = serde_json::from_str(&listed.stdout).expect("JSON");
+    let list = generations_json(&dir);
     let record = &list.as_array().unwrap()[0];
     assert_eq!(record["compressed"], true, "{record}");
     assert!(record["stored_bytes"].as_u64().unwrap() < record["original_bytes"].as_u64().unwrap(), "{record}");
