@@ -247,7 +247,12 @@ fn nvme_tcp_export_is_driven_by_a_second_application_while_markers_cut_generatio
 
     // The I/O reached the volume from nvmf's poll-group threads (by message), none failed.
     let status = target.result("bdev_chronicle_get_status", Some(json!({"name": "Net"})));
-    assert!(status["io"]["remote_submissions"].as_u64().unwrap_or(0) > 0, "{status}");
+    let remote = status["io"]["remote_submissions"].as_u64().unwrap_or(0);
+    assert!(remote > 0, "{status}");
+    // They came in batches (one doorbell message for one or more I/Os) and went home the same way.
+    let batches = status["io"]["remote_batches"].as_u64().expect("remote_batches");
+    assert!((1..=remote).contains(&batches), "{status}");
+    assert!(status["io"]["reply_batches"].as_u64().expect("reply_batches") >= 1, "{status}");
     assert_eq!(status["io"]["completed_with_error"], json!(0), "{status}");
     assert_eq!(status["volume"]["host"]["write_errors"], json!(0), "{status}");
     assert_eq!(status["volume"]["failed"], Value::Null, "{status}");

@@ -451,8 +451,8 @@ impl ChronicleBdev {
 
 /// A thread's channel to a chronicle bdev.
 pub struct ChronicleChannel {
-    id: u64,
-    owner: ThreadHandle,
+    /// Where writes (and reads during a rollback) go: the volume, or this thread's hop to it.
+    path: volume::HostPath,
     /// This thread's channel to the base, for reads.
     base: IoChannel,
 }
@@ -462,7 +462,8 @@ impl VirtualBdev for ChronicleBdev {
     type Channel = ChronicleChannel;
 
     fn create_channel(&self) -> Result<ChronicleChannel, Errno> {
-        Ok(ChronicleChannel { id: self.id, owner: self.owner, base: self.base.desc().io_channel()? })
+        let path = volume::HostPath::new(self.id, None, self.owner)?;
+        Ok(ChronicleChannel { path, base: self.base.desc().io_channel()? })
     }
 
     fn submit_request(&self, channel: &mut ChronicleChannel, io: BdevIo<volume::HostIoCtx>) {
@@ -477,7 +478,7 @@ impl VirtualBdev for ChronicleBdev {
             return;
         }
         match host_request(&io) {
-            Some(request) => volume::submit_io(channel.id, None, channel.owner, io, request),
+            Some(request) => volume::submit_io(&channel.path, io, request),
             None => io.complete(IoStatus::Failed),
         }
     }
@@ -555,11 +556,10 @@ impl RestoreBdev {
     }
 }
 
-/// A thread's channel to an R-VOL bdev: where its I/O goes.
+/// A thread's channel to an R-VOL bdev: where its I/O goes (the volume, or this thread's hop
+/// to it).
 pub struct RestoreChannel {
-    volume: u64,
-    restore: RestoreId,
-    owner: ThreadHandle,
+    path: volume::HostPath,
 }
 
 impl VirtualBdev for RestoreBdev {
@@ -567,12 +567,12 @@ impl VirtualBdev for RestoreBdev {
     type Channel = RestoreChannel;
 
     fn create_channel(&self) -> Result<RestoreChannel, Errno> {
-        Ok(RestoreChannel { volume: self.volume, restore: self.restore, owner: self.owner })
+        Ok(RestoreChannel { path: volume::HostPath::new(self.volume, Some(self.restore), self.owner)? })
     }
 
     fn submit_request(&self, channel: &mut RestoreChannel, io: BdevIo<volume::HostIoCtx>) {
         match host_request(&io) {
-            Some(request) => volume::submit_io(channel.volume, Some(channel.restore), channel.owner, io, request),
+            Some(request) => volume::submit_io(&channel.path, io, request),
             None => io.complete(IoStatus::Failed),
         }
     }

@@ -12,12 +12,16 @@
 //!   nothing registered, the waiting RPC answered with the reason
 //! ```
 //!
-//! Host I/O reaches the volume by message from any SPDK thread (directly on the app thread)
-//! and completes on the thread that submitted it.
+//! Host I/O reaches the volume from any SPDK thread (directly on the app thread) and completes
+//! on the thread that submitted it. Between threads it goes by [`Hop`]: one bounded queue each
+//! way per (submitting thread, bdev), with a doorbell, so a burst of I/Os costs one message
+//! each way (docs/SPDK.md, "Crossing threads").
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -31,8 +35,9 @@ use super::bdev::{
 use super::bdev_chronicle::{Chronicle, ChronicleBdev, RestoreBdev, SuperblockRead, SuperblockState};
 use super::bdev_module;
 use super::device::SpdkDevice;
+use super::doorbell::DoorbellQueue;
 use super::poller::{PollStatus, Poller};
-use super::thread::{Thread, ThreadHandle};
+use super::thread::{Doorbell, Thread, ThreadHandle};
 use super::{bdev_chronicle, vbdev, Errno};
 use crate::core::format::superblock::{
     DeviceRole, Durability, JournalFullPolicy, JournalMode, Superblock, VOLUME_NAME_BYTES,
@@ -47,9 +52,11 @@ use crate::engine::{
 /// The four bdev roles, in the engine's device order.
 const ROLES: [&str; 4] = ["base", "journal", "backup", "history"];
 
-/// Replies that could not be sent (SPDK's message pool was empty) wait here; bounded by the
-/// I/Os in flight, which the bdev layer bounds.
-const REPLY_RETRY_LIMIT: usize = 1 << 16;
+/// Host I/Os a [`Hop`]'s queue holds at most, each way. The bdev layer bounds the I/Os of a
+/// channel well below this (its `bdev_io` pool: 64 Ki by default, for every bdev together); a
+/// full queue answers `NoMem` (the bdev layer retries), a full reply queue keeps the rest of
+/// the replies with the volume for its next poll.
+const HOP_QUEUE_LIMIT: usize = 1 << 16;
 
 /// examine: another module's examine (lvol's, for one) may hold a bdev for a moment; the claim
 /// is retried this many times, [`CLAIM_RETRY_DELAY`] apart, before the volume is given up.
@@ -345,17 +352,95 @@ impl HostState {
 enum PendingIo {
     /// Submitted on the app thread: completed in place.
     Local(BdevIo<IoCtx>),
-    /// Submitted on another thread: completed there, by message.
-    Remote(DetachedIo<IoCtx>),
+    /// Submitted on another thread: completed there, through the hop (the volume's slot of
+    /// it) it came by.
+    Remote(DetachedIo<IoCtx>, usize),
 }
 
 /// Counters of the module's I/O path (the engine counts the rest).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct HostCounters {
     pub local_submissions: u64,
+    /// Host I/Os that came from other threads, and the doorbell messages that brought them
+    /// (I/Os per batch = remote_submissions / remote_batches).
     pub remote_submissions: u64,
+    pub remote_batches: u64,
+    /// Messages that carried completions home to other threads.
+    pub reply_batches: u64,
+    /// Doorbells home that SPDK's message pool refused, rung again from the next poll.
     pub reply_retries: u64,
     pub completed_with_error: u64,
+}
+
+/// The way between one submitting thread's channel and a volume (its chronicle bdev, or one
+/// R-VOL): host I/Os queue towards the volume's thread and their completions back, one
+/// doorbell message per batch each way. Created with the channel on the submitting thread;
+/// the volume adopts it at its first arrival.
+pub(crate) struct Hop {
+    volume: u64,
+    restore: Option<RestoreId>,
+    owner: ThreadHandle,
+    home: ThreadHandle,
+    /// Detached I/Os with their requests; pushed only by the channel's thread, taken only on
+    /// the volume's. The request travels beside the I/O, not in its driver context: the
+    /// volume's thread reads the queue in order and never touches the `bdev_io` itself.
+    to_volume: DoorbellQueue<(DetachedIo<IoCtx>, HostRequest)>,
+    /// Detached I/Os with their status; pushed on the volume's thread, taken on the channel's.
+    to_home: DoorbellQueue<(DetachedIo<IoCtx>, IoStatus)>,
+    /// The hop's slot in its volume's table, `usize::MAX` until adopted; read and written only
+    /// on the volume's thread (a hop leads to one volume).
+    slot: AtomicUsize,
+}
+
+/// Where a channel's host I/Os go: on the volume's own thread straight to it, from any other
+/// thread by the channel's [`Hop`].
+pub(crate) struct HostPath {
+    volume: u64,
+    restore: Option<RestoreId>,
+    hop: Option<Arc<Hop>>,
+}
+
+impl HostPath {
+    /// The path of a channel created on the calling thread to volume `volume` (or its R-VOL
+    /// `restore`), which lives on `owner`.
+    pub(crate) fn new(volume: u64, restore: Option<RestoreId>, owner: ThreadHandle) -> Result<Self, Errno> {
+        let home = Thread::current().ok_or(Errno::EPERM)?.handle();
+        let hop = (home != owner).then(|| {
+            Arc::new(Hop {
+                volume,
+                restore,
+                owner,
+                home,
+                to_volume: DoorbellQueue::new(HOP_QUEUE_LIMIT),
+                to_home: DoorbellQueue::new(HOP_QUEUE_LIMIT),
+                slot: AtomicUsize::new(usize::MAX),
+            })
+        });
+        Ok(HostPath { volume, restore, hop })
+    }
+}
+
+/// The volume's side of a hop.
+struct HopEntry {
+    hop: Arc<Hop>,
+    /// Completions gathered during one poll, sent home together.
+    outbox: Vec<(DetachedIo<IoCtx>, IoStatus)>,
+    /// I/Os of this hop the volume holds (pending or in the outbox).
+    held: usize,
+    /// The slot is in `VolumeHost::replies_due`.
+    due: bool,
+}
+
+impl HopEntry {
+    /// Its channel is gone (only this table holds the hop: no message carries it either) and
+    /// nothing of it is left anywhere.
+    fn finished(&self) -> bool {
+        Arc::strong_count(&self.hop) == 1
+            && self.held == 0
+            && !self.due
+            && self.hop.to_volume.is_empty()
+            && self.hop.to_home.is_empty()
+    }
 }
 
 /// One volume and everything it holds in SPDK.
@@ -367,7 +452,13 @@ pub(crate) struct VolumeHost {
     descs: RefCell<Vec<Rc<BdevDesc>>>,
     poller: RefCell<Option<Poller>>,
     pending: RefCell<Slab<PendingIo>>,
-    replies: RefCell<VecDeque<DetachedIo<IoCtx>>>,
+    /// The hops of the channels on other threads that sent I/O here (pruned of finished ones
+    /// when a new one arrives: bounded by the live channels).
+    hops: RefCell<Slab<HopEntry>>,
+    /// Slots of `hops` with replies to send home (or a doorbell to ring again).
+    replies_due: RefCell<Vec<usize>>,
+    /// The batch buffer arrivals are taken into (reused: no allocation per batch).
+    arrivals: RefCell<VecDeque<(DetachedIo<IoCtx>, HostRequest)>>,
     completions: RefCell<Vec<HostCompletion>>,
     waiters: RefCell<Vec<CreateWaiter>>,
     /// Claim attempts left (examine retries while another module's examine holds a bdev).
@@ -520,7 +611,9 @@ pub fn create(config: VolumeConfig, mode: CreateMode, done: Waiter) {
             descs: RefCell::new(Vec::new()),
             poller: RefCell::new(None),
             pending: RefCell::new(Slab::new()),
-            replies: RefCell::new(VecDeque::new()),
+            hops: RefCell::new(Slab::new()),
+            replies_due: RefCell::new(Vec::new()),
+            arrivals: RefCell::new(VecDeque::new()),
             completions: RefCell::new(Vec::with_capacity(256)),
             waiters: RefCell::new(vec![CreateWaiter { asked: None, done }]),
             claim_retries: Cell::new(if mode == CreateMode::OpenOnly { CLAIM_RETRIES } else { 0 }),
@@ -799,6 +892,9 @@ impl VolumeHost {
         for io in pending {
             self.complete(io, IoStatus::Failed);
         }
+        // Completions go home now: no poll comes after this one.
+        self.send_replies();
+        self.send_replies_one_by_one();
         // Requests still waiting (none after a close: the engine finishes its tasks first)
         // are answered, never left hanging.
         let gone = || VolumeError::Failed(format!("chronicle volume {} closed", self.config.borrow().name));
@@ -819,7 +915,7 @@ impl VolumeHost {
 
     /// One turn of the volume's poller.
     fn poll(self: &Rc<Self>) -> PollStatus {
-        let mut busy = self.retry_replies();
+        let mut busy = false;
         let mut completions = std::mem::take(&mut *self.completions.borrow_mut());
         let event = {
             let mut state = self.state.borrow_mut();
@@ -864,6 +960,8 @@ impl VolumeHost {
         busy |= self.finish_maintenance();
         busy |= self.finish_compressions();
         busy |= self.finish_restore_opens();
+        // One message per thread for everything this turn completed.
+        busy |= self.send_replies();
         match event {
             None => {}
             Some(Event::Opened) => self.opened(),
@@ -1204,22 +1302,93 @@ impl VolumeHost {
     fn complete(&self, io: PendingIo, status: IoStatus) {
         match io {
             PendingIo::Local(io) => io.complete(status),
-            PendingIo::Remote(io) => send_home(io, status, Some(self)),
+            PendingIo::Remote(io, slot) => {
+                let mut hops = self.hops.borrow_mut();
+                let entry = &mut hops[slot];
+                entry.held -= 1;
+                entry.outbox.push((io, status));
+                if !entry.due {
+                    entry.due = true;
+                    self.replies_due.borrow_mut().push(slot);
+                }
+            }
         }
     }
 
-    /// Sends the replies SPDK's message pool refused earlier (their status is in their context).
-    fn retry_replies(&self) -> bool {
-        let count = self.replies.borrow().len();
-        for _ in 0..count {
-            let Some(io) = self.replies.borrow_mut().pop_front() else { break };
-            let thread = io.thread();
-            if let Err((_, io)) = io.send(thread, arrive_home) {
-                self.replies.borrow_mut().push_front(io);
-                break;
-            }
+    /// The doorbell of `hop` rang on the volume's thread: takes its whole batch of I/Os.
+    fn arrive(&self, hop: &Arc<Hop>) {
+        let slot = self.adopt(hop);
+        let mut batch = std::mem::take(&mut *self.arrivals.borrow_mut());
+        hop.to_volume.take_all(&mut batch);
+        if !batch.is_empty() {
+            let mut counters = self.counters.borrow_mut();
+            counters.remote_submissions += batch.len() as u64;
+            counters.remote_batches += 1;
+            self.hops.borrow_mut()[slot].held += batch.len();
         }
-        count > 0
+        for (io, request) in batch.drain(..) {
+            self.submit(PendingIo::Remote(io, slot), request, hop.restore);
+        }
+        *self.arrivals.borrow_mut() = batch;
+        // Refused I/Os (the volume closing) go home at once.
+        self.send_replies();
+    }
+
+    /// The volume's slot of `hop`, adopting it at its first arrival.
+    fn adopt(&self, hop: &Arc<Hop>) -> usize {
+        let slot = hop.slot.load(Ordering::Relaxed);
+        if slot != usize::MAX {
+            return slot;
+        }
+        let mut hops = self.hops.borrow_mut();
+        // Hops of channels that are gone leave first: the table holds live channels only.
+        hops.retain(|_, entry| !entry.finished());
+        let slot = hops.insert(HopEntry { hop: hop.clone(), outbox: Vec::new(), held: 0, due: false });
+        hop.slot.store(slot, Ordering::Relaxed);
+        slot
+    }
+
+    /// Sends the completions gathered since the last call home, one doorbell message per hop
+    /// (a doorbell already outstanding takes them too); whether there were any. A doorbell
+    /// SPDK refuses is rung again next time.
+    fn send_replies(&self) -> bool {
+        let mut due = self.replies_due.borrow_mut();
+        if due.is_empty() {
+            return false;
+        }
+        let mut hops = self.hops.borrow_mut();
+        let mut counters = self.counters.borrow_mut();
+        due.retain(|&slot| {
+            let entry = &mut hops[slot];
+            if entry.hop.to_home.push_all(&mut entry.outbox) {
+                match entry.hop.home.ring::<AtHome>(entry.hop.clone()) {
+                    Ok(()) => counters.reply_batches += 1,
+                    Err(_) => {
+                        entry.hop.to_home.ring_failed();
+                        counters.reply_retries += 1;
+                        return true;
+                    }
+                }
+            }
+            // What did not fit (a full queue) goes next time.
+            entry.due = !entry.outbox.is_empty();
+            entry.due
+        });
+        true
+    }
+
+    /// Teardown, after `send_replies`: replies whose doorbell SPDK refused have no poll left
+    /// to ring again; each goes home in a message of its own.
+    fn send_replies_one_by_one(&self) {
+        let due = std::mem::take(&mut *self.replies_due.borrow_mut());
+        let mut hops = self.hops.borrow_mut();
+        for slot in due {
+            let entry = &mut hops[slot];
+            entry.due = false;
+            let mut queued = VecDeque::new();
+            entry.hop.to_home.take_all(&mut queued);
+            queued.into_iter().chain(entry.outbox.drain(..)).for_each(send_one_home);
+        }
     }
 
     fn finish_maintenance(&self) -> bool {
@@ -1253,15 +1422,64 @@ enum Event {
     Closed(Result<(), EngineError>),
 }
 
-/// What a host I/O carries in its driver context across threads: the request on the way to
-/// the volume's thread, the status on the way back. Nothing is allocated for the trip
-/// ([`DetachedIo::send`]).
+/// What a host I/O carries in its driver context: its status, when it goes home in a message
+/// of its own ([`send_one_home`]; hops carry the request and the status beside the I/O).
 pub enum HostIoCtx {
-    Request { id: u64, restore: Option<RestoreId>, request: HostRequest },
     Done(IoStatus),
 }
 
-/// A completion arrives on the submitting thread.
+/// A hop's doorbell towards the volume's thread.
+enum AtVolume {}
+
+impl Doorbell for AtVolume {
+    type Target = Hop;
+    fn rang(hop: Arc<Hop>) {
+        match host_by_id(hop.volume) {
+            Some(host) => host.arrive(&hop),
+            // The volume is gone: the batch fails at home.
+            None => {
+                let mut batch = VecDeque::new();
+                hop.to_volume.take_all(&mut batch);
+                let mut failed: Vec<_> = batch.into_iter().map(|(io, _request)| (io, IoStatus::Failed)).collect();
+                if hop.to_home.push_all(&mut failed) {
+                    if let Err((_, hop)) = hop.home.ring::<AtHome>(hop.clone()) {
+                        // No volume poll will ring again: one message each.
+                        hop.to_home.ring_failed();
+                        let mut queued = VecDeque::new();
+                        hop.to_home.take_all(&mut queued);
+                        queued.into_iter().for_each(send_one_home);
+                    }
+                }
+                failed.into_iter().for_each(send_one_home);
+            }
+        }
+    }
+}
+
+/// A hop's doorbell towards the submitting thread: its completions arrive.
+enum AtHome {}
+
+thread_local! {
+    /// The batch buffer completions are taken into on this thread (reused).
+    static HOME_BATCH: RefCell<VecDeque<(DetachedIo<IoCtx>, IoStatus)>> = const { RefCell::new(VecDeque::new()) };
+}
+
+impl Doorbell for AtHome {
+    type Target = Hop;
+    fn rang(hop: Arc<Hop>) {
+        let mut batch = HOME_BATCH.with(|batch| std::mem::take(&mut *batch.borrow_mut()));
+        hop.to_home.take_all(&mut batch);
+        for (io, status) in batch.drain(..) {
+            match io.attach() {
+                Ok(io) => io.complete(status),
+                Err(_) => unreachable!("a hop's replies run on the I/O's own thread"),
+            }
+        }
+        HOME_BATCH.with(|spare| *spare.borrow_mut() = batch);
+    }
+}
+
+/// A completion sent by [`send_one_home`] arrives on the submitting thread.
 fn arrive_home(mut io: DetachedIo<IoCtx>) {
     let status = match io.take_ctx() {
         Some(HostIoCtx::Done(status)) => status,
@@ -1273,71 +1491,54 @@ fn arrive_home(mut io: DetachedIo<IoCtx>) {
     }
 }
 
-/// A host I/O arrives on the volume's thread.
-fn arrive_at_volume(mut io: DetachedIo<IoCtx>) {
-    let Some(HostIoCtx::Request { id, restore, request }) = io.take_ctx() else {
-        return send_home(io, IoStatus::Failed, None);
-    };
-    match host_by_id(id) {
-        Some(host) => {
-            host.counters.borrow_mut().remote_submissions += 1;
-            host.submit(PendingIo::Remote(io), request, restore)
-        }
-        // The volume is gone: fail the I/O at home.
-        None => send_home(io, IoStatus::Failed, None),
-    }
-}
-
-/// Sends a completed I/O back to its thread; if SPDK's message pool is empty, parks it with
-/// `host` to retry from its poller (or leaks it, loudly, without a host).
-fn send_home(mut io: DetachedIo<IoCtx>, status: IoStatus, host: Option<&VolumeHost>) {
+/// Sends one completed I/O home in a message of its own (teardown only, when a doorbell was
+/// refused); if that is refused too, its Drop tries once more and logs.
+fn send_one_home((mut io, status): (DetachedIo<IoCtx>, IoStatus)) {
     io.set_ctx(HostIoCtx::Done(status));
     let thread = io.thread();
     if let Err((_, io)) = io.send(thread, arrive_home) {
-        match host {
-            Some(host) => {
-                host.counters.borrow_mut().reply_retries += 1;
-                let mut replies = host.replies.borrow_mut();
-                assert!(replies.len() < REPLY_RETRY_LIMIT, "replies to other threads pile up");
-                replies.push_back(io);
-            }
-            None => {
-                spdk_error!("chronicle: cannot send an I/O completion home (no message memory); retrying");
-                // Its Drop sends it home to fail (or leaks it if that fails too).
-                drop(io);
-            }
-        }
+        spdk_error!("chronicle: cannot send an I/O completion home (no message memory); retrying");
+        drop(io);
     }
 }
 
-/// The chronicle bdev's entry for host I/O, on the submitting thread: `owner` is the volume's
-/// thread. Zero copy: the request carries the I/O's own buffers.
-pub(crate) fn submit_io(
-    id: u64,
-    restore: Option<RestoreId>,
-    owner: ThreadHandle,
-    io: BdevIo<IoCtx>,
-    request: HostRequest,
-) {
-    if owner.is_current() {
-        match host_by_id(id) {
+/// Gives an I/O that could not reach the volume's thread back to the bdev layer as `NoMem`
+/// (it retries it later), on the submitting thread.
+fn give_back((io, request): (DetachedIo<IoCtx>, HostRequest)) {
+    // The host's buffers are let go before the I/O completes (BdevIo::host_buffers).
+    drop(request);
+    match io.attach() {
+        Ok(io) => io.complete(IoStatus::NoMem),
+        Err(_) => unreachable!("still on the submitting thread"),
+    }
+}
+
+/// The chronicle bdev's entry for host I/O (and an R-VOL's), on the submitting thread. Zero
+/// copy: the request carries the I/O's own buffers.
+pub(crate) fn submit_io(path: &HostPath, io: BdevIo<IoCtx>, request: HostRequest) {
+    let Some(hop) = &path.hop else {
+        match host_by_id(path.volume) {
             Some(host) => {
                 host.counters.borrow_mut().local_submissions += 1;
-                host.submit(PendingIo::Local(io), request, restore)
+                host.submit(PendingIo::Local(io), request, path.restore)
             }
             None => io.complete(IoStatus::Failed),
         }
         return;
-    }
-    let mut io = io.detach();
-    io.set_ctx(HostIoCtx::Request { id, restore, request });
-    if let Err((_, mut io)) = io.send(owner, arrive_at_volume) {
-        // SPDK's message pool is empty: the bdev layer retries a NOMEM I/O later.
-        drop(io.take_ctx());
-        match io.attach() {
-            Ok(io) => io.complete(IoStatus::NoMem),
-            Err(_) => unreachable!("still on the submitting thread"),
+    };
+    match hop.to_volume.push((io.detach(), request)) {
+        Ok(false) => {}
+        Ok(true) => {
+            if let Err((_, hop)) = hop.owner.ring::<AtVolume>(hop.clone()) {
+                // SPDK's message pool is empty and no doorbell is outstanding, so nothing will
+                // take the queue: what it holds (this I/O only: every ring empties it) goes back
+                // to the bdev layer, which retries NoMem I/Os later.
+                let mut queued = VecDeque::new();
+                hop.to_volume.take_all(&mut queued);
+                queued.into_iter().for_each(give_back);
+            }
         }
+        Err(refused) => give_back(refused),
     }
 }
 

@@ -32,6 +32,7 @@ pub mod thread;
 pub mod vbdev;
 
 pub mod device;
+pub mod doorbell;
 
 pub mod bdev_chronicle;
 pub mod bdev_chronicle_load;

@@ -7,6 +7,7 @@
 
 use std::ffi::{c_void, CStr};
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 use super::{ffi, Errno, NotSend};
 
@@ -60,6 +61,13 @@ impl Thread {
 /// Something to run on another SPDK thread ([`ThreadHandle::send`]).
 pub trait Message: Send + 'static {
     fn run(self);
+}
+
+/// What runs when a doorbell rings on a thread ([`ThreadHandle::ring`]): `rang` gets the
+/// shared object the ring carried (e.g. a queue to drain).
+pub trait Doorbell: 'static {
+    type Target: Send + Sync + 'static;
+    fn rang(target: Arc<Self::Target>);
 }
 
 /// A closure as a [`Message`].
@@ -126,6 +134,25 @@ impl ThreadHandle {
             // SAFETY: SPDK refused the message, so `ctx` is still ours and was never run.
             let message = unsafe { Box::from_raw(ctx) };
             return Err((Errno(rc.abs()), *message));
+        }
+        Ok(())
+    }
+
+    /// Runs `D::rang(target)` on the thread, later, without allocating: the `Arc` itself is
+    /// SPDK's message argument. Given back if SPDK's message pool is empty (`ENOMEM`).
+    pub fn ring<D: Doorbell>(&self, target: Arc<D::Target>) -> Result<(), (Errno, Arc<D::Target>)> {
+        unsafe extern "C" fn run<D: Doorbell>(ctx: *mut c_void) {
+            // SAFETY: `ctx` is the Arc::into_raw below, handed to SPDK once and given back
+            // exactly once, to this function: the reference it counts is taken back here.
+            let target = unsafe { Arc::from_raw(ctx.cast::<D::Target>().cast_const()) };
+            D::rang(target);
+        }
+        let ctx = Arc::into_raw(target).cast_mut();
+        // SAFETY: `raw` is a live thread; `run::<D>` matches `ctx`'s type; SPDK calls it once.
+        let rc = unsafe { ffi::spdk_thread_send_msg(self.raw.as_ptr(), Some(run::<D>), ctx.cast()) };
+        if rc != 0 {
+            // SAFETY: SPDK refused the message, so the reference `ctx` counts is still ours.
+            return Err((Errno(rc.abs()), unsafe { Arc::from_raw(ctx.cast_const()) }));
         }
         Ok(())
     }
