@@ -110,7 +110,7 @@ impl Channel for SpdkChannel {
         validate(&self.shared.name, &self.shared.geometry, &operation).map_err(SubmitError::Invalid)?;
         let fua_flush = matches!(operation, Operation::Write { fua: true, .. }) && self.shared.geometry.volatile_cache;
         self.shared.in_flight.set(self.shared.in_flight.get() + 1);
-        InFlight::new(self.shared.clone(), tag, operation, fua_flush).start();
+        InFlight::take(self.shared.clone(), tag, operation, fua_flush).start();
         Ok(())
     }
 
@@ -170,30 +170,39 @@ enum Stage {
     Flush,
 }
 
-/// Iovecs of an operation: inline for the usual one to four buffers.
-enum Iovecs {
-    Inline([libc::iovec; 4], usize),
-    Heap(Vec<libc::iovec>),
+/// Iovecs of an operation: inline for the usual one to four buffers, else in a vector that
+/// the pooled box keeps (filled in place: nothing is built elsewhere and moved in).
+struct Iovecs {
+    inline: [libc::iovec; 4],
+    heap: Vec<libc::iovec>,
+    count: usize,
 }
 
 impl Iovecs {
-    fn of(buffers: &[DmaBuf]) -> Self {
-        if buffers.len() <= 4 {
-            let mut inline = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; 4];
-            for (slot, buffer) in inline.iter_mut().zip(buffers) {
+    const EMPTY: libc::iovec = libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 };
+
+    fn new() -> Self {
+        Iovecs { inline: [Self::EMPTY; 4], heap: Vec::new(), count: 0 }
+    }
+
+    fn fill(&mut self, buffers: &[DmaBuf]) {
+        self.count = buffers.len();
+        if buffers.len() <= self.inline.len() {
+            for (slot, buffer) in self.inline.iter_mut().zip(buffers) {
                 *slot = iovec_of(buffer);
             }
-            Iovecs::Inline(inline, buffers.len())
         } else {
-            Iovecs::Heap(buffers.iter().map(iovec_of).collect())
+            self.heap.clear();
+            self.heap.extend(buffers.iter().map(iovec_of));
         }
     }
 
     /// Pointer and count for SPDK; stable while `self` does not move (it lives in a Box).
     fn raw(&mut self) -> (*mut libc::iovec, i32) {
-        match self {
-            Iovecs::Inline(inline, count) => (inline.as_mut_ptr(), *count as i32),
-            Iovecs::Heap(heap) => (heap.as_mut_ptr(), heap.len() as i32),
+        if self.count <= self.inline.len() {
+            (self.inline.as_mut_ptr(), self.count as i32)
+        } else {
+            (self.heap.as_mut_ptr(), self.count as i32)
         }
     }
 }
@@ -207,52 +216,57 @@ struct InFlight {
     tag: Tag,
     operation: Operation,
     iovecs: Iovecs,
+    /// The bdev call of the current stage, worked out once at submission.
+    request: BlockRequest,
     stage: Stage,
     fua_flush: bool,
 }
 
 impl InFlight {
-    fn new(shared: Rc<ChannelShared>, tag: Tag, operation: Operation, fua_flush: bool) -> Box<InFlight> {
-        let iovecs = match &operation {
-            Operation::Read { buffers, .. } => Iovecs::of(buffers.segments()),
-            Operation::Write { buffers, .. } => Iovecs::of(buffers.segments()),
-            _ => Iovecs::of(&[]),
-        };
+    /// A box for the operation, from the channel's pool when it has one, filled in place.
+    fn take(shared: Rc<ChannelShared>, tag: Tag, operation: Operation, fua_flush: bool) -> Box<InFlight> {
         let pooled = shared.pool.borrow_mut().pop();
-        let fresh = InFlight { shared: Some(shared), tag, operation, iovecs, stage: Stage::Data, fua_flush };
-        match pooled {
-            Some(mut reused) => {
-                *reused = fresh;
-                reused
-            }
-            None => Box::new(fresh),
+        let mut this = pooled.unwrap_or_else(|| {
+            Box::new(InFlight {
+                shared: None,
+                tag: 0,
+                operation: Operation::Flush,
+                iovecs: Iovecs::new(),
+                request: BlockRequest::Flush { offset_blocks: 0, num_blocks: 0 },
+                stage: Stage::Data,
+                fua_flush: false,
+            })
+        });
+        match &operation {
+            Operation::Read { buffers, .. } => this.iovecs.fill(buffers.segments()),
+            Operation::Write { buffers, .. } => this.iovecs.fill(buffers.segments()),
+            _ => this.iovecs.fill(&[]),
         }
+        let geometry = shared.geometry;
+        let (offset_blocks, num_blocks) = operation.extent(geometry.block_size).unwrap_or((0, geometry.block_count));
+        let (iovs, iovcnt) = this.iovecs.raw();
+        this.request = match &operation {
+            Operation::Flush => BlockRequest::Flush { offset_blocks, num_blocks },
+            Operation::Read { .. } => BlockRequest::Read { iovs, iovcnt, offset_blocks, num_blocks },
+            Operation::Write { .. } => BlockRequest::Write { iovs, iovcnt, offset_blocks, num_blocks },
+            Operation::Unmap { .. } => BlockRequest::Unmap { offset_blocks, num_blocks },
+            Operation::WriteZeroes { .. } => BlockRequest::WriteZeroes { offset_blocks, num_blocks },
+        };
+        this.shared = Some(shared);
+        this.tag = tag;
+        this.operation = operation;
+        this.stage = Stage::Data;
+        this.fua_flush = fua_flush;
+        this
     }
 
     fn channel(&self) -> &Rc<ChannelShared> {
         self.shared.as_ref().expect("an operation in flight has its channel")
     }
 
-    fn extent(&self) -> (u64, u64) {
-        let geometry = self.channel().geometry;
-        self.operation.extent(geometry.block_size).unwrap_or((0, geometry.block_count))
-    }
-
-    fn request(&mut self) -> BlockRequest {
-        let (offset_blocks, num_blocks) = self.extent();
-        let (iovs, iovcnt) = self.iovecs.raw();
-        match (self.stage, &self.operation) {
-            (Stage::Flush, _) | (Stage::Data, Operation::Flush) => BlockRequest::Flush { offset_blocks, num_blocks },
-            (Stage::Data, Operation::Read { .. }) => BlockRequest::Read { iovs, iovcnt, offset_blocks, num_blocks },
-            (Stage::Data, Operation::Write { .. }) => BlockRequest::Write { iovs, iovcnt, offset_blocks, num_blocks },
-            (Stage::Data, Operation::Unmap { .. }) => BlockRequest::Unmap { offset_blocks, num_blocks },
-            (Stage::Data, Operation::WriteZeroes { .. }) => BlockRequest::WriteZeroes { offset_blocks, num_blocks },
-        }
-    }
-
     /// Submits the current stage; on `ENOMEM` waits for the bdev layer and tries again.
-    fn start(mut self: Box<Self>) {
-        let request = self.request();
+    fn start(self: Box<Self>) {
+        let request = self.request;
         let shared = self.channel().clone();
         // SAFETY: the iovecs and the buffers they describe live in `self`, which SPDK holds
         // (as the completion) until the operation completes.
@@ -276,13 +290,9 @@ impl InFlight {
         let operation = std::mem::replace(&mut self.operation, Operation::Flush);
         let tag = self.tag;
         let kind = operation.kind();
-        let (offset_blocks, num_blocks) = operation.extent(shared.geometry.block_size).unwrap_or((0, 0));
-        let result = result.map_err(|detail| IoError::Media {
-            device: shared.name.clone(),
-            kind,
-            offset_blocks,
-            num_blocks,
-            detail,
+        let result = result.map_err(|detail| {
+            let (offset_blocks, num_blocks) = operation.extent(shared.geometry.block_size).unwrap_or((0, 0));
+            IoError::Media { device: shared.name.clone(), kind, offset_blocks, num_blocks, detail }
         });
         let payload = match operation {
             Operation::Read { buffers, .. } => Payload::Read(buffers),
@@ -303,6 +313,10 @@ impl IoDone for InFlight {
     fn done(mut self: Box<Self>, success: bool) {
         if success && self.stage == Stage::Data && self.fua_flush {
             self.stage = Stage::Flush;
+            let geometry = self.channel().geometry;
+            let (offset_blocks, num_blocks) =
+                self.operation.extent(geometry.block_size).unwrap_or((0, geometry.block_count));
+            self.request = BlockRequest::Flush { offset_blocks, num_blocks };
             return self.start();
         }
         let failure = match (success, self.stage) {
