@@ -33,7 +33,7 @@ use crate::core::format::superblock::JournalFullPolicy;
 use crate::device::IoError;
 
 use super::io::{run_bounded, ControlIo, Role};
-use super::meta::{Meta, PageSet, PageState};
+use super::meta::{IndexSet, Meta, PageState};
 use super::volume::{HostRef, Shared, SharedRef};
 use super::EngineError;
 
@@ -77,7 +77,7 @@ pub(crate) struct OpenBitmap {
     /// Per page: sequence and slot of its newest copy in this generation.
     pub pages: Vec<PageState>,
     /// Pages changed since they were last written.
-    pub dirty: PageSet,
+    pub dirty: IndexSet,
     /// Bits newly set so far (monotonic): a write waits until `durable_sets` reaches the value
     /// after its own bits were set.
     pub sets: u64,
@@ -100,7 +100,7 @@ impl OpenBitmap {
             tracked: 0,
             generation,
             pages: vec![PageState::default(); open_bitmap::pages_for(volume_blocks) as usize],
-            dirty: PageSet::default(),
+            dirty: IndexSet::default(),
             sets: 0,
             durable_sets: 0,
             commit: None,
@@ -363,6 +363,7 @@ async fn copy_batch(shared: &SharedRef, io: &ControlIo<HostRef>, batch: &[Resync
     let per_page = meta.entries_per_page();
     for (copy, crc) in batch.iter().zip(crcs) {
         meta.open.crcs[copy.entry] = crc;
+        meta.open.crc_pending.remove(copy.entry);
         if copy.entry < written_upto {
             meta.open.stale_pages.insert(copy.entry / per_page);
         }

@@ -99,39 +99,55 @@ impl Meta {
     }
 }
 
-/// A set of index page numbers as a growable bitset: every rewrite in the open generation marks
-/// its page, so this is on the hot path.
+/// A set of small numbers (index pages, entries of the open generation) as a growable
+/// bitset: every rewrite in the open generation marks its page and its entry, so this is on the
+/// hot path.
 #[derive(Debug, Default)]
-pub(crate) struct PageSet {
+pub(crate) struct IndexSet {
     words: Vec<u64>,
+    len: usize,
 }
 
-impl PageSet {
-    pub fn insert(&mut self, page: usize) {
-        let word = page / 64;
+impl IndexSet {
+    pub fn insert(&mut self, index: usize) {
+        let word = index / 64;
         if word >= self.words.len() {
             self.words.resize(word + 1, 0);
         }
-        self.words[word] |= 1 << (page % 64);
+        let bit = 1 << (index % 64);
+        self.len += usize::from(self.words[word] & bit == 0);
+        self.words[word] |= bit;
     }
 
-    pub fn remove(&mut self, page: usize) {
-        if let Some(word) = self.words.get_mut(page / 64) {
-            *word &= !(1 << (page % 64));
+    pub fn remove(&mut self, index: usize) {
+        if let Some(word) = self.words.get_mut(index / 64) {
+            let bit = 1 << (index % 64);
+            self.len -= usize::from(*word & bit != 0);
+            *word &= !bit;
         }
     }
 
-    /// Every page in the set, ascending; the set is empty afterwards.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Every number in the set, ascending; the set is empty afterwards.
     pub fn drain_sorted(&mut self) -> Vec<usize> {
-        let mut pages = Vec::new();
+        let mut indexes = Vec::with_capacity(self.len);
         for (index, word) in self.words.iter_mut().enumerate() {
             let mut bits = std::mem::take(word);
             while bits != 0 {
-                pages.push(index * 64 + bits.trailing_zeros() as usize);
+                indexes.push(index * 64 + bits.trailing_zeros() as usize);
                 bits &= bits - 1;
             }
         }
-        pages
+        debug_assert_eq!(indexes.len(), self.len, "the count follows the bits");
+        self.len = 0;
+        indexes
     }
 }
 
@@ -155,14 +171,18 @@ pub(crate) struct OpenGeneration {
     pub page_start: u64,
     /// Blocks in allocation order: entry k is in segment `element_start + k`.
     pub blocks: Vec<u64>,
-    /// crc32c of each entry's element as last written.
+    /// crc32c of each entry's element as last written, except the entries in `crc_pending`.
     pub crcs: Vec<u32>,
+    /// Entries rewritten since their crc was computed (FORMAT.md §9.1): a rewrite does not
+    /// checksum the new data, the marker reads the element back and does: a block rewritten
+    /// many times in a generation costs one checksum, not one per write.
+    pub crc_pending: IndexSet,
     /// "All" mode: each entry's version (empty in "latest" mode).
     pub versions: Vec<Version>,
     /// Block → entry (in "all" mode its newest entry).
     pub entry_of: UnitIndex,
     /// Pages holding entries whose crc changed since the page was last written.
-    pub stale_pages: PageSet,
+    pub stale_pages: IndexSet,
     /// Entries whose index page is durable.
     pub durable: usize,
     pub pages: Vec<PageState>,
@@ -177,6 +197,7 @@ impl OpenGeneration {
             page_start,
             blocks: Vec::new(),
             crcs: Vec::new(),
+            crc_pending: Default::default(),
             versions: Vec::new(),
             entry_of: UnitIndex::new(),
             stale_pages: Default::default(),
@@ -465,17 +486,20 @@ impl Meta {
 
 #[cfg(test)]
 mod tests {
-    use super::PageSet;
+    use super::IndexSet;
 
     #[test]
-    fn page_set_drains_ascending_and_empties() {
-        let mut set = PageSet::default();
+    fn index_set_counts_drains_ascending_and_empties() {
+        let mut set = IndexSet::default();
         for page in [130, 3, 64, 3, 0, 63, 200] {
             set.insert(page);
         }
+        assert_eq!(set.len(), 6, "3 was inserted twice");
+        set.remove(64);
         set.remove(64);
         set.remove(1000);
+        assert_eq!(set.len(), 5, "a removed number counts once");
         assert_eq!(set.drain_sorted(), vec![0, 3, 63, 130, 200]);
-        assert!(set.drain_sorted().is_empty());
+        assert!(set.is_empty() && set.drain_sorted().is_empty());
     }
 }

@@ -99,6 +99,8 @@ pub struct ControlCounters {
     pub markers: u64,
     pub marker_hold_last_us: u64,
     pub marker_hold_max_us: u64,
+    /// Elements the markers read back to checksum (rewritten in their generation, §9.1).
+    pub marker_checksum_reads: u64,
     pub generations_sorted: u64,
     pub elements_sorted: u64,
     pub sort_busy_us: u64,
@@ -226,6 +228,9 @@ pub struct Status {
     pub host_write_size: u32,
     pub journal_capacity_elements: u64,
     pub journal_used_elements: u64,
+    /// Elements of the open generation rewritten since their checksum was computed: what the
+    /// next marker reads back (FORMAT.md §9.1).
+    pub checksums_pending: u64,
     pub history_capacity_units: u64,
     pub history_used_units: u64,
     /// History units the live merged records do not use thanks to dedup (their blocks minus
@@ -785,6 +790,7 @@ impl Volume {
             host_write_size: meta.shape.host_write_size,
             journal_capacity_elements: meta.ring.capacity(),
             journal_used_elements: meta.ring.used(),
+            checksums_pending: meta.open.crc_pending.len() as u64,
             history_capacity_units: meta.allocator.capacity(),
             history_used_units: meta.allocator.used_units(),
             history_dedup_saved_units: meta

@@ -235,7 +235,8 @@ impl HotPath {
     }
 }
 
-fn crc_of(buffers: &IoBuffers, offset: usize, len: usize) -> u32 {
+/// crc32c of `len` bytes of `buffers` from `offset` (across segment boundaries).
+pub(crate) fn crc_of(buffers: &IoBuffers, offset: usize, len: usize) -> u32 {
     let mut crc: Option<u32> = None;
     buffers.for_each_slice(offset, len, |part| {
         crc = Some(crc.map_or_else(|| crc32c(part), |crc| crc32c_append(crc, part)));
@@ -553,7 +554,6 @@ impl HotStep<'_> {
         }
         let data = self.shared.hot.writes[id].data.clone().expect("data is ready before allocation");
         let unit_bytes = meta.unit_bytes() as usize;
-        let written_upto = self.shared.hot.commit.as_ref().map_or(meta.open.durable, |c| c.upto);
         // Scratch lists reused across writes: the hot path allocates nothing of its own.
         let mut segments = std::mem::take(&mut self.shared.hot.scratch_segments);
         segments.clear();
@@ -565,17 +565,15 @@ impl HotStep<'_> {
             Version { sequence: self.shared.hot.writes[id].seq, time_ns: meta.last_write_ns, lost: false }
         });
         for (index, unit) in widening.units().enumerate() {
-            let crc = crc_of(&data, index * unit_bytes, unit_bytes);
             let rewrite = if version.is_some() { None } else { meta.open.entry_of.get(unit) };
             let entry = match rewrite {
                 Some(entry) => {
-                    // A rewrite: store the new checksum without reading the old one (a cache
-                    // miss on a large generation); its index page is rewritten at the marker.
+                    // A rewrite: its checksum is left to the marker, which reads the element
+                    // back and marks the entry's page stale if the crc changed (FORMAT.md
+                    // §9.1; until then the open generation's crcs may be stale, and recovery
+                    // recomputes them).
                     let entry = entry as usize;
-                    meta.open.crcs[entry] = crc;
-                    if entry < written_upto {
-                        meta.open.stale_pages.insert(entry / per_page);
-                    }
+                    meta.open.crc_pending.insert(entry);
                     entry
                 }
                 None => {
@@ -587,7 +585,7 @@ impl HotStep<'_> {
                         "one generation's segments are consecutive"
                     );
                     meta.open.blocks.push(unit);
-                    meta.open.crcs.push(crc);
+                    meta.open.crcs.push(crc_of(&data, index * unit_bytes, unit_bytes));
                     meta.open.versions.extend(version);
                     meta.open.entry_of.insert(unit, entry as u32);
                     needed = entry + 1;
