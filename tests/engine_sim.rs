@@ -193,6 +193,16 @@ fn volume_options(seed: u64) -> VolumeOptions {
         // sharing mechanics; one seed in four shares runs of two or more only, so merges
         // that decline scattered matches are cut too.
         dedup_min_run: if seed % 4 == 3 { 2 } else { 1 },
+        // Rewrites' checksums: mostly left to the marker; one seed in five checksums every
+        // write at once, and about a third of the others leave only three to the marker (the
+        // rest are checksummed at once: both kinds in one generation).
+        marker_read_back_bytes: if seed % 5 == 0 {
+            0
+        } else if seed % 3 == 1 {
+            3 * UNIT as u64
+        } else {
+            VolumeOptions::default().marker_read_back_bytes
+        },
         strict: false,
         max_host_in_flight: 64,
         sort: SortOptions { batch_elements: 3, max_in_flight: 4, rate_limit_bytes_per_second: None, automatic: true },

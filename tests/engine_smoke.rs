@@ -316,3 +316,39 @@ fn the_marker_checksums_rewritten_elements_and_the_sealed_checksums_hold() {
     assert!(reader.read_image(2).unwrap() == model, "generation 2 is the last image written");
     reader.verify().unwrap();
 }
+
+/// Past `marker_read_back_bytes`, rewrites checksum their data as they are written: the marker
+/// reads back at most that much, and the sealed checksums still hold.
+#[test]
+fn rewrites_past_the_read_back_limit_are_checksummed_at_once() {
+    let devices = Devices::new();
+    format(devices.channels(), &FormatOptions::default(), &mut |_| {}).unwrap();
+    let mut options = VolumeOptions::default();
+    options.sort.automatic = false;
+    options.marker_read_back_bytes = 10 * u64::from(UNIT);
+    let mut volume = Volume::open(devices.channels(), options).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(23);
+    let mut model = vec![0u8; VOLUME_BYTES as usize];
+    let blocks_per_unit = u64::from(UNIT / BLOCK);
+    for round in 0..4 {
+        for unit in 0..64u64 {
+            let mut data = vec![0u8; UNIT as usize];
+            rng.fill_bytes(&mut data);
+            write(&mut volume, &mut model, unit * blocks_per_unit, data);
+        }
+        drain(&mut volume);
+        let expected = if round == 0 { 0 } else { 10 };
+        assert_eq!(volume.status().checksums_pending, expected, "round {round}");
+    }
+    let mut completions = Vec::new();
+    assert_eq!(volume.mark_and_wait("g1", &mut completions).unwrap(), 1);
+    assert_eq!(volume.status().control.marker_checksum_reads, 10, "the limit bounds the read-back");
+    drop(volume);
+    let mut volume = Volume::open(devices.channels(), VolumeOptions::default()).unwrap();
+    drain(&mut volume);
+    let status = volume.status();
+    assert_eq!(status.backup_generation, 1, "open and sort checked every element: {status:?}");
+    volume.close().unwrap();
+    let reader = VolumeReader::open(devices.channels()).unwrap();
+    assert!(reader.read_image(1).unwrap() == model);
+}

@@ -127,6 +127,10 @@ impl IndexSet {
         }
     }
 
+    pub fn contains(&self, index: usize) -> bool {
+        self.words.get(index / 64).is_some_and(|word| word & (1 << (index % 64)) != 0)
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }
@@ -495,10 +499,12 @@ mod tests {
             set.insert(page);
         }
         assert_eq!(set.len(), 6, "3 was inserted twice");
+        assert!(set.contains(64) && set.contains(200) && !set.contains(1) && !set.contains(5000));
         set.remove(64);
         set.remove(64);
         set.remove(1000);
         assert_eq!(set.len(), 5, "a removed number counts once");
+        assert!(!set.contains(64));
         assert_eq!(set.drain_sorted(), vec![0, 3, 63, 130, 200]);
         assert!(set.is_empty() && set.drain_sorted().is_empty());
     }

@@ -107,6 +107,10 @@ pub struct VolumeOptions {
     /// the records shared with leave; BENCHMARKS table 6b). 16 (64 KiB of 4 KiB units) in
     /// use; 1 shares every match (tests of the sharing mechanics).
     pub dedup_min_run: u64,
+    /// Bytes of rewritten elements whose checksum waits for the marker (FORMAT.md §9.1): the
+    /// most the marker reads back while it holds writes. Rewrites past it checksum their data
+    /// as they are written; 0 checksums every write at once. 256 MiB in use.
+    pub marker_read_back_bytes: u64,
 }
 
 impl Default for VolumeOptions {
@@ -118,6 +122,7 @@ impl Default for VolumeOptions {
             retention: RetentionPolicy::default(),
             dedup_hash_bits: 128,
             dedup_min_run: 16,
+            marker_read_back_bytes: 256 << 20,
         }
     }
 }

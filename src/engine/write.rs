@@ -554,6 +554,7 @@ impl HotStep<'_> {
         }
         let data = self.shared.hot.writes[id].data.clone().expect("data is ready before allocation");
         let unit_bytes = meta.unit_bytes() as usize;
+        let written_upto = self.shared.hot.commit.as_ref().map_or(meta.open.durable, |c| c.upto);
         // Scratch lists reused across writes: the hot path allocates nothing of its own.
         let mut segments = std::mem::take(&mut self.shared.hot.scratch_segments);
         segments.clear();
@@ -571,9 +572,17 @@ impl HotStep<'_> {
                     // A rewrite: its checksum is left to the marker, which reads the element
                     // back and marks the entry's page stale if the crc changed (FORMAT.md
                     // §9.1; until then the open generation's crcs may be stale, and recovery
-                    // recomputes them).
+                    // recomputes them). Past the read-back limit, computed here as before.
                     let entry = entry as usize;
-                    meta.open.crc_pending.insert(entry);
+                    let pending_limit = (self.shared.options.marker_read_back_bytes / unit_bytes as u64) as usize;
+                    if meta.open.crc_pending.len() < pending_limit || meta.open.crc_pending.contains(entry) {
+                        meta.open.crc_pending.insert(entry);
+                    } else {
+                        meta.open.crcs[entry] = crc_of(&data, index * unit_bytes, unit_bytes);
+                        if entry < written_upto {
+                            meta.open.stale_pages.insert(entry / per_page);
+                        }
+                    }
                     entry
                 }
                 None => {

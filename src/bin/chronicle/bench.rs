@@ -171,6 +171,9 @@ pub fn run(
         "journal_mode": format!("{journal_mode:?}").to_lowercase(),
         "markers": markers.len(),
         "marker_errors": marker_errors,
+        // How long markers held writes, and the rewritten elements they read back to checksum.
+        "marker_hold_max_us": status.control.marker_hold_max_us,
+        "marker_checksum_reads": status.control.marker_checksum_reads,
         "generations_sorted": status.control.generations_sorted,
         "elements_sorted": status.control.elements_sorted,
         "versions_kept": status.control.versions_kept,
