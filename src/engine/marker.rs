@@ -19,13 +19,7 @@ use crate::device::IoBuffers;
 use super::io::{run_bounded, ControlIo, Role};
 use super::meta::{OpenGeneration, PageState, SealedGeneration};
 use super::volume::{elapsed_us, write_journal_catalog, HostRef, MarkerHandle, SharedRef};
-use super::write::crc_of;
 use super::{now_ns, EngineError};
-
-/// Elements per journal read when the marker checksums rewritten elements (128 KiB at 4 KiB).
-const RESOLVE_RUN_UNITS: u64 = 32;
-/// Those reads in flight at once (at most 2 MiB of buffers at 4 KiB).
-const RESOLVE_IN_FLIGHT: usize = 16;
 
 pub(crate) async fn run_marker(
     shared: SharedRef,
@@ -109,14 +103,15 @@ async fn seal(shared: &SharedRef, io: &ControlIo<HostRef>, comment: String, barr
     // refused — a sealed generation never depends on the base (bitmap_only.rs).
     std::future::poll_fn(|_| {
         let mut s = shared.borrow_mut();
-        if s.hot.writes_before(barrier) || s.hot.commit_in_flight() {
+        // The idle checksum task stops at its next step once a hold is set (checksums.rs).
+        if s.hot.writes_before(barrier) || s.hot.commit_in_flight() || s.checksums_running {
             return Poll::Pending;
         }
         super::bitmap_only::poll_sealable(&mut s)
     })
     .await?;
 
-    resolve_checksums(shared, io).await?;
+    super::checksums::checksum_pending(shared, io).await?;
 
     // Pages whose element checksums changed since they were written.
     let stale = {
@@ -188,64 +183,4 @@ async fn seal(shared: &SharedRef, io: &ControlIo<HostRef>, comment: String, barr
     debug_assert_eq!(sealed.generation, generation);
     sealed.durable = true;
     Ok(generation)
-}
-
-/// Checksums every element rewritten since its crc was computed by reading it back from the
-/// journal, in runs of physically consecutive segments (FORMAT.md §9.1); an entry whose crc
-/// changed makes its page stale, so the next step writes it. Runs with writes drained and held:
-/// nothing writes these elements meanwhile. On an error the entries stay pending (the volume
-/// is failed then, and a reopen recomputes every crc of the open generation from the base).
-async fn resolve_checksums(shared: &SharedRef, io: &ControlIo<HostRef>) -> Result<(), EngineError> {
-    let (pending, runs, unit) = {
-        let mut s = shared.borrow_mut();
-        let meta = &mut s.meta;
-        let pending = meta.open.crc_pending.drain_sorted();
-        let physical = |entry: usize| meta.ring.physical(meta.open.element_start + entry as u64);
-        // (first entry, count): consecutive entries whose segments do not wrap the ring.
-        let mut runs: Vec<(usize, u64)> = Vec::new();
-        for &entry in &pending {
-            match runs.last_mut() {
-                Some((first, count))
-                    if *first + *count as usize == entry
-                        && *count < RESOLVE_RUN_UNITS
-                        && physical(entry) == physical(*first) + *count =>
-                {
-                    *count += 1
-                }
-                _ => runs.push((entry, 1)),
-            }
-        }
-        let runs: Vec<(usize, u64, u64)> = runs
-            .into_iter()
-            .map(|(first, count)| (first, count, meta.segment_lba(meta.open.element_start + first as u64)))
-            .collect();
-        (pending, runs, meta.unit_bytes() as usize)
-    };
-    let reads = runs.iter().map(|&(first, count, lba)| async move {
-        let data = io.read(Role::Journal, lba, count as usize * unit).await?;
-        Ok::<_, EngineError>(
-            (0..count as usize).map(|k| (first + k, crc_of(&data, k * unit, unit))).collect::<Vec<_>>(),
-        )
-    });
-    let crcs = match run_bounded(reads, RESOLVE_IN_FLIGHT).await {
-        Ok(crcs) => crcs,
-        Err(error) => {
-            let mut s = shared.borrow_mut();
-            for entry in pending {
-                s.meta.open.crc_pending.insert(entry);
-            }
-            return Err(error);
-        }
-    };
-    let mut s = shared.borrow_mut();
-    s.control.marker_checksum_reads += pending.len() as u64;
-    let meta = &mut s.meta;
-    let per_page = meta.entries_per_page();
-    for (entry, crc) in crcs.into_iter().flatten() {
-        if meta.open.crcs[entry] != crc {
-            meta.open.crcs[entry] = crc;
-            meta.open.stale_pages.insert(entry / per_page);
-        }
-    }
-    Ok(())
 }

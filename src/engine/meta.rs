@@ -139,6 +139,20 @@ impl IndexSet {
         self.len == 0
     }
 
+    /// Every number in the set, ascending.
+    pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        self.words.iter().enumerate().flat_map(|(index, word)| {
+            let mut bits = *word;
+            std::iter::from_fn(move || {
+                (bits != 0).then(|| {
+                    let bit = bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    index * 64 + bit
+                })
+            })
+        })
+    }
+
     /// Every number in the set, ascending; the set is empty afterwards.
     pub fn drain_sorted(&mut self) -> Vec<usize> {
         let mut indexes = Vec::with_capacity(self.len);
@@ -504,6 +518,7 @@ mod tests {
         set.remove(64);
         set.remove(1000);
         assert_eq!(set.len(), 5, "a removed number counts once");
+        assert_eq!(set.iter().collect::<Vec<_>>(), vec![0, 3, 63, 130, 200]);
         assert!(!set.contains(64));
         assert_eq!(set.drain_sorted(), vec![0, 3, 63, 130, 200]);
         assert!(set.is_empty() && set.drain_sorted().is_empty());

@@ -17,6 +17,7 @@
 //! loop; the hot path uses no futures.
 
 mod bitmap_only;
+mod checksums;
 mod compress;
 mod dedup;
 mod io;

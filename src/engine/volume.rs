@@ -19,7 +19,7 @@ use super::merge::{self, MaintenanceError, MaintenanceHandle, MergeReport, Reten
 use super::meta::Meta;
 use super::restore_volume::{self, RestoreHandle, RestoreId, RestoreInfo, RestoreTarget, RestoreVolumes};
 use super::write::{HotCounters, HotPath, HotStep};
-use super::{bitmap_only, marker, rollback, setup, sort, EngineError, VolumeOptions};
+use super::{bitmap_only, checksums, marker, rollback, setup, sort, EngineError, VolumeOptions};
 
 pub(crate) use super::write::HostRef;
 
@@ -101,6 +101,8 @@ pub struct ControlCounters {
     pub marker_hold_max_us: u64,
     /// Elements the markers read back to checksum (rewritten in their generation, §9.1).
     pub marker_checksum_reads: u64,
+    /// Elements read back to checksum ahead of the marker while the volume was idle.
+    pub idle_checksum_reads: u64,
     pub generations_sorted: u64,
     pub elements_sorted: u64,
     pub sort_busy_us: u64,
@@ -125,6 +127,8 @@ pub(crate) struct Shared {
     /// Set after a device error on the write path; writes fail until reopened.
     pub failed: Option<String>,
     pub sort_running: bool,
+    /// The idle task checksumming rewritten elements runs (checksums.rs).
+    pub checksums_running: bool,
     /// The volume is closing: the sort stops at its next batch boundary and none starts.
     pub stopping: bool,
     /// A merge, deletion or retention pass is running (one at a time).
@@ -369,6 +373,7 @@ impl Volume {
             read_holds: Default::default(),
             failed: None,
             sort_running: false,
+            checksums_running: false,
             stopping: false,
             maintenance_running: false,
             sort_paused: false,
@@ -439,6 +444,7 @@ impl Volume {
         self.start_sort_if_needed();
         self.start_resync_if_needed();
         self.start_retention_if_needed();
+        self.start_checksums_if_needed();
         self.executor.poll();
         let mut shared = self.shared.borrow_mut();
         if shared.internal_pending == 0 {
@@ -482,6 +488,13 @@ impl Volume {
             shared.meta.open_bitmap.as_mut().expect("resync wanted").resync_running = true;
             drop(shared);
             self.executor.spawn(bitmap_only::run_resync(self.shared.clone(), self.control_io()));
+        }
+    }
+
+    fn start_checksums_if_needed(&mut self) {
+        if checksums::idle_wanted(&self.shared.borrow()) {
+            self.shared.borrow_mut().checksums_running = true;
+            self.executor.spawn(checksums::run_idle(self.shared.clone(), self.control_io()));
         }
     }
 
@@ -719,6 +732,7 @@ impl Volume {
             && !retention_due
             && !shared.hot.commit_in_flight()
             && !bitmap_only::resync_wanted(&shared)
+            && !checksums::idle_wanted(&shared)
             && self.executor.is_empty()
             && (shared.meta.sealed.is_empty() || shared.sort_error.is_some() || !shared.options.sort.automatic)
     }
