@@ -594,21 +594,33 @@ fn restore_volumes_by_sequence_and_time_read_the_images_restored_offline() {
     let dir = volume_dir("spdk-any-point");
     let target = start_target(&spdk_dir, &module, &dir);
     create_volume_with(&target, json!({"journal_mode": "all"}));
-    let params = json!({"name": "Chronicle0", "seconds": 0.1, "queue_depth": 2, "marker_every_ms": 20, "seed": 9});
-    let report = target.result("bdev_chronicle_load", Some(params));
-    assert_eq!(report["writes_failed"], json!(0), "{report}");
-    target.result("bdev_chronicle_mark", Some(json!({"name": "Chronicle0", "comment": "last"})));
     // Targets inside a generation with versions: a sequence between its first and last write,
-    // and the time of its first write.
-    let generations = target.result("bdev_chronicle_get_generations", Some(json!({"name": "Chronicle0"})));
-    let inside = generations
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|g| g["state"] != json!("open") && g["versions"]["elements"].as_u64().unwrap_or(0) > 2)
-        .nth(1)
-        .unwrap_or_else(|| panic!("generations with versions: {generations}"))
-        .clone();
+    // and the time of its first write. Loads of 0.1 s with a marker every 20 ms until two
+    // sealed generations hold more than two versions (markers on files flush them: on a busy
+    // machine one load may cut generations of a write or two only).
+    let with_versions = |generations: &Value| -> Vec<Value> {
+        generations
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|g| g["state"] != json!("open") && g["versions"]["elements"].as_u64().unwrap_or(0) > 2)
+            .cloned()
+            .collect()
+    };
+    let mut loads = 0;
+    let inside = loop {
+        let params =
+            json!({"name": "Chronicle0", "seconds": 0.1, "queue_depth": 2, "marker_every_ms": 20, "seed": 9 + loads});
+        let report = target.result("bdev_chronicle_load", Some(params));
+        assert_eq!(report["writes_failed"], json!(0), "{report}");
+        target.result("bdev_chronicle_mark", Some(json!({"name": "Chronicle0", "comment": "last"})));
+        loads += 1;
+        let generations = target.result("bdev_chronicle_get_generations", Some(json!({"name": "Chronicle0"})));
+        if let Some(inside) = with_versions(&generations).into_iter().nth(1) {
+            break inside;
+        }
+        assert!(loads < 20, "two generations with versions after {loads} loads: {generations}");
+    };
     let versions = &inside["versions"];
     let sequence = (versions["first_sequence"].as_u64().unwrap() + versions["last_sequence"].as_u64().unwrap()) / 2;
     let time = versions["first_time"].as_str().unwrap().to_string();

@@ -1326,6 +1326,12 @@ impl VolumeHost {
             counters.remote_batches += 1;
             self.hops.borrow_mut()[slot].held += batch.len();
         }
+        if hop.restore.is_none() && batch.len() > 1 {
+            // The batch's index misses overlap (Volume::warm).
+            if let HostState::Running(volume) = &*self.state.borrow() {
+                batch.iter().for_each(|(_, request)| volume.warm(request));
+            }
+        }
         for (io, request) in batch.drain(..) {
             self.submit(PendingIo::Remote(io, slot), request, hop.restore);
         }
