@@ -672,7 +672,7 @@ impl Core {
         let mut completions = Vec::new();
         self.inner_channel().poll(&mut completions);
         for completion in completions {
-            self.inner_completed(completion.tag, completion.result, completion.payload);
+            self.inner_completed(completion.tag, completion.result.map_err(|error| *error), completion.payload);
         }
         if self.active_job.is_none() {
             self.start_job();
@@ -719,7 +719,7 @@ impl Core {
                 stats.failed += 1;
             }
             self.channels[channel].in_flight -= 1;
-            completions.push(Completion { tag: op.tag, kind: op.kind, result, payload });
+            completions.push(Completion { tag: op.tag, kind: op.kind, result: result.map_err(Box::new), payload });
             delivered += 1;
         }
         delivered
@@ -1048,7 +1048,7 @@ impl Core {
         writes.push_back(Operation::Flush);
         let name = self.name.clone();
         let mut check = |completion: Completion| {
-            completion.result.map_err(|source| FaultError::Inner { device: name.clone(), source })
+            completion.result.map_err(|source| FaultError::Inner { device: name.clone(), source: *source })
         };
         while let Some(operation) = writes.pop_front() {
             // The flush goes alone, after every image write completed.

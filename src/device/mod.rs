@@ -110,12 +110,14 @@ pub enum Payload {
     Write(SharedBuffers),
 }
 
-/// Result of one operation.
+/// Result of one operation. The error is boxed: a completion is moved through several queues
+/// on the way to its submitter, and an inline `IoError` (72 bytes) made every move a 144-byte
+/// `memcpy` call (about 4 % of a write's CPU in the SPDK module's profile).
 #[derive(Debug)]
 pub struct Completion {
     pub tag: Tag,
     pub kind: OperationKind,
-    pub result: Result<(), IoError>,
+    pub result: Result<(), Box<IoError>>,
     pub payload: Payload,
 }
 

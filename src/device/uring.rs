@@ -682,7 +682,7 @@ impl UringChannel {
             SlotBuffers::Write(buffers) => Payload::Write(buffers),
             SlotBuffers::None => Payload::None,
         };
-        Completion { tag: slot.tag, kind: slot.kind, result, payload }
+        Completion { tag: slot.tag, kind: slot.kind, result: result.map_err(Box::new), payload }
     }
 
     fn media_error(&self, slot: &Slot, detail: String) -> IoError {

@@ -136,7 +136,12 @@ impl<O: Copy> IoHub<O> {
                 false
             }
             Err(SubmitError::Invalid(error)) => {
-                self.route(Completion { tag, kind, result: Err(error), payload: crate::device::Payload::None });
+                self.route(Completion {
+                    tag,
+                    kind,
+                    result: Err(Box::new(error)),
+                    payload: crate::device::Payload::None,
+                });
                 true
             }
         }
@@ -273,7 +278,7 @@ impl<O: Copy> ControlIo<O> {
     pub(crate) async fn read(&self, role: Role, offset_blocks: u64, len: usize) -> Result<IoBuffers, IoError> {
         let buffers = IoBuffers::single(self.alloc(role, len));
         let completion = self.submit(role, Operation::Read { offset_blocks, buffers }).await;
-        completion.result?;
+        completion.result.map_err(|error| *error)?;
         match completion.payload {
             crate::device::Payload::Read(buffers) => Ok(buffers),
             other => unreachable!("a read completes with its buffers, got {other:?}"),
@@ -295,7 +300,7 @@ impl<O: Copy> ControlIo<O> {
         fua: bool,
     ) -> impl Future<Output = Result<(), IoError>> {
         let future = self.submit(role, Operation::Write { offset_blocks, buffers, fua });
-        async move { future.await.result }
+        async move { future.await.result.map_err(|error| *error) }
     }
 
     /// Writes `bytes` (a whole number of device blocks) at a block-aligned byte offset.
@@ -316,11 +321,11 @@ impl<O: Copy> ControlIo<O> {
     /// Submits at once (not on first poll).
     pub(crate) fn flush(&self, role: Role) -> impl Future<Output = Result<(), IoError>> {
         let future = self.submit(role, Operation::Flush);
-        async move { future.await.result }
+        async move { future.await.result.map_err(|error| *error) }
     }
 
     pub(crate) async fn write_zeroes(&self, role: Role, offset_blocks: u64, num_blocks: u64) -> Result<(), IoError> {
-        self.submit(role, Operation::WriteZeroes { offset_blocks, num_blocks }).await.result
+        self.submit(role, Operation::WriteZeroes { offset_blocks, num_blocks }).await.result.map_err(|error| *error)
     }
 }
 

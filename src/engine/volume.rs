@@ -60,6 +60,13 @@ pub enum HostError {
     Damaged(String),
 }
 
+/// A device completion's error (boxed in [`Completion`](crate::device::Completion)).
+impl From<Box<IoError>> for HostError {
+    fn from(error: Box<IoError>) -> Self {
+        HostError::Io(*error)
+    }
+}
+
 /// A completed host operation with its buffers.
 #[derive(Debug)]
 pub struct HostCompletion {

@@ -774,13 +774,13 @@ impl HotStep<'_> {
         match owner {
             HostRef::Read(id) => {
                 let tag = self.shared.hot.reads.remove(id as usize);
-                let result = completion.result.map_err(HostError::Io);
+                let result = completion.result.map_err(HostError::from);
                 self.complete(tag, result, completion.payload);
             }
             HostRef::Flush(id) => {
                 let flush = &mut self.shared.hot.flushes[id as usize];
                 if let Err(error) = completion.result {
-                    flush.error.get_or_insert(HostError::Io(error));
+                    flush.error.get_or_insert(HostError::from(error));
                 }
                 flush.pending -= 1;
                 if flush.pending == 0 {
@@ -803,7 +803,7 @@ impl HotStep<'_> {
                         }
                     }
                     (Err(error), _) => {
-                        write.error.get_or_insert(HostError::Io(error));
+                        write.error.get_or_insert(HostError::from(error));
                     }
                     (Ok(()), other) => unreachable!("a read returns its buffers, got {other:?}"),
                 }
@@ -820,7 +820,7 @@ impl HotStep<'_> {
                 let write = &mut self.shared.hot.writes[id];
                 write.pending -= 1;
                 if let Err(error) = completion.result {
-                    write.error.get_or_insert(HostError::Io(error.clone()));
+                    write.error.get_or_insert(HostError::Io((*error).clone()));
                     // Base and journal may now disagree for this block: stop taking writes
                     // until a reopen rebuilds the open generation from the base.
                     self.shared.hot.counters.write_errors += 1;
@@ -841,7 +841,7 @@ impl HotStep<'_> {
         let commit = self.shared.hot.commit.as_mut().expect("a commit is in flight");
         commit.pending -= 1;
         if let Err(error) = completion.result {
-            commit.error.get_or_insert(error);
+            commit.error.get_or_insert(*error);
         }
         if commit.pending > 0 {
             return;

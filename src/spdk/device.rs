@@ -292,7 +292,7 @@ impl InFlight {
         let kind = operation.kind();
         let result = result.map_err(|detail| {
             let (offset_blocks, num_blocks) = operation.extent(shared.geometry.block_size).unwrap_or((0, 0));
-            IoError::Media { device: shared.name.clone(), kind, offset_blocks, num_blocks, detail }
+            Box::new(IoError::Media { device: shared.name.clone(), kind, offset_blocks, num_blocks, detail })
         });
         let payload = match operation {
             Operation::Read { buffers, .. } => Payload::Read(buffers),

@@ -100,7 +100,7 @@ impl HotStep<'_> {
         let commit = bitmap.commit.as_mut().expect("a bitmap commit is in flight");
         commit.pending -= 1;
         if let Err(error) = completion.result {
-            commit.error.get_or_insert(error);
+            commit.error.get_or_insert(*error);
         }
         if commit.pending > 0 {
             return;
