@@ -48,6 +48,7 @@ def bdev_chronicle_create(args):
         'copy_base_to_backup': False if args.no_copy_base_to_backup else None,
         'automatic_sort': False if args.no_automatic_sort else None,
         'sort_rate_limit_bytes_per_second': args.sort_rate_limit,
+        'marker_read_back_bytes': args.marker_read_back_bytes,
     })
 
 
@@ -171,6 +172,9 @@ def spdk_rpc_plugin_initialize(subparsers):
                    help='Do not sort sealed generations into the backup in the background')
     p.add_argument('-r', '--sort-rate-limit', type=int, metavar='BYTES_PER_SECOND',
                    help='Limit the sort to this many bytes per second read from the journal')
+    p.add_argument('--marker-read-back-bytes', type=int, metavar='BYTES',
+                   help='Rewritten elements whose checksum waits for the marker, in bytes '
+                        '(default 256 MiB; 0 checksums every write at once)')
     p.set_defaults(func=bdev_chronicle_create)
 
     p = subparsers.add_parser('bdev_chronicle_delete',

@@ -277,7 +277,8 @@ fn save_config_replays_the_same_volume_with_its_options() {
     let target = start_target(&spdk_dir, &module, &dir);
     create_volume_with(
         &target,
-        json!({"host_write_size": 8192, "strict": true, "automatic_sort": false, "sort_rate_limit_bytes_per_second": 1048576}),
+        json!({"host_write_size": 8192, "strict": true, "automatic_sort": false, "sort_rate_limit_bytes_per_second": 1048576,
+            "marker_read_back_bytes": 65536}),
     );
     let generation = target.result("bdev_chronicle_mark", Some(json!({"name": "Chronicle0", "comment": "saved"})));
     assert_eq!(generation, json!(1));
@@ -303,6 +304,7 @@ fn save_config_replays_the_same_volume_with_its_options() {
     assert_eq!(config["strict"], json!(true), "{status}");
     assert_eq!(config["automatic_sort"], json!(false), "{status}");
     assert_eq!(config["sort_rate_limit_bytes_per_second"], json!(1048576), "{status}");
+    assert_eq!(config["marker_read_back_bytes"], json!(65536), "{status}");
     let generations = target.result("bdev_chronicle_get_generations", Some(json!({"name": "Chronicle0"})));
     assert!(generations.as_array().unwrap().iter().any(|g| g["comment"] == json!("saved")), "{generations}");
     // A create with an option fixed at format that differs is refused, the volume untouched.

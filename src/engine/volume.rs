@@ -804,6 +804,13 @@ impl Volume {
     /// Starts or stops sorting sealed generations in the background, and limits its bandwidth
     /// (bytes per second read from the journal). Starting clears a previous sort error, so the
     /// sort is retried.
+    /// Changes [`VolumeOptions::marker_read_back_bytes`](super::VolumeOptions): entries already
+    /// pending stay so (the next marker or idle step checksums them), later rewrites follow
+    /// the new bound.
+    pub fn set_marker_read_back_bytes(&mut self, bytes: u64) {
+        self.shared.borrow_mut().options.marker_read_back_bytes = bytes;
+    }
+
     pub fn set_sort(&mut self, automatic: bool, rate_limit_bytes_per_second: Option<u64>) {
         let mut shared = self.shared.borrow_mut();
         if automatic && !shared.options.sort.automatic {

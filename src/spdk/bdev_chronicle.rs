@@ -162,6 +162,7 @@ fn assemble(done: ExamineDone) {
             automatic_sort: true,
             sort_rate_limit_bytes_per_second: None,
             retention: None,
+            marker_read_back_bytes: None,
         };
         let name = config.name.clone();
         let hold = done.clone();

@@ -151,6 +151,10 @@ pub struct VolumeConfig {
     /// Which history records are kept, merged or dropped (`bdev_chronicle_set_retention`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<RetentionPolicy>,
+    /// Bytes of rewritten elements whose checksum waits for the marker (default 256 MiB; 0
+    /// checksums every write at once): bounds what a marker reads back while it holds writes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub marker_read_back_bytes: Option<u64>,
 }
 
 impl VolumeConfig {
@@ -167,6 +171,9 @@ impl VolumeConfig {
                 ..SortOptions::default()
             },
             retention: self.retention.clone().unwrap_or_default(),
+            marker_read_back_bytes: self
+                .marker_read_back_bytes
+                .unwrap_or(VolumeOptions::default().marker_read_back_bytes),
             ..VolumeOptions::default()
         }
     }
@@ -1114,12 +1121,15 @@ impl VolumeHost {
         config.automatic_sort = asked.automatic_sort;
         config.sort_rate_limit_bytes_per_second = asked.sort_rate_limit_bytes_per_second;
         config.retention.clone_from(&asked.retention);
+        config.marker_read_back_bytes = asked.marker_read_back_bytes;
         let (automatic, rate) = (config.automatic_sort, config.sort_rate_limit_bytes_per_second);
         let retention = config.retention.clone().unwrap_or_default();
+        let read_back = config.volume_options().marker_read_back_bytes;
         drop(config);
         if let HostState::Running(volume) = &mut *self.state.borrow_mut() {
             volume.set_sort(automatic, rate);
             volume.set_retention(retention);
+            volume.set_marker_read_back_bytes(read_back);
         }
         Ok(())
     }
