@@ -362,11 +362,7 @@ async fn copy_batch(shared: &SharedRef, io: &ControlIo<HostRef>, batch: &[Resync
     let meta = &mut s.meta;
     let per_page = meta.entries_per_page();
     for (copy, crc) in batch.iter().zip(crcs) {
-        meta.open.crcs[copy.entry] = crc;
-        meta.open.crc_pending.remove(copy.entry);
-        if copy.entry < written_upto {
-            meta.open.stale_pages.insert(copy.entry / per_page);
-        }
+        meta.open.set_crc(copy.entry, crc, written_upto, per_page);
     }
     Ok(())
 }

@@ -145,12 +145,7 @@ async fn checksum_entries(shared: &SharedRef, io: &ControlIo<HostRef>, entries: 
     let meta = &mut s.meta;
     let per_page = meta.entries_per_page();
     for (entry, crc) in crcs.into_iter().flatten() {
-        if meta.open.crcs[entry] != crc {
-            meta.open.crcs[entry] = crc;
-            if entry < written_upto {
-                meta.open.stale_pages.insert(entry / per_page);
-            }
-        }
+        meta.open.set_crc(entry, crc, written_upto, per_page);
     }
     Ok(())
 }

@@ -223,6 +223,19 @@ impl OpenGeneration {
             pages: Vec::new(),
         }
     }
+
+    /// Records `crc` as `entry`'s checksum, no longer pending. Its index page becomes stale
+    /// if the crc changed and the page was written (entries below `written_upto`, §9.1); an
+    /// unwritten page takes the new crc when the group commit writes it.
+    pub fn set_crc(&mut self, entry: usize, crc: u32, written_upto: usize, per_page: usize) {
+        self.crc_pending.remove(entry);
+        if self.crcs[entry] != crc {
+            self.crcs[entry] = crc;
+            if entry < written_upto {
+                self.stale_pages.insert(entry / per_page);
+            }
+        }
+    }
 }
 
 /// A sealed generation waiting for (or in) the sort.

@@ -554,7 +554,9 @@ impl HotStep<'_> {
         }
         let data = self.shared.hot.writes[id].data.clone().expect("data is ready before allocation");
         let unit_bytes = meta.unit_bytes() as usize;
-        let written_upto = self.shared.hot.commit.as_ref().map_or(meta.open.durable, |c| c.upto);
+        let written_upto = self.shared.hot.index_written_upto(meta);
+        // Rewrites whose checksum may wait for the marker (VolumeOptions::marker_read_back_bytes).
+        let pending_limit = (self.shared.options.marker_read_back_bytes / unit_bytes as u64) as usize;
         // Scratch lists reused across writes: the hot path allocates nothing of its own.
         let mut segments = std::mem::take(&mut self.shared.hot.scratch_segments);
         segments.clear();
@@ -574,14 +576,11 @@ impl HotStep<'_> {
                     // §9.1; until then the open generation's crcs may be stale, and recovery
                     // recomputes them). Past the read-back limit, computed here as before.
                     let entry = entry as usize;
-                    let pending_limit = (self.shared.options.marker_read_back_bytes / unit_bytes as u64) as usize;
                     if meta.open.crc_pending.len() < pending_limit || meta.open.crc_pending.contains(entry) {
                         meta.open.crc_pending.insert(entry);
                     } else {
-                        meta.open.crcs[entry] = crc_of(&data, index * unit_bytes, unit_bytes);
-                        if entry < written_upto {
-                            meta.open.stale_pages.insert(entry / per_page);
-                        }
+                        let crc = crc_of(&data, index * unit_bytes, unit_bytes);
+                        meta.open.set_crc(entry, crc, written_upto, per_page);
                     }
                     entry
                 }
