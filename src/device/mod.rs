@@ -81,7 +81,7 @@ impl Operation {
 
     /// `(offset_blocks, num_blocks)` of the operation, given the block size; `None` for flush.
     pub fn extent(&self, block_size: u32) -> Option<(u64, u64)> {
-        let blocks = |bytes: usize| bytes as u64 / u64::from(block_size);
+        let blocks = |bytes: usize| crate::core::geometry::div_size(bytes as u64, u64::from(block_size));
         match self {
             Operation::Read { offset_blocks, buffers } => Some((*offset_blocks, blocks(buffers.len()))),
             Operation::Write { offset_blocks, buffers, .. } => Some((*offset_blocks, blocks(buffers.len()))),

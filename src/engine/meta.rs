@@ -11,7 +11,7 @@ use crate::core::format::element_index::{entries_per_page, IndexEntry, IndexPage
 use crate::core::format::layout::{HistoryLayout, JournalLayout, LayoutOptions, VolumeShape};
 use crate::core::format::records::SortCursor;
 use crate::core::format::superblock::{Durability, JournalFullPolicy, JournalMode, Superblock};
-use crate::core::geometry::VolumeGeometry;
+use crate::core::geometry::{div_size, VolumeGeometry};
 use crate::core::unit_index::UnitIndex;
 
 /// State of one element-index page's two slots.
@@ -416,7 +416,7 @@ impl Meta {
 
     /// Device blocks of the base or backup per unit.
     pub fn blocks_per_unit(&self, role_index: usize) -> u64 {
-        self.unit_bytes() / self.block_size[role_index]
+        div_size(self.unit_bytes(), self.block_size[role_index])
     }
 
     /// Block of the base (or backup) where unit `unit` starts.
@@ -427,7 +427,7 @@ impl Meta {
     /// Journal block where virtual segment `segment` starts.
     pub fn segment_lba(&self, segment: u64) -> u64 {
         let physical = self.ring.physical(segment);
-        (self.journal.elements.start_bytes + physical * self.unit_bytes()) / self.block_size[1]
+        div_size(self.journal.elements.start_bytes + physical * self.unit_bytes(), self.block_size[1])
     }
 
     /// Byte offset of slot `slot` of virtual index page `page`.

@@ -12,6 +12,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use crate::core::format::catalog::{Catalog, EntryKind, EntryState};
+use crate::core::geometry::div_size;
 use crate::device::{Channel, IoBuffers, IoError, Payload, SharedBuffers, Tag};
 
 use super::io::{ControlIo, Executor, Hub, IoHub, Role};
@@ -418,7 +419,7 @@ impl Volume {
     pub fn warm(&self, request: &HostRequest) {
         if let HostRequest::Write { offset_blocks, .. } = request {
             let shared = self.shared.borrow();
-            let unit = offset_blocks / shared.meta.blocks_per_unit(0);
+            let unit = div_size(*offset_blocks, shared.meta.blocks_per_unit(0));
             std::hint::black_box(shared.meta.open.entry_of.get(unit));
         }
     }

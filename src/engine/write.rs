@@ -29,7 +29,7 @@ use slab::Slab;
 
 use crate::core::checksum::{crc32c, crc32c_append};
 use crate::core::format::superblock::{Durability, JournalFullPolicy, JournalMode};
-use crate::core::geometry::Widening;
+use crate::core::geometry::{div_size, rem_size, Widening};
 use crate::device::{Completion, IoBuffers, IoError, Operation, Payload, SharedBuffers, Tag};
 
 use super::io::{IoHub, Role};
@@ -305,7 +305,7 @@ impl HotStep<'_> {
         };
         match request {
             HostRequest::Read { offset_blocks, buffers } => {
-                let blocks = buffers.len() as u64 / block_size;
+                let blocks = div_size(buffers.len() as u64, block_size);
                 if let Some(error) = out_of_range(offset_blocks, blocks).or(self.invalid_buffers(buffers.len())) {
                     return self.complete(tag, Err(error), Payload::Read(buffers));
                 }
@@ -315,7 +315,7 @@ impl HotStep<'_> {
                 self.hub.submit(Role::Base, Operation::Read { offset_blocks, buffers }, Some(HostRef::Read(id)));
             }
             HostRequest::Write { offset_blocks, buffers } => {
-                let blocks = buffers.len() as u64 / block_size;
+                let blocks = div_size(buffers.len() as u64, block_size);
                 if let Some(error) = out_of_range(offset_blocks, blocks).or(self.invalid_buffers(buffers.len())) {
                     return self.complete(tag, Err(error), Payload::Write(buffers));
                 }
@@ -363,8 +363,9 @@ impl HotStep<'_> {
     }
 
     fn invalid_buffers(&self, bytes: usize) -> Option<HostError> {
-        let block_size = self.shared.meta.block_size[0] as usize;
-        (bytes == 0 || bytes % block_size != 0).then_some(HostError::InvalidBuffers { bytes, block_size })
+        let block_size = self.shared.meta.block_size[0];
+        (bytes == 0 || rem_size(bytes as u64, block_size) != 0)
+            .then_some(HostError::InvalidBuffers { bytes, block_size: block_size as usize })
     }
 
     /// Starts the next chunks of an unmap or write-zeroes; completes it when all are done.
@@ -556,7 +557,7 @@ impl HotStep<'_> {
         let unit_bytes = meta.unit_bytes() as usize;
         let written_upto = self.shared.hot.index_written_upto(meta);
         // Rewrites whose checksum may wait for the marker (VolumeOptions::marker_read_back_bytes).
-        let pending_limit = (self.shared.options.marker_read_back_bytes / unit_bytes as u64) as usize;
+        let pending_limit = div_size(self.shared.options.marker_read_back_bytes, unit_bytes as u64) as usize;
         // Scratch lists reused across writes: the hot path allocates nothing of its own.
         let mut segments = std::mem::take(&mut self.shared.hot.scratch_segments);
         segments.clear();
@@ -724,7 +725,7 @@ impl HotStep<'_> {
         let offset_blocks = if write.widening.aligned {
             write.offset_blocks
         } else {
-            write.widening.first_unit * (self.shared.meta.unit_bytes() / self.shared.meta.block_size[0])
+            self.shared.meta.volume_lba(0, write.widening.first_unit)
         };
         write.state = WriteState::Writing;
         write.base_submitted = true;
