@@ -246,6 +246,7 @@ impl VolumeGeometry {
 
     /// The units a host request of `num_blocks` device blocks at `offset_blocks` touches, and
     /// the device blocks of those units that the request does not cover.
+    #[inline]
     pub fn widen(&self, offset_blocks: u64, num_blocks: u64) -> Result<Widening, GeometryError> {
         if num_blocks == 0 {
             return Err(GeometryError::EmptyRequest { offset_blocks });
@@ -256,8 +257,10 @@ impl VolumeGeometry {
             .filter(|end| *end <= volume_device_blocks)
             .ok_or(GeometryError::RequestOutOfRange { offset_blocks, num_blocks, volume_device_blocks })?;
         let per_unit = self.device_blocks_per_unit();
-        let first_unit = div_size(offset_blocks, per_unit);
-        let end_unit = div_size(end_blocks, per_unit) + u64::from(rem_size(end_blocks, per_unit) != 0);
+        // Both sizes are powers of two (checked when made): shifts.
+        let shift = self.host_write_size.bytes().trailing_zeros() - self.device_block_size.bytes().trailing_zeros();
+        let first_unit = offset_blocks >> shift;
+        let end_unit = (end_blocks >> shift) + u64::from(end_blocks & (per_unit - 1) != 0);
         let head_gap_blocks = offset_blocks - first_unit * per_unit;
         let tail_gap_blocks = end_unit * per_unit - end_blocks;
         let widening = Widening {

@@ -39,6 +39,16 @@ impl UnitIndex {
         }
     }
 
+    /// Where `unit`'s entry lives (for a prefetch hint), if its page exists. Nothing is read.
+    #[inline]
+    pub fn entry_address(&self, unit: u64) -> Option<*const u32> {
+        let (page, slot) = Self::split(unit);
+        match self.pages.get(page) {
+            Some(Some(entries)) => Some(&entries[slot] as *const u32),
+            _ => None,
+        }
+    }
+
     pub fn contains(&self, unit: u64) -> bool {
         self.get(unit).is_some()
     }

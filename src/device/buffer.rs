@@ -24,6 +24,8 @@ pub trait ForeignMemory: Send + Sync {
 enum Storage {
     Heap(Vec<Page>),
     Foreign(Box<dyn ForeignMemory>),
+    /// Memory lent for the life of one I/O (a host iovec under SPDK): no allocation per write.
+    Lent(&'static mut [u8]),
 }
 
 /// One contiguous, DMA-capable buffer.
@@ -37,6 +39,7 @@ impl std::fmt::Debug for DmaBuf {
         let kind = match self.storage {
             Storage::Heap(_) => "heap",
             Storage::Foreign(_) => "foreign",
+            Storage::Lent(_) => "lent",
         };
         write!(f, "DmaBuf({kind}, {} bytes)", self.len)
     }
@@ -62,6 +65,14 @@ impl DmaBuf {
         DmaBuf { storage: Storage::Foreign(memory), len }
     }
 
+    /// Wraps memory lent for the life of one I/O. The `'static` is the lender's promise, not
+    /// the memory's: the backend that made the slice (`spdk::bdev::BdevIo::host_buffers`)
+    /// requires every buffer over it dropped before the I/O completes.
+    pub fn lent(memory: &'static mut [u8]) -> Self {
+        let len = memory.len();
+        DmaBuf { storage: Storage::Lent(memory), len }
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }
@@ -74,6 +85,7 @@ impl DmaBuf {
         match &self.storage {
             Storage::Heap(pages) => &bytemuck::cast_slice::<Page, u8>(pages)[..self.len],
             Storage::Foreign(memory) => memory.bytes(),
+            Storage::Lent(memory) => memory,
         }
     }
 
@@ -81,12 +93,13 @@ impl DmaBuf {
         match &mut self.storage {
             Storage::Heap(pages) => &mut bytemuck::cast_slice_mut::<Page, u8>(pages)[..self.len],
             Storage::Foreign(memory) => memory.bytes_mut(),
+            Storage::Lent(memory) => memory,
         }
     }
 
     pub fn registered_index(&self) -> Option<u16> {
         match &self.storage {
-            Storage::Heap(_) => None,
+            Storage::Heap(_) | Storage::Lent(_) => None,
             Storage::Foreign(memory) => memory.registered_index(),
         }
     }

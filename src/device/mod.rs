@@ -194,7 +194,7 @@ pub fn validate(name: &str, geometry: &DeviceGeometry, operation: &Operation) ->
 
 /// The checks of [`explain_invalid`] without building an error (block sizes are powers of
 /// two on every bdev chronicle takes; other sizes take the general path).
-#[inline]
+#[inline(always)] // on every operation of the write path; a call costs as much as the checks
 fn is_valid(geometry: &DeviceGeometry, operation: &Operation) -> bool {
     let block_size = geometry.block_size as usize;
     if !block_size.is_power_of_two() || !(geometry.buffer_alignment as usize).is_power_of_two() {

@@ -49,8 +49,9 @@ const RETRY_QUEUE_LIMIT: usize = 1 << 16;
 enum Waiter<O> {
     /// The hot path: the completion goes to the host queue at once.
     Host(O),
-    /// A control-path future: the completion waits here until the future takes it.
-    Control(Option<Completion>),
+    /// A control-path future: the completion waits here until the future takes it (boxed:
+    /// the slab's entries stay small for the hot path's lookups).
+    Control(Option<Box<Completion>>),
     /// A control-path future that was dropped: the completion is discarded.
     Abandoned,
 }
@@ -127,6 +128,7 @@ impl<O: Copy> IoHub<O> {
         tag
     }
 
+    #[inline]
     fn try_submit(&mut self, role: Role, tag: Tag, operation: Operation) -> bool {
         let kind = operation.kind();
         match self.channels[role as usize].submit(tag, operation) {
@@ -169,6 +171,7 @@ impl<O: Copy> IoHub<O> {
         reaped
     }
 
+    #[inline]
     fn route(&mut self, completion: Completion) {
         let key = completion.tag as usize;
         match self.outstanding.get_mut(key).expect("every completion has a submitter") {
@@ -178,7 +181,7 @@ impl<O: Copy> IoHub<O> {
             }
             Waiter::Control(slot) => {
                 debug_assert!(slot.is_none(), "an operation completes once");
-                *slot = Some(completion);
+                *slot = Some(Box::new(completion));
             }
             Waiter::Abandoned => {
                 self.outstanding.remove(key);
@@ -194,7 +197,7 @@ impl<O: Copy> IoHub<O> {
         let key = tag as usize;
         match self.outstanding.get(key) {
             Some(Waiter::Control(Some(_))) => match self.outstanding.remove(key) {
-                Waiter::Control(completion) => completion,
+                Waiter::Control(completion) => completion.map(|completion| *completion),
                 _ => unreachable!(),
             },
             _ => None,

@@ -822,7 +822,7 @@ async fn read_unit(
                     buffer.as_mut_slice().copy_from_slice(&bytes);
                     Ok(IoBuffers::single(buffer))
                 }
-                Err(EngineError::Io(error)) => Err(HostError::Io(error)),
+                Err(EngineError::Io(error)) => Err(HostError::from(error)),
                 Err(error) => Err(HostError::Damaged(error.to_string())),
             }
         }

@@ -79,8 +79,10 @@ struct HostWrite {
     widening: Widening,
     host: SharedBuffers,
     data: Option<SharedBuffers>,
-    head: Option<IoBuffers>,
-    tail: Option<IoBuffers>,
+    /// The units' old contents around a partial write (read-modify-write only: boxed, so the
+    /// usual whole-unit write moves a smaller record through the slab).
+    head: Option<Box<IoBuffers>>,
+    tail: Option<Box<IoBuffers>>,
     state: WriteState,
     pending: u32,
     /// Index entries (of the open generation) that must be durable before the base write.
@@ -300,13 +302,18 @@ impl HotStep<'_> {
         let volume_blocks = self.shared.meta.geometry.volume_device_blocks();
         let block_size = self.shared.meta.block_size[0];
         let out_of_range = |offset: u64, blocks: u64| {
-            (blocks == 0 || offset.checked_add(blocks).is_none_or(|end| end > volume_blocks))
-                .then_some(HostError::OutOfRange { offset_blocks: offset, num_blocks: blocks, volume_blocks })
+            // Not `then_some`: it would build (and drop) the error for every valid request.
+            if blocks == 0 || offset.checked_add(blocks).is_none_or(|end| end > volume_blocks) {
+                Some(HostError::OutOfRange { offset_blocks: offset, num_blocks: blocks, volume_blocks })
+            } else {
+                None
+            }
         };
         match request {
             HostRequest::Read { offset_blocks, buffers } => {
                 let blocks = div_size(buffers.len() as u64, block_size);
-                if let Some(error) = out_of_range(offset_blocks, blocks).or(self.invalid_buffers(buffers.len())) {
+                if let Some(error) = out_of_range(offset_blocks, blocks).or_else(|| self.invalid_buffers(buffers.len()))
+                {
                     return self.complete(tag, Err(error), Payload::Read(buffers));
                 }
                 self.shared.hot.counters.host_reads += 1;
@@ -316,7 +323,8 @@ impl HotStep<'_> {
             }
             HostRequest::Write { offset_blocks, buffers } => {
                 let blocks = div_size(buffers.len() as u64, block_size);
-                if let Some(error) = out_of_range(offset_blocks, blocks).or(self.invalid_buffers(buffers.len())) {
+                if let Some(error) = out_of_range(offset_blocks, blocks).or_else(|| self.invalid_buffers(buffers.len()))
+                {
                     return self.complete(tag, Err(error), Payload::Write(buffers));
                 }
                 if let Some(error) = self.shared.failed.clone() {
@@ -364,8 +372,11 @@ impl HotStep<'_> {
 
     fn invalid_buffers(&self, bytes: usize) -> Option<HostError> {
         let block_size = self.shared.meta.block_size[0];
-        (bytes == 0 || rem_size(bytes as u64, block_size) != 0)
-            .then_some(HostError::InvalidBuffers { bytes, block_size: block_size as usize })
+        if bytes == 0 || rem_size(bytes as u64, block_size) != 0 {
+            Some(HostError::InvalidBuffers { bytes, block_size: block_size as usize })
+        } else {
+            None
+        }
     }
 
     /// Starts the next chunks of an unmap or write-zeroes; completes it when all are done.
@@ -797,9 +808,9 @@ impl HotStep<'_> {
                 match (completion.result, completion.payload) {
                     (Ok(()), Payload::Read(buffers)) => {
                         if matches!(owner, HostRef::WriteHead(_)) {
-                            write.head = Some(buffers);
+                            write.head = Some(Box::new(buffers));
                         } else {
-                            write.tail = Some(buffers);
+                            write.tail = Some(Box::new(buffers));
                         }
                     }
                     (Err(error), _) => {
@@ -820,7 +831,7 @@ impl HotStep<'_> {
                 let write = &mut self.shared.hot.writes[id];
                 write.pending -= 1;
                 if let Err(error) = completion.result {
-                    write.error.get_or_insert(HostError::Io((*error).clone()));
+                    write.error.get_or_insert(HostError::Io(error.clone()));
                     // Base and journal may now disagree for this block: stop taking writes
                     // until a reopen rebuilds the open generation from the base.
                     self.shared.hot.counters.write_errors += 1;
@@ -876,7 +887,7 @@ impl HotStep<'_> {
     pub(super) fn fail_uncommitted(&mut self, waiting: Vec<usize>, error: &IoError) {
         for id in waiting {
             let write = &mut self.shared.hot.writes[id];
-            write.error.get_or_insert(HostError::Io(error.clone()));
+            write.error.get_or_insert(HostError::from(error.clone()));
             write.state = WriteState::Writing;
             if write.pending == 0 {
                 self.finish_write(id);

@@ -662,7 +662,12 @@ impl<C: 'static> BdevIo<C> {
             // SAFETY: SPDK gives non-null buffers to submit_request (reads without one got
             // one through spdk_bdev_io_get_buf first); valid until completion (contract).
             let ptr = NonNull::new(iov.iov_base.cast::<u8>()).expect("a data buffer");
-            crate::device::DmaBuf::foreign(Box::new(HostMemory { ptr, len: iov.iov_len }))
+            // SAFETY: `iov_len` bytes at `ptr` are the submitter's, lent to this I/O until it
+            // completes; the `'static` stands for "until then", which this function's contract
+            // makes the caller keep (every buffer dropped first). The engine reads or fills
+            // them from the volume's thread while the I/O waits: plain memory, no thread tie.
+            let bytes = unsafe { std::slice::from_raw_parts_mut(ptr.as_ptr(), iov.iov_len) };
+            crate::device::DmaBuf::lent(bytes)
         };
         let mut buffers = IoBuffers::new();
         // No list collected first: the usual one iovec stays inline in the IoBuffers.
@@ -794,31 +799,6 @@ impl<C: 'static> BdevIo<C> {
             }
             Err(error) => Err((error, self)),
         }
-    }
-}
-
-/// Host memory of an I/O in flight (an iovec of a [`BdevIo`]), seen as a device buffer.
-struct HostMemory {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: plain memory that the submitter lends for the life of the I/O; the engine reads or
-// fills it from the volume's thread while the I/O waits (BdevIo::host_buffers' contract keeps
-// every use before the completion).
-unsafe impl Send for HostMemory {}
-// SAFETY: as above; `&HostMemory` only reads.
-unsafe impl Sync for HostMemory {}
-
-impl crate::device::ForeignMemory for HostMemory {
-    fn bytes(&self) -> &[u8] {
-        // SAFETY: `len` bytes at `ptr` are valid until the I/O completes (host_buffers' contract).
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
-    }
-
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as above; `&mut self` is the only path to the bytes through this buffer.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
 }
 

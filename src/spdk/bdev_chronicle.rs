@@ -532,8 +532,11 @@ fn host_request(io: &BdevIo<volume::HostIoCtx>) -> Option<HostRequest> {
         // SAFETY: the engine completes the request (dropping the buffers) before the I/O
         // completes (finish_io).
         IoType::Read => HostRequest::Read { offset_blocks, buffers: unsafe { io.host_buffers() } },
-        // SAFETY: as for reads.
-        IoType::Write => HostRequest::Write { offset_blocks, buffers: Arc::new(unsafe { io.host_buffers() }) },
+        IoType::Write => {
+            // SAFETY: as for reads (the shared list is emptied before the I/O completes).
+            let buffers = unsafe { io.host_buffers() };
+            HostRequest::Write { offset_blocks, buffers: volume::shared_host_buffers(buffers) }
+        }
         IoType::Flush => HostRequest::Flush,
         IoType::Unmap => HostRequest::Unmap { offset_blocks, num_blocks },
         IoType::WriteZeroes => HostRequest::WriteZeroes { offset_blocks, num_blocks },

@@ -42,7 +42,7 @@ use super::{bdev_chronicle, vbdev, Errno};
 use crate::core::format::superblock::{
     DeviceRole, Durability, JournalFullPolicy, JournalMode, Superblock, VOLUME_NAME_BYTES,
 };
-use crate::device::{Channel, Device, Payload, Tag};
+use crate::device::{Channel, Device, IoBuffers, Payload, SharedBuffers, Tag};
 use crate::engine::{
     begin_format, CompressHandle, CompressReport, EngineError, FormatOptions, FormatProgress, Formatting,
     HostCompletion, HostRequest, MaintenanceError, MaintenanceHandle, MarkerHandle, MergeReport, Opening,
@@ -392,8 +392,9 @@ pub(crate) struct Hop {
     /// the volume's. The request travels beside the I/O, not in its driver context: the
     /// volume's thread reads the queue in order and never touches the `bdev_io` itself.
     to_volume: DoorbellQueue<(DetachedIo<IoCtx>, HostRequest)>,
-    /// Detached I/Os with their status; pushed on the volume's thread, taken on the channel's.
-    to_home: DoorbellQueue<(DetachedIo<IoCtx>, IoStatus)>,
+    /// Detached I/Os with their status (and a write's emptied buffer list, for reuse at
+    /// home); pushed on the volume's thread, taken on the channel's.
+    to_home: DoorbellQueue<Reply>,
     /// The hop's slot in its volume's table, `usize::MAX` until adopted; read and written only
     /// on the volume's thread (a hop leads to one volume).
     slot: AtomicUsize,
@@ -427,11 +428,60 @@ impl HostPath {
     }
 }
 
+/// A finished I/O on its way home: its status, and a write's buffer list emptied for reuse
+/// there ([`shared_host_buffers`]).
+type Reply = (DetachedIo<IoCtx>, IoStatus, Option<SharedBuffers>);
+
+/// Most emptied buffer lists a thread keeps for reuse (a channel holds far fewer writes).
+const SPARE_LISTS_LIMIT: usize = 4096;
+
+thread_local! {
+    /// This thread's emptied host buffer lists, for its next writes.
+    static SPARE_LISTS: RefCell<Vec<SharedBuffers>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `buffers` as the shared list a write's journal and base operations both hold: in a list a
+/// finished write of this thread gave back when there is one, so steady writing allocates (and
+/// frees) nothing for it.
+pub(crate) fn shared_host_buffers(buffers: IoBuffers) -> SharedBuffers {
+    let spare = SPARE_LISTS.with(|spares| spares.borrow_mut().pop());
+    match spare {
+        Some(mut shared) => {
+            let list = Arc::get_mut(&mut shared).expect("a spare list is held by nobody else");
+            debug_assert!(list.is_empty());
+            *list = buffers;
+            shared
+        }
+        None => Arc::new(buffers),
+    }
+}
+
+/// Empties a finished write's buffer list: the host's memory is let go here, before the I/O
+/// completes (`BdevIo::host_buffers`). The list itself is kept for reuse unless the engine
+/// still held it (it never does: debug builds check).
+fn emptied(mut shared: SharedBuffers) -> Option<SharedBuffers> {
+    debug_assert_eq!(Arc::strong_count(&shared), 1, "the engine kept a host buffer");
+    *Arc::get_mut(&mut shared)? = IoBuffers::new();
+    Some(shared)
+}
+
+/// Keeps an emptied list for this thread's next writes.
+fn keep_spare(spare: Option<SharedBuffers>) {
+    if let Some(spare) = spare {
+        SPARE_LISTS.with(|spares| {
+            let mut spares = spares.borrow_mut();
+            if spares.len() < SPARE_LISTS_LIMIT {
+                spares.push(spare);
+            }
+        });
+    }
+}
+
 /// The volume's side of a hop.
 struct HopEntry {
     hop: Arc<Hop>,
     /// Completions gathered during one poll, sent home together.
-    outbox: Vec<(DetachedIo<IoCtx>, IoStatus)>,
+    outbox: Vec<Reply>,
     /// I/Os of this hop the volume holds (pending or in the outbox).
     held: usize,
     /// The slot is in `VolumeHost::replies_due`.
@@ -897,7 +947,7 @@ impl VolumeHost {
         // I/Os still waiting (none after a close: defensive) fail where they were submitted.
         let pending: Vec<PendingIo> = self.pending.borrow_mut().drain().collect();
         for io in pending {
-            self.complete(io, IoStatus::Failed);
+            self.complete(io, IoStatus::Failed, None);
         }
         // Completions go home now: no poll comes after this one.
         self.send_replies();
@@ -1194,7 +1244,7 @@ impl VolumeHost {
         let HostState::Running(volume) = &mut *state else {
             drop(state);
             // The bdev is going away (or not there yet): nothing accepts I/O.
-            return self.complete(io, IoStatus::Failed);
+            return self.complete(io, IoStatus::Failed, None);
         };
         let tag = self.pending.borrow_mut().insert(io) as Tag;
         match restore {
@@ -1283,10 +1333,10 @@ impl VolumeHost {
     fn finish_io(&self, completion: HostCompletion) {
         let HostCompletion { tag, result, payload } = completion;
         // The host's memory is given back before the I/O completes (BdevIo::host_buffers).
-        if let Payload::Write(buffers) = &payload {
-            debug_assert_eq!(std::sync::Arc::strong_count(buffers), 1, "the engine kept a host buffer");
-        }
-        drop(payload);
+        let spare = match payload {
+            Payload::Write(buffers) => emptied(buffers),
+            _ => None,
+        };
         let Some(io) = self.pending.borrow_mut().try_remove(tag as usize) else {
             spdk_error!("chronicle: completion for unknown I/O {tag}");
             return;
@@ -1306,17 +1356,22 @@ impl VolumeHost {
                 IoStatus::Failed
             }
         };
-        self.complete(io, status);
+        self.complete(io, status, spare);
     }
 
-    fn complete(&self, io: PendingIo, status: IoStatus) {
+    /// Completes `io` here or sends it home; `spare` (an emptied buffer list) goes with it to
+    /// the thread that will reuse it.
+    fn complete(&self, io: PendingIo, status: IoStatus, spare: Option<SharedBuffers>) {
         match io {
-            PendingIo::Local(io) => io.complete(status),
+            PendingIo::Local(io) => {
+                keep_spare(spare);
+                io.complete(status)
+            }
             PendingIo::Remote(io, slot) => {
                 let mut hops = self.hops.borrow_mut();
                 let entry = &mut hops[slot];
                 entry.held -= 1;
-                entry.outbox.push((io, status));
+                entry.outbox.push((io, status, spare));
                 if !entry.due {
                     entry.due = true;
                     self.replies_due.borrow_mut().push(slot);
@@ -1337,9 +1392,9 @@ impl VolumeHost {
             self.hops.borrow_mut()[slot].held += batch.len();
         }
         if hop.restore.is_none() && batch.len() > 1 {
-            // The batch's index misses overlap (Volume::warm).
+            // The batch's index misses overlap (Volume::index_address).
             if let HostState::Running(volume) = &*self.state.borrow() {
-                batch.iter().for_each(|(_, request)| volume.warm(request));
+                batch.iter().filter_map(|(_, request)| volume.index_address(request)).for_each(prefetch);
             }
         }
         for (io, request) in batch.drain(..) {
@@ -1456,7 +1511,7 @@ impl Doorbell for AtVolume {
             None => {
                 let mut batch = VecDeque::new();
                 hop.to_volume.take_all(&mut batch);
-                let mut failed: Vec<_> = batch.into_iter().map(|(io, _request)| (io, IoStatus::Failed)).collect();
+                let mut failed: Vec<_> = batch.into_iter().map(|(io, _request)| (io, IoStatus::Failed, None)).collect();
                 if hop.to_home.push_all(&mut failed) {
                     if let Err((_, hop)) = hop.home.ring::<AtHome>(hop.clone()) {
                         // No volume poll will ring again: one message each.
@@ -1477,7 +1532,7 @@ enum AtHome {}
 
 thread_local! {
     /// The batch buffer completions are taken into on this thread (reused).
-    static HOME_BATCH: RefCell<VecDeque<(DetachedIo<IoCtx>, IoStatus)>> = const { RefCell::new(VecDeque::new()) };
+    static HOME_BATCH: RefCell<VecDeque<Reply>> = const { RefCell::new(VecDeque::new()) };
 }
 
 impl Doorbell for AtHome {
@@ -1485,7 +1540,8 @@ impl Doorbell for AtHome {
     fn rang(hop: Arc<Hop>) {
         let mut batch = HOME_BATCH.with(|batch| std::mem::take(&mut *batch.borrow_mut()));
         hop.to_home.take_all(&mut batch);
-        for (io, status) in batch.drain(..) {
+        for (io, status, spare) in batch.drain(..) {
+            keep_spare(spare);
             match io.attach() {
                 Ok(io) => io.complete(status),
                 Err(_) => unreachable!("a hop's replies run on the I/O's own thread"),
@@ -1509,7 +1565,7 @@ fn arrive_home(mut io: DetachedIo<IoCtx>) {
 
 /// Sends one completed I/O home in a message of its own (teardown only, when a doorbell was
 /// refused); if that is refused too, its Drop tries once more and logs.
-fn send_one_home((mut io, status): (DetachedIo<IoCtx>, IoStatus)) {
+fn send_one_home((mut io, status, _spare): Reply) {
     io.set_ctx(HostIoCtx::Done(status));
     let thread = io.thread();
     if let Err((_, io)) = io.send(thread, arrive_home) {
@@ -1900,4 +1956,17 @@ impl VolumeHost {
             restore_bdevs: self.restores.borrow().values().cloned().collect(),
         }
     }
+}
+
+/// Asks the CPU to bring the cache line at `address` in without waiting for it (a hint: never
+/// faults, reads nothing the program sees).
+fn prefetch(address: *const u32) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: PREFETCHT0 is part of SSE, which every x86_64 CPU has; it does not dereference
+    // the address in the language's sense and cannot fault, whatever the address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(address.cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = address;
 }

@@ -185,6 +185,7 @@ impl Iovecs {
         Iovecs { inline: [Self::EMPTY; 4], heap: Vec::new(), count: 0 }
     }
 
+    #[inline]
     fn fill(&mut self, buffers: &[DmaBuf]) {
         self.count = buffers.len();
         if buffers.len() <= self.inline.len() {
