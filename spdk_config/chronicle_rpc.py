@@ -117,6 +117,7 @@ def bdev_chronicle_load(args):
     _call(args, 'bdev_chronicle_load', {
         'name': args.name,
         'seconds': args.seconds,
+        'writes': args.writes,
         'queue_depth': args.queue_depth,
         'marker_every_ms': args.marker_every_ms,
         'seed': args.seed,
@@ -271,6 +272,7 @@ def spdk_rpc_plugin_initialize(subparsers):
                               'optionally cutting generations and logging every acknowledged write (crash tests)')
     p.add_argument('name', help='Name of the chronicle bdev')
     p.add_argument('-t', '--seconds', type=float, required=True, help='How long to write (0 < SECONDS <= 86400)')
+    p.add_argument('-w', '--writes', type=int, help='Stop after this many writes if that comes first')
     p.add_argument('-q', '--queue-depth', type=int, help='Writes in flight (1 to 256; default 32)')
     p.add_argument('-m', '--marker-every-ms', type=int, help='Cut a generation this often (default: none)')
     p.add_argument('--seed', type=int, help='Seed of the block choice (default 1)')

@@ -430,11 +430,8 @@ impl Volume {
     /// through the queue less, with the host's data still in cache.
     pub fn submit(&mut self, tag: Tag, request: HostRequest) {
         let mut shared = self.shared.borrow_mut();
-        shared.hot.enqueue(tag, request);
-        if shared.hot.queued() == 1 {
-            let mut hub = self.hub.borrow_mut();
-            HotStep { shared: &mut shared, hub: &mut hub }.admit();
-        }
+        let mut hub = self.hub.borrow_mut();
+        HotStep { shared: &mut shared, hub: &mut hub }.submit(tag, request);
     }
 
     /// Advances everything once: device completions, host state machines, control tasks.

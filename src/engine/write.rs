@@ -190,16 +190,6 @@ impl HotPath {
         self.internal.push_back((tag, request, seq));
     }
 
-    pub(crate) fn enqueue(&mut self, tag: Tag, request: HostRequest) {
-        self.queue.push_back((tag, request, self.next_seq));
-        self.next_seq += 1;
-    }
-
-    /// Requests waiting to start.
-    pub(crate) fn queued(&self) -> usize {
-        self.queue.len()
-    }
-
     /// Sequence the next submitted request will get: a marker requested now includes every
     /// request below it.
     /// A submission sequence number of its own for a marker's or rollback's hold: requests
@@ -257,15 +247,46 @@ impl HotStep<'_> {
         self.shared.hot.completed.push(HostCompletion { tag, result, payload });
     }
 
+    /// A host request arrives: it gets the next submission sequence and starts at once when
+    /// nothing waits before it and [`admit`](Self::admit) would start it now, else it queues
+    /// (and starts as soon as nothing waits before it and the limits allow).
+    pub(crate) fn submit(&mut self, tag: Tag, request: HostRequest) {
+        let seq = self.shared.hot.take_seq();
+        let hot = &self.shared.hot;
+        if hot.queue.is_empty() && hot.internal.is_empty() && self.has_room() && !self.waits(tag, &request, seq) {
+            // What admit would do with a queue of this one request, without the round trip.
+            return self.start(tag, request, seq);
+        }
+        self.shared.hot.queue.push_back((tag, request, seq));
+        if self.shared.hot.queue.len() == 1 {
+            self.admit();
+        }
+    }
+
+    /// Fewer requests started than the in-flight limit.
+    fn has_room(&self) -> bool {
+        let hot = &self.shared.hot;
+        hot.writes.len() + hot.reads.len() + hot.flushes.len() + hot.zeroes.len()
+            < self.shared.options.max_host_in_flight
+    }
+
+    /// Must a host request of submission sequence `seq` wait for a marker (or a rollback) in
+    /// progress? (FIG 9: submitted after it, it waits until it is done.)
+    fn waits(&self, tag: Tag, request: &HostRequest, seq: u64) -> bool {
+        match request {
+            HostRequest::Write { .. } | HostRequest::Unmap { .. } | HostRequest::WriteZeroes { .. } => {
+                self.held(tag, seq)
+            }
+            // The volume's own requests never wait in this queue (`hot.internal`).
+            HostRequest::Read { .. } => self.shared.read_holds.front().is_some_and(|barrier| seq >= *barrier),
+            HostRequest::Flush => false,
+        }
+    }
+
     /// Starts queued requests while the in-flight limit allows.
     pub(crate) fn admit(&mut self) {
-        let limit = self.shared.options.max_host_in_flight;
         loop {
-            let started = {
-                let hot = &self.shared.hot;
-                hot.writes.len() + hot.reads.len() + hot.flushes.len() + hot.zeroes.len()
-            };
-            if started >= limit {
+            if !self.has_room() {
                 return;
             }
             if let Some((tag, request, seq)) = self.shared.hot.internal.pop_front() {
@@ -273,19 +294,11 @@ impl HotStep<'_> {
                 continue;
             }
             let held = match self.shared.hot.queue.front() {
-                Some((
-                    tag,
-                    HostRequest::Write { .. } | HostRequest::Unmap { .. } | HostRequest::WriteZeroes { .. },
-                    seq,
-                )) => self.held(*tag, *seq),
-                // The volume's own requests never wait in this queue (`hot.internal`).
-                Some((_, HostRequest::Read { .. }, seq)) => {
-                    self.shared.read_holds.front().is_some_and(|barrier| *seq >= *barrier)
-                }
-                _ => false,
+                Some((tag, request, seq)) => self.waits(*tag, request, *seq),
+                None => return,
             };
             if held {
-                return; // Submitted after a marker (or a rollback): waits until it is done (FIG 9).
+                return;
             }
             let Some((tag, request, seq)) = self.shared.hot.queue.pop_front() else { return };
             self.start(tag, request, seq);

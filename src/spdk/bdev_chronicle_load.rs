@@ -50,6 +50,10 @@ pub struct LoadParams {
     /// The chronicle bdev to write to.
     pub name: String,
     pub seconds: f64,
+    /// Stop after this many writes, if sooner than `seconds`: a test's volume then needs room
+    /// for this much, however fast the stack runs.
+    #[serde(default)]
+    pub writes: Option<u64>,
     #[serde(default = "default_queue_depth")]
     pub queue_depth: usize,
     /// Cut a generation this often (none if absent).
@@ -172,6 +176,9 @@ pub fn run_load(params: LoadParams, done: impl FnOnce(Result<LoadReport, LoadErr
     if !(params.seconds > 0.0 && params.seconds <= 86_400.0) {
         return done(Err(LoadError::Invalid(format!("seconds {} must be in (0, 86400]", params.seconds))));
     }
+    if params.writes == Some(0) {
+        return done(Err(LoadError::Invalid("writes 0 must be at least 1 (or absent)".into())));
+    }
     if params.queue_depth == 0 || params.queue_depth > QUEUE_DEPTH_MAX {
         return done(Err(LoadError::Invalid(format!(
             "queue_depth {} must be 1 to {QUEUE_DEPTH_MAX}",
@@ -221,9 +228,10 @@ pub fn run_load(params: LoadParams, done: impl FnOnce(Result<LoadReport, LoadErr
 fn poll_load(load: &Rc<RefCell<Load>>) -> PollStatus {
     let now = Instant::now();
     let mut state = load.borrow_mut();
-    let running = now < state.deadline && state.log_error.is_none();
+    let below_writes = |state: &Load| state.params.writes.is_none_or(|writes| state.next < writes);
+    let running = now < state.deadline && state.log_error.is_none() && below_writes(&state);
     let mut busy = false;
-    while running && state.in_flight < state.params.queue_depth {
+    while running && state.in_flight < state.params.queue_depth && below_writes(&state) {
         let units = state.target.units;
         let block = state.rng.random_range(0..units);
         let sequence = state.base_sequence + state.next;
