@@ -669,9 +669,15 @@ impl<C: 'static> BdevIo<C> {
             let bytes = unsafe { std::slice::from_raw_parts_mut(ptr.as_ptr(), iov.iov_len) };
             crate::device::DmaBuf::lent(bytes)
         };
+        let iovs = self.iovs();
+        if let [iov] = iovs {
+            if iov.iov_len > 0 {
+                return IoBuffers::single(buffer(iov)); // the usual case: one iovec
+            }
+        }
         let mut buffers = IoBuffers::new();
-        // No list collected first: the usual one iovec stays inline in the IoBuffers.
-        for iov in self.iovs().iter().filter(|iov| iov.iov_len > 0) {
+        // No list collected first: one iovec stays inline in the IoBuffers.
+        for iov in iovs.iter().filter(|iov| iov.iov_len > 0) {
             buffers.push(buffer(iov));
         }
         buffers
