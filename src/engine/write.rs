@@ -78,7 +78,15 @@ struct HostWrite {
     offset_blocks: u64,
     widening: Widening,
     host: SharedBuffers,
+    /// The whole units written: the merged buffer of a read-modify-write, `None` for a
+    /// whole-unit write, whose units are `host` itself ([`HostWrite::data`]). No clone of
+    /// `host` is kept: each clone or drop is an atomic operation, and one right after a
+    /// submission that copied data (malloc bdevs copy while submitting) waits for the copy's
+    /// stores to drain.
     data: Option<SharedBuffers>,
+    /// The base write's reference to the data, taken together with the journal write's before
+    /// the journal write is submitted (see `data`).
+    base_data: Option<SharedBuffers>,
     /// The units' old contents around a partial write (read-modify-write only: boxed, so the
     /// usual whole-unit write moves a smaller record through the slab).
     head: Option<Box<IoBuffers>>,
@@ -91,6 +99,13 @@ struct HostWrite {
     needed_bitmap_sets: u64,
     base_submitted: bool,
     error: Option<HostError>,
+}
+
+impl HostWrite {
+    /// The whole units this write puts in the journal and the base.
+    fn data(&self) -> &SharedBuffers {
+        self.data.as_ref().unwrap_or(&self.host)
+    }
 }
 
 /// An unmap or write-zeroes, split into chunk writes.
@@ -455,6 +470,7 @@ impl HotStep<'_> {
             widening,
             host,
             data: None,
+            base_data: None,
             head: None,
             tail: None,
             state: WriteState::Blocked,
@@ -495,9 +511,7 @@ impl HotStep<'_> {
         }
         self.shared.hot.writes_in_flight += 1;
         if widening.aligned {
-            let host = self.shared.hot.writes[id].host.clone();
-            self.shared.hot.writes[id].data = Some(host);
-            return self.allocate(id);
+            return self.allocate(id); // The host's buffers are the units (HostWrite::data).
         }
         self.shared.hot.counters.read_modify_writes += 1;
         let unit = self.shared.meta.unit_bytes() as usize;
@@ -577,7 +591,12 @@ impl HotStep<'_> {
                 meta.open.pages.push(PageState::default());
             }
         }
-        let data = self.shared.hot.writes[id].data.clone().expect("data is ready before allocation");
+        // Both device writes' references at once, before either is submitted (HostWrite::data).
+        let (data, base_data) = {
+            let write = &self.shared.hot.writes[id];
+            (write.data().clone(), write.data().clone())
+        };
+        self.shared.hot.writes[id].base_data = Some(base_data);
         let unit_bytes = meta.unit_bytes() as usize;
         let written_upto = self.shared.hot.index_written_upto(meta);
         // Rewrites whose checksum may wait for the marker (VolumeOptions::marker_read_back_bytes).
@@ -635,7 +654,7 @@ impl HotStep<'_> {
         let mut journal_writes = std::mem::take(&mut self.shared.hot.scratch_journal_writes);
         journal_writes.clear();
         if consecutive && no_wrap {
-            journal_writes.push((meta.segment_lba(first), data.clone()));
+            journal_writes.push((meta.segment_lba(first), data));
         } else {
             // Bounce: copy each run of consecutive physical segments (rare: mixed rewrites).
             self.shared.hot.counters.journal_bounce_copies += 1;
@@ -754,7 +773,10 @@ impl HotStep<'_> {
         write.state = WriteState::Writing;
         write.base_submitted = true;
         write.pending += 1;
-        let buffers = write.data.clone().expect("data is ready");
+        let buffers = match write.base_data.take() {
+            Some(buffers) => buffers,
+            None => write.data().clone(), // Writes that bypassed allocate (base-only).
+        };
         self.hub.submit(
             Role::Base,
             Operation::Write { offset_blocks, buffers, fua },

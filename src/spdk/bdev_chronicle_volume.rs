@@ -444,13 +444,15 @@ thread_local! {
 /// finished write of this thread gave back when there is one, so steady writing allocates (and
 /// frees) nothing for it.
 pub(crate) fn shared_host_buffers(buffers: IoBuffers) -> SharedBuffers {
-    let spare = SPARE_LISTS.with(|spares| spares.borrow_mut().pop());
-    match spare {
-        Some(mut shared) => {
-            let list = Arc::get_mut(&mut shared).expect("a spare list is held by nobody else");
-            debug_assert!(list.is_empty());
-            *list = buffers;
-            shared
+    match SPARE_LISTS.with(|spares| spares.borrow_mut().pop()) {
+        Some(spare) => {
+            debug_assert!(spare.is_empty());
+            // SAFETY: a spare is the only reference to its list: `emptied` saw it alone, on the
+            // volume's thread, before it came here through a hop's queue (a mutex: the volume's
+            // writes happen before), and nothing cloned it since. As `Arc::get_mut`, without
+            // its atomic compare-and-swap (a locked instruction per write, measured).
+            unsafe { *Arc::as_ptr(&spare).cast_mut() = buffers };
+            spare
         }
         None => Arc::new(buffers),
     }
@@ -459,9 +461,16 @@ pub(crate) fn shared_host_buffers(buffers: IoBuffers) -> SharedBuffers {
 /// Empties a finished write's buffer list: the host's memory is let go here, before the I/O
 /// completes (`BdevIo::host_buffers`). The list itself is kept for reuse unless the engine
 /// still held it (it never does: debug builds check).
-fn emptied(mut shared: SharedBuffers) -> Option<SharedBuffers> {
+fn emptied(shared: SharedBuffers) -> Option<SharedBuffers> {
     debug_assert_eq!(Arc::strong_count(&shared), 1, "the engine kept a host buffer");
-    *Arc::get_mut(&mut shared)? = IoBuffers::new();
+    // Plain loads, where Arc::get_mut takes a locked compare-and-swap: the engine's clones of
+    // the list were all made and dropped on this thread, and no Weak is ever made of it.
+    if Arc::strong_count(&shared) != 1 || Arc::weak_count(&shared) != 0 {
+        return None;
+    }
+    // SAFETY: the only reference (checked above: no other strong or weak one exists, and none
+    // can be made without this one), so nothing else reads or writes the list meanwhile.
+    unsafe { *Arc::as_ptr(&shared).cast_mut() = IoBuffers::new() };
     Some(shared)
 }
 
