@@ -36,6 +36,12 @@ impl Devices {
     fn channels(&self) -> Vec<Box<dyn Channel>> {
         self.0.iter().map(|d| d.open_channel().unwrap()).collect()
     }
+
+    /// Formats the four devices with the default options and opens the volume.
+    fn format_and_open(&self, options: VolumeOptions) -> Volume {
+        format(self.channels(), &FormatOptions::default(), &mut |_| {}).unwrap();
+        Volume::open(self.channels(), options).unwrap()
+    }
 }
 
 fn write(volume: &mut Volume, model: &mut [u8], offset: u64, data: Vec<u8>) {
@@ -58,8 +64,7 @@ fn drain(volume: &mut Volume) {
 #[test]
 fn generations_sorted_into_backup_and_history_restore_exactly() {
     let devices = Devices::new();
-    format(devices.channels(), &FormatOptions::default(), &mut |_| {}).unwrap();
-    let mut volume = Volume::open(devices.channels(), VolumeOptions::default()).unwrap();
+    let mut volume = devices.format_and_open(VolumeOptions::default());
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     let mut model = vec![0u8; VOLUME_BYTES as usize];
     let mut images = vec![model.clone()];
@@ -95,10 +100,9 @@ fn generations_sorted_into_backup_and_history_restore_exactly() {
 #[test]
 fn reopen_keeps_open_and_sealed_generations() {
     let devices = Devices::new();
-    format(devices.channels(), &FormatOptions::default(), &mut |_| {}).unwrap();
     let mut options = VolumeOptions::default();
     options.sort.automatic = false;
-    let mut volume = Volume::open(devices.channels(), options.clone()).unwrap();
+    let mut volume = devices.format_and_open(options.clone());
     let mut rng = ChaCha8Rng::seed_from_u64(9);
     let mut model = vec![0u8; VOLUME_BYTES as usize];
     let mut images = vec![model.clone()];
@@ -148,8 +152,7 @@ fn journal_full_blocks_until_the_sort_frees_space() {
     let devices = Devices(std::array::from_fn(|i| {
         MemoryDevice::new(names[i], MemoryOptions::new(BLOCK, sizes[i].div_ceil(u64::from(BLOCK))))
     }));
-    format(devices.channels(), &FormatOptions::default(), &mut |_| {}).unwrap();
-    let mut volume = Volume::open(devices.channels(), VolumeOptions::default()).unwrap();
+    let mut volume = devices.format_and_open(VolumeOptions::default());
     let mut model = vec![0u8; VOLUME_BYTES as usize];
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     let mut images = vec![model.clone()];
@@ -179,8 +182,7 @@ fn journal_full_blocks_until_the_sort_frees_space() {
 #[test]
 fn unmap_and_write_zeroes_are_journaled_into_generations() {
     let devices = Devices::new();
-    format(devices.channels(), &FormatOptions::default(), &mut |_| {}).unwrap();
-    let mut volume = Volume::open(devices.channels(), VolumeOptions::default()).unwrap();
+    let mut volume = devices.format_and_open(VolumeOptions::default());
     let mut model = vec![0u8; VOLUME_BYTES as usize];
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let mut data = vec![0u8; VOLUME_BYTES as usize];
@@ -212,9 +214,8 @@ fn unmap_and_write_zeroes_are_journaled_into_generations() {
 #[test]
 fn strict_mode_refuses_partial_units_and_changes_nothing() {
     let devices = Devices::new();
-    format(devices.channels(), &FormatOptions::default(), &mut |_| {}).unwrap();
     let options = VolumeOptions { strict: true, ..VolumeOptions::default() };
-    let mut volume = Volume::open(devices.channels(), options).unwrap();
+    let mut volume = devices.format_and_open(options);
     volume.submit(
         7,
         HostRequest::Write { offset_blocks: 1, buffers: Arc::new(IoBuffers::single(DmaBuf::copy_from(&[9u8; 512]))) },
@@ -232,8 +233,7 @@ fn strict_mode_refuses_partial_units_and_changes_nothing() {
 #[test]
 fn a_marker_comment_that_would_not_read_back_is_refused_and_the_volume_still_opens() {
     let devices = Devices::new();
-    format(devices.channels(), &FormatOptions::default(), &mut |_| {}).unwrap();
-    let mut volume = Volume::open(devices.channels(), VolumeOptions::default()).unwrap();
+    let mut volume = devices.format_and_open(VolumeOptions::default());
     let mut completions = Vec::new();
     // A NUL would end the zero-terminated comment field early: the catalog would not decode.
     let refused = volume.mark_and_wait("before\0after", &mut completions);
@@ -253,10 +253,9 @@ fn a_marker_comment_that_would_not_read_back_is_refused_and_the_volume_still_ope
 #[test]
 fn rewritten_elements_are_checksummed_by_the_marker_or_while_idle_and_the_sealed_checksums_hold() {
     let devices = Devices::new();
-    format(devices.channels(), &FormatOptions::default(), &mut |_| {}).unwrap();
     let mut options = VolumeOptions::default();
     options.sort.automatic = false;
-    let mut volume = Volume::open(devices.channels(), options).unwrap();
+    let mut volume = devices.format_and_open(options);
     let mut rng = ChaCha8Rng::seed_from_u64(17);
     let mut model = vec![0u8; VOLUME_BYTES as usize];
     let blocks_per_unit = u64::from(UNIT / BLOCK);
@@ -333,11 +332,10 @@ fn rewritten_elements_are_checksummed_by_the_marker_or_while_idle_and_the_sealed
 #[test]
 fn rewrites_past_the_read_back_limit_are_checksummed_at_once() {
     let devices = Devices::new();
-    format(devices.channels(), &FormatOptions::default(), &mut |_| {}).unwrap();
     let mut options = VolumeOptions::default();
     options.sort.automatic = false;
     options.marker_read_back_bytes = 10 * u64::from(UNIT);
-    let mut volume = Volume::open(devices.channels(), options).unwrap();
+    let mut volume = devices.format_and_open(options);
     let mut rng = ChaCha8Rng::seed_from_u64(23);
     let mut model = vec![0u8; VOLUME_BYTES as usize];
     let blocks_per_unit = u64::from(UNIT / BLOCK);

@@ -208,7 +208,13 @@ impl VolumeGeometry {
 
     /// Device blocks in one unit (a power of two, 1 ..= 2048).
     pub fn device_blocks_per_unit(&self) -> u64 {
-        div_size(self.unit_bytes(), u64::from(self.device_block_size.bytes()))
+        1 << self.unit_shift()
+    }
+
+    /// log2 of [`device_blocks_per_unit`](Self::device_blocks_per_unit): both sizes are powers
+    /// of two (checked when made), so device blocks become units by a shift.
+    fn unit_shift(&self) -> u32 {
+        self.host_write_size.bytes().trailing_zeros() - self.device_block_size.bytes().trailing_zeros()
     }
 
     /// Bytes of one unit (= the host write size).
@@ -234,7 +240,7 @@ impl VolumeGeometry {
             "device block {lba} beyond a volume of {} blocks",
             self.volume_device_blocks()
         );
-        div_size(lba, self.device_blocks_per_unit())
+        lba >> self.unit_shift()
     }
 
     /// The first device block of `unit`. `unit == volume_blocks()` is allowed and gives the
@@ -257,8 +263,7 @@ impl VolumeGeometry {
             .filter(|end| *end <= volume_device_blocks)
             .ok_or(GeometryError::RequestOutOfRange { offset_blocks, num_blocks, volume_device_blocks })?;
         let per_unit = self.device_blocks_per_unit();
-        // Both sizes are powers of two (checked when made): shifts.
-        let shift = self.host_write_size.bytes().trailing_zeros() - self.device_block_size.bytes().trailing_zeros();
+        let shift = self.unit_shift();
         let first_unit = offset_blocks >> shift;
         let end_unit = (end_blocks >> shift) + u64::from(end_blocks & (per_unit - 1) != 0);
         let head_gap_blocks = offset_blocks - first_unit * per_unit;

@@ -155,15 +155,9 @@ impl IndexSet {
 
     /// Every number in the set, ascending; the set is empty afterwards.
     pub fn drain_sorted(&mut self) -> Vec<usize> {
-        let mut indexes = Vec::with_capacity(self.len);
-        for (index, word) in self.words.iter_mut().enumerate() {
-            let mut bits = std::mem::take(word);
-            while bits != 0 {
-                indexes.push(index * 64 + bits.trailing_zeros() as usize);
-                bits &= bits - 1;
-            }
-        }
+        let indexes: Vec<usize> = self.iter().collect();
         debug_assert_eq!(indexes.len(), self.len, "the count follows the bits");
+        self.words.fill(0);
         self.len = 0;
         indexes
     }

@@ -327,21 +327,11 @@ impl HotStep<'_> {
     }
 
     fn start(&mut self, tag: Tag, request: HostRequest, seq: u64) {
-        let volume_blocks = self.shared.meta.geometry.volume_device_blocks();
         let block_size = self.shared.meta.block_size[0];
-        let out_of_range = |offset: u64, blocks: u64| {
-            // Not `then_some`: it would build (and drop) the error for every valid request.
-            if blocks == 0 || offset.checked_add(blocks).is_none_or(|end| end > volume_blocks) {
-                Some(HostError::OutOfRange { offset_blocks: offset, num_blocks: blocks, volume_blocks })
-            } else {
-                None
-            }
-        };
         match request {
             HostRequest::Read { offset_blocks, buffers } => {
                 let blocks = div_size(buffers.len() as u64, block_size);
-                if let Some(error) = out_of_range(offset_blocks, blocks).or_else(|| self.invalid_buffers(buffers.len()))
-                {
+                if let Some(error) = self.invalid_transfer(offset_blocks, blocks, buffers.len()) {
                     return self.complete(tag, Err(error), Payload::Read(buffers));
                 }
                 self.shared.hot.counters.host_reads += 1;
@@ -351,8 +341,7 @@ impl HotStep<'_> {
             }
             HostRequest::Write { offset_blocks, buffers } => {
                 let blocks = div_size(buffers.len() as u64, block_size);
-                if let Some(error) = out_of_range(offset_blocks, blocks).or_else(|| self.invalid_buffers(buffers.len()))
-                {
+                if let Some(error) = self.invalid_transfer(offset_blocks, blocks, buffers.len()) {
                     return self.complete(tag, Err(error), Payload::Write(buffers));
                 }
                 if let Some(error) = self.shared.failed.clone() {
@@ -379,7 +368,7 @@ impl HotStep<'_> {
             }
             HostRequest::Unmap { offset_blocks, num_blocks }
             | HostRequest::WriteZeroes { offset_blocks, num_blocks } => {
-                if let Some(error) = out_of_range(offset_blocks, num_blocks) {
+                if let Some(error) = self.out_of_range(offset_blocks, num_blocks) {
                     return self.complete(tag, Err(error), Payload::None);
                 }
                 if let Some(error) = self.shared.failed.clone() {
@@ -398,9 +387,24 @@ impl HotStep<'_> {
         }
     }
 
-    fn invalid_buffers(&self, bytes: usize) -> Option<HostError> {
+    /// Blocks `offset_blocks..+num_blocks` are not all in the volume. (Here and below not
+    /// `bool::then_some`: it would build, and drop, the error for every valid request.)
+    fn out_of_range(&self, offset_blocks: u64, num_blocks: u64) -> Option<HostError> {
+        let volume_blocks = self.shared.meta.geometry.volume_device_blocks();
+        if num_blocks == 0 || offset_blocks.checked_add(num_blocks).is_none_or(|end| end > volume_blocks) {
+            Some(HostError::OutOfRange { offset_blocks, num_blocks, volume_blocks })
+        } else {
+            None
+        }
+    }
+
+    /// A read or write of `bytes` (`blocks` whole blocks) at `offset_blocks` that cannot be
+    /// done: outside the volume, or buffers that are not whole blocks.
+    fn invalid_transfer(&self, offset_blocks: u64, blocks: u64, bytes: usize) -> Option<HostError> {
         let block_size = self.shared.meta.block_size[0];
-        if bytes == 0 || rem_size(bytes as u64, block_size) != 0 {
+        if let Some(error) = self.out_of_range(offset_blocks, blocks) {
+            Some(error)
+        } else if bytes == 0 || rem_size(bytes as u64, block_size) != 0 {
             Some(HostError::InvalidBuffers { bytes, block_size: block_size as usize })
         } else {
             None
@@ -863,14 +867,13 @@ impl HotStep<'_> {
             }
             HostRef::WriteData(id) => {
                 let id = id as usize;
-                let write = &mut self.shared.hot.writes[id];
-                write.pending -= 1;
+                self.shared.hot.writes[id].pending -= 1;
                 if let Err(error) = completion.result {
-                    write.error.get_or_insert(HostError::Io(error.clone()));
                     // Base and journal may now disagree for this block: stop taking writes
                     // until a reopen rebuilds the open generation from the base.
                     self.shared.hot.counters.write_errors += 1;
-                    self.shared.failed.get_or_insert(format!("write failed: {error}"));
+                    self.shared.failed.get_or_insert_with(|| format!("write failed: {error}"));
+                    self.shared.hot.writes[id].error.get_or_insert(HostError::Io(error));
                 }
                 let write = &self.shared.hot.writes[id];
                 if write.pending == 0
