@@ -32,7 +32,7 @@ use crate::core::format::open_bitmap::{self, OpenBitmapPage, BLOCKS_PER_PAGE, WO
 use crate::core::format::superblock::JournalFullPolicy;
 use crate::device::IoError;
 
-use super::io::{run_bounded, ControlIo, Role};
+use super::io::{run_bounded, ControlIo, HostOwner, Role};
 use super::meta::{IndexSet, Meta, PageState};
 use super::volume::{HostRef, Shared, SharedRef};
 use super::EngineError;
@@ -386,7 +386,7 @@ async fn wait_index_durable(shared: &SharedRef, batch: &[ResyncCopy]) -> Result<
 /// Reads the open generation's bitmap back at open (pages of other generations do not count)
 /// and drops the bits of blocks in its element index, whose elements recovery has just copied
 /// from the base.
-pub(crate) async fn load<O: Copy>(io: &ControlIo<O>, meta: &mut Meta) -> Result<(), EngineError> {
+pub(crate) async fn load<O: HostOwner>(io: &ControlIo<O>, meta: &mut Meta) -> Result<(), EngineError> {
     if meta.journal.open_bitmap.is_none() {
         if meta.journal_full_policy() == JournalFullPolicy::BitmapOnly {
             return Err(EngineError::Damaged(

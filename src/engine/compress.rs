@@ -30,7 +30,7 @@ use crate::core::format::frame_table::{encode_frame, FrameEntry, FrameTable, COD
 use crate::core::format::pad_to_pages;
 use crate::device::IoBuffers;
 
-use super::io::{run_bounded, ControlIo, Role};
+use super::io::{run_bounded, ControlIo, HostOwner, Role};
 use super::merge::{live_records, read_record_map, take_maintenance_lock, MaintenanceError};
 use super::meta::Meta;
 use super::volume::{update_history_catalog, HostRef, SharedRef};
@@ -207,7 +207,7 @@ fn damaged(generation: u64, what: impl std::fmt::Display) -> EngineError {
 }
 
 /// Reads and checks the frame table at the start of a compressed record's extent.
-pub(crate) async fn read_frame_table<H: Copy>(
+pub(crate) async fn read_frame_table<H: HostOwner>(
     io: &ControlIo<H>,
     units: HistoryUnits,
     generation: u64,
@@ -241,7 +241,7 @@ pub(crate) async fn read_frame_table<H: Copy>(
 }
 
 /// Reads, checks and decompresses frame `index` of a compressed record.
-pub(crate) async fn read_frame<H: Copy>(
+pub(crate) async fn read_frame<H: HostOwner>(
     io: &ControlIo<H>,
     units: HistoryUnits,
     element_start: u64,

@@ -46,14 +46,31 @@ impl Role {
 const RETRY_QUEUE_LIMIT: usize = 1 << 16;
 
 /// Who waits for an operation in flight.
-enum Waiter<O> {
-    /// The hot path: the completion goes to the host queue at once.
-    Host(O),
-    /// A control-path future: the completion waits here until the future takes it (boxed:
-    /// the slab's entries stay small for the hot path's lookups).
+/// What a control-path operation's tag stands for in `outstanding`.
+enum Waiter {
     Control(Option<Box<Completion>>),
-    /// A control-path future that was dropped: the completion is discarded.
     Abandoned,
+}
+
+/// Tags of host-path operations have this bit set and carry their owner in the rest
+/// ([`HostOwner`]); every other tag is a slot of `outstanding`.
+const HOST_TAG: Tag = 1 << 63;
+
+/// The owner of a host-path operation (a host write's journal or base write, a host read),
+/// carried in the operation's tag itself: no table to insert into at submission and to look
+/// up and remove from at completion, twice per host write.
+pub(crate) trait HostOwner: Copy {
+    /// At most 63 bits.
+    fn to_bits(self) -> u64;
+    fn from_bits(bits: u64) -> Self;
+}
+
+impl HostOwner for () {
+    fn to_bits(self) -> u64 {
+        0
+    }
+
+    fn from_bits(_: u64) -> Self {}
 }
 
 pub(crate) struct IoHub<O> {
@@ -62,12 +79,14 @@ pub(crate) struct IoHub<O> {
     /// Operations in flight, by tag (the slab key): a vector index, not a hash, on the hot
     /// path. A control operation keeps its slot until its future takes the completion, so a
     /// tag is never reused while someone may still ask for it.
-    outstanding: Slab<Waiter<O>>,
+    outstanding: Slab<Waiter>,
+    /// Host-path operations submitted and not yet routed (they have no slot in `outstanding`).
+    host_in_flight: usize,
     host_done: VecDeque<(O, Completion)>,
     scratch: Vec<Completion>,
 }
 
-impl<O: Copy> IoHub<O> {
+impl<O: HostOwner> IoHub<O> {
     /// `channels` in [`Role`] order.
     pub(crate) fn new(channels: Vec<Box<dyn Channel>>) -> Self {
         assert_eq!(channels.len(), 4, "a volume has four devices");
@@ -75,6 +94,7 @@ impl<O: Copy> IoHub<O> {
             channels,
             retry: Default::default(),
             outstanding: Slab::with_capacity(1024),
+            host_in_flight: 0,
             host_done: VecDeque::new(),
             scratch: Vec::with_capacity(256),
         }
@@ -86,6 +106,7 @@ impl<O: Copy> IoHub<O> {
             channels: Vec::new(),
             retry: Default::default(),
             outstanding: Slab::new(),
+            host_in_flight: 0,
             host_done: VecDeque::new(),
             scratch: Vec::new(),
         }
@@ -93,7 +114,10 @@ impl<O: Copy> IoHub<O> {
 
     /// The channels back, once nothing is in flight on them.
     pub(crate) fn into_channels(self) -> Vec<Box<dyn Channel>> {
-        assert!(self.outstanding.is_empty(), "channels are given back with operations in flight");
+        assert!(
+            self.outstanding.is_empty() && self.host_in_flight == 0,
+            "channels are given back with operations in flight"
+        );
         self.channels
     }
 
@@ -112,11 +136,15 @@ impl<O: Copy> IoHub<O> {
     /// Submits `operation`; its completion goes to `owner` (hot path) or, with `None`, waits
     /// for a control-path future holding the returned tag.
     pub(crate) fn submit(&mut self, role: Role, operation: Operation, owner: Option<O>) -> Tag {
-        let waiter = match owner {
-            Some(owner) => Waiter::Host(owner),
-            None => Waiter::Control(None),
+        let tag = match owner {
+            Some(owner) => {
+                let bits = owner.to_bits();
+                debug_assert_eq!(bits & HOST_TAG, 0, "an owner fits in 63 bits");
+                self.host_in_flight += 1;
+                HOST_TAG | bits
+            }
+            None => self.outstanding.insert(Waiter::Control(None)) as Tag,
         };
-        let tag = self.outstanding.insert(waiter) as Tag;
         let queue = &mut self.retry[role as usize];
         if !queue.is_empty() {
             // Keep submission order per device: nothing overtakes a queued operation.
@@ -173,12 +201,13 @@ impl<O: Copy> IoHub<O> {
 
     #[inline]
     fn route(&mut self, completion: Completion) {
+        if completion.tag & HOST_TAG != 0 {
+            debug_assert!(self.host_in_flight > 0, "a host completion without a submission");
+            self.host_in_flight -= 1;
+            return self.host_done.push_back((O::from_bits(completion.tag & !HOST_TAG), completion));
+        }
         let key = completion.tag as usize;
         match self.outstanding.get_mut(key).expect("every completion has a submitter") {
-            Waiter::Host(_) => {
-                let Waiter::Host(owner) = self.outstanding.remove(key) else { unreachable!() };
-                self.host_done.push_back((owner, completion));
-            }
             Waiter::Control(slot) => {
                 debug_assert!(slot.is_none(), "an operation completes once");
                 *slot = Some(Box::new(completion));
@@ -220,13 +249,13 @@ impl<O: Copy> IoHub<O> {
 pub(crate) type Hub<O> = Rc<RefCell<IoHub<O>>>;
 
 /// Waits for the completion of `tag`.
-pub(crate) struct IoFuture<O: Copy> {
+pub(crate) struct IoFuture<O: HostOwner> {
     hub: Hub<O>,
     tag: Tag,
     done: bool,
 }
 
-impl<O: Copy> Future for IoFuture<O> {
+impl<O: HostOwner> Future for IoFuture<O> {
     type Output = Completion;
 
     fn poll(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Completion> {
@@ -241,7 +270,7 @@ impl<O: Copy> Future for IoFuture<O> {
     }
 }
 
-impl<O: Copy> Drop for IoFuture<O> {
+impl<O: HostOwner> Drop for IoFuture<O> {
     fn drop(&mut self) {
         if !self.done {
             // Dropped before its completion came (a task ended early): let the slot go when it
@@ -264,7 +293,7 @@ impl<O> Clone for ControlIo<O> {
     }
 }
 
-impl<O: Copy> ControlIo<O> {
+impl<O: HostOwner> ControlIo<O> {
     pub(crate) fn submit(&self, role: Role, operation: Operation) -> IoFuture<O> {
         let tag = self.hub.borrow_mut().submit(role, operation, None);
         IoFuture { hub: self.hub.clone(), tag, done: false }
@@ -408,7 +437,7 @@ impl Executor {
 
 /// Drives one future to completion by polling it and the hub in turn: for offline tools and
 /// tests, never inside an SPDK reactor.
-pub(crate) fn block_on<O: Copy, T>(hub: &Hub<O>, future: impl Future<Output = T>) -> T {
+pub(crate) fn block_on<O: HostOwner, T>(hub: &Hub<O>, future: impl Future<Output = T>) -> T {
     let mut future = std::pin::pin!(future);
     let mut context = Context::from_waker(Waker::noop());
     loop {

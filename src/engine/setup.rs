@@ -35,7 +35,7 @@ use crate::core::format::{FormatError, METADATA_PAGE_BYTES};
 use crate::core::geometry::{DeviceBlockSize, HostWriteSize, VolumeGeometry};
 use crate::device::{Channel, DeviceGeometry};
 
-use super::io::{block_on, run_bounded, ControlIo, IoHub, Role};
+use super::io::{block_on, run_bounded, ControlIo, HostOwner, IoHub, Role};
 use super::meta::{newest_versions, Meta, OpenGeneration, PageState, SealedGeneration, Version};
 use super::{now_ns, EngineError, FormatOptions};
 
@@ -114,12 +114,12 @@ impl Formatting {
     }
 }
 
-fn geometries<O: Copy>(io: &ControlIo<O>) -> [DeviceGeometry; 4] {
+fn geometries<O: HostOwner>(io: &ControlIo<O>) -> [DeviceGeometry; 4] {
     let hub = io.hub.borrow();
     Role::ALL.map(|role| hub.geometry(role))
 }
 
-fn names<O: Copy>(io: &ControlIo<O>) -> [String; 4] {
+fn names<O: HostOwner>(io: &ControlIo<O>) -> [String; 4] {
     let hub = io.hub.borrow();
     Role::ALL.map(|role| hub.device_name(role).to_owned())
 }
@@ -171,7 +171,7 @@ fn volume_geometry(
     Ok(geometry)
 }
 
-pub(crate) async fn format_volume<O: Copy>(
+pub(crate) async fn format_volume<O: HostOwner>(
     io: &ControlIo<O>,
     options: &FormatOptions,
     progress: &mut dyn FnMut(FormatProgress),
@@ -310,7 +310,7 @@ fn truncate_name(name: &str) -> String {
 }
 
 /// Copies the first `bytes` of one device to another, in bounded chunks.
-async fn copy_volume<O: Copy>(
+async fn copy_volume<O: HostOwner>(
     io: &ControlIo<O>,
     from: Role,
     to: Role,
@@ -342,7 +342,7 @@ async fn copy_volume<O: Copy>(
 }
 
 /// Reads a double-buffered structure's two copies.
-async fn read_pair<O: Copy>(
+async fn read_pair<O: HostOwner>(
     io: &ControlIo<O>,
     role: Role,
     first: u64,
@@ -363,7 +363,7 @@ fn newest_slot<T>(a: &Result<T, FormatError>, b: &Result<T, FormatError>, sequen
 
 /// Opens the volume. `read_only` skips the one recovery step that writes (rebuilding the open
 /// generation's elements from the base), for offline inspection that must change nothing.
-pub(crate) async fn open_volume<O: Copy>(io: &ControlIo<O>, read_only: bool) -> Result<Meta, EngineError> {
+pub(crate) async fn open_volume<O: HostOwner>(io: &ControlIo<O>, read_only: bool) -> Result<Meta, EngineError> {
     let devices = geometries(io);
     let device_names = names(io);
     let journal_name = &device_names[1];
@@ -647,7 +647,7 @@ pub(crate) async fn open_volume<O: Copy>(io: &ControlIo<O>, read_only: bool) -> 
 /// Reads an online generation's element index: `(blocks, crcs, page states)`. With
 /// `page_count` (sealed generations) every page must be valid; without it (the open
 /// generation) reading stops at the first page that is not part of the generation.
-async fn read_index<O: Copy>(
+async fn read_index<O: HostOwner>(
     io: &ControlIo<O>,
     meta: &Meta,
     generation: u64,
@@ -723,7 +723,7 @@ async fn read_index<O: Copy>(
     Ok((blocks, crcs, versions, states))
 }
 
-async fn next_page_belongs<O: Copy>(
+async fn next_page_belongs<O: HostOwner>(
     io: &ControlIo<O>,
     meta: &Meta,
     generation: u64,
@@ -741,7 +741,7 @@ async fn next_page_belongs<O: Copy>(
 }
 
 /// Checks every element of a sealed generation against its checksum.
-async fn verify_sealed_elements<O: Copy>(
+async fn verify_sealed_elements<O: HostOwner>(
     io: &ControlIo<O>,
     meta: &Meta,
     sealed: &SealedGeneration,
@@ -770,7 +770,7 @@ async fn verify_sealed_elements<O: Copy>(
 /// In "all" mode that is each block's newest version (the base holds the block's current
 /// content); an older version whose journal write did not survive the cut no longer matches
 /// its checksum and is marked lost (FORMAT.md §9.3).
-async fn resync_open_generation<O: Copy>(io: &ControlIo<O>, meta: &mut Meta) -> Result<(), EngineError> {
+async fn resync_open_generation<O: HostOwner>(io: &ControlIo<O>, meta: &mut Meta) -> Result<(), EngineError> {
     if meta.open.blocks.is_empty() {
         return Ok(());
     }

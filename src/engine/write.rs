@@ -32,7 +32,7 @@ use crate::core::format::superblock::{Durability, JournalFullPolicy, JournalMode
 use crate::core::geometry::{div_size, rem_size, Widening};
 use crate::device::{Completion, IoBuffers, IoError, Operation, Payload, SharedBuffers, Tag};
 
-use super::io::{IoHub, Role};
+use super::io::{HostOwner, IoHub, Role};
 use super::meta::{PageState, Version};
 use super::volume::{HostCompletion, HostError, HostRequest, Shared, INTERNAL_TAG};
 
@@ -47,6 +47,36 @@ pub(crate) enum HostRef {
     Commit,
     /// A group commit of open-bitmap pages (policy bitmap-only).
     BitmapCommit,
+}
+
+impl HostOwner for HostRef {
+    /// The variant in bits 32..35, the id in bits 0..32.
+    fn to_bits(self) -> u64 {
+        let (variant, id) = match self {
+            HostRef::WriteHead(id) => (0, id),
+            HostRef::WriteTail(id) => (1, id),
+            HostRef::WriteData(id) => (2, id),
+            HostRef::Read(id) => (3, id),
+            HostRef::Flush(id) => (4, id),
+            HostRef::Commit => (5, 0),
+            HostRef::BitmapCommit => (6, 0),
+        };
+        (variant << 32) | u64::from(id)
+    }
+
+    fn from_bits(bits: u64) -> Self {
+        let id = bits as u32;
+        match bits >> 32 {
+            0 => HostRef::WriteHead(id),
+            1 => HostRef::WriteTail(id),
+            2 => HostRef::WriteData(id),
+            3 => HostRef::Read(id),
+            4 => HostRef::Flush(id),
+            5 => HostRef::Commit,
+            6 => HostRef::BitmapCommit,
+            other => unreachable!("no host reference has variant {other}"),
+        }
+    }
 }
 
 /// Zero-filled host data of unmap and write-zeroes is written in chunks of this size.
@@ -98,7 +128,8 @@ struct HostWrite {
     /// Bitmap sets that must be durable before the base write (base-only writes).
     needed_bitmap_sets: u64,
     base_submitted: bool,
-    error: Option<HostError>,
+    /// Boxed: rare, and the record moves through the slab at every write.
+    error: Option<Box<HostError>>,
 }
 
 impl HostWrite {
@@ -735,7 +766,7 @@ impl HotStep<'_> {
             capacity_elements: meta.ring.capacity(),
             why,
         };
-        self.shared.hot.writes[id].error = Some(error);
+        self.shared.hot.writes[id].error = Some(Box::new(error));
         self.finish_write(id);
     }
 
@@ -853,7 +884,7 @@ impl HotStep<'_> {
                         }
                     }
                     (Err(error), _) => {
-                        write.error.get_or_insert(HostError::from(error));
+                        write.error.get_or_insert_with(|| Box::new(HostError::from(error)));
                     }
                     (Ok(()), other) => unreachable!("a read returns its buffers, got {other:?}"),
                 }
@@ -873,7 +904,7 @@ impl HotStep<'_> {
                     // until a reopen rebuilds the open generation from the base.
                     self.shared.hot.counters.write_errors += 1;
                     self.shared.failed.get_or_insert_with(|| format!("write failed: {error}"));
-                    self.shared.hot.writes[id].error.get_or_insert(HostError::Io(error));
+                    self.shared.hot.writes[id].error.get_or_insert_with(|| Box::new(HostError::Io(error)));
                 }
                 let write = &self.shared.hot.writes[id];
                 if write.pending == 0
@@ -925,7 +956,7 @@ impl HotStep<'_> {
     pub(super) fn fail_uncommitted(&mut self, waiting: Vec<usize>, error: &IoError) {
         for id in waiting {
             let write = &mut self.shared.hot.writes[id];
-            write.error.get_or_insert(HostError::from(error.clone()));
+            write.error.get_or_insert_with(|| Box::new(HostError::from(error.clone())));
             write.state = WriteState::Writing;
             if write.pending == 0 {
                 self.finish_write(id);
@@ -940,7 +971,7 @@ impl HotStep<'_> {
             debug_assert_eq!(holder, Some(id));
         }
         self.shared.hot.writes_in_flight -= 1;
-        let result = write.error.map_or(Ok(()), Err);
+        let result = write.error.map_or(Ok(()), |error| Err(*error));
         match write.parent {
             None => self.complete(write.tag, result, Payload::Write(write.host)),
             Some(parent) => {
@@ -967,6 +998,35 @@ impl HotStep<'_> {
                 self.begin(id);
             } else {
                 position += 1;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Host references travel in device tags (IoHub, HOST_TAG): every one comes back as it
+    /// went, within 63 bits.
+    #[test]
+    fn host_references_survive_their_tag_bits() {
+        for id in [0, 1, 7, 1 << 20, u32::MAX - 1, u32::MAX] {
+            let all = [
+                HostRef::WriteHead(id),
+                HostRef::WriteTail(id),
+                HostRef::WriteData(id),
+                HostRef::Read(id),
+                HostRef::Flush(id),
+                HostRef::Commit,
+                HostRef::BitmapCommit,
+            ];
+            let mut seen = std::collections::HashSet::new();
+            for owner in all {
+                let bits = owner.to_bits();
+                assert!(bits < 1 << 63, "{owner:?} uses the host bit");
+                assert!(seen.insert(bits), "{owner:?} shares its bits with another reference");
+                assert_eq!(HostRef::from_bits(bits), owner);
             }
         }
     }

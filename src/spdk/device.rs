@@ -15,8 +15,8 @@ use super::bdev::{BdevDesc, BlockRequest, IoChannel, IoDone};
 use super::dma;
 use super::Errno;
 use crate::device::{
-    validate, Channel, Completion, Device, DeviceError, DeviceGeometry, DmaBuf, ForeignMemory, IoError, Operation,
-    Payload, SubmitError, Tag,
+    validate, Channel, Completion, Device, DeviceError, DeviceGeometry, DmaBuf, ForeignMemory, IoBuffers, IoError,
+    Operation, OperationKind, Payload, SharedBuffers, SubmitError, Tag,
 };
 
 /// Alignment of internal buffers: enough for every bdev (`O_DIRECT` files under bdev_aio).
@@ -170,31 +170,27 @@ enum Stage {
     Flush,
 }
 
-/// Iovecs of an operation: inline for the usual one to four buffers, else in a vector that
-/// the pooled box keeps (filled in place: nothing is built elsewhere and moved in).
+/// Iovecs of an operation: inline for the usual single buffer, else in a vector that the
+/// pooled box keeps (filled in place: nothing is built elsewhere and moved in).
 struct Iovecs {
-    inline: [libc::iovec; 4],
+    inline: libc::iovec,
     heap: Vec<libc::iovec>,
-    count: usize,
+    count: u32,
 }
 
 impl Iovecs {
     const EMPTY: libc::iovec = libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 };
 
     fn new() -> Self {
-        Iovecs { inline: [Self::EMPTY; 4], heap: Vec::new(), count: 0 }
+        Iovecs { inline: Self::EMPTY, heap: Vec::new(), count: 0 }
     }
 
     #[inline(always)] // twice per host write
     fn fill(&mut self, buffers: &[DmaBuf]) {
-        self.count = buffers.len();
+        self.count = buffers.len() as u32;
         if let [only] = buffers {
             // A host write's one iovec, an index page: the usual case, without the loop.
-            self.inline[0] = iovec_of(only);
-        } else if buffers.len() <= self.inline.len() {
-            for (slot, buffer) in self.inline.iter_mut().zip(buffers) {
-                *slot = iovec_of(buffer);
-            }
+            self.inline = iovec_of(only);
         } else {
             self.heap.clear();
             self.heap.extend(buffers.iter().map(iovec_of));
@@ -203,27 +199,41 @@ impl Iovecs {
 
     /// Pointer and count for SPDK; stable while `self` does not move (it lives in a Box).
     fn raw(&mut self) -> (*mut libc::iovec, i32) {
-        if self.count <= self.inline.len() {
-            (self.inline.as_mut_ptr(), self.count as i32)
+        if self.count == 1 {
+            (&mut self.inline, 1)
         } else {
             (self.heap.as_mut_ptr(), self.count as i32)
         }
     }
 }
 
-/// One operation in flight: its buffers, the iovecs SPDK reads them through, and where its
-/// completion goes.
+/// One operation in flight: where its completion goes, its buffers, and the iovecs SPDK reads
+/// them through.
+///
+/// Laid out so that a write's completion reads one cache line: the fields the completion
+/// needs come first and the box is line-aligned; the iovecs and a read's buffers follow. A
+/// write's box is read back about a queue depth of operations after its submission, when the
+/// data copies in between have pushed it out of L1, and every line of per-write state read
+/// then costs the write path measurably (BENCHMARKS, session "footprint").
+#[repr(C, align(64))]
 struct InFlight {
+    // The first line: what a completion reads.
     /// The channel; `None` while the box waits in the channel's pool for reuse (a pooled box
     /// holding its channel would keep it alive forever).
     shared: Option<Rc<ChannelShared>>,
     tag: Tag,
-    operation: Operation,
-    iovecs: Iovecs,
-    /// The bdev call of the current stage, worked out once at submission.
-    request: BlockRequest,
+    offset_blocks: u64,
+    num_blocks: u64,
+    /// A write's buffers (given back with its completion).
+    written: Option<SharedBuffers>,
+    kind: OperationKind,
     stage: Stage,
+    /// After the data, flush the range (a FUA write on a bdev with a volatile cache).
     fua_flush: bool,
+    // Read at submission (the box comes hot from the pool) and by a read's completion.
+    /// A read's buffers (given back with its completion).
+    read: Option<IoBuffers>,
+    iovecs: Iovecs,
 }
 
 impl InFlight {
@@ -234,31 +244,35 @@ impl InFlight {
             Box::new(InFlight {
                 shared: None,
                 tag: 0,
-                operation: Operation::Flush,
-                iovecs: Iovecs::new(),
-                request: BlockRequest::Flush { offset_blocks: 0, num_blocks: 0 },
+                offset_blocks: 0,
+                num_blocks: 0,
+                written: None,
+                kind: OperationKind::Flush,
                 stage: Stage::Data,
                 fua_flush: false,
+                read: None,
+                iovecs: Iovecs::new(),
             })
         });
-        match &operation {
-            Operation::Read { buffers, .. } => this.iovecs.fill(buffers.segments()),
-            Operation::Write { buffers, .. } => this.iovecs.fill(buffers.segments()),
-            _ => this.iovecs.fill(&[]),
-        }
+        debug_assert!(this.written.is_none() && this.read.is_none(), "a pooled box holds no buffers");
         let geometry = shared.geometry;
         let (offset_blocks, num_blocks) = operation.extent(geometry.block_size).unwrap_or((0, geometry.block_count));
-        let (iovs, iovcnt) = this.iovecs.raw();
-        this.request = match &operation {
-            Operation::Flush => BlockRequest::Flush { offset_blocks, num_blocks },
-            Operation::Read { .. } => BlockRequest::Read { iovs, iovcnt, offset_blocks, num_blocks },
-            Operation::Write { .. } => BlockRequest::Write { iovs, iovcnt, offset_blocks, num_blocks },
-            Operation::Unmap { .. } => BlockRequest::Unmap { offset_blocks, num_blocks },
-            Operation::WriteZeroes { .. } => BlockRequest::WriteZeroes { offset_blocks, num_blocks },
-        };
+        this.kind = operation.kind();
+        match operation {
+            Operation::Read { buffers, .. } => {
+                this.iovecs.fill(buffers.segments());
+                this.read = Some(buffers);
+            }
+            Operation::Write { buffers, .. } => {
+                this.iovecs.fill(buffers.segments());
+                this.written = Some(buffers);
+            }
+            _ => {}
+        }
         this.shared = Some(shared);
         this.tag = tag;
-        this.operation = operation;
+        this.offset_blocks = offset_blocks;
+        this.num_blocks = num_blocks;
         this.stage = Stage::Data;
         this.fua_flush = fua_flush;
         this
@@ -268,12 +282,34 @@ impl InFlight {
         self.shared.as_ref().expect("an operation in flight has its channel")
     }
 
-    /// Submits the current stage; on `ENOMEM` waits for the bdev layer and tries again.
-    fn start(self: Box<Self>) {
-        let request = self.request;
+    /// The bdev call of the current stage.
+    fn request(&mut self) -> BlockRequest {
+        let (offset_blocks, num_blocks) = (self.offset_blocks, self.num_blocks);
+        if self.stage == Stage::Flush {
+            return BlockRequest::Flush { offset_blocks, num_blocks };
+        }
+        match self.kind {
+            OperationKind::Read => {
+                let (iovs, iovcnt) = self.iovecs.raw();
+                BlockRequest::Read { iovs, iovcnt, offset_blocks, num_blocks }
+            }
+            OperationKind::Write => {
+                let (iovs, iovcnt) = self.iovecs.raw();
+                BlockRequest::Write { iovs, iovcnt, offset_blocks, num_blocks }
+            }
+            OperationKind::Flush => BlockRequest::Flush { offset_blocks, num_blocks },
+            OperationKind::Unmap => BlockRequest::Unmap { offset_blocks, num_blocks },
+            OperationKind::WriteZeroes => BlockRequest::WriteZeroes { offset_blocks, num_blocks },
+        }
+    }
+
+    /// Submits the current stage; `ENOMEM` waits for the bdev to have room and submits again.
+    fn start(mut self: Box<Self>) {
+        let request = self.request();
         let shared = self.channel().clone();
-        // SAFETY: the iovecs and the buffers they describe live in `self`, which SPDK holds
-        // (as the completion) until the operation completes.
+        // SAFETY: the iovecs live in this box and describe the operation's buffers, which the
+        // box owns (`written`/`read`); SPDK gives the box back to `done` exactly once, and the
+        // box is neither moved out of nor dropped until then.
         let submitted = unsafe { shared.desc.submit(&shared.channel, request, self) };
         let Err((errno, this)) = submitted else { return };
         if errno == Errno::ENOMEM {
@@ -281,7 +317,6 @@ impl InFlight {
                 Ok(()) => return,
                 Err((errno, retry)) => {
                     spdk_error!("chronicle: {}: cannot wait for I/O resources: {errno}", shared.name);
-                    // Not queued: run the retry now; it fails again or goes through.
                     return retry();
                 }
             }
@@ -289,18 +324,20 @@ impl InFlight {
         this.finish(Err(format!("submission refused: {errno}")));
     }
 
+    /// Hands the completion to the channel's list and the box back to the pool.
     fn finish(mut self: Box<Self>, result: Result<(), String>) {
         let shared = self.shared.take().expect("an operation in flight has its channel");
-        let operation = std::mem::replace(&mut self.operation, Operation::Flush);
-        let tag = self.tag;
-        let kind = operation.kind();
+        let (tag, kind) = (self.tag, self.kind);
         let result = result.map_err(|detail| {
-            let (offset_blocks, num_blocks) = operation.extent(shared.geometry.block_size).unwrap_or((0, 0));
+            let (offset_blocks, num_blocks) = match kind {
+                OperationKind::Flush => (0, 0),
+                _ => (self.offset_blocks, self.num_blocks),
+            };
             Box::new(IoError::Media { device: shared.name.clone(), kind, offset_blocks, num_blocks, detail })
         });
-        let payload = match operation {
-            Operation::Read { buffers, .. } => Payload::Read(buffers),
-            Operation::Write { buffers, .. } => Payload::Write(buffers),
+        let payload = match kind {
+            OperationKind::Read => Payload::Read(self.read.take().expect("a read holds its buffers")),
+            OperationKind::Write => Payload::Write(self.written.take().expect("a write holds its buffers")),
             _ => Payload::None,
         };
         debug_assert!(shared.in_flight.get() > 0);
@@ -316,11 +353,7 @@ impl InFlight {
 impl IoDone for InFlight {
     fn done(mut self: Box<Self>, success: bool) {
         if success && self.stage == Stage::Data && self.fua_flush {
-            self.stage = Stage::Flush;
-            let geometry = self.channel().geometry;
-            let (offset_blocks, num_blocks) =
-                self.operation.extent(geometry.block_size).unwrap_or((0, geometry.block_count));
-            self.request = BlockRequest::Flush { offset_blocks, num_blocks };
+            self.stage = Stage::Flush; // The same range (InFlight::request).
             return self.start();
         }
         let failure = match (success, self.stage) {
