@@ -987,7 +987,15 @@ impl HotStep<'_> {
     }
 
     /// Starts blocked writes that no longer overlap anything before them.
+    #[inline]
     pub(crate) fn unblock(&mut self) {
+        // Every finished write asks; usually nothing waits.
+        if !self.shared.hot.blocked.is_empty() {
+            self.unblock_waiting();
+        }
+    }
+
+    fn unblock_waiting(&mut self) {
         let mut position = 0;
         while position < self.shared.hot.blocked.len() {
             let id = self.shared.hot.blocked[position];
