@@ -45,10 +45,13 @@ impl Role {
 /// own in-flight limits; this is a safety net that turns a runaway into a loud failure.
 const RETRY_QUEUE_LIMIT: usize = 1 << 16;
 
-/// Who waits for an operation in flight.
-/// What a control-path operation's tag stands for in `outstanding`.
+/// Who waits for a control-path operation in flight (host-path operations carry their owner
+/// in the tag: [`HostOwner`]).
 enum Waiter {
+    /// A control-path future: the completion waits here until the future takes it (boxed:
+    /// the slab's entries stay small).
     Control(Option<Box<Completion>>),
+    /// A control-path future that was dropped: the completion is discarded.
     Abandoned,
 }
 
@@ -76,9 +79,9 @@ impl HostOwner for () {
 pub(crate) struct IoHub<O> {
     channels: Vec<Box<dyn Channel>>,
     retry: [VecDeque<(Tag, Operation)>; 4],
-    /// Operations in flight, by tag (the slab key): a vector index, not a hash, on the hot
-    /// path. A control operation keeps its slot until its future takes the completion, so a
-    /// tag is never reused while someone may still ask for it.
+    /// Control-path operations in flight, by tag (the slab key). One keeps its slot until its
+    /// future takes the completion, so a tag is never reused while someone may still ask for
+    /// it.
     outstanding: Slab<Waiter>,
     /// Host-path operations submitted and not yet routed (they have no slot in `outstanding`).
     host_in_flight: usize,

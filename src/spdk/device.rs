@@ -317,6 +317,7 @@ impl InFlight {
                 Ok(()) => return,
                 Err((errno, retry)) => {
                     spdk_error!("chronicle: {}: cannot wait for I/O resources: {errno}", shared.name);
+                    // Not queued: run the retry now; it fails again or goes through.
                     return retry();
                 }
             }
