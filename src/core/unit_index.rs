@@ -29,24 +29,26 @@ impl UnitIndex {
         ((unit / PAGE_UNITS as u64) as usize, (unit % PAGE_UNITS as u64) as usize)
     }
 
+    /// `unit`'s slot, if its page exists (the slot may be `ABSENT`).
+    #[inline]
+    fn slot(&self, unit: u64) -> Option<&u32> {
+        let (page, slot) = Self::split(unit);
+        match self.pages.get(page) {
+            Some(Some(entries)) => Some(&entries[slot]),
+            _ => None,
+        }
+    }
+
     /// The entry holding `unit`, if the generation has written it.
     #[inline]
     pub fn get(&self, unit: u64) -> Option<u32> {
-        let (page, slot) = Self::split(unit);
-        match self.pages.get(page) {
-            Some(Some(entries)) if entries[slot] != ABSENT => Some(entries[slot]),
-            _ => None,
-        }
+        self.slot(unit).copied().filter(|entry| *entry != ABSENT)
     }
 
     /// Where `unit`'s entry lives (for a prefetch hint), if its page exists. Nothing is read.
     #[inline]
     pub fn entry_address(&self, unit: u64) -> Option<*const u32> {
-        let (page, slot) = Self::split(unit);
-        match self.pages.get(page) {
-            Some(Some(entries)) => Some(&entries[slot] as *const u32),
-            _ => None,
-        }
+        self.slot(unit).map(std::ptr::from_ref)
     }
 
     pub fn contains(&self, unit: u64) -> bool {

@@ -128,8 +128,7 @@ struct HostWrite {
     /// Bitmap sets that must be durable before the base write (base-only writes).
     needed_bitmap_sets: u64,
     base_submitted: bool,
-    /// Boxed: rare, and the record moves through the slab at every write.
-    error: Option<Box<HostError>>,
+    error: Option<HostError>,
 }
 
 impl HostWrite {
@@ -766,7 +765,7 @@ impl HotStep<'_> {
             capacity_elements: meta.ring.capacity(),
             why,
         };
-        self.shared.hot.writes[id].error = Some(Box::new(error));
+        self.shared.hot.writes[id].error = Some(error);
         self.finish_write(id);
     }
 
@@ -884,7 +883,7 @@ impl HotStep<'_> {
                         }
                     }
                     (Err(error), _) => {
-                        write.error.get_or_insert_with(|| Box::new(HostError::from(error)));
+                        write.error.get_or_insert(HostError::from(error));
                     }
                     (Ok(()), other) => unreachable!("a read returns its buffers, got {other:?}"),
                 }
@@ -904,7 +903,7 @@ impl HotStep<'_> {
                     // until a reopen rebuilds the open generation from the base.
                     self.shared.hot.counters.write_errors += 1;
                     self.shared.failed.get_or_insert_with(|| format!("write failed: {error}"));
-                    self.shared.hot.writes[id].error.get_or_insert_with(|| Box::new(HostError::Io(error)));
+                    self.shared.hot.writes[id].error.get_or_insert(HostError::Io(error));
                 }
                 let write = &self.shared.hot.writes[id];
                 if write.pending == 0
@@ -956,7 +955,7 @@ impl HotStep<'_> {
     pub(super) fn fail_uncommitted(&mut self, waiting: Vec<usize>, error: &IoError) {
         for id in waiting {
             let write = &mut self.shared.hot.writes[id];
-            write.error.get_or_insert_with(|| Box::new(HostError::from(error.clone())));
+            write.error.get_or_insert_with(|| HostError::from(error.clone()));
             write.state = WriteState::Writing;
             if write.pending == 0 {
                 self.finish_write(id);
@@ -971,7 +970,7 @@ impl HotStep<'_> {
             debug_assert_eq!(holder, Some(id));
         }
         self.shared.hot.writes_in_flight -= 1;
-        let result = write.error.map_or(Ok(()), |error| Err(*error));
+        let result = write.error.map_or(Ok(()), Err);
         match write.parent {
             None => self.complete(write.tag, result, Payload::Write(write.host)),
             Some(parent) => {

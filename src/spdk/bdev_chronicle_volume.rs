@@ -1406,16 +1406,7 @@ impl VolumeHost {
                 batch.iter().filter_map(|(_, request)| volume.index_address(request)).for_each(prefetch);
             }
         }
-        while let Some((io, request)) = batch.pop_front() {
-            // Again two writes ahead: the copies of the writes in between evict the batch's
-            // early prefetches from L1 before a long batch reaches them.
-            let ahead = batch.get(1).and_then(|(_, ahead)| match &*self.state.borrow() {
-                HostState::Running(volume) => volume.index_address(ahead),
-                _ => None,
-            });
-            if let Some(address) = ahead {
-                prefetch(address);
-            }
+        for (io, request) in batch.drain(..) {
             self.submit(PendingIo::Remote(io, slot), request, hop.restore);
         }
         *self.arrivals.borrow_mut() = batch;
