@@ -218,6 +218,26 @@ impl OpenGeneration {
         }
     }
 
+    /// A rewrite of `entry`'s block: its checksum is left to the marker, which reads the
+    /// element back and marks the entry's page stale if the crc changed (FORMAT.md §9.1; until
+    /// then the open generation's crcs may be stale, and recovery recomputes them). Past
+    /// `pending_limit` pending entries (VolumeOptions::marker_read_back_bytes) `crc` computes
+    /// it now, as for a new element.
+    pub fn note_rewrite(
+        &mut self,
+        entry: usize,
+        pending_limit: usize,
+        written_upto: usize,
+        per_page: usize,
+        crc: impl FnOnce() -> u32,
+    ) {
+        if self.crc_pending.len() < pending_limit || self.crc_pending.contains(entry) {
+            self.crc_pending.insert(entry);
+        } else {
+            self.set_crc(entry, crc(), written_upto, per_page);
+        }
+    }
+
     /// Records `crc` as `entry`'s checksum, no longer pending. Its index page becomes stale
     /// if the crc changed and the page was written (entries below `written_upto`, §9.1); an
     /// unwritten page takes the new crc when the group commit writes it.

@@ -12,6 +12,11 @@
 //!    allocated meanwhile) — so the base never holds data the journal cannot find;
 //! 5. is acknowledged when base and journal writes complete (with FUA in write-through mode).
 //!
+//! The common case — one whole unit the open generation already lists (FIG 8 S8003/S8004: a
+//! rewrite in place), nothing overlapping it — takes a shorter way with the same steps:
+//! [`Rewrite`], one small record instead of a [`HostWrite`], no widening, no allocation, and
+//! the host's buffers carried by the two device writes alone.
+//!
 //! Reads go to the base. Flushes flush base and journal. Unmap and write-zeroes are journaled
 //! as writes of zeroes, in chunks of at most 1 MiB.
 //!
@@ -42,6 +47,8 @@ pub(crate) enum HostRef {
     WriteHead(u32),
     WriteTail(u32),
     WriteData(u32),
+    /// Either device write of a whole-unit rewrite in place ([`Rewrite`]).
+    Rewrite(u32),
     Read(u32),
     Flush(u32),
     Commit,
@@ -60,6 +67,7 @@ impl HostOwner for HostRef {
             HostRef::Flush(id) => (4, id),
             HostRef::Commit => (5, 0),
             HostRef::BitmapCommit => (6, 0),
+            HostRef::Rewrite(id) => (7, id),
         };
         (variant << 32) | u64::from(id)
     }
@@ -74,6 +82,7 @@ impl HostOwner for HostRef {
             4 => HostRef::Flush(id),
             5 => HostRef::Commit,
             6 => HostRef::BitmapCommit,
+            7 => HostRef::Rewrite(id),
             other => unreachable!("no host reference has variant {other}"),
         }
     }
@@ -138,6 +147,26 @@ impl HostWrite {
     }
 }
 
+/// A host write of one whole unit the open generation already lists, in flight: its journal
+/// element is rewritten in place and the base written at once (no index entry to wait for).
+/// Its state is what the two completions need, in less than a cache line: a write's state is
+/// read back a queue depth of writes later, and every line of it costs the write path
+/// measurably (BENCHMARKS, session "footprint"); a [`HostWrite`] is three.
+struct Rewrite {
+    tag: Tag,
+    unit: u64,
+    /// The host's buffers as the first completion gave them back (the two device writes hold
+    /// the only references in flight: no third one is cloned and dropped per write).
+    buffers: Option<SharedBuffers>,
+    error: Option<Box<IoError>>,
+    /// Device writes not completed (2, then 1).
+    pending: u8,
+}
+
+/// `locked_units` holder of a [`Rewrite`]: its slab key with this bit (a [`HostWrite`]'s
+/// holder is its key alone, the resync's `RESYNC_HOLDER`).
+const REWRITE_HOLDER: usize = 1 << 62;
+
 /// An unmap or write-zeroes, split into chunk writes.
 struct ZeroRequest {
     tag: Tag,
@@ -170,6 +199,8 @@ pub struct HotCounters {
     pub host_bytes_written: u64,
     pub host_bytes_read: u64,
     pub read_modify_writes: u64,
+    /// Whole-unit rewrites in place that took the short way ([`Rewrite`]).
+    pub rewrites_in_place: u64,
     pub overlap_waits: u64,
     pub index_commits: u64,
     pub index_pages_written: u64,
@@ -180,6 +211,7 @@ pub struct HotCounters {
 
 pub(crate) struct HotPath {
     writes: Slab<HostWrite>,
+    rewrites: Slab<Rewrite>,
     reads: Slab<Tag>,
     flushes: Slab<HostFlush>,
     zeroes: Slab<ZeroRequest>,
@@ -209,6 +241,7 @@ impl HotPath {
     pub(crate) fn new(first_sequence: u64) -> Self {
         HotPath {
             writes: Slab::new(),
+            rewrites: Slab::new(),
             reads: Slab::new(),
             flushes: Slab::new(),
             zeroes: Slab::new(),
@@ -260,6 +293,7 @@ impl HotPath {
     /// Host operations started and not completed, plus queued ones.
     pub(crate) fn outstanding(&self) -> usize {
         self.writes.len()
+            + self.rewrites.len()
             + self.reads.len()
             + self.flushes.len()
             + self.zeroes.len()
@@ -311,7 +345,7 @@ impl HotStep<'_> {
     /// Fewer requests started than the in-flight limit.
     fn has_room(&self) -> bool {
         let hot = &self.shared.hot;
-        hot.writes.len() + hot.reads.len() + hot.flushes.len() + hot.zeroes.len()
+        hot.writes.len() + hot.rewrites.len() + hot.reads.len() + hot.flushes.len() + hot.zeroes.len()
             < self.shared.options.max_host_in_flight
     }
 
@@ -388,6 +422,10 @@ impl HotStep<'_> {
                 }
                 self.shared.hot.counters.host_writes += 1;
                 self.shared.hot.counters.host_bytes_written += buffers.len() as u64;
+                // Not held here: `start` runs only for requests no marker holds (`waits`).
+                if let Some(entry) = self.rewrite_entry(widening) {
+                    return self.start_rewrite(tag, widening.first_unit, entry, offset_blocks, buffers);
+                }
                 self.start_write(tag, seq, None, offset_blocks, widening, buffers);
             }
             HostRequest::Flush => {
@@ -485,6 +523,86 @@ impl HotStep<'_> {
             .zero_chunk
             .get_or_insert_with(|| Arc::new(IoBuffers::single(hub.alloc(Role::Base, bytes as usize))))
             .clone()
+    }
+
+    /// The open generation's entry of the unit `widening` rewrites, when the write can take the
+    /// short way ([`Rewrite`]): one whole unit, already listed ("latest" mode: "all" appends
+    /// a version per write), not tracked by the open bitmap (those stay base-only until
+    /// resynced), and nothing in flight or blocked overlapping it.
+    #[inline]
+    fn rewrite_entry(&self, widening: Widening) -> Option<usize> {
+        if !widening.aligned || widening.unit_count != 1 {
+            return None;
+        }
+        let meta = &self.shared.meta;
+        let unit = widening.first_unit;
+        let entry = meta.open.entry_of.get(unit)? as usize;
+        let tracked = meta.open_bitmap.as_ref().is_some_and(|bitmap| bitmap.tracks_any(widening.units()));
+        if meta.mode() == JournalMode::All
+            || tracked
+            || self.shared.hot.locked_units.contains_key(&unit)
+            || self.overlaps_blocked(widening, usize::MAX)
+        {
+            return None;
+        }
+        Some(entry)
+    }
+
+    /// Starts a whole-unit rewrite of `entry` (block `unit`): the unit's lock, its checksum
+    /// left pending, the journal element and the base written at once (FIG 8 S8003/S8004,
+    /// S8007): the entry is durable already, so the base has nothing to wait for.
+    fn start_rewrite(&mut self, tag: Tag, unit: u64, entry: usize, offset_blocks: u64, host: SharedBuffers) {
+        let hot = &mut self.shared.hot;
+        hot.counters.rewrites_in_place += 1;
+        let id = hot.rewrites.insert(Rewrite { tag, unit, buffers: None, error: None, pending: 2 });
+        let previous = hot.locked_units.insert(unit, REWRITE_HOLDER | id);
+        debug_assert!(previous.is_none(), "unit {unit} locked twice");
+        hot.writes_in_flight += 1;
+        let written_upto = hot.index_written_upto(&self.shared.meta);
+        let unit_bytes = self.shared.meta.unit_bytes();
+        let pending_limit = div_size(self.shared.options.marker_read_back_bytes, unit_bytes) as usize;
+        let meta = &mut self.shared.meta;
+        let per_page = meta.entries_per_page();
+        meta.open.note_rewrite(entry, pending_limit, written_upto, per_page, || crc_of(&host, 0, unit_bytes as usize));
+        let fua = meta.durability() == Durability::WriteThrough;
+        let journal_lba = meta.segment_lba(meta.open.element_start + entry as u64);
+        // The journal write's reference is taken before either write is submitted (see
+        // HostWrite::data: an atomic operation right after a copying submission waits).
+        let journal_data = host.clone();
+        let owner = Some(HostRef::Rewrite(id as u32));
+        self.hub.submit(
+            Role::Journal,
+            Operation::Write { offset_blocks: journal_lba, buffers: journal_data, fua },
+            owner,
+        );
+        self.hub.submit(Role::Base, Operation::Write { offset_blocks, buffers: host, fua }, owner);
+    }
+
+    /// One device write of a [`Rewrite`] completed; the second finishes it.
+    fn on_rewrite_completion(&mut self, id: usize, completion: Completion) {
+        if let Err(error) = completion.result {
+            // As for any host write: base and journal may now disagree for this block.
+            self.shared.hot.counters.write_errors += 1;
+            self.shared.failed.get_or_insert_with(|| format!("write failed: {error}"));
+            self.shared.hot.rewrites[id].error.get_or_insert(error);
+        }
+        let rewrite = &mut self.shared.hot.rewrites[id];
+        rewrite.pending -= 1;
+        let payload = match completion.payload {
+            Payload::Write(buffers) => Some(buffers),
+            _ => None, // Refused before reaching the device (SubmitError::Invalid): none given back.
+        };
+        if rewrite.pending > 0 {
+            rewrite.buffers = payload;
+            return;
+        }
+        let rewrite = self.shared.hot.rewrites.remove(id);
+        let holder = self.shared.hot.locked_units.remove(&rewrite.unit);
+        debug_assert_eq!(holder, Some(REWRITE_HOLDER | id));
+        self.shared.hot.writes_in_flight -= 1;
+        let payload = rewrite.buffers.or(payload).map_or(Payload::None, Payload::Write);
+        self.complete(rewrite.tag, rewrite.error.map_or(Ok(()), |error| Err(HostError::Io(error))), payload);
+        self.unblock();
     }
 
     fn start_write(
@@ -649,17 +767,10 @@ impl HotStep<'_> {
             let rewrite = if version.is_some() { None } else { meta.open.entry_of.get(unit) };
             let entry = match rewrite {
                 Some(entry) => {
-                    // A rewrite: its checksum is left to the marker, which reads the element
-                    // back and marks the entry's page stale if the crc changed (FORMAT.md
-                    // §9.1; until then the open generation's crcs may be stale, and recovery
-                    // recomputes them). Past the read-back limit, computed here as before.
                     let entry = entry as usize;
-                    if meta.open.crc_pending.len() < pending_limit || meta.open.crc_pending.contains(entry) {
-                        meta.open.crc_pending.insert(entry);
-                    } else {
-                        let crc = crc_of(&data, index * unit_bytes, unit_bytes);
-                        meta.open.set_crc(entry, crc, written_upto, per_page);
-                    }
+                    meta.open.note_rewrite(entry, pending_limit, written_upto, per_page, || {
+                        crc_of(&data, index * unit_bytes, unit_bytes)
+                    });
                     entry
                 }
                 None => {
@@ -869,6 +980,7 @@ impl HotStep<'_> {
                 }
             }
             HostRef::Commit => self.on_commit(completion),
+            HostRef::Rewrite(id) => self.on_rewrite_completion(id as usize, completion),
             HostRef::BitmapCommit => self.on_bitmap_commit(completion),
             HostRef::WriteHead(id) | HostRef::WriteTail(id) => {
                 let id = id as usize;
