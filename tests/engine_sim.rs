@@ -96,6 +96,7 @@ static BITMAP_CUTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64:
 static MARKER_CHECKSUMS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 static IDLE_CHECKSUMS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 static PENDING_CUTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static REWRITES_IN_PLACE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// The journal-full policy of a seed: bitmap-only for a third of the "latest" mode seeds (with
 /// a journal as small as allowed, so the mode engages often; "all" mode refuses it), block for
@@ -1004,6 +1005,7 @@ fn run_seed(seed: u64, cycles: u64, durability: Durability, mode: JournalMode) -
         MARKER_CHECKSUMS.fetch_add(status.control.marker_checksum_reads, std::sync::atomic::Ordering::Relaxed);
         IDLE_CHECKSUMS.fetch_add(status.control.idle_checksum_reads, std::sync::atomic::Ordering::Relaxed);
         PENDING_CUTS.fetch_add(u64::from(status.checksums_pending > 0), std::sync::atomic::Ordering::Relaxed);
+        REWRITES_IN_PLACE.fetch_add(status.host.rewrites_in_place, std::sync::atomic::Ordering::Relaxed);
         if let Some(bitmap) = &status.bitmap {
             BITMAP_WRITES.fetch_add(bitmap.bitmap_writes, std::sync::atomic::Ordering::Relaxed);
             BITMAP_RESYNCED.fetch_add(bitmap.bitmap_resynced_blocks, std::sync::atomic::Ordering::Relaxed);
@@ -1154,9 +1156,11 @@ fn power_cuts_lose_no_acknowledged_write_and_keep_generations_exact() {
     let marker_checksums = MARKER_CHECKSUMS.load(std::sync::atomic::Ordering::Relaxed);
     let idle_checksums = IDLE_CHECKSUMS.load(std::sync::atomic::Ordering::Relaxed);
     let pending_cuts = PENDING_CUTS.load(std::sync::atomic::Ordering::Relaxed);
+    let rewrites_in_place = REWRITES_IN_PLACE.load(std::sync::atomic::Ordering::Relaxed);
     println!(
-        "deferred checksums: {marker_checksums} rewritten elements checksummed by markers, {idle_checksums} while idle, {pending_cuts} cuts with some pending"
+        "deferred checksums: {marker_checksums} rewritten elements checksummed by markers, {idle_checksums} while idle, {pending_cuts} cuts with some pending; {rewrites_in_place} whole-unit rewrites took the short way"
     );
+    assert!(rewrites_in_place > 0, "the short way of whole-unit rewrites was exercised");
     let across = DEDUP_ACROSS.load(std::sync::atomic::Ordering::Relaxed);
     let declined = DEDUP_DECLINED.load(std::sync::atomic::Ordering::Relaxed);
     let retained_seen = RETAINED_SEEN.load(std::sync::atomic::Ordering::Relaxed);
