@@ -183,13 +183,19 @@ fn sigkill_during_writes_loses_no_acknowledged_write() {
         "ack_log": ack_log.to_str().expect("utf-8 path"),
     });
     let loader = std::thread::spawn(move || rpc(&socket, "bdev_chronicle_load", Some(load), Duration::from_secs(120)));
-    // Kill once writes, markers and sorts are all under way.
+    // Kill once writes, markers and sorts are all under way (both counted, not timed: how
+    // much one takes depends on the machine).
     let mut waited = Duration::ZERO;
-    while std::fs::metadata(&ack_log).map_or(0, |m| m.len()) < 200_000 && waited < Duration::from_secs(60) {
+    let before = loop {
+        let status = target.result("bdev_chronicle_get_status", Some(json!({"name": "Chronicle0"})));
+        let logged = std::fs::metadata(&ack_log).map_or(0, |m| m.len());
+        let generation = status["volume"]["open_generation"].as_u64().unwrap_or_default();
+        if (logged >= 200_000 && generation > 2) || waited >= Duration::from_secs(60) {
+            break status;
+        }
         std::thread::sleep(Duration::from_millis(100));
         waited += Duration::from_millis(100);
-    }
-    let before = target.result("bdev_chronicle_get_status", Some(json!({"name": "Chronicle0"})));
+    };
     assert!(before["volume"]["open_generation"].as_u64().unwrap_or_default() > 2, "markers ran: {before}");
     target.kill();
     let _ = loader.join();

@@ -303,7 +303,7 @@ fn pick_batch(shared: &SharedRef) -> Vec<ResyncCopy> {
             break; // Looked at every set bit once.
         }
         cursor = block + 1;
-        if !s.hot.try_lock_unit(block) {
+        if !s.hot.try_lock_unit(&meta.open.entry_of, block) {
             continue; // A host write has it; the next step comes back to it.
         }
         let entry = match meta.open.entry_of.get(block) {

@@ -82,7 +82,7 @@ fn pick_step(shared: &SharedRef) -> Vec<(usize, u64)> {
             break;
         }
         let block = s.meta.open.blocks[entry];
-        if s.hot.try_lock_unit(block) {
+        if s.hot.try_lock_unit(&s.meta.open.entry_of, block) {
             step.push((entry, block));
         }
     }

@@ -162,6 +162,7 @@ async fn seal(shared: &SharedRef, io: &ControlIo<HostRef>, comment: String, barr
         }
         debug_assert_eq!(open.durable, open.blocks.len(), "drained writes left every entry durable");
         debug_assert!(open.crc_pending.is_empty(), "every checksum was computed before the seal");
+        debug_assert_eq!(open.entry_of.locked(), 0, "drained writes left no unit locked");
         meta.sealed.push_back(SealedGeneration {
             generation: open.generation,
             time_ns: sealed_ns,

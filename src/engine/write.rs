@@ -163,10 +163,6 @@ struct Rewrite {
     pending: u8,
 }
 
-/// `locked_units` holder of a [`Rewrite`]: its slab key with this bit (a [`HostWrite`]'s
-/// holder is its key alone, the resync's `RESYNC_HOLDER`).
-const REWRITE_HOLDER: usize = 1 << 62;
-
 /// An unmap or write-zeroes, split into chunk writes.
 struct ZeroRequest {
     tag: Tag,
@@ -226,6 +222,8 @@ pub(crate) struct HotPath {
     blocked: VecDeque<usize>,
     waiting_space: VecDeque<usize>,
     waiting_index: Vec<usize>,
+    /// Units held by a general write (its slab key) or the resync: a [`Rewrite`] holds its
+    /// unit by a lock bit in the open generation's `entry_of` instead (no hash map per write).
     locked_units: FxHashMap<u64, usize>,
     commit: Option<Commit>,
     /// Writes holding unit locks (started, not finished): what a marker drains.
@@ -536,27 +534,29 @@ impl HotStep<'_> {
         }
         let meta = &self.shared.meta;
         let unit = widening.first_unit;
-        let entry = meta.open.entry_of.get(unit)? as usize;
+        let (entry, locked) = meta.open.entry_of.lookup(unit)?;
         let tracked = meta.open_bitmap.as_ref().is_some_and(|bitmap| bitmap.tracks_any(widening.units()));
-        if meta.mode() == JournalMode::All
+        if locked
+            || meta.mode() == JournalMode::All
             || tracked
             || self.shared.hot.locked_units.contains_key(&unit)
             || self.overlaps_blocked(widening, usize::MAX)
         {
             return None;
         }
-        Some(entry)
+        Some(entry as usize)
     }
 
-    /// Starts a whole-unit rewrite of `entry` (block `unit`): the unit's lock, its checksum
-    /// left pending, the journal element and the base written at once (FIG 8 S8003/S8004,
-    /// S8007): the entry is durable already, so the base has nothing to wait for.
+    /// Starts a whole-unit rewrite of `entry` (block `unit`): the unit's lock (in its index
+    /// slot, not `locked_units`), its checksum left pending, the journal element and the base
+    /// written at once (FIG 8 S8003/S8004, S8007): the entry is durable already, so the base
+    /// has nothing to wait for.
     fn start_rewrite(&mut self, tag: Tag, unit: u64, entry: usize, offset_blocks: u64, host: SharedBuffers) {
+        let locked = self.shared.meta.open.entry_of.lock(unit);
+        debug_assert!(locked, "unit {unit} locked twice");
         let hot = &mut self.shared.hot;
         hot.counters.rewrites_in_place += 1;
         let id = hot.rewrites.insert(Rewrite { tag, unit, buffers: None, error: None, pending: 2 });
-        let previous = hot.locked_units.insert(unit, REWRITE_HOLDER | id);
-        debug_assert!(previous.is_none(), "unit {unit} locked twice");
         hot.writes_in_flight += 1;
         let written_upto = hot.index_written_upto(&self.shared.meta);
         let unit_bytes = self.shared.meta.unit_bytes();
@@ -597,8 +597,8 @@ impl HotStep<'_> {
             return;
         }
         let rewrite = self.shared.hot.rewrites.remove(id);
-        let holder = self.shared.hot.locked_units.remove(&rewrite.unit);
-        debug_assert_eq!(holder, Some(REWRITE_HOLDER | id));
+        let unlocked = self.shared.meta.open.entry_of.unlock(rewrite.unit);
+        debug_assert!(unlocked, "unit {} was locked by its rewrite", rewrite.unit);
         self.shared.hot.writes_in_flight -= 1;
         let payload = rewrite.buffers.or(payload).map_or(Payload::None, Payload::Write);
         self.complete(rewrite.tag, rewrite.error.map_or(Ok(()), |error| Err(HostError::Io(error))), payload);
@@ -641,8 +641,11 @@ impl HotStep<'_> {
         self.begin(id);
     }
 
+    /// Does `widening` overlap a unit a write or the resync holds (in `locked_units`, or a
+    /// rewrite's lock in the unit's index slot)?
     fn overlaps_locked(&self, widening: Widening) -> bool {
-        widening.units().any(|unit| self.shared.hot.locked_units.contains_key(&unit))
+        let entry_of = &self.shared.meta.open.entry_of;
+        widening.units().any(|unit| self.shared.hot.locked_units.contains_key(&unit) || entry_of.is_locked(unit))
     }
 
     /// Does `widening` overlap a blocked write that arrived before position `before`?

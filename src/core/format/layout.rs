@@ -15,6 +15,10 @@ use super::METADATA_PAGE_BYTES;
 const PAGE: u64 = METADATA_PAGE_BYTES as u64;
 /// The journal must hold at least this many elements.
 pub const MIN_JOURNAL_ELEMENTS: u64 = 64;
+/// The most elements a journal has (a generation's entries are numbered in 31 bits, the
+/// open generation's unit index keeps a lock bit beside them): a larger device leaves the rest
+/// unused (8 TiB of elements at 4 KiB units, 1 TiB at 512 B).
+pub const MAX_JOURNAL_ELEMENTS: u64 = crate::core::unit_index::MAX_ENTRY as u64 + 1;
 /// The history must hold at least this many elements besides two full control blocks.
 pub const MIN_HISTORY_ELEMENTS: u64 = 64;
 
@@ -109,7 +113,7 @@ impl JournalLayout {
             elements,
             element_capacity: elements.length_bytes / u64::from(shape.host_write_size),
         };
-        (layout.max_online_generations(mode) > 0).then_some(layout)
+        (layout.max_online_generations(mode) > 0 && layout.element_capacity <= MAX_JOURNAL_ELEMENTS).then_some(layout)
     }
 
     /// Online generations the index has room for: the pages beyond those the elements need
@@ -219,7 +223,8 @@ pub fn journal_bytes_for(shape: &VolumeShape, options: &LayoutOptions, capacity:
     journal_with_capacity(shape, options, capacity).elements.end_bytes()
 }
 
-/// Lays out a journal device of `device_bytes`, as many elements as fit.
+/// Lays out a journal device of `device_bytes`, as many elements as fit (at most
+/// [`MAX_JOURNAL_ELEMENTS`]).
 pub fn plan_journal(
     shape: &VolumeShape,
     options: &LayoutOptions,
@@ -244,9 +249,10 @@ pub fn plan_journal(
         let over = journal_bytes_for(shape, options, capacity) - device_bytes;
         capacity -= (over / per_element).max(1);
     }
-    while journal_bytes_for(shape, options, capacity + 1) <= device_bytes {
+    while capacity < MAX_JOURNAL_ELEMENTS && journal_bytes_for(shape, options, capacity + 1) <= device_bytes {
         capacity += 1;
     }
+    let capacity = capacity.min(MAX_JOURNAL_ELEMENTS);
     let layout = journal_with_capacity(shape, options, capacity);
     debug_assert!(layout.elements.end_bytes() <= device_bytes);
     Ok(layout)
@@ -330,6 +336,8 @@ mod tests {
                 }
             }
         }
+        // Room for more elements than a generation can number: the capacity stops at the limit.
+        cases.push((SMALL_UNITS, 2 << 40));
         for (shape, device_bytes) in cases {
             for (mode, open_bitmap) in
                 [(JournalMode::Latest, false), (JournalMode::All, false), (JournalMode::Latest, true)]
@@ -345,10 +353,15 @@ mod tests {
                     assert!(pair[0].end_bytes() <= pair[1].start_bytes, "{here}: {pair:?}");
                 }
                 assert!(layout.elements.end_bytes() <= device_bytes, "{here}");
+                assert_eq!(layout.element_capacity == MAX_JOURNAL_ELEMENTS, device_bytes == 2 << 40, "{here}");
                 assert_eq!(layout.elements.start_bytes % 4096, 0, "{here}");
                 assert_eq!(layout.elements.start_bytes % u64::from(shape.host_write_size), 0, "{here}");
                 // Adding one more element would not fit (the capacity is the largest possible).
-                assert!(journal_bytes_for(&shape, &options, layout.element_capacity + 1) > device_bytes, "{here}");
+                assert!(
+                    layout.element_capacity == MAX_JOURNAL_ELEMENTS
+                        || journal_bytes_for(&shape, &options, layout.element_capacity + 1) > device_bytes,
+                    "{here}"
+                );
                 assert!(layout.index_pages * entries_per_page(mode) as u64 >= layout.element_capacity, "{here}");
                 assert_eq!(JournalLayout::from_areas(&areas, &shape, mode).unwrap(), layout, "{here}");
                 assert_eq!(layout.open_bitmap.is_some(), open_bitmap, "{here}");

@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use crate::core::unit_index::UnitIndex;
 use crate::device::{Completion, IoBuffers, Operation};
 
 use super::super::bitmap_only::BitmapCommit;
@@ -14,9 +15,10 @@ use super::super::meta::{Meta, PageState};
 use super::{HostRef, HotPath, HotStep, WriteState};
 
 impl HotPath {
-    /// Takes `unit`'s lock for the resync if no write holds it.
-    pub(crate) fn try_lock_unit(&mut self, unit: u64) -> bool {
-        if self.locked_units.contains_key(&unit) {
+    /// Takes `unit`'s lock for the resync if no write holds it (`entry_of` is the open
+    /// generation's: a rewrite's lock is there).
+    pub(crate) fn try_lock_unit(&mut self, entry_of: &UnitIndex, unit: u64) -> bool {
+        if self.locked_units.contains_key(&unit) || entry_of.is_locked(unit) {
             return false;
         }
         self.locked_units.insert(unit, RESYNC_HOLDER);
