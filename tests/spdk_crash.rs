@@ -347,7 +347,11 @@ fn history_is_merged_deleted_and_retained_through_rpc() {
                 "ack_log": ack_log.to_str().expect("utf-8 path"),
             });
             let report = target.result("bdev_chronicle_load", Some(params));
-            assert_eq!((&report["writes_acknowledged"], &report["writes_failed"]), (&json!(300), &json!(0)), "{report}");
+            assert_eq!(
+                (&report["writes_acknowledged"], &report["writes_failed"]),
+                (&json!(300), &json!(0)),
+                "{report}"
+            );
             let comment = format!("load {seed} round {round}");
             target.result("bdev_chronicle_mark", Some(json!({"name": "Chronicle0", "comment": comment})));
         }
