@@ -511,10 +511,14 @@ fn inspect_json_names_generations_and_offline_tools_change_nothing() {
     chronicle(&[
         "load".as_ref(),
         dir.as_os_str(),
+        // Counted, not timed: the same generations however fast the machine is (a timed load
+        // once filled the history on a fast one).
         "--seconds".as_ref(),
-        "0.5".as_ref(),
-        "--marker-every-ms".as_ref(),
-        "100".as_ref(),
+        "30".as_ref(),
+        "--writes".as_ref(),
+        "4000".as_ref(),
+        "--marker-every-writes".as_ref(),
+        "1000".as_ref(),
         "--ack-log".as_ref(),
         log.as_os_str(),
     ])
@@ -529,7 +533,7 @@ fn inspect_json_names_generations_and_offline_tools_change_nothing() {
     let generations = description["generations"].as_array().expect("generations");
     let numbers: Vec<u64> = generations.iter().map(|g| g["generation"].as_u64().expect("number")).collect();
     let open = description["open_generation"]["generation"].as_u64().expect("open generation");
-    assert!(open >= 2, "markers every 100 ms for 0.5 s seal generations:\n{description:#}");
+    assert_eq!(open, 4, "three markers in 4,000 writes seal generations 1 to 3:\n{description:#}");
     assert_eq!(numbers, (0..=open).collect::<Vec<_>>(), "every generation is named once, in order");
     assert_eq!(generations.last().expect("open")["state"], "open");
     assert_eq!(generations[0]["comment"], "format");
@@ -778,9 +782,9 @@ fn inspect_into_a_closed_pipe_does_not_panic() {
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
-/// A volume in `root`/vol with 64 MiB of journal and history, loaded for a second with a
-/// marker every `marker_every_ms`; its directory and ack log.
-fn loaded_volume(root: &Path, marker_every_ms: &str) -> (PathBuf, PathBuf) {
+/// A volume in `root`/vol with 64 MiB of journal and history, loaded with 6,000 writes and a
+/// marker every `marker_every_writes`; its directory and ack log.
+fn loaded_volume(root: &Path, marker_every_writes: &str) -> (PathBuf, PathBuf) {
     let dir = root.join("vol");
     format(&dir, &["--history-size", "64M", "--journal-size", "64M"]);
     let ack_log = root.join("ack.log");
@@ -788,9 +792,11 @@ fn loaded_volume(root: &Path, marker_every_ms: &str) -> (PathBuf, PathBuf) {
         OsStr::new("load"),
         dir.as_os_str(),
         OsStr::new("--seconds"),
-        OsStr::new("1"),
-        OsStr::new("--marker-every-ms"),
-        OsStr::new(marker_every_ms),
+        OsStr::new("30"),
+        OsStr::new("--writes"),
+        OsStr::new("6000"),
+        OsStr::new("--marker-every-writes"),
+        OsStr::new(marker_every_writes),
         OsStr::new("--ack-log"),
         ack_log.as_os_str(),
     ])
@@ -807,7 +813,7 @@ fn generations_json(dir: &Path) -> serde_json::Value {
 #[test]
 fn history_commands_merge_delete_list_and_restore_generations() {
     let root = test_dir();
-    let (dir, ack_log) = loaded_volume(root.path(), "60");
+    let (dir, ack_log) = loaded_volume(root.path(), "500");
     let listed = chronicle(&[OsStr::new("generations"), dir.as_os_str()]).expect_ok();
     assert!(listed.stdout.contains("history") && listed.stdout.contains("load marker 0"), "{}", listed.describe());
 
@@ -925,7 +931,18 @@ fn all_mode_restores_any_sequence_and_refuses_what_it_does_not_keep() {
     // Every write is kept in "all" mode: a journal of eight volumes (large enough that an index
     // sized for "latest" entries would leave no room for online generations).
     format(&dir, &["--journal-mode", "all", "--journal-size", "128M", "--history-size", "128M"]);
-    let load = ["load", dir.to_str().unwrap(), "--seconds", "0.4", "--marker-every-ms", "100", "--queue-depth", "8"];
+    let load = [
+        "load",
+        dir.to_str().unwrap(),
+        "--seconds",
+        "30",
+        "--writes",
+        "4000",
+        "--marker-every-writes",
+        "1000",
+        "--queue-depth",
+        "8",
+    ];
     chronicle(&load).expect_ok();
     let listed = chronicle(&[OsStr::new("generations"), dir.as_os_str()]).expect_ok();
     assert!(
@@ -1092,7 +1109,7 @@ fn bitmap_only_keeps_writing_with_a_tiny_journal_and_loses_nothing() {
 #[test]
 fn compress_and_decompress_a_generation_keep_its_image_and_show_the_space() {
     let root = test_dir();
-    let (dir, ack_log) = loaded_volume(root.path(), "100");
+    let (dir, ack_log) = loaded_volume(root.path(), "600");
     let restore = |generation: &str, name: &str| {
         let output = root.path().join(name);
         chronicle(&[

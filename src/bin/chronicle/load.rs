@@ -22,14 +22,20 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::host;
 
-pub fn load(
-    dir: &Path,
-    seconds: f64,
-    queue_depth: usize,
-    marker_every_ms: Option<u64>,
-    seed: u64,
-    ack_log: Option<&Path>,
-) -> Result<ExitCode> {
+/// What `chronicle load` writes and when it cuts markers.
+pub struct LoadOptions {
+    pub seconds: f64,
+    pub queue_depth: usize,
+    pub marker_every_ms: Option<u64>,
+    /// A marker after every so many writes submitted, exactly.
+    pub marker_every_writes: Option<u64>,
+    /// At most so many writes.
+    pub writes: Option<u64>,
+    pub seed: u64,
+}
+
+pub fn load(dir: &Path, options: &LoadOptions, ack_log: Option<&Path>) -> Result<ExitCode> {
+    let LoadOptions { seconds, queue_depth, marker_every_ms, marker_every_writes, writes, seed } = *options;
     let mut volume = Volume::open(host::open_channels(dir, None, false, None)?, VolumeOptions::default())
         .with_context(|| format!("cannot open {}", dir.display()))?;
     let status = volume.status();
@@ -54,14 +60,22 @@ pub fn load(
     let mut in_flight: HashMap<u64, (u64, u64)> = HashMap::new();
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let mut next_marker = marker_every_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
+    // The write before which the next counted marker is cut (submission stops there for it).
+    let mut marker_write = marker_every_writes.unwrap_or(u64::MAX);
+    let last_write = writes.unwrap_or(u64::MAX);
     let (mut acknowledged, mut markers) = (0u64, 0u64);
     let mut failures = host::ErrorTally::default();
     let started = Instant::now();
     let mut completions = Vec::new();
     loop {
         let now = Instant::now();
-        let running = now < deadline;
-        while running && in_flight.len() < queue_depth {
+        let running = now < deadline && next < last_write;
+        if running && next == marker_write {
+            volume.mark(&format!("load marker {markers}"));
+            markers += 1;
+            marker_write += marker_every_writes.expect("counted markers");
+        }
+        while running && in_flight.len() < queue_depth && next < marker_write && next < last_write {
             let block = rng.random_range(0..units);
             let sequence = base_sequence + next;
             let mut buffer = DmaBuf::zeroed(unit);

@@ -108,6 +108,13 @@ enum Command {
         queue_depth: usize,
         #[arg(long)]
         marker_every_ms: Option<u64>,
+        /// Cut a marker after every N writes submitted (the same generations on any machine).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        marker_every_writes: Option<u64>,
+        /// Stop after N writes if that comes before --seconds (bounds what the history must
+        /// hold, however fast the machine is).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        writes: Option<u64>,
         #[arg(long, default_value_t = 1)]
         seed: u64,
         #[arg(long)]
@@ -273,8 +280,10 @@ fn run(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { dir, size, generations, seed } => demo::run(dir, size, generations, seed),
-        Command::Load { dir, seconds, queue_depth, marker_every_ms, seed, ack_log } => {
-            load::load(&dir, seconds, queue_depth, marker_every_ms, seed, ack_log.as_deref())
+        Command::Load { dir, seconds, queue_depth, marker_every_ms, marker_every_writes, writes, seed, ack_log } => {
+            let options =
+                load::LoadOptions { seconds, queue_depth, marker_every_ms, marker_every_writes, writes, seed };
+            load::load(&dir, &options, ack_log.as_deref())
         }
         Command::Check { dir, ack_log, since_generation, threads } => {
             load::check(&dir, ack_log.as_deref(), since_generation, threads)
