@@ -120,6 +120,7 @@ def bdev_chronicle_load(args):
         'writes': args.writes,
         'queue_depth': args.queue_depth,
         'marker_every_ms': args.marker_every_ms,
+        'marker_every_writes': args.marker_every_writes,
         'seed': args.seed,
         'ack_log': args.ack_log,
     })
@@ -275,6 +276,8 @@ def spdk_rpc_plugin_initialize(subparsers):
     p.add_argument('-w', '--writes', type=int, help='Stop after this many writes if that comes first')
     p.add_argument('-q', '--queue-depth', type=int, help='Writes in flight (1 to 256; default 32)')
     p.add_argument('-m', '--marker-every-ms', type=int, help='Cut a generation this often (default: none)')
+    p.add_argument('--marker-every-writes', type=int,
+                   help='Cut a generation after every this many writes submitted (default: none)')
     p.add_argument('--seed', type=int, help='Seed of the block choice (default 1)')
     p.add_argument('-a', '--ack-log', help='File (on the application\'s machine) to append "block sequence" '
                    'lines to, one per acknowledged write')

@@ -243,11 +243,11 @@ fn hot_remove_of_a_bdev_below_closes_the_volume_and_examine_brings_it_back() {
     let target = start_target(&spdk_dir, &module, &dir);
     create_volume(&target);
     let load = json!({
-        "name": "Chronicle0", "seconds": 1.0, "queue_depth": 16, "marker_every_ms": 300, "seed": 5,
-        "ack_log": ack_log.to_str().expect("utf-8 path"),
+        "name": "Chronicle0", "seconds": 60.0, "writes": 4000, "queue_depth": 16, "marker_every_writes": 1500,
+        "seed": 5, "ack_log": ack_log.to_str().expect("utf-8 path"),
     });
     let report = target.result("bdev_chronicle_load", Some(load));
-    assert_eq!(report["writes_failed"], json!(0), "{report}");
+    assert_eq!((&report["writes_failed"], &report["markers"]), (&json!(0), &json!(2)), "{report}");
 
     // The journal goes away under the volume: the volume closes (flushing what it can) and
     // its bdev is unregistered; the other three are released.
@@ -357,6 +357,14 @@ fn history_is_merged_deleted_and_retained_through_rpc() {
         }
     };
     load(&target, 10, 21);
+    // Bounds of zero are refused, nothing written.
+    for bad in [json!({"writes": 0}), json!({"marker_every_writes": 0})] {
+        let mut params = json!({"name": "Chronicle0", "seconds": 1.0});
+        params.as_object_mut().unwrap().extend(bad.as_object().unwrap().clone());
+        let (code, message) = target.error("bdev_chronicle_load", Some(params));
+        assert_eq!(code, -i64::from(libc::EINVAL), "{message}");
+        assert!(message.contains("must be at least 1"), "{message}");
+    }
     let records = |target: &App| -> Vec<(u64, u64, String)> {
         let generations = target.result("bdev_chronicle_get_generations", Some(json!({"name": "Chronicle0"})));
         generations
@@ -506,9 +514,12 @@ fn fio_verifies_a_restore_volume_while_the_volume_takes_writes() {
     // History first: a load with markers, then a clean stop.
     let target = start_target(&spdk_dir, &module, &dir);
     create_volume(&target);
-    let params = json!({"name": "Chronicle0", "seconds": 1.0, "queue_depth": 16, "marker_every_ms": 100, "seed": 5});
+    // Counted markers: the same history however fast the machine is.
+    let params = json!({
+        "name": "Chronicle0", "seconds": 60.0, "writes": 6000, "queue_depth": 16, "marker_every_writes": 600, "seed": 5,
+    });
     let report = target.result("bdev_chronicle_load", Some(params));
-    assert_eq!(report["writes_failed"], json!(0), "{report}");
+    assert_eq!((&report["writes_failed"], &report["markers"]), (&json!(0), &json!(9)), "{report}");
     let generations = target.result("bdev_chronicle_get_generations", Some(json!({"name": "Chronicle0"})));
     let shown = generations
         .as_array()

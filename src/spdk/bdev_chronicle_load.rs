@@ -59,6 +59,10 @@ pub struct LoadParams {
     /// Cut a generation this often (none if absent).
     #[serde(default)]
     pub marker_every_ms: Option<u64>,
+    /// Cut a generation after every so many writes submitted, exactly: the same generations
+    /// however fast the stack is.
+    #[serde(default)]
+    pub marker_every_writes: Option<u64>,
     #[serde(default = "default_seed")]
     pub seed: u64,
     /// File to append acknowledged writes to (`block sequence` lines).
@@ -138,6 +142,8 @@ struct Load {
     started: Instant,
     deadline: Instant,
     next_marker: Option<Instant>,
+    /// The write before which the next counted marker is cut (submission waits there for it).
+    marker_write: u64,
     markers_in_flight: usize,
     report: LoadReport,
     log_error: Option<String>,
@@ -179,6 +185,9 @@ pub fn run_load(params: LoadParams, done: impl FnOnce(Result<LoadReport, LoadErr
     if params.writes == Some(0) {
         return done(Err(LoadError::Invalid("writes 0 must be at least 1 (or absent)".into())));
     }
+    if params.marker_every_writes == Some(0) {
+        return done(Err(LoadError::Invalid("marker_every_writes 0 must be at least 1 (or absent)".into())));
+    }
     if params.queue_depth == 0 || params.queue_depth > QUEUE_DEPTH_MAX {
         return done(Err(LoadError::Invalid(format!(
             "queue_depth {} must be 1 to {QUEUE_DEPTH_MAX}",
@@ -208,6 +217,7 @@ pub fn run_load(params: LoadParams, done: impl FnOnce(Result<LoadReport, LoadErr
         started: now,
         deadline: now + Duration::from_secs_f64(params.seconds),
         next_marker: params.marker_every_ms.map(|ms| now + Duration::from_millis(ms)),
+        marker_write: params.marker_every_writes.unwrap_or(u64::MAX),
         markers_in_flight: 0,
         report: LoadReport::default(),
         log_error: None,
@@ -231,7 +241,11 @@ fn poll_load(load: &Rc<RefCell<Load>>) -> PollStatus {
     let below_writes = |state: &Load| state.params.writes.is_none_or(|writes| state.next < writes);
     let running = now < state.deadline && state.log_error.is_none() && below_writes(&state);
     let mut busy = false;
-    while running && state.in_flight < state.params.queue_depth && below_writes(&state) {
+    while running
+        && state.in_flight < state.params.queue_depth
+        && below_writes(&state)
+        && state.next < state.marker_write
+    {
         let units = state.target.units;
         let block = state.rng.random_range(0..units);
         let sequence = state.base_sequence + state.next;
@@ -265,8 +279,14 @@ fn poll_load(load: &Rc<RefCell<Load>>) -> PollStatus {
             }
         }
     }
-    if running && state.next_marker.is_some_and(|at| now >= at) {
-        state.next_marker = state.params.marker_every_ms.map(|ms| now + Duration::from_millis(ms));
+    // (Not after the last write: the load ends there.)
+    let counted = state.next == state.marker_write && below_writes(&state);
+    if running && (counted || state.next_marker.is_some_and(|at| now >= at)) {
+        if counted {
+            state.marker_write += state.params.marker_every_writes.expect("counted markers");
+        } else {
+            state.next_marker = state.params.marker_every_ms.map(|ms| now + Duration::from_millis(ms));
+        }
         state.markers_in_flight += 1;
         let name = state.name.clone();
         let comment = format!("load marker {}", state.report.markers + state.report.markers_failed);

@@ -279,7 +279,8 @@ impl RpcMethod for GetStatus {
     }
 }
 
-/// `bdev_chronicle_load {name, seconds, queue_depth?, marker_every_ms?, seed?, ack_log?}` →
+/// `bdev_chronicle_load {name, seconds, writes?, queue_depth?, marker_every_ms?,
+/// marker_every_writes?, seed?, ack_log?}` →
 /// `{writes_acknowledged, writes_failed, markers, markers_failed, seconds, iops}`: writes
 /// self-identifying payloads through the chronicle bdev and logs every acknowledged write, for
 /// crash tests (`kill -9` the application, restart, then `bdev_chronicle_verify_load` or
