@@ -53,6 +53,20 @@ fn write(volume: &mut Volume, model: &mut [u8], offset: u64, data: Vec<u8>) {
     );
 }
 
+/// `len` random bytes.
+fn random_bytes(rng: &mut ChaCha8Rng, len: usize) -> Vec<u8> {
+    let mut data = vec![0u8; len];
+    rng.fill_bytes(&mut data);
+    data
+}
+
+/// The default options without the automatic sort (the tests mark and sort themselves).
+fn sort_by_hand() -> VolumeOptions {
+    let mut options = VolumeOptions::default();
+    options.sort.automatic = false;
+    options
+}
+
 fn drain(volume: &mut Volume) {
     let mut completions = Vec::new();
     volume.run_until_idle(&mut completions);
@@ -74,8 +88,7 @@ fn generations_sorted_into_backup_and_history_restore_exactly() {
             // Mixed sizes and alignments: whole units and partial units (read-modify-write).
             let blocks = rng.random_range(1..=24u64);
             let offset = rng.random_range(0..device_blocks - blocks);
-            let mut data = vec![0u8; (blocks * u64::from(BLOCK)) as usize];
-            rng.fill_bytes(&mut data);
+            let data = random_bytes(&mut rng, (blocks * u64::from(BLOCK)) as usize);
             write(&mut volume, &mut model, offset, data);
         }
         drain(&mut volume);
@@ -100,8 +113,7 @@ fn generations_sorted_into_backup_and_history_restore_exactly() {
 #[test]
 fn reopen_keeps_open_and_sealed_generations() {
     let devices = Devices::new();
-    let mut options = VolumeOptions::default();
-    options.sort.automatic = false;
+    let options = sort_by_hand();
     let mut volume = devices.format_and_open(options.clone());
     let mut rng = ChaCha8Rng::seed_from_u64(9);
     let mut model = vec![0u8; VOLUME_BYTES as usize];
@@ -109,8 +121,7 @@ fn reopen_keeps_open_and_sealed_generations() {
     for generation in 1..=3u64 {
         for _ in 0..300 {
             let unit = rng.random_range(0..VOLUME_BYTES / u64::from(UNIT));
-            let mut data = vec![0u8; UNIT as usize];
-            rng.fill_bytes(&mut data);
+            let data = random_bytes(&mut rng, UNIT as usize);
             write(&mut volume, &mut model, unit * u64::from(UNIT / BLOCK), data);
         }
         drain(&mut volume);
@@ -161,8 +172,7 @@ fn journal_full_blocks_until_the_sort_frees_space() {
     for (generation, count) in [(1u64, 80u64), (2, 90), (3, 60)] {
         for _ in 0..count {
             let unit = rng.random_range(0..VOLUME_BYTES / u64::from(UNIT));
-            let mut data = vec![0u8; UNIT as usize];
-            rng.fill_bytes(&mut data);
+            let data = random_bytes(&mut rng, UNIT as usize);
             write(&mut volume, &mut model, unit * u64::from(UNIT / BLOCK), data);
         }
         drain(&mut volume);
@@ -185,8 +195,7 @@ fn unmap_and_write_zeroes_are_journaled_into_generations() {
     let mut volume = devices.format_and_open(VolumeOptions::default());
     let mut model = vec![0u8; VOLUME_BYTES as usize];
     let mut rng = ChaCha8Rng::seed_from_u64(3);
-    let mut data = vec![0u8; VOLUME_BYTES as usize];
-    rng.fill_bytes(&mut data);
+    let data = random_bytes(&mut rng, VOLUME_BYTES as usize);
     write(&mut volume, &mut model, 0, data);
     drain(&mut volume);
     let mut completions = Vec::new();
@@ -253,17 +262,12 @@ fn a_marker_comment_that_would_not_read_back_is_refused_and_the_volume_still_ope
 #[test]
 fn rewritten_elements_are_checksummed_by_the_marker_or_while_idle_and_the_sealed_checksums_hold() {
     let devices = Devices::new();
-    let mut options = VolumeOptions::default();
-    options.sort.automatic = false;
+    let options = sort_by_hand();
     let mut volume = devices.format_and_open(options);
     let mut rng = ChaCha8Rng::seed_from_u64(17);
     let mut model = vec![0u8; VOLUME_BYTES as usize];
     let blocks_per_unit = u64::from(UNIT / BLOCK);
-    let random_unit = |rng: &mut ChaCha8Rng| {
-        let mut data = vec![0u8; UNIT as usize];
-        rng.fill_bytes(&mut data);
-        data
-    };
+    let random_unit = |rng: &mut ChaCha8Rng| random_bytes(rng, UNIT as usize);
     let mut first_data = Vec::new();
     for unit in 0..96u64 {
         let data = random_unit(&mut rng);
@@ -332,8 +336,7 @@ fn rewritten_elements_are_checksummed_by_the_marker_or_while_idle_and_the_sealed
 #[test]
 fn rewrites_past_the_read_back_limit_are_checksummed_at_once() {
     let devices = Devices::new();
-    let mut options = VolumeOptions::default();
-    options.sort.automatic = false;
+    let mut options = sort_by_hand();
     options.marker_read_back_bytes = 10 * u64::from(UNIT);
     let mut volume = devices.format_and_open(options);
     let mut rng = ChaCha8Rng::seed_from_u64(23);
@@ -341,8 +344,7 @@ fn rewrites_past_the_read_back_limit_are_checksummed_at_once() {
     let blocks_per_unit = u64::from(UNIT / BLOCK);
     for round in 0..4 {
         for unit in 0..64u64 {
-            let mut data = vec![0u8; UNIT as usize];
-            rng.fill_bytes(&mut data);
+            let data = random_bytes(&mut rng, UNIT as usize);
             write(&mut volume, &mut model, unit * blocks_per_unit, data);
         }
         if round == 0 {
@@ -370,17 +372,12 @@ fn rewrites_past_the_read_back_limit_are_checksummed_at_once() {
 #[test]
 fn whole_unit_rewrites_take_the_short_way_and_overlapping_ones_wait_their_turn() {
     let devices = Devices::new();
-    let mut options = VolumeOptions::default();
-    options.sort.automatic = false;
+    let options = sort_by_hand();
     let mut volume = devices.format_and_open(options);
     let mut rng = ChaCha8Rng::seed_from_u64(29);
     let mut model = vec![0u8; VOLUME_BYTES as usize];
     let blocks_per_unit = u64::from(UNIT / BLOCK);
-    let mut random = |bytes: u32| {
-        let mut data = vec![0u8; bytes as usize];
-        rng.fill_bytes(&mut data);
-        data
-    };
+    let mut random = |bytes: u32| random_bytes(&mut rng, bytes as usize);
     for unit in 0..8u64 {
         write(&mut volume, &mut model, unit * blocks_per_unit, random(UNIT));
     }
