@@ -535,10 +535,9 @@ impl HotStep<'_> {
         let meta = &self.shared.meta;
         let unit = widening.first_unit;
         let (entry, locked) = meta.open.entry_of.lookup(unit)?;
-        let tracked = meta.open_bitmap.as_ref().is_some_and(|bitmap| bitmap.tracks_any(widening.units()));
         if locked
             || meta.mode() == JournalMode::All
-            || tracked
+            || meta.open_bitmap.as_ref().is_some_and(|bitmap| bitmap.tracks_any(widening.units()))
             || self.shared.hot.locked_units.contains_key(&unit)
             || self.overlaps_blocked(widening, usize::MAX)
         {
@@ -578,12 +577,18 @@ impl HotStep<'_> {
         self.hub.submit(Role::Base, Operation::Write { offset_blocks, buffers: host, fua }, owner);
     }
 
+    /// A host write's journal or base write failed: base and journal may now disagree for its
+    /// block, so the volume stops taking writes until a reopen rebuilds the open generation
+    /// from the base.
+    fn device_write_failed(&mut self, error: &IoError) {
+        self.shared.hot.counters.write_errors += 1;
+        self.shared.failed.get_or_insert_with(|| format!("write failed: {error}"));
+    }
+
     /// One device write of a [`Rewrite`] completed; the second finishes it.
     fn on_rewrite_completion(&mut self, id: usize, completion: Completion) {
         if let Err(error) = completion.result {
-            // As for any host write: base and journal may now disagree for this block.
-            self.shared.hot.counters.write_errors += 1;
-            self.shared.failed.get_or_insert_with(|| format!("write failed: {error}"));
+            self.device_write_failed(&error);
             self.shared.hot.rewrites[id].error.get_or_insert(error);
         }
         let rewrite = &mut self.shared.hot.rewrites[id];
@@ -1014,10 +1019,7 @@ impl HotStep<'_> {
                 let id = id as usize;
                 self.shared.hot.writes[id].pending -= 1;
                 if let Err(error) = completion.result {
-                    // Base and journal may now disagree for this block: stop taking writes
-                    // until a reopen rebuilds the open generation from the base.
-                    self.shared.hot.counters.write_errors += 1;
-                    self.shared.failed.get_or_insert_with(|| format!("write failed: {error}"));
+                    self.device_write_failed(&error);
                     self.shared.hot.writes[id].error.get_or_insert(HostError::Io(error));
                 }
                 let write = &self.shared.hot.writes[id];
