@@ -716,10 +716,18 @@ fn run_seed(seed: u64, cycles: u64, durability: Durability, mode: JournalMode) -
         let mut restores = Restores { targets, ..Restores::default() };
         let mut next_tag = 0u64;
         let mut completions = Vec::new();
+        // Steps left of a pause of the host (no new requests), long enough now and then for
+        // the volume's idle work to start.
+        let mut pause = 0u32;
         for _ in 0..steps {
             // Restore volumes: open one now and then, read and write them beside everything.
             restores.step(&mut rng, &mut volume, &model, &uncertain, &mut next_tag);
-            if marker.is_none() && rollback.is_none() && outstanding.len() < QUEUE_DEPTH {
+            if pause > 0 {
+                pause -= 1;
+            } else if rng.random_bool(0.005) {
+                pause = rng.random_range(48..=112);
+            }
+            if pause == 0 && marker.is_none() && rollback.is_none() && outstanding.len() < QUEUE_DEPTH {
                 let mut choice = rng.random_range(0..100);
                 if mode == JournalMode::All && choice < 70 {
                     // "All" mode fills the journal with every write: with too little room for

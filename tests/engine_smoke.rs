@@ -331,6 +331,56 @@ fn rewritten_elements_are_checksummed_by_the_marker_or_while_idle_and_the_sealed
     reader.verify().unwrap();
 }
 
+/// A host that submits its next write as soon as the last one completes (bdevperf on the
+/// volume's own reactor) leaves nothing outstanding for a moment in every poll. That is not
+/// idleness: the idle checksums wait until the host has been quiet for some polls in a row,
+/// then run.
+#[test]
+fn idle_checksums_wait_for_a_quiet_host_not_a_gap_between_completion_and_resubmission() {
+    let devices = Devices::new();
+    let mut volume = devices.format_and_open(sort_by_hand());
+    let mut rng = ChaCha8Rng::seed_from_u64(29);
+    let mut model = vec![0u8; VOLUME_BYTES as usize];
+    let blocks_per_unit = u64::from(UNIT / BLOCK);
+    for unit in 0..8u64 {
+        write(&mut volume, &mut model, unit * blocks_per_unit, random_bytes(&mut rng, UNIT as usize));
+    }
+    drain(&mut volume);
+    // Pending checksums: units 0 to 3 rewritten.
+    for unit in 0..4u64 {
+        write(&mut volume, &mut model, unit * blocks_per_unit, random_bytes(&mut rng, UNIT as usize));
+    }
+    let mut completions = Vec::new();
+    while completions.len() < 4 {
+        volume.poll(&mut completions);
+    }
+    for round in 0..300u64 {
+        // Submitted right after the last completion, before the next poll, to a unit of its
+        // own (whose checksum is pending then too).
+        let unit = 4 + round % 4;
+        write(&mut volume, &mut model, unit * blocks_per_unit, random_bytes(&mut rng, UNIT as usize));
+        completions.clear();
+        while completions.is_empty() {
+            volume.poll(&mut completions);
+        }
+        assert!(completions.iter().all(|c| c.result.is_ok()));
+    }
+    let status = volume.status();
+    assert_eq!(status.control.idle_checksum_reads, 0, "idle checksums ran under load: {status:?}");
+    assert!(status.checksums_pending >= 4, "{status:?}");
+    drain(&mut volume);
+    let status = volume.status();
+    assert_eq!(status.checksums_pending, 0, "a quiet host lets the idle checksums run: {status:?}");
+    assert_eq!(status.control.idle_checksum_reads, 8, "{status:?}");
+    let mut completions = Vec::new();
+    assert_eq!(volume.mark_and_wait("g1", &mut completions).unwrap(), 1);
+    assert_eq!(volume.status().control.marker_checksum_reads, 0, "nothing was left for the marker");
+    volume.close().unwrap();
+    let reader = VolumeReader::open(devices.channels()).unwrap();
+    assert!(reader.read_image(1).unwrap() == model);
+    reader.verify().unwrap();
+}
+
 /// Past `marker_read_back_bytes`, rewrites checksum their data as they are written: the marker
 /// reads back at most that much, and the sealed checksums still hold.
 #[test]

@@ -5,14 +5,16 @@
 //!
 //! - by the marker, with writes drained and held, for whatever is still pending
 //!   ([`checksum_pending`]): every sealed generation's crcs match its elements;
-//! - ahead of it while the volume has no host I/O at all ([`run_idle`]): under the unit locks
-//!   of the blocks it reads (host writes to them wait, as for a bitmap resync), a step at a time,
-//!   stopping when host I/O arrives or a marker is set, so a marker after a busy period has
-//!   little left to read while it holds writes.
+//! - ahead of it once the volume has had no host I/O for [`QUIET_POLLS`] polls in a row
+//!   ([`run_idle`]): under the unit locks of the blocks it reads (host writes to them wait, as
+//!   for a bitmap resync), a step at a time, stopping when host I/O arrives or a marker is set,
+//!   so a marker after a busy period has little left to read while it holds writes.
 
 use super::io::{run_bounded, ControlIo, Role};
 use super::volume::{HostRef, Shared, SharedRef};
 use super::write::crc_of;
+#[cfg(doc)]
+use super::write::QUIET_POLLS;
 use super::EngineError;
 
 /// Elements per journal read (128 KiB at 4 KiB).
@@ -35,13 +37,24 @@ pub(crate) async fn checksum_pending(shared: &SharedRef, io: &ControlIo<HostRef>
 
 /// Should the volume start the idle checksum task now?
 pub(crate) fn idle_wanted(s: &Shared) -> bool {
-    !s.meta.open.crc_pending.is_empty() && !s.checksums_running && may_step(s)
+    idle_due(s) && s.hot.quiet()
+}
+
+/// The idle checksum task will start once the host has been quiet for a while
+/// ([`HotPath::quiet`](super::write::HotPath::quiet)): the volume is not idle yet.
+pub(crate) fn idle_due(s: &Shared) -> bool {
+    !s.meta.open.crc_pending.is_empty() && !s.checksums_running && nothing_else_wants(s)
 }
 
 /// Nothing else wants the volume: no host operation in flight or queued, no marker or
 /// rollback waiting, not closing or failed.
-fn may_step(s: &Shared) -> bool {
+fn nothing_else_wants(s: &Shared) -> bool {
     s.hot.outstanding() == 0 && s.holds.is_empty() && !s.stopping && s.failed.is_none()
+}
+
+/// The next step may run: nothing else wants the volume and the host has been quiet.
+fn may_step(s: &Shared) -> bool {
+    nothing_else_wants(s) && s.hot.quiet()
 }
 
 /// Checksums pending elements while the volume is idle, [`IDLE_STEP`] at a time.

@@ -458,6 +458,7 @@ impl Volume {
             step.admit();
             step.maybe_commit();
             step.maybe_commit_bitmap();
+            step.shared.hot.note_poll();
             reaped
         };
         self.start_sort_if_needed();
@@ -751,7 +752,7 @@ impl Volume {
             && !retention_due
             && !shared.hot.commit_in_flight()
             && !bitmap_only::resync_wanted(&shared)
-            && !checksums::idle_wanted(&shared)
+            && !checksums::idle_due(&shared)
             && self.executor.is_empty()
             && (shared.meta.sealed.is_empty() || shared.sort_error.is_some() || !shared.options.sort.automatic)
     }

@@ -233,6 +233,11 @@ pub(crate) struct HotPath {
     zero_chunk: Option<SharedBuffers>,
     scratch_segments: Vec<u64>,
     scratch_journal_writes: Vec<(u64, SharedBuffers)>,
+    /// Polls in a row that found no host operation outstanding and none submitted since the
+    /// poll before ([`HotPath::note_poll`]).
+    quiet_polls: u32,
+    /// `next_seq` at the last poll.
+    seq_at_poll: u64,
 }
 
 impl HotPath {
@@ -257,6 +262,8 @@ impl HotPath {
             zero_chunk: None,
             scratch_segments: Vec::new(),
             scratch_journal_writes: Vec::new(),
+            quiet_polls: 0,
+            seq_at_poll: first_sequence,
         }
     }
 
@@ -302,7 +309,28 @@ impl HotPath {
     pub(crate) fn commit_in_flight(&self) -> bool {
         self.commit.is_some()
     }
+
+    /// Counts one poll of the volume towards [`quiet`](Self::quiet): a poll that finds nothing
+    /// outstanding and nothing submitted since the poll before.
+    pub(crate) fn note_poll(&mut self) {
+        if self.outstanding() == 0 && self.next_seq == self.seq_at_poll {
+            self.quiet_polls = self.quiet_polls.saturating_add(1);
+        } else {
+            self.quiet_polls = 0;
+            self.seq_at_poll = self.next_seq;
+        }
+    }
+
+    /// The host has been quiet for [`QUIET_POLLS`] polls in a row. A host that submits between
+    /// polls (on the volume's own reactor, completions resubmitted at once) has nothing
+    /// outstanding for a moment inside a poll at every turn: that moment is not idleness.
+    pub(crate) fn quiet(&self) -> bool {
+        self.quiet_polls >= QUIET_POLLS
+    }
 }
+
+/// Polls in a row without host I/O before idle work (checksums ahead of the marker) starts.
+pub(crate) const QUIET_POLLS: u32 = 64;
 
 /// crc32c of `len` bytes of `buffers` from `offset` (across segment boundaries).
 pub(crate) fn crc_of(buffers: &IoBuffers, offset: usize, len: usize) -> u32 {
