@@ -37,7 +37,7 @@ use super::bdev_module;
 use super::device::SpdkDevice;
 use super::doorbell::DoorbellQueue;
 use super::poller::{PollStatus, Poller};
-use super::thread::{Doorbell, Thread, ThreadHandle};
+use super::thread::{Doorbell, SameReactor, Thread, ThreadHandle};
 use super::{bdev_chronicle, vbdev, Errno};
 use crate::core::format::superblock::{
     DeviceRole, Durability, JournalFullPolicy, JournalMode, Superblock, VOLUME_NAME_BYTES,
@@ -362,12 +362,17 @@ enum PendingIo {
     /// Submitted on another thread: completed there, through the hop (the volume's slot of
     /// it) it came by.
     Remote(DetachedIo<IoCtx>, usize),
+    /// Submitted on another thread that the app thread's reactor runs too: completed as that
+    /// thread, in place ([`Way::Direct`]).
+    Direct(BdevIo<IoCtx>, SameReactor),
 }
 
 /// Counters of the module's I/O path (the engine counts the rest).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct HostCounters {
     pub local_submissions: u64,
+    /// Host I/Os from other threads on the app thread's reactor, taken in place (no message).
+    pub direct_submissions: u64,
     /// Host I/Os that came from other threads, and the doorbell messages that brought them
     /// (I/Os per batch = remote_submissions / remote_batches).
     pub remote_submissions: u64,
@@ -400,12 +405,24 @@ pub(crate) struct Hop {
     slot: AtomicUsize,
 }
 
-/// Where a channel's host I/Os go: on the volume's own thread straight to it, from any other
-/// thread by the channel's [`Hop`].
+/// Where a channel's host I/Os go ([`Way`]).
 pub(crate) struct HostPath {
     volume: u64,
     restore: Option<RestoreId>,
-    hop: Option<Arc<Hop>>,
+    way: Way,
+}
+
+/// How a channel's host I/Os reach the volume.
+enum Way {
+    /// The channel is on the volume's thread: straight to it.
+    Local,
+    /// The channel's thread and the volume's share one reactor for good: straight to the
+    /// volume too, run as the volume's thread, and completed in place run as the channel's
+    /// (bdevperf's jobs and nvmf's poll group on the app thread's core). No message each way,
+    /// no queue: on one core a hop only costs (BENCHMARKS, session "direct entry").
+    Direct(SameReactor),
+    /// Any other thread: by the channel's [`Hop`], a batch per message each way.
+    Hop(Arc<Hop>),
 }
 
 impl HostPath {
@@ -413,8 +430,12 @@ impl HostPath {
     /// `restore`), which lives on `owner`.
     pub(crate) fn new(volume: u64, restore: Option<RestoreId>, owner: ThreadHandle) -> Result<Self, Errno> {
         let home = Thread::current().ok_or(Errno::EPERM)?.handle();
-        let hop = (home != owner).then(|| {
-            Arc::new(Hop {
+        let way = if home == owner {
+            Way::Local
+        } else if let Some(reactor) = SameReactor::with(owner) {
+            Way::Direct(reactor)
+        } else {
+            Way::Hop(Arc::new(Hop {
                 volume,
                 restore,
                 owner,
@@ -422,9 +443,9 @@ impl HostPath {
                 to_volume: DoorbellQueue::new(HOP_QUEUE_LIMIT),
                 to_home: DoorbellQueue::new(HOP_QUEUE_LIMIT),
                 slot: AtomicUsize::new(usize::MAX),
-            })
-        });
-        Ok(HostPath { volume, restore, hop })
+            }))
+        };
+        Ok(HostPath { volume, restore, way })
     }
 }
 
@@ -1214,7 +1235,17 @@ impl VolumeHost {
     fn closed(self: &Rc<Self>, result: Result<(), EngineError>) {
         let name = self.config.borrow().name.clone();
         match &result {
-            Ok(()) => spdk_notice!("chronicle: {name} closed"),
+            Ok(()) => {
+                let io = self.counters.borrow();
+                spdk_notice!(
+                    "chronicle: {name} closed; host I/Os taken: {} on the app thread, {} directly from threads on \
+                     its reactor, {} by message from other threads ({} messages)",
+                    io.local_submissions,
+                    io.direct_submissions,
+                    io.remote_submissions,
+                    io.remote_batches
+                )
+            }
             Err(error) => spdk_error!("chronicle: {name} closed with an error: {error}"),
         }
         self.teardown();
@@ -1375,6 +1406,12 @@ impl VolumeHost {
             PendingIo::Local(io) => {
                 keep_spare(spare);
                 io.complete(status)
+            }
+            PendingIo::Direct(io, reactor) => {
+                keep_spare(spare);
+                // As the submitting thread, which SPDK completes an I/O on: its bdev channel,
+                // and whatever the submitter does next from its completion callback.
+                reactor.run_as(reactor.here(), || io.complete(status))
             }
             PendingIo::Remote(io, slot) => {
                 let mut hops = self.hops.borrow_mut();
@@ -1597,15 +1634,32 @@ fn give_back((io, request): (DetachedIo<IoCtx>, HostRequest)) {
 /// The chronicle bdev's entry for host I/O (and an R-VOL's), on the submitting thread. Zero
 /// copy: the request carries the I/O's own buffers.
 pub(crate) fn submit_io(path: &HostPath, io: BdevIo<IoCtx>, request: HostRequest) {
-    let Some(hop) = &path.hop else {
-        match host_by_id(path.volume) {
-            Some(host) => {
-                host.counters.borrow_mut().local_submissions += 1;
-                host.submit(PendingIo::Local(io), request, path.restore)
+    let hop = match &path.way {
+        Way::Hop(hop) => hop,
+        Way::Local => {
+            match host_by_id(path.volume) {
+                Some(host) => {
+                    host.counters.borrow_mut().local_submissions += 1;
+                    host.submit(PendingIo::Local(io), request, path.restore)
+                }
+                None => io.complete(IoStatus::Failed),
             }
-            None => io.complete(IoStatus::Failed),
+            return;
         }
-        return;
+        Way::Direct(reactor) => {
+            // The registry is the app thread's (a thread-local of the reactor's OS thread):
+            // found here because one reactor runs both threads.
+            match host_by_id(path.volume) {
+                Some(host) => {
+                    host.counters.borrow_mut().direct_submissions += 1;
+                    let reactor = *reactor;
+                    reactor
+                        .run_as(reactor.there(), || host.submit(PendingIo::Direct(io, reactor), request, path.restore))
+                }
+                None => io.complete(IoStatus::Failed),
+            }
+            return;
+        }
     };
     match hop.to_volume.push((io.detach(), request)) {
         Ok(false) => {}

@@ -157,3 +157,86 @@ impl ThreadHandle {
         Ok(())
     }
 }
+
+/// Two SPDK threads that one reactor runs for good: the caller's and another. Of the
+/// application's cores (its reactors), each one's cpumask holds only the core the caller runs
+/// on now as a reactor (an EAL lcore). SPDK's event framework runs a thread only on a core of
+/// its mask (its schedulers never move a thread that has one core to go to, and only a thread
+/// itself changes its mask), so the two never run at once: what one of them owns (`Rc`,
+/// `RefCell`, thread-locals of the OS thread) the other may use in turn. Hosts that poll SPDK
+/// threads themselves (fio's plugin) are not reactors and never qualify.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SameReactor {
+    here: ThreadHandle,
+    there: ThreadHandle,
+}
+
+impl SameReactor {
+    /// The calling thread and `there`, if one reactor runs both for good.
+    pub fn with(there: ThreadHandle) -> Option<SameReactor> {
+        let here = Thread::current()?.handle();
+        // SAFETY: reads the calling OS thread's EAL lcore id.
+        let current = unsafe { ffi::spdk_env_get_current_core() };
+        if current == u32::MAX {
+            return None; // Not an EAL lcore: no reactor runs this thread.
+        }
+        let only_this_core = |thread: ThreadHandle| {
+            // SAFETY: a live thread (ThreadHandle's rule); its mask is set at creation and
+            // changed only by the thread itself, which is not running while this one is (on
+            // this core) or has a mask without this core (then the answer is no either way).
+            let mask = unsafe { ffi::spdk_thread_get_cpumask(thread.as_ptr()) };
+            if mask.is_null() {
+                return false;
+            }
+            // The application's cores, as SPDK_ENV_FOREACH_CORE walks them.
+            // SAFETY: reads the environment's core table, fixed after initialisation.
+            let mut core = unsafe { ffi::spdk_env_get_first_core() };
+            while core != u32::MAX {
+                // SAFETY: `mask` points into the live thread.
+                if core != current && unsafe { ffi::spdk_cpuset_get_cpu(mask, core) } {
+                    return false;
+                }
+                // SAFETY: as above.
+                core = unsafe { ffi::spdk_env_get_next_core(core) };
+            }
+            // SAFETY: as above.
+            unsafe { ffi::spdk_cpuset_get_cpu(mask, current) }
+        };
+        (only_this_core(here) && only_this_core(there)).then_some(SameReactor { here, there })
+    }
+
+    /// The thread that asked ([`SameReactor::with`]'s caller).
+    pub fn here(&self) -> ThreadHandle {
+        self.here
+    }
+
+    /// The other thread.
+    pub fn there(&self) -> ThreadHandle {
+        self.there
+    }
+
+    /// Runs `f` as `target` (one of the two): inside, SPDK's current thread is `target`, so the
+    /// channels, pollers and messages `f` uses are `target`'s. The caller runs as either one.
+    pub fn run_as<T>(&self, target: ThreadHandle, f: impl FnOnce() -> T) -> T {
+        assert!(target == self.here || target == self.there, "{target:?} is not one of {self:?}");
+        // SAFETY: reads a thread-local pointer.
+        let previous = unsafe { ffi::spdk_get_thread() };
+        assert!(
+            previous == self.here.as_ptr() || previous == self.there.as_ptr(),
+            "run_as outside the reactor of {self:?}"
+        );
+        // SAFETY: only the OS thread's current-SPDK-thread pointer changes, to a thread this
+        // reactor runs (`SameReactor`): its state is not in use by anyone else meanwhile. It is
+        // restored below before the caller's thread goes on.
+        unsafe { ffi::spdk_set_thread(target.as_ptr()) };
+        struct Restore(*mut ffi::spdk_thread);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                // SAFETY: puts back the pointer that was current (also when `f` unwinds).
+                unsafe { ffi::spdk_set_thread(self.0) };
+            }
+        }
+        let _restore = Restore(previous);
+        f()
+    }
+}
