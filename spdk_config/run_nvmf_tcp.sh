@@ -154,8 +154,8 @@ print("state %s; open generation %d, backup generation %d, sealed waiting %d" % 
 print("host: %d writes, %d reads, %d flushes; journal %d/%d elements; history %d/%d units" % (
     h["host_writes"], h["host_reads"], h["host_flushes"], v["journal_used_elements"], v["journal_capacity_elements"],
     v["history_used_units"], v["history_capacity_units"]))
-print("module: %d I/Os from other threads, %d on the volume thread, %d completed with error; failed: %s, sort error: %s" % (
-    s["io"]["remote_submissions"], s["io"]["local_submissions"], s["io"]["completed_with_error"], v["failed"], v["sort_error"]))
+print("module: %d I/Os by message from other threads, %d directly from threads on the volume thread\x27s reactor, %d on the volume thread, %d completed with error; failed: %s, sort error: %s" % (
+    s["io"]["remote_submissions"], s["io"]["direct_submissions"], s["io"]["local_submissions"], s["io"]["completed_with_error"], v["failed"], v["sort_error"]))
 assert s["io"]["completed_with_error"] == 0 and v["failed"] is None and v["sort_error"] is None'
 
 say "Stopping the target"
