@@ -47,7 +47,7 @@ mod spdk {
     /// Function, type and constant names the bindings keep (regexes, anchored by bindgen).
     const FUNCTIONS: &str = "spdk_(bdev|io_channel|io_device|get_io_channel|put_io_channel|for_each_channel|\
         thread|get_thread|set_thread|cpuset_get_cpu|poller|json|jsonrpc|rpc|dma|zmalloc|malloc|realloc|free|log|strerror|\
-        env_get_current_core|env_get_core_count|env_get_first_core|env_get_next_core)\\w*";
+        env_get_current_core|env_get_core_count|env_get_first_core|env_get_next_core|get_ticks)\\w*";
     const TYPES: &str = "spdk_(bdev|io_channel|thread|poller|json|jsonrpc|rpc|log|dma|msg_fn|memory_domain)\\w*";
     const VARIABLES: &str = "SPDK_(VERSION|RPC|LOG|MALLOC|ENV|JSONRPC|JSON|BDEV|POLLER|THREAD|DMA)_\\w*";
 

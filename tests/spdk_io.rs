@@ -62,10 +62,11 @@ fn assert_clean_bdevperf_run(status: std::process::ExitStatus, log: &str) {
 /// How the host I/Os of volume `name` reached it, from the line its close logs: (on the app
 /// thread, directly from threads on the app thread's reactor, by message, messages).
 fn ways_taken(log: &str, name: &str) -> [u64; 4] {
-    let prefix = format!("chronicle: {name} closed; host I/Os taken: ");
+    let closed = format!("chronicle: {name} closed");
     let line = log
         .lines()
-        .find_map(|line| line.split_once(&prefix).map(|(_, rest)| rest))
+        .filter(|line| line.contains(&closed))
+        .find_map(|line| line.split_once("; host I/Os taken: ").map(|(_, rest)| rest))
         .unwrap_or_else(|| panic!("{name} did not log its close:\n{log}"));
     let numbers: Vec<u64> = line
         .split(|c: char| !c.is_ascii_digit())
@@ -100,6 +101,8 @@ fn bdevperf_verify_through_a_chronicle_volume_finds_no_errors() {
     let [local, direct, remote, messages] = ways_taken(&log, "Perf");
     assert!(direct > 0 && remote > 0, "two cores: {local} {direct} {remote} {messages}");
     assert!((1..=remote).contains(&messages), "two cores: {local} {direct} {remote} {messages}");
+    // Reactors never block between polls: no timer slack is touched (SleepWatch).
+    assert!(!log.contains("timer slack"), "a reactor was taken for a host that sleeps:\n{log}");
     say(&format!("spdk_io: two cores: {direct} I/Os entered directly, {remote} by {messages} messages"));
 }
 
@@ -365,4 +368,49 @@ fn a_generation_too_large_for_the_history_stops_the_sort_and_says_why() {
         assert!(line.contains("history full"), "a refused write does not say why the journal stays full: {line}");
         assert!(!line.contains("nothing is waiting to be sorted"), "a sealed generation is waiting: {line}");
     }
+}
+
+/// The journal bdev is deleted while bdevperf writes through the volume from a job on the app
+/// thread's core (direct entry) and one on the other core (by message): the volume closes and
+/// unregisters, every I/O it held fails on its own thread (bdevperf counts failures and goes
+/// on), nothing is dropped without completion, and the application ends cleanly.
+#[test]
+fn hot_remove_under_direct_and_hop_writes_fails_held_io_and_closes_cleanly() {
+    let Some(spdk_dir) = require_spdk("spdk_io hot-remove under load") else { return };
+    let _serial = serial();
+    let volume = MallocVolume::new("Gone", VOLUME_BLOCKS, BLOCK);
+    let dir = scratch_dir("spdk_io-hot-remove");
+    let config = dir.join("bdevperf.json");
+    write_bdev_config(&config, volume.config_methods(json!({})));
+    // `-C`: a job per core; `-f`: keep going after failed writes.
+    let workload = ["-C", "-q", "32", "-o", "4096", "-w", "randwrite", "-t", "4", "-f"];
+    let args: Vec<&str> =
+        ["--json", config.to_str().expect("utf-8"), "-T", "Gone"].iter().chain(&workload).copied().collect();
+    let mut app = App::start(&spdk_dir, &module_library(), AppOptions::bdevperf(&args, "0x3"));
+    app.wait_ready();
+    // Both ways carry writes before the journal goes.
+    loop {
+        let status = app.result("bdev_chronicle_get_status", Some(json!({"name": "Gone"})));
+        let taken = |way: &str| status["io"][way].as_u64().expect("a counter");
+        if taken("direct_submissions") > 10_000 && taken("remote_submissions") > 10_000 {
+            break;
+        }
+        assert!(app.try_wait().is_none(), "bdevperf ended early: {status}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(app.result("bdev_malloc_delete", Some(json!({"name": volume.journal()}))), json!(true));
+    let gone = app.call("bdev_get_bdevs", Some(json!({"name": "Gone"})));
+    assert_eq!(gone["error"]["code"], json!(-libc::ENODEV), "the chronicle bdev is gone: {gone}");
+
+    let (status, log) = app.wait_exit(RUN_TIMEOUT);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(status.code().is_some(), "bdevperf was killed by a signal ({status}):\n{log}");
+    assert!(log.contains("the journal bdev of Gone is being removed"), "{log}");
+    assert!(!log.contains("dropped without completion"), "an I/O was dropped:\n{log}");
+    assert!(!log.contains("could not be sent home"), "an I/O stayed pending:\n{log}");
+    if std::env::var_os("SHOW_LOG").is_some() {
+        eprintln!("{log}");
+    }
+    let [_, direct, remote, _] = ways_taken(&log, "Gone");
+    say(&format!("spdk_io: hot-remove under load: {direct} direct and {remote} remote writes before the close"));
 }

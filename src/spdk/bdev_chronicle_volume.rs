@@ -518,29 +518,40 @@ const TIMER_SLACK: Duration = Duration::from_micros(1);
 /// What [`VolumeHost::watch_for_sleep`] keeps between polls.
 #[derive(Default)]
 struct SleepWatch {
-    last: Option<std::time::Instant>,
+    /// The previous poll's reading (SPDK's ticks).
+    last: u64,
+    /// Long gaps counted in this window, and the thread's voluntary context switches when the
+    /// window's first one was seen.
     gaps: u32,
-    /// The host was seen sleeping often enough: nothing more to watch.
+    switches_at_first: u64,
+    /// The host was seen sleeping: nothing more to watch.
     done: bool,
 }
 
 impl SleepWatch {
-    /// One poll: at `now` if other threads' I/Os wait (`None` when none do, which ends the
-    /// stretch being timed). True once, at the [`SLEEP_GAPS`]th poll that came [`SLEEP_GAP`]
-    /// or more after the one before while I/O waited.
-    fn poll(&mut self, now: Option<std::time::Instant>) -> bool {
-        if self.done {
+    /// One poll, read at `now` (ticks: when the thread's previous poll ended); a gap of `long`
+    /// ticks or more since the previous reading counts when other threads' I/Os wait
+    /// (`waiting`). `switches` reads the polling OS
+    /// thread's voluntary context switches, called only at the first and the last counted gap
+    /// of a window. True once: when a window of [`SLEEP_GAPS`] counted gaps also saw the
+    /// thread block at least half as many times. A reactor busy with other SPDK threads makes
+    /// long gaps too, but never blocks in them.
+    fn poll(&mut self, now: u64, long: u64, waiting: bool, switches: impl FnOnce() -> u64) -> bool {
+        let gap = now.saturating_sub(self.last);
+        self.last = now;
+        if self.done || !waiting || gap < long {
             return false;
         }
-        let Some(now) = now else {
-            self.last = None;
+        self.gaps += 1;
+        if self.gaps == 1 {
+            self.switches_at_first = switches();
             return false;
-        };
-        if self.last.is_some_and(|last| now.duration_since(last) >= SLEEP_GAP) {
-            self.gaps += 1;
         }
-        self.last = Some(now);
-        self.done = self.gaps >= SLEEP_GAPS;
+        if self.gaps < SLEEP_GAPS {
+            return false;
+        }
+        self.gaps = 0;
+        self.done = switches().saturating_sub(self.switches_at_first) >= u64::from(SLEEP_GAPS / 2);
         self.done
     }
 }
@@ -1108,12 +1119,15 @@ impl VolumeHost {
     }
 
     /// Counts the polls that come [`SLEEP_GAP`] or more after the previous one while other
-    /// threads' I/Os wait here. A reactor polls without pause; a host that sleeps between
-    /// polls (fio's plugin) gets its thread's timer slack shortened once it has done so
-    /// [`SLEEP_GAPS`] times, which lets that thread's timed waits end on time.
+    /// threads' I/Os wait here, and whether the thread blocked meanwhile ([`SleepWatch`]). A
+    /// reactor never blocks between polls; a host that sleeps between them (fio's plugin) gets
+    /// its thread's timer slack shortened, which lets that thread's timed waits end on time.
     fn watch_for_sleep(&self) {
         let waiting = self.remote_held.get() > 0;
-        if !self.sleep_watch.borrow_mut().poll(waiting.then(std::time::Instant::now)) {
+        let switches = || super::thread::voluntary_switches().unwrap_or(0);
+        let now = super::thread::previous_poll_ended_ticks();
+        let long = super::thread::ticks_in(SLEEP_GAP);
+        if !self.sleep_watch.borrow_mut().poll(now, long, waiting, switches) {
             return;
         }
         let name = self.config.borrow().name.clone();
@@ -1300,19 +1314,17 @@ impl VolumeHost {
 
     fn closed(self: &Rc<Self>, result: Result<(), EngineError>) {
         let name = self.config.borrow().name.clone();
+        let taken = {
+            let io = self.counters.borrow();
+            format!(
+                "host I/Os taken: {} on the app thread, {} directly from threads on its reactor, {} by message \
+                 from other threads ({} messages)",
+                io.local_submissions, io.direct_submissions, io.remote_submissions, io.remote_batches
+            )
+        };
         match &result {
-            Ok(()) => {
-                let io = self.counters.borrow();
-                spdk_notice!(
-                    "chronicle: {name} closed; host I/Os taken: {} on the app thread, {} directly from threads on \
-                     its reactor, {} by message from other threads ({} messages)",
-                    io.local_submissions,
-                    io.direct_submissions,
-                    io.remote_submissions,
-                    io.remote_batches
-                )
-            }
-            Err(error) => spdk_error!("chronicle: {name} closed with an error: {error}"),
+            Ok(()) => spdk_notice!("chronicle: {name} closed; {taken}"),
+            Err(error) => spdk_error!("chronicle: {name} closed with an error: {error}; {taken}"),
         }
         self.teardown();
         if let Some(done) = self.destruct.borrow_mut().take() {
@@ -2104,34 +2116,41 @@ fn prefetch(address: *const u32) {
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, Instant};
-
-    use super::{SleepWatch, SLEEP_GAP, SLEEP_GAPS};
+    use super::{SleepWatch, SLEEP_GAPS};
 
     #[test]
-    fn sleep_watch_fires_once_after_enough_long_gaps_while_io_waits() {
-        let start = Instant::now();
+    fn sleep_watch_fires_once_after_enough_long_gaps_in_which_the_thread_blocked() {
+        const LONG: u64 = 1000;
         let mut watch = SleepWatch::default();
-        let mut at = start;
+        let mut at = 0u64;
+        let never = || -> u64 { panic!("switches are read at counted gaps only") };
         // Polls close together never count, however many.
         for _ in 0..10 * SLEEP_GAPS {
-            at += SLEEP_GAP / 4;
-            assert!(!watch.poll(Some(at)));
+            at += LONG / 4;
+            assert!(!watch.poll(at, LONG, true, never));
         }
-        // Long gaps with nothing waiting do not count either: the stretch restarts.
+        // Long gaps with nothing waiting do not count either.
         for _ in 0..10 * SLEEP_GAPS {
-            at += SLEEP_GAP * 4;
-            assert!(!watch.poll(None));
+            at += LONG * 4;
+            assert!(!watch.poll(at, LONG, false, never));
         }
-        // Long gaps while I/O waits: the first poll of a stretch has no gap before it.
+        // Long gaps while I/O waits, on a busy reactor: whole windows in which the thread
+        // never blocked.
+        for _ in 0..3 * SLEEP_GAPS {
+            at += LONG;
+            assert!(!watch.poll(at, LONG, true, || 7));
+        }
+        // Long gaps in which the thread blocked each time: fires once, at the window's end.
+        let mut switches = 100u64;
         let mut fired = Vec::new();
-        for poll in 0..2 * SLEEP_GAPS {
-            at += SLEEP_GAP + Duration::from_micros(1);
-            if watch.poll(Some(at)) {
+        for poll in 0..4 * SLEEP_GAPS {
+            at += LONG;
+            switches += 1;
+            if watch.poll(at, LONG, true, || switches) {
                 fired.push(poll);
             }
         }
-        assert_eq!(fired, vec![SLEEP_GAPS], "fires at the SLEEP_GAPS-th gap, once");
-        assert!(!watch.poll(Some(at + SLEEP_GAP * 10)));
+        assert_eq!(fired, vec![SLEEP_GAPS - 1], "the window's last gap");
+        assert!(!watch.poll(at + LONG * 10, LONG, true, || switches + 1000));
     }
 }

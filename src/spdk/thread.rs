@@ -261,11 +261,41 @@ pub fn shorten_timer_slack(slack: std::time::Duration) -> Result<bool, Errno> {
     Ok(true)
 }
 
+/// When the current SPDK thread's previous poll ended, in SPDK's ticks (recorded by SPDK: no
+/// clock read here); 0 outside SPDK threads. Between two polls' readings lies one whole poll
+/// and whatever the host did (or slept) between them.
+pub fn previous_poll_ended_ticks() -> u64 {
+    // SAFETY: reads a thread-local pointer.
+    let thread = unsafe { ffi::spdk_get_thread() };
+    if thread.is_null() {
+        return 0;
+    }
+    // SAFETY: the calling thread's own, live spdk_thread.
+    unsafe { ffi::spdk_thread_get_last_tsc(thread) }
+}
+
+/// `duration` in SPDK's ticks.
+pub fn ticks_in(duration: std::time::Duration) -> u64 {
+    // SAFETY: reads the environment's tick rate, fixed after initialisation.
+    let hz = unsafe { ffi::spdk_get_ticks_hz() };
+    u64::try_from(u128::from(hz) * duration.as_nanos() / 1_000_000_000).unwrap_or(u64::MAX)
+}
+
+/// The calling OS thread's voluntary context switches so far (it blocked that many times);
+/// `None` if the kernel does not say.
+pub fn voluntary_switches() -> Option<u64> {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage fills the struct it is given; RUSAGE_THREAD is the calling thread.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_THREAD, usage.as_mut_ptr()) };
+    // SAFETY: filled by the successful call (and zeroed before anyway).
+    (rc == 0).then(|| u64::try_from(unsafe { usage.assume_init() }.ru_nvcsw).unwrap_or(0))
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
-    use super::shorten_timer_slack;
+    use super::{shorten_timer_slack, voluntary_switches};
 
     fn slack_ns() -> i32 {
         // SAFETY: reads the calling thread's timer slack.
@@ -291,5 +321,19 @@ mod tests {
         // The creator, and its next threads, keep theirs.
         assert_eq!(slack_ns(), before);
         assert_eq!(std::thread::spawn(slack_ns).join().expect("thread"), before);
+    }
+
+    #[test]
+    fn voluntary_switches_count_the_calling_threads_blocking_waits() {
+        std::thread::spawn(|| {
+            let before = voluntary_switches().expect("getrusage");
+            for _ in 0..5 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let after = voluntary_switches().expect("getrusage");
+            assert!(after >= before + 5, "{before} -> {after}");
+        })
+        .join()
+        .expect("test thread");
     }
 }
