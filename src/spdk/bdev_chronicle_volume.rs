@@ -516,8 +516,9 @@ const SLEEP_GAPS: u32 = 64;
 const TIMER_SLACK: Duration = Duration::from_micros(1);
 
 /// What [`VolumeHost::watch_for_sleep`] keeps between polls.
-#[derive(Default)]
 struct SleepWatch {
+    /// [`SLEEP_GAP`] in ticks.
+    long: u64,
     /// The previous poll's reading (SPDK's ticks).
     last: u64,
     /// Long gaps counted in this window, and the thread's voluntary context switches when the
@@ -529,17 +530,20 @@ struct SleepWatch {
 }
 
 impl SleepWatch {
-    /// One poll, read at `now` (ticks: when the thread's previous poll ended); a gap of `long`
-    /// ticks or more since the previous reading counts when other threads' I/Os wait
-    /// (`waiting`). `switches` reads the polling OS
-    /// thread's voluntary context switches, called only at the first and the last counted gap
-    /// of a window. True once: when a window of [`SLEEP_GAPS`] counted gaps also saw the
-    /// thread block at least half as many times. A reactor busy with other SPDK threads makes
-    /// long gaps too, but never blocks in them.
-    fn poll(&mut self, now: u64, long: u64, waiting: bool, switches: impl FnOnce() -> u64) -> bool {
+    fn new(long: u64) -> Self {
+        SleepWatch { long, last: 0, gaps: 0, switches_at_first: 0, done: false }
+    }
+
+    /// One poll, read at `now` (ticks: when the thread's previous poll ended); a gap of
+    /// [`SLEEP_GAP`] or more since the previous reading counts when other threads' I/Os wait
+    /// (`waiting`). `switches` reads the polling OS thread's voluntary context switches, called
+    /// only at the first and the last counted gap of a window. True once: when a window of
+    /// [`SLEEP_GAPS`] counted gaps also saw the thread block at least half as many times. A
+    /// reactor busy with other SPDK threads makes long gaps too, but never blocks in them.
+    fn poll(&mut self, now: u64, waiting: bool, switches: impl FnOnce() -> u64) -> bool {
         let gap = now.saturating_sub(self.last);
         self.last = now;
-        if self.done || !waiting || gap < long {
+        if self.done || !waiting || gap < self.long {
             return false;
         }
         self.gaps += 1;
@@ -756,7 +760,7 @@ pub fn create(config: VolumeConfig, mode: CreateMode, done: Waiter) {
             arrivals: RefCell::new(VecDeque::new()),
             completions: RefCell::new(Vec::with_capacity(256)),
             remote_held: Cell::new(0),
-            sleep_watch: RefCell::new(SleepWatch::default()),
+            sleep_watch: RefCell::new(SleepWatch::new(super::thread::ticks_in(SLEEP_GAP))),
             waiters: RefCell::new(vec![CreateWaiter { asked: None, done }]),
             claim_retries: Cell::new(if mode == CreateMode::OpenOnly { CLAIM_RETRIES } else { 0 }),
             reported_sort_error: RefCell::new(None),
@@ -1123,13 +1127,16 @@ impl VolumeHost {
     /// reactor never blocks between polls; a host that sleeps between them (fio's plugin) gets
     /// its thread's timer slack shortened, which lets that thread's timed waits end on time.
     fn watch_for_sleep(&self) {
-        let waiting = self.remote_held.get() > 0;
-        let switches = || super::thread::voluntary_switches().unwrap_or(0);
-        let now = super::thread::previous_poll_ended_ticks();
-        let long = super::thread::ticks_in(SLEEP_GAP);
-        if !self.sleep_watch.borrow_mut().poll(now, long, waiting, switches) {
+        let mut watch = self.sleep_watch.borrow_mut();
+        if watch.done {
             return;
         }
+        let waiting = self.remote_held.get() > 0;
+        let switches = || super::thread::voluntary_switches().unwrap_or(0);
+        if !watch.poll(super::thread::previous_poll_ended_ticks(), waiting, switches) {
+            return;
+        }
+        drop(watch);
         let name = self.config.borrow().name.clone();
         match super::thread::shorten_timer_slack(TIMER_SLACK) {
             Ok(true) => spdk_notice!(
@@ -2121,24 +2128,24 @@ mod tests {
     #[test]
     fn sleep_watch_fires_once_after_enough_long_gaps_in_which_the_thread_blocked() {
         const LONG: u64 = 1000;
-        let mut watch = SleepWatch::default();
+        let mut watch = SleepWatch::new(LONG);
         let mut at = 0u64;
         let never = || -> u64 { panic!("switches are read at counted gaps only") };
         // Polls close together never count, however many.
         for _ in 0..10 * SLEEP_GAPS {
             at += LONG / 4;
-            assert!(!watch.poll(at, LONG, true, never));
+            assert!(!watch.poll(at, true, never));
         }
         // Long gaps with nothing waiting do not count either.
         for _ in 0..10 * SLEEP_GAPS {
             at += LONG * 4;
-            assert!(!watch.poll(at, LONG, false, never));
+            assert!(!watch.poll(at, false, never));
         }
         // Long gaps while I/O waits, on a busy reactor: whole windows in which the thread
         // never blocked.
         for _ in 0..3 * SLEEP_GAPS {
             at += LONG;
-            assert!(!watch.poll(at, LONG, true, || 7));
+            assert!(!watch.poll(at, true, || 7));
         }
         // Long gaps in which the thread blocked each time: fires once, at the window's end.
         let mut switches = 100u64;
@@ -2146,11 +2153,11 @@ mod tests {
         for poll in 0..4 * SLEEP_GAPS {
             at += LONG;
             switches += 1;
-            if watch.poll(at, LONG, true, || switches) {
+            if watch.poll(at, true, || switches) {
                 fired.push(poll);
             }
         }
         assert_eq!(fired, vec![SLEEP_GAPS - 1], "the window's last gap");
-        assert!(!watch.poll(at + LONG * 10, LONG, true, || switches + 1000));
+        assert!(!watch.poll(at + LONG * 10, true, || switches + 1000));
     }
 }
