@@ -512,7 +512,8 @@ const SLEEP_GAP: Duration = Duration::from_micros(20);
 /// Gaps before the polling thread's timer slack is shortened.
 const SLEEP_GAPS: u32 = 64;
 /// The timer slack a sleeping host's polling thread gets (Linux's default is 50 µs; 1 µs
-/// measured as good as 1 ns on fio's plugin, 10 µs clearly worse: BENCHMARKS, "timer slack").
+/// measured as good as 1 ns on fio's plugin, 10 µs clearly worse: BENCHMARKS, session
+/// "direct entry").
 const TIMER_SLACK: Duration = Duration::from_micros(1);
 
 /// What [`VolumeHost::watch_for_sleep`] keeps between polls.
@@ -1141,7 +1142,7 @@ impl VolumeHost {
         match super::thread::shorten_timer_slack(TIMER_SLACK) {
             Ok(true) => spdk_notice!(
                 "chronicle: {name}: the thread polling the volume sleeps between polls while I/O waits (a host \
-                 that is not an SPDK reactor, such as fio's plugin); its timer slack is now {} us",
+                 whose loop waits with timeouts, such as fio's plugin); its timer slack is now {} us",
                 TIMER_SLACK.as_micros()
             ),
             Ok(false) => {}
