@@ -13,6 +13,8 @@ use rand_chacha::ChaCha8Rng;
 
 const BLOCK: u32 = 512;
 const UNIT: u32 = 4096;
+/// Blocks in one unit (the offsets of whole-unit writes).
+const BLOCKS_PER_UNIT: u64 = (UNIT / BLOCK) as u64;
 const VOLUME_BYTES: u64 = 2 << 20;
 
 struct Devices([MemoryDevice; 4]);
@@ -266,13 +268,12 @@ fn rewritten_elements_are_checksummed_by_the_marker_or_while_idle_and_the_sealed
     let mut volume = devices.format_and_open(options);
     let mut rng = ChaCha8Rng::seed_from_u64(17);
     let mut model = vec![0u8; VOLUME_BYTES as usize];
-    let blocks_per_unit = u64::from(UNIT / BLOCK);
     let random_unit = |rng: &mut ChaCha8Rng| random_bytes(rng, UNIT as usize);
     let mut first_data = Vec::new();
     for unit in 0..96u64 {
         let data = random_unit(&mut rng);
         first_data.push(data.clone());
-        write(&mut volume, &mut model, unit * blocks_per_unit, data);
+        write(&mut volume, &mut model, unit * BLOCKS_PER_UNIT, data);
     }
     drain(&mut volume);
     assert_eq!(volume.status().checksums_pending, 0, "new elements are checksummed as they are written");
@@ -282,10 +283,10 @@ fn rewritten_elements_are_checksummed_by_the_marker_or_while_idle_and_the_sealed
     // bytes it holds (its crc does not change).
     for _ in 0..3 {
         for unit in (0..80u64).step_by(2) {
-            write(&mut volume, &mut model, unit * blocks_per_unit, random_unit(&mut rng));
+            write(&mut volume, &mut model, unit * BLOCKS_PER_UNIT, random_unit(&mut rng));
         }
     }
-    write(&mut volume, &mut model, 90 * blocks_per_unit, first_data[90].clone());
+    write(&mut volume, &mut model, 90 * BLOCKS_PER_UNIT, first_data[90].clone());
     let mut completions = Vec::new();
     assert_eq!(volume.mark_and_wait("g1", &mut completions).unwrap(), 1);
     assert!(completions.iter().all(|c| c.result.is_ok()));
@@ -296,8 +297,8 @@ fn rewritten_elements_are_checksummed_by_the_marker_or_while_idle_and_the_sealed
     let image1 = model.clone();
     // Rewrites in generation 2 are pending until the volume is idle, which checksums them.
     for unit in [3u64, 4, 5] {
-        write(&mut volume, &mut model, unit * blocks_per_unit, random_unit(&mut rng));
-        write(&mut volume, &mut model, unit * blocks_per_unit, random_unit(&mut rng));
+        write(&mut volume, &mut model, unit * BLOCKS_PER_UNIT, random_unit(&mut rng));
+        write(&mut volume, &mut model, unit * BLOCKS_PER_UNIT, random_unit(&mut rng));
     }
     drain(&mut volume);
     let status = volume.status();
@@ -305,13 +306,13 @@ fn rewritten_elements_are_checksummed_by_the_marker_or_while_idle_and_the_sealed
     assert_eq!(status.control.idle_checksum_reads, 3, "{status:?}");
     // Two more rewrites right before the next marker: it reads those two back.
     for unit in [3u64, 4] {
-        write(&mut volume, &mut model, unit * blocks_per_unit, random_unit(&mut rng));
+        write(&mut volume, &mut model, unit * BLOCKS_PER_UNIT, random_unit(&mut rng));
     }
     let mut completions = Vec::new();
     assert_eq!(volume.mark_and_wait("g2", &mut completions).unwrap(), 2);
     assert_eq!(volume.status().control.marker_checksum_reads, 41 + 2);
     let image2 = model.clone();
-    write(&mut volume, &mut model, 8 * blocks_per_unit, random_unit(&mut rng));
+    write(&mut volume, &mut model, 8 * BLOCKS_PER_UNIT, random_unit(&mut rng));
     drain(&mut volume);
     drop(volume); // no close: as after a crash of the process
 
@@ -341,14 +342,13 @@ fn idle_checksums_wait_for_a_quiet_host_not_a_gap_between_completion_and_resubmi
     let mut volume = devices.format_and_open(sort_by_hand());
     let mut rng = ChaCha8Rng::seed_from_u64(29);
     let mut model = vec![0u8; VOLUME_BYTES as usize];
-    let blocks_per_unit = u64::from(UNIT / BLOCK);
     for unit in 0..8u64 {
-        write(&mut volume, &mut model, unit * blocks_per_unit, random_bytes(&mut rng, UNIT as usize));
+        write(&mut volume, &mut model, unit * BLOCKS_PER_UNIT, random_bytes(&mut rng, UNIT as usize));
     }
     drain(&mut volume);
     // Pending checksums: units 0 to 3 rewritten.
     for unit in 0..4u64 {
-        write(&mut volume, &mut model, unit * blocks_per_unit, random_bytes(&mut rng, UNIT as usize));
+        write(&mut volume, &mut model, unit * BLOCKS_PER_UNIT, random_bytes(&mut rng, UNIT as usize));
     }
     let mut completions = Vec::new();
     while completions.len() < 4 {
@@ -358,7 +358,7 @@ fn idle_checksums_wait_for_a_quiet_host_not_a_gap_between_completion_and_resubmi
         // Submitted right after the last completion, before the next poll, to a unit of its
         // own (whose checksum is pending then too).
         let unit = 4 + round % 4;
-        write(&mut volume, &mut model, unit * blocks_per_unit, random_bytes(&mut rng, UNIT as usize));
+        write(&mut volume, &mut model, unit * BLOCKS_PER_UNIT, random_bytes(&mut rng, UNIT as usize));
         completions.clear();
         while completions.is_empty() {
             volume.poll(&mut completions);
@@ -391,11 +391,10 @@ fn rewrites_past_the_read_back_limit_are_checksummed_at_once() {
     let mut volume = devices.format_and_open(options);
     let mut rng = ChaCha8Rng::seed_from_u64(23);
     let mut model = vec![0u8; VOLUME_BYTES as usize];
-    let blocks_per_unit = u64::from(UNIT / BLOCK);
     for round in 0..4 {
         for unit in 0..64u64 {
             let data = random_bytes(&mut rng, UNIT as usize);
-            write(&mut volume, &mut model, unit * blocks_per_unit, data);
+            write(&mut volume, &mut model, unit * BLOCKS_PER_UNIT, data);
         }
         if round == 0 {
             drain(&mut volume); // new elements; the rewrites below run under the marker's hold
@@ -426,10 +425,9 @@ fn whole_unit_rewrites_take_the_short_way_and_overlapping_ones_wait_their_turn()
     let mut volume = devices.format_and_open(options);
     let mut rng = ChaCha8Rng::seed_from_u64(29);
     let mut model = vec![0u8; VOLUME_BYTES as usize];
-    let blocks_per_unit = u64::from(UNIT / BLOCK);
     let mut random = |bytes: u32| random_bytes(&mut rng, bytes as usize);
     for unit in 0..8u64 {
-        write(&mut volume, &mut model, unit * blocks_per_unit, random(UNIT));
+        write(&mut volume, &mut model, unit * BLOCKS_PER_UNIT, random(UNIT));
     }
     drain(&mut volume);
     let status = volume.status();
@@ -438,12 +436,12 @@ fn whole_unit_rewrites_take_the_short_way_and_overlapping_ones_wait_their_turn()
     // All submitted before any completes: unit 2 three times, units 3 and 4 once, one block
     // inside unit 5, units 6 and 7 in one write.
     for _ in 0..3 {
-        write(&mut volume, &mut model, 2 * blocks_per_unit, random(UNIT));
+        write(&mut volume, &mut model, 2 * BLOCKS_PER_UNIT, random(UNIT));
     }
-    write(&mut volume, &mut model, 3 * blocks_per_unit, random(UNIT));
-    write(&mut volume, &mut model, 4 * blocks_per_unit, random(UNIT));
-    write(&mut volume, &mut model, 5 * blocks_per_unit + 1, random(BLOCK));
-    write(&mut volume, &mut model, 6 * blocks_per_unit, random(2 * UNIT));
+    write(&mut volume, &mut model, 3 * BLOCKS_PER_UNIT, random(UNIT));
+    write(&mut volume, &mut model, 4 * BLOCKS_PER_UNIT, random(UNIT));
+    write(&mut volume, &mut model, 5 * BLOCKS_PER_UNIT + 1, random(BLOCK));
+    write(&mut volume, &mut model, 6 * BLOCKS_PER_UNIT, random(2 * UNIT));
     drain(&mut volume);
     let status = volume.status();
     assert_eq!(status.host.rewrites_in_place, 3, "unit 2's first rewrite, units 3 and 4: {status:?}");
