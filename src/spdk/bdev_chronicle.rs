@@ -29,7 +29,7 @@ use super::vbdev::{DestructDone, VirtualBdev};
 use super::{bdev_chronicle_rpc, Errno, SPDK_VERSION};
 use crate::core::format::superblock::{self, DeviceRole, Superblock, SUPERBLOCK_OFFSETS};
 use crate::core::format::{FormatError, FORMAT_MAJOR, METADATA_PAGE_BYTES};
-use crate::engine::{HostRequest, RestoreId};
+use crate::engine::RestoreId;
 
 /// Log component `chronicle` (`--logflag chronicle`, `log_set_flag chronicle`).
 pub static LOG: LogFlag = LogFlag::new(c"chronicle");
@@ -478,10 +478,7 @@ impl VirtualBdev for ChronicleBdev {
             }
             return;
         }
-        match host_request(&io) {
-            Some(request) => volume::submit_io(&channel.path, io, request),
-            None => io.complete(IoStatus::Failed),
-        }
+        volume::submit_io(&channel.path, io)
     }
 
     fn io_type_supported(&self, io_type: IoType) -> bool {
@@ -524,26 +521,6 @@ impl VirtualBdev for ChronicleBdev {
     }
 }
 
-/// The engine request for a bdev I/O (the host's buffers, not copied); `None` for I/O types
-/// the volume does not take.
-fn host_request(io: &BdevIo<volume::HostIoCtx>) -> Option<HostRequest> {
-    let (offset_blocks, num_blocks) = (io.offset_blocks(), io.num_blocks());
-    Some(match io.io_type() {
-        // SAFETY: the engine completes the request (dropping the buffers) before the I/O
-        // completes (finish_io).
-        IoType::Read => HostRequest::Read { offset_blocks, buffers: unsafe { io.host_buffers() } },
-        IoType::Write => {
-            // SAFETY: as for reads (the shared list is emptied before the I/O completes).
-            let buffers = unsafe { io.host_buffers() };
-            HostRequest::Write { offset_blocks, buffers: volume::shared_host_buffers(buffers) }
-        }
-        IoType::Flush => HostRequest::Flush,
-        IoType::Unmap => HostRequest::Unmap { offset_blocks, num_blocks },
-        IoType::WriteZeroes => HostRequest::WriteZeroes { offset_blocks, num_blocks },
-        IoType::Reset | IoType::Other(_) => return None,
-    })
-}
-
 /// A restore volume (R-VOL, seed 001 FIG 13–15) of a chronicle volume as a bdev: every I/O
 /// goes to the volume's thread, where the engine reads the generation's map and redirects
 /// writes into the R-VOL's own units.
@@ -575,10 +552,7 @@ impl VirtualBdev for RestoreBdev {
     }
 
     fn submit_request(&self, channel: &mut RestoreChannel, io: BdevIo<volume::HostIoCtx>) {
-        match host_request(&io) {
-            Some(request) => volume::submit_io(&channel.path, io, request),
-            None => io.complete(IoStatus::Failed),
-        }
+        volume::submit_io(&channel.path, io)
     }
 
     fn io_type_supported(&self, io_type: IoType) -> bool {

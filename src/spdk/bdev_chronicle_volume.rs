@@ -19,7 +19,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, VecDeque};
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use slab::Slab;
 
 use super::bdev::{
-    bdev_claimed, bdev_exists, BdevDesc, BdevEvent, BdevIo, ClaimKind, DetachedIo, IoStatus, SharedDesc,
+    bdev_claimed, bdev_exists, BdevDesc, BdevEvent, BdevIo, ClaimKind, DetachedIo, IoStatus, IoType, SharedDesc,
 };
 use super::bdev_chronicle::{Chronicle, ChronicleBdev, RestoreBdev, SuperblockRead, SuperblockState};
 use super::bdev_module;
@@ -407,20 +407,24 @@ pub(crate) struct Hop {
 
 /// Where a channel's host I/Os go ([`Way`]).
 pub(crate) struct HostPath {
-    volume: u64,
     restore: Option<RestoreId>,
     way: Way,
 }
 
 /// How a channel's host I/Os reach the volume.
+///
+/// The two ways without a hop keep the volume itself, weakly (found in the registry once, at
+/// channel creation, instead of per I/O: a thread-local hash lookup measured 1 % of a write).
+/// An I/O to a volume that is going away fails as before: its host no longer upgrades, or is
+/// no longer running.
 enum Way {
     /// The channel is on the volume's thread: straight to it.
-    Local,
+    Local(Weak<VolumeHost>),
     /// The channel's thread and the volume's share one reactor for good: straight to the
     /// volume too, run as the volume's thread, and completed in place run as the channel's
     /// (bdevperf's jobs and nvmf's poll group on the app thread's core). No message each way,
     /// no queue: on one core a hop only costs (BENCHMARKS, session "direct entry").
-    Direct(SameReactor),
+    Direct(SameReactor, Weak<VolumeHost>),
     /// Any other thread: by the channel's [`Hop`], a batch per message each way.
     Hop(Arc<Hop>),
 }
@@ -430,10 +434,13 @@ impl HostPath {
     /// `restore`), which lives on `owner`.
     pub(crate) fn new(volume: u64, restore: Option<RestoreId>, owner: ThreadHandle) -> Result<Self, Errno> {
         let home = Thread::current().ok_or(Errno::EPERM)?.handle();
+        // The registry is the app thread's (a thread-local of its OS thread), which runs the
+        // channel's thread too on the first two ways.
+        let host = || host_by_id(volume).as_ref().map_or_else(Weak::new, Rc::downgrade);
         let way = if home == owner {
-            Way::Local
+            Way::Local(host())
         } else if let Some(reactor) = SameReactor::with(owner) {
-            Way::Direct(reactor)
+            Way::Direct(reactor, host())
         } else {
             Way::Hop(Arc::new(Hop {
                 volume,
@@ -445,7 +452,7 @@ impl HostPath {
                 slot: AtomicUsize::new(usize::MAX),
             }))
         };
-        Ok(HostPath { volume, restore, way })
+        Ok(HostPath { restore, way })
     }
 }
 
@@ -464,14 +471,20 @@ thread_local! {
 /// `buffers` as the shared list a write's journal and base operations both hold: in a list a
 /// finished write of this thread gave back when there is one, so steady writing allocates (and
 /// frees) nothing for it.
-pub(crate) fn shared_host_buffers(buffers: IoBuffers) -> SharedBuffers {
-    match SPARE_LISTS.with(|spares| spares.borrow_mut().pop()) {
+fn shared_host_buffers(buffers: IoBuffers) -> SharedBuffers {
+    reuse(SPARE_LISTS.with(|spares| spares.borrow_mut().pop()), buffers)
+}
+
+/// `buffers` in `spare` (an emptied list) when there is one, else in a new list.
+fn reuse(spare: Option<SharedBuffers>, buffers: IoBuffers) -> SharedBuffers {
+    match spare {
         Some(spare) => {
             debug_assert!(spare.is_empty());
             // SAFETY: a spare is the only reference to its list: `emptied` saw it alone, on the
-            // volume's thread, before it came here through a hop's queue (a mutex: the volume's
-            // writes happen before), and nothing cloned it since. As `Arc::get_mut`, without
-            // its atomic compare-and-swap (a locked instruction per write, measured).
+            // volume's thread, before it came here (on this OS thread, or through a hop's queue:
+            // a mutex, so the volume's writes happen before), and nothing cloned it since. As
+            // `Arc::get_mut`, without its atomic compare-and-swap (a locked instruction per
+            // write, measured).
             unsafe { *Arc::as_ptr(&spare).cast_mut() = buffers };
             spare
         }
@@ -498,12 +511,14 @@ fn emptied(shared: SharedBuffers) -> Option<SharedBuffers> {
 /// Keeps an emptied list for this thread's next writes.
 fn keep_spare(spare: Option<SharedBuffers>) {
     if let Some(spare) = spare {
-        SPARE_LISTS.with(|spares| {
-            let mut spares = spares.borrow_mut();
-            if spares.len() < SPARE_LISTS_LIMIT {
-                spares.push(spare);
-            }
-        });
+        SPARE_LISTS.with(|spares| keep_in(&mut spares.borrow_mut(), spare));
+    }
+}
+
+/// Keeps `spare` in `spares` unless they are at [`SPARE_LISTS_LIMIT`].
+fn keep_in(spares: &mut Vec<SharedBuffers>, spare: SharedBuffers) {
+    if spares.len() < SPARE_LISTS_LIMIT {
+        spares.push(spare);
     }
 }
 
@@ -601,6 +616,9 @@ pub(crate) struct VolumeHost {
     /// The batch buffer arrivals are taken into (reused: no allocation per batch).
     arrivals: RefCell<VecDeque<(DetachedIo<IoCtx>, HostRequest)>>,
     completions: RefCell<Vec<HostCompletion>>,
+    /// Emptied buffer lists of finished writes, for the next writes of the channels without a
+    /// hop (those of hops go home with their replies, to the submitting thread's spares).
+    spare_lists: RefCell<Vec<SharedBuffers>>,
     /// Host I/Os of other threads' hops the volume holds (pending or in an outbox).
     remote_held: Cell<usize>,
     /// Watches for a host that sleeps between polls while I/O waits ([`SleepWatch`]).
@@ -760,6 +778,7 @@ pub fn create(config: VolumeConfig, mode: CreateMode, done: Waiter) {
             replies_due: RefCell::new(Vec::new()),
             arrivals: RefCell::new(VecDeque::new()),
             completions: RefCell::new(Vec::with_capacity(256)),
+            spare_lists: RefCell::new(Vec::new()),
             remote_held: Cell::new(0),
             sleep_watch: RefCell::new(SleepWatch::new(super::thread::ticks_in(SLEEP_GAP))),
             waiters: RefCell::new(vec![CreateWaiter { asked: None, done }]),
@@ -1490,11 +1509,11 @@ impl VolumeHost {
     fn complete(&self, io: PendingIo, status: IoStatus, spare: Option<SharedBuffers>) {
         match io {
             PendingIo::Local(io) => {
-                keep_spare(spare);
+                self.keep_spare(spare);
                 io.complete(status)
             }
             PendingIo::Direct(io, reactor) => {
-                keep_spare(spare);
+                self.keep_spare(spare);
                 // As the submitting thread, which SPDK completes an I/O on: its bdev channel,
                 // and whatever the submitter does next from its completion callback.
                 reactor.run_as(reactor.here(), || io.complete(status))
@@ -1511,6 +1530,19 @@ impl VolumeHost {
                 }
             }
         }
+    }
+
+    /// Keeps an emptied list for the next writes of the channels without a hop.
+    fn keep_spare(&self, spare: Option<SharedBuffers>) {
+        if let Some(spare) = spare {
+            keep_in(&mut self.spare_lists.borrow_mut(), spare);
+        }
+    }
+
+    /// `buffers` as a write's shared list, for a channel without a hop ([`shared_host_buffers`],
+    /// with the volume's own spares: no thread-local lookup per write).
+    fn shared_buffers(&self, buffers: IoBuffers) -> SharedBuffers {
+        reuse(self.spare_lists.borrow_mut().pop(), buffers)
     }
 
     /// The doorbell of `hop` rang on the volume's thread: takes its whole batch of I/Os.
@@ -1719,36 +1751,52 @@ fn give_back((io, request): (DetachedIo<IoCtx>, HostRequest)) {
     }
 }
 
+/// The engine request for a bdev I/O (the host's buffers, not copied, a write's in the list
+/// `share` makes); `None` for I/O types the volume does not take.
+fn host_request(io: &BdevIo<IoCtx>, share: impl FnOnce(IoBuffers) -> SharedBuffers) -> Option<HostRequest> {
+    let (offset_blocks, num_blocks) = (io.offset_blocks(), io.num_blocks());
+    Some(match io.io_type() {
+        // SAFETY: the engine completes the request (dropping the buffers) before the I/O
+        // completes (finish_io).
+        IoType::Read => HostRequest::Read { offset_blocks, buffers: unsafe { io.host_buffers() } },
+        IoType::Write => {
+            // SAFETY: as for reads (the shared list is emptied before the I/O completes).
+            let buffers = unsafe { io.host_buffers() };
+            HostRequest::Write { offset_blocks, buffers: share(buffers) }
+        }
+        IoType::Flush => HostRequest::Flush,
+        IoType::Unmap => HostRequest::Unmap { offset_blocks, num_blocks },
+        IoType::WriteZeroes => HostRequest::WriteZeroes { offset_blocks, num_blocks },
+        IoType::Reset | IoType::Other(_) => return None,
+    })
+}
+
 /// The chronicle bdev's entry for host I/O (and an R-VOL's), on the submitting thread. Zero
-/// copy: the request carries the I/O's own buffers.
-pub(crate) fn submit_io(path: &HostPath, io: BdevIo<IoCtx>, request: HostRequest) {
+/// copy: the request carries the I/O's own buffers. I/O types the volume does not take fail.
+pub(crate) fn submit_io(path: &HostPath, io: BdevIo<IoCtx>) {
     let hop = match &path.way {
         Way::Hop(hop) => hop,
-        Way::Local => {
-            match host_by_id(path.volume) {
-                Some(host) => {
-                    host.counters.borrow_mut().local_submissions += 1;
-                    host.submit(PendingIo::Local(io), request, path.restore)
-                }
-                None => io.complete(IoStatus::Failed),
-            }
-            return;
+        Way::Local(host) => {
+            let Some(host) = host.upgrade() else { return io.complete(IoStatus::Failed) };
+            let Some(request) = host_request(&io, |buffers| host.shared_buffers(buffers)) else {
+                return io.complete(IoStatus::Failed);
+            };
+            host.counters.borrow_mut().local_submissions += 1;
+            return host.submit(PendingIo::Local(io), request, path.restore);
         }
-        Way::Direct(reactor) => {
-            // The registry is the app thread's (a thread-local of the reactor's OS thread):
-            // found here because one reactor runs both threads.
-            match host_by_id(path.volume) {
-                Some(host) => {
-                    host.counters.borrow_mut().direct_submissions += 1;
-                    let reactor = *reactor;
-                    reactor
-                        .run_as(reactor.there(), || host.submit(PendingIo::Direct(io, reactor), request, path.restore))
-                }
-                None => io.complete(IoStatus::Failed),
-            }
-            return;
+        Way::Direct(reactor, host) => {
+            // The volume is the app thread's: used here because one reactor runs both threads.
+            let Some(host) = host.upgrade() else { return io.complete(IoStatus::Failed) };
+            let Some(request) = host_request(&io, |buffers| host.shared_buffers(buffers)) else {
+                return io.complete(IoStatus::Failed);
+            };
+            host.counters.borrow_mut().direct_submissions += 1;
+            let reactor = *reactor;
+            return reactor
+                .run_as(reactor.there(), || host.submit(PendingIo::Direct(io, reactor), request, path.restore));
         }
     };
+    let Some(request) = host_request(&io, shared_host_buffers) else { return io.complete(IoStatus::Failed) };
     match hop.to_volume.push((io.detach(), request)) {
         Ok(false) => {}
         Ok(true) => {
