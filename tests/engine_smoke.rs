@@ -7,7 +7,7 @@ use chronicle::core::format::layout::{self, LayoutOptions, VolumeShape};
 use chronicle::device::memory::{MemoryDevice, MemoryOptions};
 use chronicle::device::{Channel, Device, DmaBuf, IoBuffers};
 use chronicle::engine::reader::VolumeReader;
-use chronicle::engine::{format, FormatOptions, HostRequest, Volume, VolumeOptions};
+use chronicle::engine::{format, EngineError, FormatOptions, HostRequest, Volume, VolumeOptions};
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -457,4 +457,138 @@ fn whole_unit_rewrites_take_the_short_way_and_overlapping_ones_wait_their_turn()
     assert!(reader.read_image(1).unwrap() == model, "generation 1 holds the last write of each unit");
     assert!(reader.read_image(2).unwrap() == model, "the base (open generation 2's image) agrees");
     reader.verify().unwrap();
+}
+
+/// Submits a whole-unit write of random bytes at a random unit with tag `tag`, in the model too.
+fn write_unit(volume: &mut Volume, model: &mut [u8], rng: &mut ChaCha8Rng, tag: u64) {
+    let unit = rng.random_range(0..VOLUME_BYTES / u64::from(UNIT));
+    let data = random_bytes(rng, UNIT as usize);
+    let offset = unit * BLOCKS_PER_UNIT;
+    let at = (offset * u64::from(BLOCK)) as usize;
+    model[at..at + data.len()].copy_from_slice(&data);
+    let buffers = Arc::new(IoBuffers::single(DmaBuf::copy_from(&data)));
+    volume.submit(tag, HostRequest::Write { offset_blocks: offset, buffers });
+}
+
+#[test]
+fn devices_are_handed_over_to_new_channels_mid_flight_and_nothing_is_lost() {
+    let devices = Devices::new();
+    let mut volume = devices.format_and_open(VolumeOptions::default());
+    let mut rng = ChaCha8Rng::seed_from_u64(77);
+    let mut model = vec![0u8; VOLUME_BYTES as usize];
+    let mut completions = Vec::new();
+    let mut tag = 0;
+    // Generation 1 sealed and sorting, generation 2 taking writes.
+    for _ in 0..300 {
+        tag += 1;
+        write_unit(&mut volume, &mut model, &mut rng, tag);
+    }
+    volume.run_until_idle(&mut completions);
+    // In flight on the memory channels' queues (nothing polled since), then the marker, then
+    // writes that wait for it.
+    for _ in 0..40 {
+        tag += 1;
+        write_unit(&mut volume, &mut model, &mut rng, tag);
+    }
+    let image_1 = model.clone();
+    let marker = volume.mark("g1");
+    for _ in 0..40 {
+        tag += 1;
+        write_unit(&mut volume, &mut model, &mut rng, tag);
+    }
+    volume.begin_handover().unwrap();
+    assert!(!volume.handover_ready(), "operations are in flight on the channels");
+    assert!(matches!(volume.release_channels(), Err(EngineError::Busy(_))));
+    // Submitted during the hand-over: queued, in order, behind the ones before.
+    for _ in 0..40 {
+        tag += 1;
+        write_unit(&mut volume, &mut model, &mut rng, tag);
+    }
+    let mut polls = 0;
+    while !volume.handover_ready() {
+        volume.poll(&mut completions);
+        polls += 1;
+        assert!(polls < 1000, "the hand-over drains");
+    }
+    let old = volume.release_channels().unwrap();
+    assert_eq!(old.len(), 4);
+    assert!(old.iter().all(|channel| channel.in_flight() == 0));
+    drop(old);
+    // Without channels nothing moves, and a write still queues.
+    tag += 1;
+    write_unit(&mut volume, &mut model, &mut rng, tag);
+    let finished = completions.len();
+    assert_eq!(volume.poll(&mut completions), 0);
+    assert_eq!(completions.len(), finished, "nothing finishes without channels");
+    assert!(finished < tag as usize, "writes wait for the new channels");
+    volume.adopt_channels(devices.channels()).map_err(|(error, _)| error).unwrap();
+    // Again while the sort of generation 1 runs (its record not yet committed).
+    let mut polls = 0;
+    let progress = loop {
+        if let Some(sort) = volume.status().sort.filter(|sort| sort.elements_done > 0) {
+            break sort;
+        }
+        volume.poll(&mut completions);
+        polls += 1;
+        assert!(polls < 100_000, "the sort starts");
+    };
+    assert_eq!(progress.generation, 1);
+    assert_eq!(volume.status().backup_generation, 0, "the sort of generation 1 has not committed");
+    volume.begin_handover().unwrap();
+    while !volume.handover_ready() {
+        volume.poll(&mut completions);
+    }
+    drop(volume.release_channels().unwrap());
+    volume.adopt_channels(devices.channels()).map_err(|(error, _)| error).unwrap();
+    volume.run_until_idle(&mut completions);
+    assert_eq!(marker.result(), Some(Ok(1)), "the marker finished on the new channels");
+    let mut tags: Vec<u64> = completions.iter().map(|c| c.tag).collect();
+    tags.sort_unstable();
+    assert_eq!(tags, (1..=tag).collect::<Vec<_>>(), "every write completed once");
+    assert!(completions.iter().all(|c| c.result.is_ok()));
+    assert_eq!(volume.mark_and_wait("g2", &mut completions).unwrap(), 2);
+    volume.run_until_idle(&mut completions);
+    assert_eq!(volume.status().backup_generation, 2, "the sort went on after the hand-over");
+    volume.close().unwrap();
+
+    let reader = VolumeReader::open(devices.channels()).unwrap();
+    assert!(reader.read_image(1).unwrap() == image_1, "generation 1 holds the writes before its marker");
+    assert!(reader.read_image(2).unwrap() == model, "generation 2 holds every write after it");
+    reader.verify().unwrap();
+}
+
+#[test]
+fn a_hand_over_out_of_order_or_to_other_devices_is_refused_and_changes_nothing() {
+    let devices = Devices::new();
+    let mut volume = devices.format_and_open(sort_by_hand());
+    let mut completions = Vec::new();
+    assert!(matches!(volume.release_channels(), Err(EngineError::Busy(_))), "no hand-over begun");
+    let refused = volume.adopt_channels(devices.channels());
+    assert!(matches!(&refused, Err((EngineError::Busy(_), channels)) if channels.len() == 4));
+    volume.begin_handover().unwrap();
+    assert!(matches!(volume.begin_handover(), Err(EngineError::Busy(_))));
+    while !volume.handover_ready() {
+        volume.poll(&mut completions);
+    }
+    drop(volume.release_channels().unwrap());
+    assert!(matches!(volume.release_channels(), Err(EngineError::Busy(_))), "released once");
+    // The base's and the journal's channels swapped, then one short: refused, given back.
+    let mut swapped = devices.channels();
+    swapped.swap(0, 1);
+    match volume.adopt_channels(swapped) {
+        Err((EngineError::Mismatch { role: "base", .. }, back)) => assert_eq!(back.len(), 4),
+        other => panic!("expected a mismatch of the base, got {:?}", other.map_err(|(error, _)| error)),
+    }
+    let mut short = devices.channels();
+    short.pop();
+    assert!(matches!(volume.adopt_channels(short), Err((EngineError::Invalid(_), back)) if back.len() == 3));
+    volume.adopt_channels(devices.channels()).map_err(|(error, _)| error).unwrap();
+    let mut model = vec![0u8; VOLUME_BYTES as usize];
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    write_unit(&mut volume, &mut model, &mut rng, 1);
+    drain(&mut volume);
+    assert_eq!(volume.mark_and_wait("g1", &mut completions).unwrap(), 1);
+    volume.close().unwrap();
+    let reader = VolumeReader::open(devices.channels()).unwrap();
+    assert!(reader.read_image(1).unwrap() == model);
 }

@@ -124,6 +124,31 @@ impl<O: HostOwner> IoHub<O> {
         self.channels
     }
 
+    /// Nothing submitted that has not been reaped, nothing waiting to be resubmitted: the
+    /// channels hold no operation of the volume (completions reaped and not yet taken by their
+    /// futures wait here, in the hub, and stay).
+    pub(crate) fn devices_idle(&self) -> bool {
+        self.host_in_flight == 0
+            && self.retry.iter().all(VecDeque::is_empty)
+            && self.outstanding.iter().all(|(_, waiter)| matches!(waiter, Waiter::Control(Some(_))))
+            && self.channels.iter().all(|channel| channel.in_flight() == 0)
+    }
+
+    /// The channels out, once [`devices_idle`](Self::devices_idle); the hub has none until
+    /// [`put_channels`](Self::put_channels).
+    pub(crate) fn take_channels(&mut self) -> Vec<Box<dyn Channel>> {
+        assert!(self.devices_idle(), "channels are taken with operations in flight");
+        assert_eq!(self.channels.len(), 4, "the channels are taken once");
+        std::mem::take(&mut self.channels)
+    }
+
+    /// Channels in again after [`take_channels`](Self::take_channels), in [`Role`] order.
+    pub(crate) fn put_channels(&mut self, channels: Vec<Box<dyn Channel>>) {
+        assert!(self.channels.is_empty(), "the hub still has its channels");
+        assert_eq!(channels.len(), 4, "a volume has four devices");
+        self.channels = channels;
+    }
+
     pub(crate) fn geometry(&self, role: Role) -> DeviceGeometry {
         self.channels[role as usize].geometry()
     }

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use crate::core::format::catalog::{Catalog, EntryKind, EntryState};
 use crate::core::geometry::div_size;
-use crate::device::{Channel, IoBuffers, IoError, Payload, SharedBuffers, Tag};
+use crate::device::{Channel, DeviceGeometry, IoBuffers, IoError, Payload, SharedBuffers, Tag};
 
 use super::io::{ControlIo, Executor, Hub, IoHub, Role};
 use super::merge::{self, MaintenanceError, MaintenanceHandle, MergeReport, RetentionPolicy};
@@ -314,6 +314,16 @@ pub struct Volume {
     hub: Hub<HostRef>,
     executor: Executor,
     closing: Option<Closing>,
+    handover: Option<Handover>,
+}
+
+/// Steps of handing the volume's devices over to other channels of the same devices
+/// ([`Volume::begin_handover`]).
+enum Handover {
+    /// Host requests queue, nothing new starts; the operations in flight finish.
+    Draining,
+    /// The channels are out: each device's name and geometry, to check the new ones against.
+    Released(Vec<(String, DeviceGeometry)>),
 }
 
 /// Markers and rollbacks waiting or running at once; more are refused.
@@ -399,7 +409,7 @@ impl Volume {
             sorting: None,
             content: crate::core::plan::dedup::ContentIndex::new(super::dedup::CONTENT_INDEX_CAPACITY),
         }));
-        let mut volume = Volume { shared, hub, executor: Executor::default(), closing: None };
+        let mut volume = Volume { shared, hub, executor: Executor::default(), closing: None, handover: None };
         // The history records' maps come into memory in the background (R-VOL opens, merges
         // and rollbacks then read no control block).
         volume.executor.spawn(merge::load_record_maps(volume.shared.clone(), volume.control_io()));
@@ -431,13 +441,27 @@ impl Volume {
     pub fn submit(&mut self, tag: Tag, request: HostRequest) {
         let mut shared = self.shared.borrow_mut();
         let mut hub = self.hub.borrow_mut();
-        HotStep { shared: &mut shared, hub: &mut hub }.submit(tag, request);
+        let mut step = HotStep { shared: &mut shared, hub: &mut hub };
+        if self.handover.is_some() {
+            return step.queue(tag, request);
+        }
+        step.submit(tag, request);
     }
 
     /// Advances everything once: device completions, host state machines, control tasks.
     /// Moves finished host operations into `completions`; returns the number of device
     /// completions processed (0 means nothing happened).
     pub fn poll(&mut self, completions: &mut Vec<HostCompletion>) -> usize {
+        if let Some(handover) = &self.handover {
+            // Only what is in flight goes on: its completions are reaped for the steps (and
+            // futures) to take once the devices are back.
+            let reaped = match handover {
+                Handover::Draining => self.hub.borrow_mut().poll(),
+                Handover::Released(_) => 0,
+            };
+            self.deliver(completions);
+            return reaped;
+        }
         let reaped = {
             let mut hub = self.hub.borrow_mut();
             let reaped = hub.poll();
@@ -466,6 +490,12 @@ impl Volume {
         self.start_retention_if_needed();
         self.start_checksums_if_needed();
         self.executor.poll();
+        self.deliver(completions);
+        reaped
+    }
+
+    /// Moves finished host operations into `completions`.
+    fn deliver(&self, completions: &mut Vec<HostCompletion>) {
         let mut shared = self.shared.borrow_mut();
         if shared.internal_pending == 0 {
             completions.append(&mut shared.hot.completed);
@@ -481,7 +511,79 @@ impl Volume {
                 }
             }
         }
-        reaped
+    }
+
+    /// Starts handing the volume's devices over to other channels of the same devices (SPDK:
+    /// the volume moving to the thread that submits its I/O, docs/SPDK.md "Next steps"). From
+    /// now on host requests queue in submission order and nothing new starts: no host step,
+    /// marker, sort or other background step runs until
+    /// [`adopt_channels`](Self::adopt_channels); [`poll`](Self::poll) only reaps what is in
+    /// flight and delivers finished host operations. Refused while closing or handing over.
+    pub fn begin_handover(&mut self) -> Result<(), EngineError> {
+        if self.closing.is_some() {
+            return Err(EngineError::Busy("the volume is closing".into()));
+        }
+        if self.handover.is_some() {
+            return Err(EngineError::Busy("the volume's devices are being handed over already".into()));
+        }
+        self.handover = Some(Handover::Draining);
+        Ok(())
+    }
+
+    /// Whether [`release_channels`](Self::release_channels) may run: a hand-over is draining
+    /// and nothing is in flight on the channels any more.
+    pub fn handover_ready(&self) -> bool {
+        matches!(self.handover, Some(Handover::Draining)) && self.hub.borrow().devices_idle()
+    }
+
+    /// The volume's channels, in [`Role`] order, once [`handover_ready`](Self::handover_ready)
+    /// (to be dropped on the thread they belong to); the volume has none until
+    /// [`adopt_channels`](Self::adopt_channels).
+    pub fn release_channels(&mut self) -> Result<Vec<Box<dyn Channel>>, EngineError> {
+        if !self.handover_ready() {
+            return Err(EngineError::Busy(match self.handover {
+                None => "no hand-over was begun".into(),
+                Some(Handover::Released(_)) => "the channels are released already".into(),
+                Some(Handover::Draining) => "operations are still in flight".into(),
+            }));
+        }
+        let channels = self.hub.borrow_mut().take_channels();
+        let devices = channels.iter().map(|channel| (channel.name().to_string(), channel.geometry())).collect();
+        self.handover = Some(Handover::Released(devices));
+        Ok(channels)
+    }
+
+    /// Takes `channels` (in [`Role`] order, to the devices released, on the calling thread) and
+    /// ends the hand-over: queued host requests and background work go on from where they
+    /// stopped. Channels to other devices are refused and given back, nothing changed.
+    pub fn adopt_channels(
+        &mut self,
+        channels: Vec<Box<dyn Channel>>,
+    ) -> Result<(), (EngineError, Vec<Box<dyn Channel>>)> {
+        let Some(Handover::Released(devices)) = &self.handover else {
+            return Err((EngineError::Busy("no channels were released".into()), channels));
+        };
+        if channels.len() != devices.len() {
+            let detail = format!("{} channels for {} devices", channels.len(), devices.len());
+            return Err((EngineError::Invalid(detail), channels));
+        }
+        let mismatch =
+            Role::ALL.into_iter().zip(devices).zip(&channels).find_map(|((role, (name, geometry)), channel)| {
+                let detail = if channel.name() != name {
+                    format!("a channel to {} instead", channel.name())
+                } else if channel.geometry() != *geometry {
+                    format!("its geometry changed from {geometry:?} to {:?}", channel.geometry())
+                } else {
+                    return None;
+                };
+                Some(EngineError::Mismatch { role: role.name(), name: name.clone(), detail })
+            });
+        if let Some(error) = mismatch {
+            return Err((error, channels));
+        }
+        self.hub.borrow_mut().put_channels(channels);
+        self.handover = None;
+        Ok(())
     }
 
     fn start_sort_if_needed(&mut self) {
@@ -899,6 +1001,7 @@ impl Volume {
     /// submitted finish, then every device is flushed. Submit nothing more; drive it with
     /// [`poll_close`](Self::poll_close).
     pub fn begin_close(&mut self) {
+        assert!(self.handover.is_none(), "a volume closes on its channels: adopt them first");
         if self.closing.is_none() {
             self.shared.borrow_mut().stopping = true;
             self.closing = Some(Closing::Draining);

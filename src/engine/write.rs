@@ -368,6 +368,14 @@ impl HotStep<'_> {
         }
     }
 
+    /// Queues a host request without starting it (the volume's devices are being handed over,
+    /// [`Volume::begin_handover`](super::Volume::begin_handover)): it keeps its submission
+    /// sequence and its place, and `admit` starts it once the devices are back.
+    pub(crate) fn queue(&mut self, tag: Tag, request: HostRequest) {
+        let seq = self.shared.hot.take_seq();
+        self.shared.hot.queue.push_back((tag, request, seq));
+    }
+
     /// Fewer requests started than the in-flight limit.
     fn has_room(&self) -> bool {
         let hot = &self.shared.hot;
