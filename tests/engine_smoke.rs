@@ -558,6 +558,44 @@ fn devices_are_handed_over_to_new_channels_mid_flight_and_nothing_is_lost() {
 }
 
 #[test]
+fn a_hand_over_called_off_while_draining_goes_on_with_every_queued_write() {
+    let devices = Devices::new();
+    let mut volume = devices.format_and_open(sort_by_hand());
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let mut model = vec![0u8; VOLUME_BYTES as usize];
+    let mut completions = Vec::new();
+    assert!(matches!(volume.cancel_handover(), Err(EngineError::Busy(_))), "nothing to call off");
+    for tag in 1..=20 {
+        write_unit(&mut volume, &mut model, &mut rng, tag);
+    }
+    volume.begin_handover().unwrap();
+    // Queued behind the twenty in flight, then the hand-over is called off mid-drain.
+    for tag in 21..=40 {
+        write_unit(&mut volume, &mut model, &mut rng, tag);
+    }
+    volume.poll(&mut completions);
+    volume.cancel_handover().unwrap();
+    assert!(!volume.handover_ready(), "no hand-over any more");
+    volume.run_until_idle(&mut completions);
+    let mut tags: Vec<u64> = completions.iter().map(|completion| completion.tag).collect();
+    tags.sort_unstable();
+    assert_eq!(tags, (1..=40).collect::<Vec<u64>>(), "every write finished once");
+    assert!(completions.iter().all(|completion| completion.result.is_ok()));
+    // Once released, only adopting ends it.
+    volume.begin_handover().unwrap();
+    while !volume.handover_ready() {
+        volume.poll(&mut completions);
+    }
+    drop(volume.release_channels().unwrap());
+    assert!(matches!(volume.cancel_handover(), Err(EngineError::Busy(_))), "released: adopt instead");
+    volume.adopt_channels(devices.channels()).map_err(|(error, _)| error).unwrap();
+    assert_eq!(volume.mark_and_wait("g1", &mut completions).unwrap(), 1);
+    volume.close().unwrap();
+    let reader = VolumeReader::open(devices.channels()).unwrap();
+    assert!(reader.read_image(1).unwrap() == model);
+}
+
+#[test]
 fn a_hand_over_out_of_order_or_to_other_devices_is_refused_and_changes_nothing() {
     let devices = Devices::new();
     let mut volume = devices.format_and_open(sort_by_hand());

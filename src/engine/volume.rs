@@ -536,6 +536,23 @@ impl Volume {
         matches!(self.handover, Some(Handover::Draining)) && self.hub.borrow().devices_idle()
     }
 
+    /// Calls off a hand-over whose channels are not released yet: queued host requests and
+    /// background work go on from where they stopped, on the channels the volume kept (SPDK: a
+    /// move given up because another caller came). Refused once the channels are released
+    /// ([`adopt_channels`](Self::adopt_channels) ends that one) or when none was begun.
+    pub fn cancel_handover(&mut self) -> Result<(), EngineError> {
+        match self.handover {
+            Some(Handover::Draining) => {
+                self.handover = None;
+                Ok(())
+            }
+            Some(Handover::Released(_)) => {
+                Err(EngineError::Busy("the channels are released: adopt channels to end the hand-over".into()))
+            }
+            None => Err(EngineError::Busy("no hand-over was begun".into())),
+        }
+    }
+
     /// The volume's channels, in [`Role`] order, once [`handover_ready`](Self::handover_ready)
     /// (to be dropped on the thread they belong to); the volume has none until
     /// [`adopt_channels`](Self::adopt_channels).
