@@ -47,6 +47,7 @@ def bdev_chronicle_create(args):
         'strict': True if args.strict else None,
         'copy_base_to_backup': False if args.no_copy_base_to_backup else None,
         'automatic_sort': False if args.no_automatic_sort else None,
+        'follow_submitter': False if args.no_follow_submitter else None,
         'sort_rate_limit_bytes_per_second': args.sort_rate_limit,
         'marker_read_back_bytes': args.marker_read_back_bytes,
     })
@@ -172,6 +173,9 @@ def spdk_rpc_plugin_initialize(subparsers):
                    'zero, like new malloc bdevs or files)')
     p.add_argument('--no-automatic-sort', action='store_true',
                    help='Do not sort sealed generations into the backup in the background')
+    p.add_argument('--no-follow-submitter', action='store_true',
+                   help='Keep the volume on the app thread even when one channel on another '
+                   'thread submits all its I/O (by default it moves there)')
     p.add_argument('-r', '--sort-rate-limit', type=int, metavar='BYTES_PER_SECOND',
                    help='Limit the sort to this many bytes per second read from the journal')
     p.add_argument('--marker-read-back-bytes', type=int, metavar='BYTES',

@@ -59,9 +59,23 @@ fn assert_clean_bdevperf_run(status: std::process::ExitStatus, log: &str) {
     say(&format!("spdk_io: {:.0} IOPS, {:.1} MiB/s, 0 failures", total.iops, total.mib_per_second));
 }
 
-/// How the host I/Os of volume `name` reached it, from the line its close logs: (on the app
-/// thread, directly from threads on the app thread's reactor, by message, messages).
-fn ways_taken(log: &str, name: &str) -> [u64; 4] {
+/// How the host I/Os of volume `name` reached it, from the line its close logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Ways {
+    /// On the app thread.
+    local: u64,
+    /// Directly from threads on the app thread's reactor.
+    direct: u64,
+    /// By message from other threads, and the messages that carried them.
+    remote: u64,
+    messages: u64,
+    /// On the thread the volume moved to, and how often it moved there and came back.
+    resident: u64,
+    moves: u64,
+    returns: u64,
+}
+
+fn ways_taken(log: &str, name: &str) -> Ways {
     let closed = format!("chronicle: {name} closed");
     let line = log
         .lines()
@@ -73,7 +87,9 @@ fn ways_taken(log: &str, name: &str) -> [u64; 4] {
         .filter(|word| !word.is_empty())
         .map(|word| word.parse().expect("a count"))
         .collect();
-    numbers.try_into().unwrap_or_else(|numbers| panic!("four counts expected in {line:?}: {numbers:?}"))
+    let [local, direct, remote, messages, resident, moves, returns] =
+        numbers.try_into().unwrap_or_else(|numbers| panic!("seven counts expected in {line:?}: {numbers:?}"));
+    Ways { local, direct, remote, messages, resident, moves, returns }
 }
 
 /// bdevperf's verify workload (write a pattern, read it back, compare) through a chronicle
@@ -90,20 +106,99 @@ fn bdevperf_verify_through_a_chronicle_volume_finds_no_errors() {
     let (status, log) = bdevperf(&spdk_dir, &volume, json!({}), "0x1", &workload);
     assert_clean_bdevperf_run(status, &log);
     assert!(log.contains("Job: Perf"), "bdevperf did not run on the chronicle bdev:\n{log}");
-    let [local, direct, remote, messages] = ways_taken(&log, "Perf");
-    assert!(direct > 0 && remote == 0 && messages == 0, "one core: {local} {direct} {remote} {messages}");
+    let ways = ways_taken(&log, "Perf");
+    say(&format!("spdk_io: one core: {ways:?}"));
+    assert!(ways.direct > 0 && ways.remote == 0 && ways.messages == 0, "one core: {ways:?}");
 
     let mut both = vec!["-C"];
     both.extend_from_slice(&workload);
     let (status, log) = bdevperf(&spdk_dir, &volume, json!({}), "0x3", &both);
     assert_clean_bdevperf_run(status, &log);
     assert!(log.contains("Core Mask 0x1") && log.contains("Core Mask 0x2"), "a job per core:\n{log}");
-    let [local, direct, remote, messages] = ways_taken(&log, "Perf");
-    assert!(direct > 0 && remote > 0, "two cores: {local} {direct} {remote} {messages}");
-    assert!((1..=remote).contains(&messages), "two cores: {local} {direct} {remote} {messages}");
+    let ways = ways_taken(&log, "Perf");
+    say(&format!("spdk_io: two cores: {ways:?}"));
+    let Ways { direct, remote, messages, .. } = ways;
+    assert!(direct > 0 && remote > 0, "two cores: {ways:?}");
+    assert!((1..=remote).contains(&messages), "two cores: {ways:?}");
     // Reactors never block between polls: no timer slack is touched (SleepWatch).
     assert!(!log.contains("timer slack"), "a reactor was taken for a host that sleeps:\n{log}");
     say(&format!("spdk_io: two cores: {direct} I/Os entered directly, {remote} by {messages} messages"));
+}
+
+/// bdevperf on two cores with its one job on core 1 (a job file's `cpumask`): the volume's only
+/// channel is on another reactor's thread, so the volume moves there and takes the I/Os in
+/// place. Markers and status requests through RPC call it home (each one answered with the
+/// volume on the app thread) and it leaves again after its cool-down; through all of it the
+/// verify workload finds no errors, every marker cuts a generation, and the volume closes at
+/// home.
+#[test]
+fn a_volume_moves_to_its_one_submitter_and_comes_home_for_markers() {
+    let Some(spdk_dir) = require_spdk("spdk_io volume move") else { return };
+    let _serial = serial();
+    let volume = MallocVolume::new("Move", VOLUME_BLOCKS, BLOCK);
+    let dir = scratch_dir("spdk_io-move");
+    let config = dir.join("bdevperf.json");
+    write_bdev_config(&config, volume.config_methods(json!({})));
+    let job = dir.join("job.conf");
+    // The first 2,048 blocks only: five generations that write all of them fit the history.
+    std::fs::write(&job, "[move]\nfilename=Move\ncpumask=0x2\noffset=0\nlength=2048\n").expect("write bdevperf job");
+    let args = [
+        "--json",
+        config.to_str().expect("utf-8 path"),
+        "-j",
+        job.to_str().expect("utf-8 path"),
+        "-q",
+        "32",
+        "-o",
+        "4096",
+        "-w",
+        "verify",
+        "-t",
+        "4",
+    ];
+    say(&format!("spdk_io: bdevperf {}", args.join(" ")));
+    let app = App::start(&spdk_dir, &module_library(), AppOptions::bdevperf(&args, "0x3"));
+
+    // The volume exists once the RPC server answers for it; then markers and status requests
+    // while the job runs.
+    let name = json!({"name": "Move"});
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let first = loop {
+        match app.try_call("bdev_chronicle_get_status", Some(name.clone())) {
+            Ok(answer) if answer.get("result").is_some() => break answer["result"].clone(),
+            _ if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            other => panic!("the volume never answered: {other:?}\n{}", app.log_text()),
+        }
+    };
+    assert_eq!(first["state"], json!("running"), "{first}");
+    let mut marked = Vec::new();
+    for round in 0..4 {
+        std::thread::sleep(Duration::from_millis(400));
+        let comment = format!("move {round}");
+        let sealed = app.result("bdev_chronicle_mark", Some(json!({"name": "Move", "comment": comment})));
+        marked.push((sealed.as_u64().expect("a generation number"), comment));
+        std::thread::sleep(Duration::from_millis(300));
+        let status = app.result("bdev_chronicle_get_status", Some(name.clone()));
+        assert_eq!(status["state"], json!("running"), "{status}");
+    }
+    let generations = app.result("bdev_chronicle_get_generations", Some(name));
+    for (generation, comment) in &marked {
+        let listed = generations.as_array().expect("a list").iter().find(|g| g["generation"] == json!(generation));
+        let listed = listed.unwrap_or_else(|| panic!("generation {generation} is not listed: {generations}"));
+        assert_eq!(listed["comment"], json!(comment), "{generations}");
+        assert!(listed["blocks"].as_u64().unwrap_or_default() > 0, "no writes in {generation}: {generations}");
+    }
+
+    let (status, log) = app.wait_exit(RUN_TIMEOUT);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_clean_bdevperf_run(status, &log);
+    let ways = ways_taken(&log, "Move");
+    say(&format!("spdk_io: one job on core 1: {ways:?}"));
+    // It moved, was called home by every marker (and status) at least once, and moved again.
+    assert!(ways.resident > 0, "no I/O taken where the volume moved to: {ways:?}");
+    assert!(ways.returns >= marked.len() as u64, "markers did not call the volume home: {ways:?}");
+    assert!(ways.moves >= ways.returns, "moves and returns: {ways:?}");
+    assert_eq!(ways.direct, 0, "no thread of the app thread's reactor submitted: {ways:?}");
 }
 
 /// A strict volume with 16 KiB host writes: SPDK splits writes at unit boundaries for it, so
@@ -411,6 +506,6 @@ fn hot_remove_under_direct_and_hop_writes_fails_held_io_and_closes_cleanly() {
     if std::env::var_os("SHOW_LOG").is_some() {
         eprintln!("{log}");
     }
-    let [_, direct, remote, _] = ways_taken(&log, "Gone");
+    let Ways { direct, remote, .. } = ways_taken(&log, "Gone");
     say(&format!("spdk_io: hot-remove under load: {direct} direct and {remote} remote writes before the close"));
 }

@@ -12,7 +12,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
@@ -160,6 +160,7 @@ fn assemble(done: ExamineDone) {
             strict: None,
             copy_base_to_backup: false,
             automatic_sort: true,
+            follow_submitter: true,
             sort_rate_limit_bytes_per_second: None,
             retention: None,
             marker_read_back_bytes: None,
@@ -442,11 +443,20 @@ pub struct ChronicleBdev {
     /// where the engine holds them until the rollback is done: no reader sees the image half
     /// rolled back.
     rollbacks: Arc<AtomicU32>,
+    /// Open channels to the volume (this bdev's and its R-VOLs'): it moves only for a lone one.
+    channels: Arc<AtomicUsize>,
 }
 
 impl ChronicleBdev {
-    pub(crate) fn new(id: u64, name: String, owner: ThreadHandle, base: SharedDesc, rollbacks: Arc<AtomicU32>) -> Self {
-        ChronicleBdev { id, name, owner, base, rollbacks }
+    pub(crate) fn new(
+        id: u64,
+        name: String,
+        owner: ThreadHandle,
+        base: SharedDesc,
+        rollbacks: Arc<AtomicU32>,
+        channels: Arc<AtomicUsize>,
+    ) -> Self {
+        ChronicleBdev { id, name, owner, base, rollbacks, channels }
     }
 }
 
@@ -463,7 +473,7 @@ impl VirtualBdev for ChronicleBdev {
     type Channel = ChronicleChannel;
 
     fn create_channel(&self) -> Result<ChronicleChannel, Errno> {
-        let path = volume::HostPath::new(self.id, None, self.owner)?;
+        let path = volume::HostPath::new(self.id, None, self.owner, self.channels.clone())?;
         Ok(ChronicleChannel { path, base: self.base.desc().io_channel()? })
     }
 
@@ -506,6 +516,19 @@ impl VirtualBdev for ChronicleBdev {
                 "history_bdev": report.history_bdev,
                 "open_generation": report.volume.as_ref().map(|v| v.open_generation),
                 "backup_generation": report.volume.as_ref().map(|v| v.backup_generation),
+                "residence": "home",
+            });
+            let _ = writer.write_named("chronicle", &summary);
+        } else if let Some(config) = volume::config_by_id(self.id) {
+            // Away on its submitter's thread (a synchronous callback cannot call it home): what
+            // the app thread keeps of it; `bdev_chronicle_get_status` has the rest.
+            let summary = serde_json::json!({
+                "state": "running",
+                "base_bdev": config.base_bdev,
+                "journal_bdev": config.journal_bdev,
+                "backup_bdev": config.backup_bdev,
+                "history_bdev": config.history_bdev,
+                "residence": "away",
             });
             let _ = writer.write_named("chronicle", &summary);
         }
@@ -529,11 +552,18 @@ pub struct RestoreBdev {
     restore: RestoreId,
     name: String,
     owner: ThreadHandle,
+    channels: Arc<AtomicUsize>,
 }
 
 impl RestoreBdev {
-    pub(crate) fn new(volume: u64, restore: RestoreId, name: String, owner: ThreadHandle) -> Self {
-        RestoreBdev { volume, restore, name, owner }
+    pub(crate) fn new(
+        volume: u64,
+        restore: RestoreId,
+        name: String,
+        owner: ThreadHandle,
+        channels: Arc<AtomicUsize>,
+    ) -> Self {
+        RestoreBdev { volume, restore, name, owner, channels }
     }
 }
 
@@ -548,7 +578,9 @@ impl VirtualBdev for RestoreBdev {
     type Channel = RestoreChannel;
 
     fn create_channel(&self) -> Result<RestoreChannel, Errno> {
-        Ok(RestoreChannel { path: volume::HostPath::new(self.volume, Some(self.restore), self.owner)? })
+        Ok(RestoreChannel {
+            path: volume::HostPath::new(self.volume, Some(self.restore), self.owner, self.channels.clone())?,
+        })
     }
 
     fn submit_request(&self, channel: &mut RestoreChannel, io: BdevIo<volume::HostIoCtx>) {

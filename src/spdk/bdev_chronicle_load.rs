@@ -116,7 +116,7 @@ struct Target {
 }
 
 fn open_target(name: &str) -> Result<Target, LoadError> {
-    if volume::status(name).is_err() {
+    if !volume::exists(name) {
         return Err(LoadError::Invalid(format!("{name} is not a chronicle bdev")));
     }
     let desc =

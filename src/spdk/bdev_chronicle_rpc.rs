@@ -263,7 +263,7 @@ impl RpcMethod for GetGenerations {
     type Params = NameParams;
 
     fn call(request: RpcRequest, params: NameParams) {
-        answer(request, volume::generations(&params.name))
+        volume::generations(&params.name, Box::new(move |result| answer(request, result)))
     }
 }
 
@@ -275,7 +275,7 @@ impl RpcMethod for GetStatus {
     type Params = NameParams;
 
     fn call(request: RpcRequest, params: NameParams) {
-        answer(request, volume::status(&params.name))
+        volume::status(&params.name, Box::new(move |result| answer(request, result)))
     }
 }
 
@@ -422,7 +422,7 @@ impl RpcMethod for SetRetention {
             max_age_seconds: params.max_age_seconds,
             compress_older: params.compress_older,
         };
-        answer(request, volume::set_retention(&params.name, policy))
+        volume::set_retention(&params.name, policy, Box::new(move |result| answer(request, result)))
     }
 }
 

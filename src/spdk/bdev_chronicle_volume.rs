@@ -15,7 +15,10 @@
 //! Host I/O reaches the volume from any SPDK thread (directly on the app thread) and completes
 //! on the thread that submitted it. Between threads it goes by [`Hop`]: one bounded queue each
 //! way per (submitting thread, bdev), with a doorbell, so a burst of I/Os costs one message
-//! each way (docs/SPDK.md, "Crossing threads").
+//! each way (docs/SPDK.md, "Crossing threads"). When one such channel is the only one, the
+//! volume moves to its thread instead ([`residence`]).
+
+mod residence;
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, VecDeque};
@@ -48,6 +51,7 @@ use crate::engine::{
     HostCompletion, HostRequest, MaintenanceError, MaintenanceHandle, MarkerHandle, MergeReport, Opening,
     RestoreHandle, RestoreId, RestoreInfo, RestoreTarget, RetentionPolicy, SortOptions, Status, Volume, VolumeOptions,
 };
+use residence::{Residence, Resident};
 
 /// The four bdev roles, in the engine's device order.
 const ROLES: [&str; 4] = ["base", "journal", "backup", "history"];
@@ -145,6 +149,11 @@ pub struct VolumeConfig {
     /// Sort sealed generations into the backup in the background.
     #[serde(default = "yes")]
     pub automatic_sort: bool,
+    /// Move the volume to the thread of its only channel when that channel is on another
+    /// reactor or outside any (fio's plugin): its writes then cross no thread (docs/SPDK.md,
+    /// "A volume moves to its submitter").
+    #[serde(default = "yes")]
+    pub follow_submitter: bool,
     /// Limit on sort bandwidth, bytes per second read from the journal.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sort_rate_limit_bytes_per_second: Option<u64>,
@@ -371,6 +380,11 @@ enum PendingIo {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct HostCounters {
     pub local_submissions: u64,
+    /// Host I/Os taken in place on the thread the volume moved to ([`residence`]).
+    pub resident_submissions: u64,
+    /// Moves of the volume to its only channel's thread, and back home.
+    pub moves: u64,
+    pub returns: u64,
     /// Host I/Os from other threads on the app thread's reactor, taken in place (no message).
     pub direct_submissions: u64,
     /// Host I/Os that came from other threads, and the doorbell messages that brought them
@@ -403,40 +417,77 @@ pub(crate) struct Hop {
     /// The hop's slot in its volume's table, `usize::MAX` until adopted; read and written only
     /// on the volume's thread (a hop leads to one volume).
     slot: AtomicUsize,
+    /// The volume while it lives on this hop's home thread ([`residence`]).
+    resident: Resident,
 }
 
 /// Where a channel's host I/Os go ([`Way`]).
 pub(crate) struct HostPath {
     restore: Option<RestoreId>,
     way: Way,
+    /// The volume's count of open channels (this one included until it drops).
+    channels: Arc<AtomicUsize>,
+}
+
+impl Drop for HostPath {
+    fn drop(&mut self) {
+        self.channels.fetch_sub(1, Ordering::AcqRel);
+        if let Way::Hop(hop) = &self.way {
+            hop.channel_closed();
+        }
+    }
+}
+
+/// The volume of a channel on the app thread's reactor, kept weakly: found in the registry
+/// once, at channel creation, instead of per I/O (a thread-local hash lookup measured 1 % of a
+/// write), and again after the volume came home from another thread ([`residence`]).
+struct Nearby {
+    volume: u64,
+    host: RefCell<Weak<VolumeHost>>,
+}
+
+impl Nearby {
+    fn host(&self) -> Option<Rc<VolumeHost>> {
+        if let Some(host) = self.host.borrow().upgrade() {
+            return Some(host);
+        }
+        let host = host_by_id(self.volume)?;
+        *self.host.borrow_mut() = Rc::downgrade(&host);
+        Some(host)
+    }
 }
 
 /// How a channel's host I/Os reach the volume.
 ///
-/// The two ways without a hop keep the volume itself, weakly (found in the registry once, at
-/// channel creation, instead of per I/O: a thread-local hash lookup measured 1 % of a write).
-/// An I/O to a volume that is going away fails as before: its host no longer upgrades, or is
-/// no longer running.
+/// The two ways without a hop keep the volume itself, weakly ([`Nearby`]). An I/O to a volume
+/// that is going away fails as before: it is no longer found, or no longer running; one to a
+/// volume away on another thread waits for it to come home.
 enum Way {
     /// The channel is on the volume's thread: straight to it.
-    Local(Weak<VolumeHost>),
+    Local(Nearby),
     /// The channel's thread and the volume's share one reactor for good: straight to the
     /// volume too, run as the volume's thread, and completed in place run as the channel's
     /// (bdevperf's jobs and nvmf's poll group on the app thread's core). No message each way,
     /// no queue: on one core a hop only costs (BENCHMARKS, session "direct entry").
-    Direct(SameReactor, Weak<VolumeHost>),
+    Direct(SameReactor, Nearby),
     /// Any other thread: by the channel's [`Hop`], a batch per message each way.
     Hop(Arc<Hop>),
 }
 
 impl HostPath {
     /// The path of a channel created on the calling thread to volume `volume` (or its R-VOL
-    /// `restore`), which lives on `owner`.
-    pub(crate) fn new(volume: u64, restore: Option<RestoreId>, owner: ThreadHandle) -> Result<Self, Errno> {
+    /// `restore`), whose home is `owner`; `channels` counts the volume's open channels.
+    pub(crate) fn new(
+        volume: u64,
+        restore: Option<RestoreId>,
+        owner: ThreadHandle,
+        channels: Arc<AtomicUsize>,
+    ) -> Result<Self, Errno> {
         let home = Thread::current().ok_or(Errno::EPERM)?.handle();
         // The registry is the app thread's (a thread-local of its OS thread), which runs the
         // channel's thread too on the first two ways.
-        let host = || host_by_id(volume).as_ref().map_or_else(Weak::new, Rc::downgrade);
+        let host =
+            || Nearby { volume, host: RefCell::new(host_by_id(volume).as_ref().map_or_else(Weak::new, Rc::downgrade)) };
         let way = if home == owner {
             Way::Local(host())
         } else if let Some(reactor) = SameReactor::with(owner) {
@@ -450,9 +501,11 @@ impl HostPath {
                 to_volume: DoorbellQueue::new(HOP_QUEUE_LIMIT),
                 to_home: DoorbellQueue::new(HOP_QUEUE_LIMIT),
                 slot: AtomicUsize::new(usize::MAX),
+                resident: Resident::new(),
             }))
         };
-        Ok(HostPath { restore, way })
+        channels.fetch_add(1, Ordering::AcqRel);
+        Ok(HostPath { restore, way, channels })
     }
 }
 
@@ -644,12 +697,18 @@ pub(crate) struct VolumeHost {
     counters: RefCell<HostCounters>,
     /// Rollbacks not finished; the chronicle bdev sends reads here while there is one.
     rollbacks: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    /// Open channels of the chronicle bdev and its R-VOLs, on any thread.
+    channels: Arc<AtomicUsize>,
+    /// Where the volume lives and whether it is moving ([`residence`]).
+    residence: RefCell<Residence>,
 }
 
+/// The volumes at home, by name and id, and what is kept of those away ([`residence`]).
 #[derive(Default)]
 struct Registry {
     by_name: BTreeMap<String, Rc<VolumeHost>>,
     by_id: FxHashMap<u64, Rc<VolumeHost>>,
+    away: FxHashMap<u64, residence::Away>,
     next_id: u64,
 }
 
@@ -684,6 +743,9 @@ pub(crate) fn clear() {
     REGISTRY.with(|registry| registry.borrow_mut().by_name.clear());
     for host in hosts {
         host.teardown();
+    }
+    for parked in REGISTRY.with(|registry| residence::clear_away(&mut registry.borrow_mut())) {
+        parked(None);
     }
 }
 
@@ -732,6 +794,11 @@ fn check_config(config: &VolumeConfig) -> Result<(), CreateError> {
 pub fn create(config: VolumeConfig, mode: CreateMode, done: Waiter) {
     if let Err(error) = check_config(&config) {
         return done(Err(error));
+    }
+    if REGISTRY.with(|registry| registry.borrow().away_id(&config.name).is_some()) {
+        // Decided at home, like every other request.
+        let name = config.name.clone();
+        return residence::with_named(&name, move |_| create(config, mode, done));
     }
     if let Some(existing) = host_by_name(&config.name) {
         let same = existing.config.borrow().bdev_names() == config.bdev_names();
@@ -795,6 +862,8 @@ pub fn create(config: VolumeConfig, mode: CreateMode, done: Waiter) {
             uuid: Cell::new(None),
             counters: RefCell::new(HostCounters::default()),
             rollbacks: Default::default(),
+            channels: Default::default(),
+            residence: RefCell::new(Residence::Home { from: 0 }),
         });
         registry.by_name.insert(config.name.clone(), host.clone());
         registry.by_id.insert(id, host.clone());
@@ -1129,6 +1198,7 @@ impl VolumeHost {
         busy |= self.finish_restore_opens();
         // One message per thread for everything this turn completed.
         busy |= self.send_replies();
+        busy |= self.advance_residence();
         match event {
             None => {}
             Some(Event::Opened) => self.opened(),
@@ -1241,8 +1311,14 @@ impl VolumeHost {
         drop(config);
         let registered = match reader {
             Ok(desc) => {
-                let data =
-                    ChronicleBdev::new(self.id, name.clone(), owner, SharedDesc::new(desc), self.rollbacks.clone());
+                let data = ChronicleBdev::new(
+                    self.id,
+                    name.clone(),
+                    owner,
+                    SharedDesc::new(desc),
+                    self.rollbacks.clone(),
+                    self.channels.clone(),
+                );
                 vbdev::register(&properties, data).map_err(|(errno, _data)| CreateError::Register(errno))
             }
             Err(errno) => Err(CreateError::Open { role: "base", name: base_name, errno }),
@@ -1306,6 +1382,7 @@ impl VolumeHost {
             }
         }
         config.automatic_sort = asked.automatic_sort;
+        config.follow_submitter = asked.follow_submitter;
         config.sort_rate_limit_bytes_per_second = asked.sort_rate_limit_bytes_per_second;
         config.retention.clone_from(&asked.retention);
         config.marker_read_back_bytes = asked.marker_read_back_bytes;
@@ -1345,8 +1422,14 @@ impl VolumeHost {
             let io = self.counters.borrow();
             format!(
                 "host I/Os taken: {} on the app thread, {} directly from threads on its reactor, {} by message \
-                 from other threads ({} messages)",
-                io.local_submissions, io.direct_submissions, io.remote_submissions, io.remote_batches
+                 from other threads ({} messages), {} on the thread it moved to ({} moves, {} returns)",
+                io.local_submissions,
+                io.direct_submissions,
+                io.remote_submissions,
+                io.remote_batches,
+                io.resident_submissions,
+                io.moves,
+                io.returns
             )
         };
         match &result {
@@ -1385,6 +1468,7 @@ impl VolumeHost {
 
     /// Queues a host I/O (on the app thread), to the volume or one of its R-VOLs.
     fn submit(&self, io: PendingIo, request: HostRequest, restore: Option<RestoreId>) {
+        self.stays_for(&io);
         let mut state = self.state.borrow_mut();
         let HostState::Running(volume) = &mut *state else {
             drop(state);
@@ -1470,7 +1554,7 @@ impl VolumeHost {
             uuid: None,
         };
         let owner = Thread::current().expect("on the app thread").handle();
-        let data = RestoreBdev::new(self.id, id, bdev_name.to_string(), owner);
+        let data = RestoreBdev::new(self.id, id, bdev_name.to_string(), owner, self.channels.clone());
         vbdev::register(&properties, data)
             .map_err(|(errno, _)| VolumeError::Failed(format!("cannot register restore volume {bdev_name}: {errno}")))
     }
@@ -1569,6 +1653,7 @@ impl VolumeHost {
         *self.arrivals.borrow_mut() = batch;
         // Refused I/Os (the volume closing) go home at once.
         self.send_replies();
+        self.consider_leaving(hop);
     }
 
     /// The volume's slot of `hop`, adopting it at its first arrival.
@@ -1673,24 +1758,31 @@ impl Doorbell for AtVolume {
     fn rang(hop: Arc<Hop>) {
         match host_by_id(hop.volume) {
             Some(host) => host.arrive(&hop),
-            // The volume is gone: the batch fails at home.
             None => {
-                let mut batch = VecDeque::new();
-                hop.to_volume.take_all(&mut batch);
-                let mut failed: Vec<_> = batch.into_iter().map(|(io, _request)| (io, IoStatus::Failed, None)).collect();
-                if hop.to_home.push_all(&mut failed) {
-                    if let Err((_, hop)) = hop.home.ring::<AtHome>(hop.clone()) {
-                        // No volume poll will ring again: one message each.
-                        hop.to_home.ring_failed();
-                        let mut queued = VecDeque::new();
-                        hop.to_home.take_all(&mut queued);
-                        queued.into_iter().for_each(send_one_home);
-                    }
+                // Away: the batch follows the volume, or waits for it at home.
+                if let Err(hop) = residence::rang_away(hop) {
+                    fail_arrivals(hop);
                 }
-                failed.into_iter().for_each(send_one_home);
             }
         }
     }
+}
+
+/// The volume of `hop` is gone: what it queued fails at home.
+fn fail_arrivals(hop: Arc<Hop>) {
+    let mut batch = VecDeque::new();
+    hop.to_volume.take_all(&mut batch);
+    let mut failed: Vec<_> = batch.into_iter().map(|(io, _request)| (io, IoStatus::Failed, None)).collect();
+    if hop.to_home.push_all(&mut failed) {
+        if let Err((_, hop)) = hop.home.ring::<AtHome>(hop.clone()) {
+            // No volume poll will ring again: one message each.
+            hop.to_home.ring_failed();
+            let mut queued = VecDeque::new();
+            hop.to_home.take_all(&mut queued);
+            queued.into_iter().for_each(send_one_home);
+        }
+    }
+    failed.into_iter().for_each(send_one_home);
 }
 
 /// A hop's doorbell towards the submitting thread: its completions arrive.
@@ -1776,26 +1868,23 @@ fn host_request(io: &BdevIo<IoCtx>, share: impl FnOnce(IoBuffers) -> SharedBuffe
 pub(crate) fn submit_io(path: &HostPath, io: BdevIo<IoCtx>) {
     let hop = match &path.way {
         Way::Hop(hop) => hop,
-        Way::Local(host) => {
-            let Some(host) = host.upgrade() else { return io.complete(IoStatus::Failed) };
-            let Some(request) = host_request(&io, |buffers| host.shared_buffers(buffers)) else {
-                return io.complete(IoStatus::Failed);
-            };
-            host.counters.borrow_mut().local_submissions += 1;
-            return host.submit(PendingIo::Local(io), request, path.restore);
-        }
-        Way::Direct(reactor, host) => {
-            // The volume is the app thread's: used here because one reactor runs both threads.
-            let Some(host) = host.upgrade() else { return io.complete(IoStatus::Failed) };
-            let Some(request) = host_request(&io, |buffers| host.shared_buffers(buffers)) else {
-                return io.complete(IoStatus::Failed);
-            };
-            host.counters.borrow_mut().direct_submissions += 1;
-            let reactor = *reactor;
-            return reactor
-                .run_as(reactor.there(), || host.submit(PendingIo::Direct(io, reactor), request, path.restore));
-        }
+        Way::Local(nearby) => match nearby.host() {
+            Some(host) => return submit_nearby(&host, io, path.restore, None),
+            None => return residence::park_io(nearby.volume, io, path.restore, None),
+        },
+        Way::Direct(reactor, nearby) => match nearby.host() {
+            Some(host) => return submit_nearby(&host, io, path.restore, Some(*reactor)),
+            None => return residence::park_io(nearby.volume, io, path.restore, Some(*reactor)),
+        },
     };
+    if let Some(host) = hop.resident() {
+        // The volume moved to this thread: in place, no message.
+        let Some(request) = host_request(&io, |buffers| host.shared_buffers(buffers)) else {
+            return io.complete(IoStatus::Failed);
+        };
+        host.counters.borrow_mut().resident_submissions += 1;
+        return host.submit(PendingIo::Local(io), request, path.restore);
+    }
     let Some(request) = host_request(&io, shared_host_buffers) else { return io.complete(IoStatus::Failed) };
     match hop.to_volume.push((io.detach(), request)) {
         Ok(false) => {}
@@ -1813,9 +1902,35 @@ pub(crate) fn submit_io(path: &HostPath, io: BdevIo<IoCtx>) {
     }
 }
 
+/// A host I/O of a channel on the app thread's reactor, to the volume at home: on the app
+/// thread (`reactor` None) or run as it ([`Way::Direct`]: the volume is the app thread's, used
+/// here because one reactor runs both threads).
+fn submit_nearby(host: &Rc<VolumeHost>, io: BdevIo<IoCtx>, restore: Option<RestoreId>, reactor: Option<SameReactor>) {
+    let Some(request) = host_request(&io, |buffers| host.shared_buffers(buffers)) else {
+        return io.complete(IoStatus::Failed);
+    };
+    match reactor {
+        None => {
+            host.counters.borrow_mut().local_submissions += 1;
+            host.submit(PendingIo::Local(io), request, restore)
+        }
+        Some(reactor) => {
+            host.counters.borrow_mut().direct_submissions += 1;
+            reactor.run_as(reactor.there(), || host.submit(PendingIo::Direct(io, reactor), request, restore))
+        }
+    }
+}
+
 /// A bdev below a volume is being removed (on the app thread).
 fn on_remove(id: u64, role: &'static str) {
-    let Some(host) = host_by_id(id) else { return };
+    residence::with_host(id, move |host| {
+        if let Some(host) = host {
+            removed(host, role);
+        }
+    });
+}
+
+fn removed(host: &VolumeHost, role: &'static str) {
     let name = host.config.borrow().name.clone();
     spdk_notice!("chronicle: the {role} bdev of {name} is being removed; closing {name}");
     if host.registered.get() {
@@ -1832,7 +1947,14 @@ fn on_remove(id: u64, role: &'static str) {
 /// Deletes the volume `name`: unregisters its bdev, which closes the volume (every device
 /// flushed, the sort stopped at a resumable point) and releases its bdevs.
 pub fn delete(name: &str, done: impl FnOnce(Result<(), VolumeError>) + 'static) {
-    let Some(host) = host_by_name(name) else { return done(Err(VolumeError::NotFound(name.to_string()))) };
+    let name = name.to_string();
+    residence::with_named(&name.clone(), move |host| match host {
+        Some(host) => delete_host(host, &name, done),
+        None => done(Err(VolumeError::NotFound(name))),
+    });
+}
+
+fn delete_host(host: &VolumeHost, name: &str, done: impl FnOnce(Result<(), VolumeError>) + 'static) {
     if !host.registered.get() {
         let state = host.state.borrow().name();
         return done(Err(VolumeError::Busy { name: name.to_string(), state }));
@@ -1845,17 +1967,35 @@ pub fn delete(name: &str, done: impl FnOnce(Result<(), VolumeError>) + 'static) 
 
 /// Cuts a generation of volume `name`; `done` gets the sealed generation's number.
 pub fn mark(name: &str, comment: &str, done: MarkerWaiter) {
-    let Some(host) = host_by_name(name) else { return done(Err(VolumeError::NotFound(name.to_string()))) };
-    match host.running(|volume| volume.mark(comment)) {
+    let comment = comment.to_string();
+    at_home(name, done, move |host, done| match host.running(|volume| volume.mark(&comment)) {
         Ok(handle) => host.markers.borrow_mut().push((handle, done)),
         Err(error) => done(Err(error)),
-    }
+    });
+}
+
+/// Runs `then` with volume `name` at home ([`residence::with_named`]); `done` hears that there
+/// is no such volume.
+fn at_home<T: 'static>(
+    name: &str,
+    done: RequestWaiter<T>,
+    then: impl FnOnce(&Rc<VolumeHost>, RequestWaiter<T>) + 'static,
+) {
+    let missing = name.to_string();
+    residence::with_named(name, move |host| match host {
+        Some(host) => then(host, done),
+        None => done(Err(VolumeError::NotFound(missing))),
+    });
 }
 
 /// Rolls volume `name` back to the image of `generation` (sealing the current state first as
 /// the undo point); `done` gets the number of the generation the rollback sealed.
 pub fn rollback(name: &str, generation: u64, comment: &str, done: MarkerWaiter) {
-    let Some(host) = host_by_name(name) else { return done(Err(VolumeError::NotFound(name.to_string()))) };
+    let comment = comment.to_string();
+    at_home(name, done, move |host, done| rollback_host(host, generation, &comment, done));
+}
+
+fn rollback_host(host: &VolumeHost, generation: u64, comment: &str, done: MarkerWaiter) {
     match host.running(|volume| volume.rollback(generation, comment)) {
         Ok(handle) => {
             // Reads go through the engine, which holds them, until the rollback is done.
@@ -1875,7 +2015,11 @@ pub fn rollback(name: &str, generation: u64, comment: &str, done: MarkerWaiter) 
 /// time) as an R-VOL and registers it as bdev `bdev_name` (FIG 13–15); `done` gets the bdev's
 /// name. A refused target registers nothing.
 pub fn open_restore(name: &str, target: RestoreTarget, bdev_name: &str, done: RestoreWaiter) {
-    let Some(host) = host_by_name(name) else { return done(Err(VolumeError::NotFound(name.to_string()))) };
+    let bdev_name = bdev_name.to_string();
+    at_home(name, done, move |host, done| open_restore_host(host, target, &bdev_name, done));
+}
+
+fn open_restore_host(host: &VolumeHost, target: RestoreTarget, bdev_name: &str, done: RestoreWaiter) {
     if bdev_name.is_empty() || bdev_name.contains('\0') {
         return done(Err(VolumeError::Invalid("restore_name must be a non-empty bdev name without NUL".into())));
     }
@@ -1928,23 +2072,29 @@ pub(crate) fn restore_info(volume: u64, restore: RestoreId) -> Option<RestoreInf
 }
 
 fn host_registry_names() -> Vec<String> {
-    REGISTRY.with(|r| r.borrow().by_name.keys().cloned().collect())
+    REGISTRY.with(|r| {
+        let registry = r.borrow();
+        registry.by_name.keys().cloned().chain(registry.away.values().map(|away| away.config.name.clone())).collect()
+    })
 }
 
 /// Merges the history records of generations `from..=through` of volume `name` (FIG 11/12).
 pub fn merge(name: &str, from: u64, through: u64, done: MaintenanceWaiter) {
-    maintain(name, done, |volume| volume.merge(from, through));
+    maintain(name, done, move |volume| volume.merge(from, through));
 }
 
 /// Gives up the image of history generation `generation` of volume `name`.
 pub fn delete_generation(name: &str, generation: u64, done: MaintenanceWaiter) {
-    maintain(name, done, |volume| volume.delete_generation(generation));
+    maintain(name, done, move |volume| volume.delete_generation(generation));
 }
 
 /// Compresses (`compress`) or decompresses the history record of `generation` of volume
 /// `name` (embodiment 8, FIG 50).
 pub fn compress_generation(name: &str, generation: u64, compress: bool, done: CompressWaiter) {
-    let Some(host) = host_by_name(name) else { return done(Err(VolumeError::NotFound(name.to_string()))) };
+    at_home(name, done, move |host, done| compress_host(host, generation, compress, done));
+}
+
+fn compress_host(host: &VolumeHost, generation: u64, compress: bool, done: CompressWaiter) {
     let request = |volume: &mut Volume| {
         if compress {
             volume.compress_generation(generation)
@@ -1958,18 +2108,22 @@ pub fn compress_generation(name: &str, generation: u64, compress: bool, done: Co
     }
 }
 
-fn maintain(name: &str, done: MaintenanceWaiter, request: impl FnOnce(&mut Volume) -> MaintenanceHandle) {
-    let Some(host) = host_by_name(name) else { return done(Err(VolumeError::NotFound(name.to_string()))) };
-    match host.running(request) {
+fn maintain(name: &str, done: MaintenanceWaiter, request: impl FnOnce(&mut Volume) -> MaintenanceHandle + 'static) {
+    at_home(name, done, move |host, done| match host.running(request) {
         Ok(handle) => host.maintenance.borrow_mut().push((handle, done)),
         Err(error) => done(Err(error)),
-    }
+    });
 }
 
 /// Sets the retention policy of volume `name` (also what `save_config` records).
-pub fn set_retention(name: &str, policy: RetentionPolicy) -> Result<RetentionPolicy, VolumeError> {
-    let host = host_by_name(name).ok_or_else(|| VolumeError::NotFound(name.to_string()))?;
-    policy.validate().map_err(VolumeError::Invalid)?;
+pub fn set_retention(name: &str, policy: RetentionPolicy, done: RequestWaiter<RetentionPolicy>) {
+    if let Err(error) = policy.validate() {
+        return done(Err(VolumeError::Invalid(error)));
+    }
+    at_home(name, done, move |host, done| done(set_retention_host(host, policy)));
+}
+
+fn set_retention_host(host: &VolumeHost, policy: RetentionPolicy) -> Result<RetentionPolicy, VolumeError> {
     host.running(|volume| volume.set_retention(policy.clone()))?;
     host.config.borrow_mut().retention = (policy != RetentionPolicy::default()).then(|| policy.clone());
     Ok(policy)
@@ -2023,8 +2177,11 @@ pub struct SequenceRange {
     pub through: u64,
 }
 
-pub fn generations(name: &str) -> Result<Vec<GenerationReport>, VolumeError> {
-    let host = host_by_name(name).ok_or_else(|| VolumeError::NotFound(name.to_string()))?;
+pub fn generations(name: &str, done: RequestWaiter<Vec<GenerationReport>>) {
+    at_home(name, done, |host, done| done(generations_of(host)));
+}
+
+fn generations_of(host: &VolumeHost) -> Result<Vec<GenerationReport>, VolumeError> {
     host.running(|volume| {
         let generations = volume.status().generations;
         let all = volume.identity().journal_mode == JournalMode::All;
@@ -2110,9 +2267,13 @@ impl From<FormatProgress> for FormatReport {
     }
 }
 
-pub fn status(name: &str) -> Result<VolumeReport, VolumeError> {
-    let host = host_by_name(name).ok_or_else(|| VolumeError::NotFound(name.to_string()))?;
-    Ok(host.report())
+pub fn status(name: &str, done: RequestWaiter<VolumeReport>) {
+    at_home(name, done, |host, done| done(Ok(host.report())));
+}
+
+/// Whether a chronicle volume named `name` exists (at home or away).
+pub fn exists(name: &str) -> bool {
+    host_registry_names().iter().any(|known| known == name)
 }
 
 pub(crate) fn status_by_id(id: u64) -> Option<VolumeReport> {
@@ -2120,14 +2281,16 @@ pub(crate) fn status_by_id(id: u64) -> Option<VolumeReport> {
 }
 
 pub(crate) fn config_by_id(id: u64) -> Option<VolumeConfig> {
-    host_by_id(id).map(|host| host.config())
+    host_by_id(id)
+        .map(|host| host.config())
+        .or_else(|| REGISTRY.with(|registry| registry.borrow().away.get(&id).map(|away| away.config.clone())))
 }
 
 pub(crate) fn destruct_by_id(id: u64, done: vbdev::DestructDone) {
-    match host_by_id(id) {
+    residence::with_host(id, move |host| match host {
         Some(host) => host.begin_destruct(done),
         None => done.finish(),
-    }
+    });
 }
 
 impl VolumeHost {
