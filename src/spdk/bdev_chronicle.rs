@@ -506,32 +506,24 @@ impl VirtualBdev for ChronicleBdev {
         if !self.owner.is_current() {
             return;
         }
-        if let Some(report) = volume::status_by_id(self.id) {
-            let summary = serde_json::json!({
-                "state": report.state,
-                "volume_uuid": report.volume_uuid,
-                "base_bdev": report.base_bdev,
-                "journal_bdev": report.journal_bdev,
-                "backup_bdev": report.backup_bdev,
-                "history_bdev": report.history_bdev,
-                "open_generation": report.volume.as_ref().map(|v| v.open_generation),
-                "backup_generation": report.volume.as_ref().map(|v| v.backup_generation),
-                "residence": "home",
-            });
-            let _ = writer.write_named("chronicle", &summary);
-        } else if let Some(config) = volume::config_by_id(self.id) {
-            // Away on its submitter's thread (a synchronous callback cannot call it home): what
-            // the app thread keeps of it; `bdev_chronicle_get_status` has the rest.
-            let summary = serde_json::json!({
-                "state": "running",
-                "base_bdev": config.base_bdev,
-                "journal_bdev": config.journal_bdev,
-                "backup_bdev": config.backup_bdev,
-                "history_bdev": config.history_bdev,
-                "residence": "away",
-            });
-            let _ = writer.write_named("chronicle", &summary);
-        }
+        let Some(config) = volume::config_by_id(self.id) else { return };
+        // None while the volume is away on its submitter's thread (a synchronous callback cannot
+        // call it home): then only what the app thread keeps; `bdev_chronicle_get_status` has
+        // the rest.
+        let report = volume::status_by_id(self.id);
+        let engine = report.as_ref().and_then(|report| report.volume.as_ref());
+        let summary = serde_json::json!({
+            "state": report.as_ref().map_or("running", |report| report.state),
+            "volume_uuid": report.as_ref().and_then(|report| report.volume_uuid.clone()),
+            "base_bdev": config.base_bdev,
+            "journal_bdev": config.journal_bdev,
+            "backup_bdev": config.backup_bdev,
+            "history_bdev": config.history_bdev,
+            "open_generation": engine.map(|v| v.open_generation),
+            "backup_generation": engine.map(|v| v.backup_generation),
+            "residence": if report.is_some() { "home" } else { "away" },
+        });
+        let _ = writer.write_named("chronicle", &summary);
     }
 
     fn write_config_json(&self, writer: &mut JsonWriter<'_>) {

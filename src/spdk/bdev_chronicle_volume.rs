@@ -447,6 +447,15 @@ struct Nearby {
 }
 
 impl Nearby {
+    /// A host I/O of a channel on the app thread's reactor: into the volume at home, or parked
+    /// until it comes back ([`residence::park_io`]).
+    fn submit(&self, io: BdevIo<IoCtx>, restore: Option<RestoreId>, entry: Entry) {
+        match self.host() {
+            Some(host) => submit_in_place(&host, io, restore, entry),
+            None => residence::park_io(self.volume, io, restore, entry),
+        }
+    }
+
     fn host(&self) -> Option<Rc<VolumeHost>> {
         if let Some(host) = self.host.borrow().upgrade() {
             return Some(host);
@@ -1868,22 +1877,12 @@ fn host_request(io: &BdevIo<IoCtx>, share: impl FnOnce(IoBuffers) -> SharedBuffe
 pub(crate) fn submit_io(path: &HostPath, io: BdevIo<IoCtx>) {
     let hop = match &path.way {
         Way::Hop(hop) => hop,
-        Way::Local(nearby) => match nearby.host() {
-            Some(host) => return submit_nearby(&host, io, path.restore, None),
-            None => return residence::park_io(nearby.volume, io, path.restore, None),
-        },
-        Way::Direct(reactor, nearby) => match nearby.host() {
-            Some(host) => return submit_nearby(&host, io, path.restore, Some(*reactor)),
-            None => return residence::park_io(nearby.volume, io, path.restore, Some(*reactor)),
-        },
+        Way::Local(nearby) => return nearby.submit(io, path.restore, Entry::Home),
+        Way::Direct(reactor, nearby) => return nearby.submit(io, path.restore, Entry::Direct(*reactor)),
     };
     if let Some(host) = hop.resident() {
         // The volume moved to this thread: in place, no message.
-        let Some(request) = host_request(&io, |buffers| host.shared_buffers(buffers)) else {
-            return io.complete(IoStatus::Failed);
-        };
-        host.counters.borrow_mut().resident_submissions += 1;
-        return host.submit(PendingIo::Local(io), request, path.restore);
+        return submit_in_place(&host, io, path.restore, Entry::Resident);
     }
     let Some(request) = host_request(&io, shared_host_buffers) else { return io.complete(IoStatus::Failed) };
     match hop.to_volume.push((io.detach(), request)) {
@@ -1902,22 +1901,35 @@ pub(crate) fn submit_io(path: &HostPath, io: BdevIo<IoCtx>) {
     }
 }
 
-/// A host I/O of a channel on the app thread's reactor, to the volume at home: on the app
-/// thread (`reactor` None) or run as it ([`Way::Direct`]: the volume is the app thread's, used
-/// here because one reactor runs both threads).
-fn submit_nearby(host: &Rc<VolumeHost>, io: BdevIo<IoCtx>, restore: Option<RestoreId>, reactor: Option<SameReactor>) {
+/// How a host I/O enters a volume in place, without a message.
+#[derive(Clone, Copy)]
+enum Entry {
+    /// On the app thread, the volume at home.
+    Home,
+    /// Run as the app thread from a thread of its reactor ([`Way::Direct`]: the volume is the
+    /// app thread's, used here because one reactor runs both threads).
+    Direct(SameReactor),
+    /// On the thread the volume moved to ([`residence`]).
+    Resident,
+}
+
+fn submit_in_place(host: &Rc<VolumeHost>, io: BdevIo<IoCtx>, restore: Option<RestoreId>, entry: Entry) {
     let Some(request) = host_request(&io, |buffers| host.shared_buffers(buffers)) else {
         return io.complete(IoStatus::Failed);
     };
-    match reactor {
-        None => {
-            host.counters.borrow_mut().local_submissions += 1;
-            host.submit(PendingIo::Local(io), request, restore)
-        }
-        Some(reactor) => {
-            host.counters.borrow_mut().direct_submissions += 1;
+    {
+        let mut counters = host.counters.borrow_mut();
+        *match entry {
+            Entry::Home => &mut counters.local_submissions,
+            Entry::Direct(_) => &mut counters.direct_submissions,
+            Entry::Resident => &mut counters.resident_submissions,
+        } += 1;
+    }
+    match entry {
+        Entry::Direct(reactor) => {
             reactor.run_as(reactor.there(), || host.submit(PendingIo::Direct(io, reactor), request, restore))
         }
+        Entry::Home | Entry::Resident => host.submit(PendingIo::Local(io), request, restore),
     }
 }
 
@@ -2273,7 +2285,10 @@ pub fn status(name: &str, done: RequestWaiter<VolumeReport>) {
 
 /// Whether a chronicle volume named `name` exists (at home or away).
 pub fn exists(name: &str) -> bool {
-    host_registry_names().iter().any(|known| known == name)
+    REGISTRY.with(|registry| {
+        let registry = registry.borrow();
+        registry.by_name.contains_key(name) || registry.away_id(name).is_some()
+    })
 }
 
 pub(crate) fn status_by_id(id: u64) -> Option<VolumeReport> {

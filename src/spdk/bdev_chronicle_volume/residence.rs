@@ -35,9 +35,9 @@ use slab::Slab;
 use super::super::bdev::{BdevIo, IoStatus};
 use super::super::device::SpdkDevice;
 use super::super::poller::Poller;
-use super::super::thread::{self, Doorbell, Message, SameReactor, ThreadHandle};
+use super::super::thread::{self, Doorbell, Message, ThreadHandle};
 use super::{
-    host_by_id, AtVolume, Hop, HostState, IoCtx, PendingIo, Registry, VolumeConfig, VolumeHost, HOP_QUEUE_LIMIT,
+    host_by_id, AtVolume, Entry, Hop, HostState, IoCtx, PendingIo, Registry, VolumeConfig, VolumeHost, HOP_QUEUE_LIMIT,
     REGISTRY,
 };
 use crate::device::{Channel, Device};
@@ -202,9 +202,9 @@ fn park(id: u64, then: Parked) -> Result<(), Parked> {
 
 /// A host I/O of a channel on the app thread's reactor for volume `volume`, which is not home:
 /// it waits there for the volume (or fails if there is none).
-pub(super) fn park_io(volume: u64, io: BdevIo<IoCtx>, restore: Option<RestoreId>, reactor: Option<SameReactor>) {
+pub(super) fn park_io(volume: u64, io: BdevIo<IoCtx>, restore: Option<RestoreId>, entry: Entry) {
     let then: Parked = Box::new(move |host| match host {
-        Some(host) => super::submit_nearby(host, io, restore, reactor),
+        Some(host) => super::submit_in_place(host, io, restore, entry),
         None => io.complete(IoStatus::Failed),
     });
     if let Err(then) = park(volume, then) {
@@ -355,22 +355,14 @@ impl VolumeHost {
     /// a drained engine departs (by a message to this thread, outside the poller, which the
     /// departure drops). Whether anything happened.
     pub(super) fn advance_residence(self: &Rc<Self>) -> bool {
-        let draining = match &*self.residence.borrow() {
+        let called = match &*self.residence.borrow() {
             Residence::Home { .. } => return false,
-            Residence::Away { hop } => {
-                if !hop.resident.called.load(Ordering::Acquire) {
-                    return false;
-                }
-                None
-            }
-            Residence::Leaving { departing, .. } | Residence::Returning { departing, .. } => {
-                if *departing {
-                    return false;
-                }
-                Some(())
-            }
+            Residence::Away { hop } if !hop.resident.called.load(Ordering::Acquire) => return false,
+            Residence::Away { .. } => true,
+            Residence::Leaving { departing: true, .. } | Residence::Returning { departing: true, .. } => return false,
+            Residence::Leaving { .. } | Residence::Returning { .. } => false,
         };
-        if draining.is_none() {
+        if called {
             self.go_home();
             return true;
         }
@@ -394,17 +386,9 @@ impl VolumeHost {
             Residence::Away { hop } => hop.clone(),
             _ => return,
         };
-        match self.running(|volume| volume.begin_handover()) {
-            Ok(Ok(())) => {}
-            other => {
-                let error = match other {
-                    Ok(Err(error)) => error.to_string(),
-                    Err(error) => error.to_string(),
-                    Ok(Ok(())) => unreachable!(),
-                };
-                spdk_error!("chronicle: {}: cannot start home: {error}", self.config.borrow().name);
-                return;
-            }
+        if let Err(error) = flatten(self.running(|volume| volume.begin_handover())) {
+            spdk_error!("chronicle: {}: cannot start home: {error}", self.config.borrow().name);
+            return;
         }
         // From now on the channel's I/O goes by the hop again, to wait at home.
         hop.set_resident(None);
@@ -423,14 +407,9 @@ impl VolumeHost {
         if home && !self.may_leave(&hop) {
             return self.stay_home();
         }
-        match self.running(|volume| volume.release_channels()) {
-            Ok(Ok(channels)) => drop(channels),
-            failed => {
-                let error = match failed {
-                    Ok(Err(error)) => error.to_string(),
-                    Err(error) => error.to_string(),
-                    Ok(Ok(_)) => unreachable!("matched above"),
-                };
+        match flatten(self.running(|volume| volume.release_channels())) {
+            Ok(channels) => drop(channels),
+            Err(error) => {
                 spdk_error!("chronicle: {}: cannot move: {error}", self.config.borrow().name);
                 return self.stay_home();
             }
@@ -503,11 +482,7 @@ impl VolumeHost {
         let channels: Result<Vec<Box<dyn Channel>>, _> =
             self.descs.borrow().iter().map(|desc| SpdkDevice::new(desc.clone()).open_channel()).collect();
         let channels = channels.map_err(|error| error.to_string())?;
-        match self.running(|volume| volume.adopt_channels(channels)) {
-            Ok(Ok(())) => {}
-            Ok(Err((error, _channels))) => return Err(error.to_string()),
-            Err(error) => return Err(error.to_string()),
-        }
+        flatten(self.running(|volume| volume.adopt_channels(channels).map_err(|(error, _channels)| error)))?;
         let host = self.clone();
         let name = format!("chronicle_{}", self.config.borrow().name);
         let poller = Poller::register(&name, Duration::ZERO, move || host.poll()).map_err(|errno| errno.to_string())?;
@@ -567,6 +542,15 @@ impl VolumeHost {
         for then in parked {
             then(Some(&self));
         }
+    }
+}
+
+/// A request to the running engine, its two ways to fail as one message.
+fn flatten<T>(result: Result<Result<T, impl std::fmt::Display>, impl std::fmt::Display>) -> Result<T, String> {
+    match result {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(error.to_string()),
+        Err(error) => Err(error.to_string()),
     }
 }
 
