@@ -73,6 +73,9 @@ struct Ways {
     resident: u64,
     moves: u64,
     returns: u64,
+    /// Of those taken in place, the ones sent from a completion callback while the volume's
+    /// poll completed others, entered after it in one batch.
+    gathered: u64,
 }
 
 fn ways_taken(log: &str, name: &str) -> Ways {
@@ -87,9 +90,9 @@ fn ways_taken(log: &str, name: &str) -> Ways {
         .filter(|word| !word.is_empty())
         .map(|word| word.parse().expect("a count"))
         .collect();
-    let [local, direct, remote, messages, resident, moves, returns] =
-        numbers.try_into().unwrap_or_else(|numbers| panic!("seven counts expected in {line:?}: {numbers:?}"));
-    Ways { local, direct, remote, messages, resident, moves, returns }
+    let [local, direct, remote, messages, resident, moves, returns, gathered] =
+        numbers.try_into().unwrap_or_else(|numbers| panic!("eight counts expected in {line:?}: {numbers:?}"));
+    Ways { local, direct, remote, messages, resident, moves, returns, gathered }
 }
 
 /// bdevperf's verify workload (write a pattern, read it back, compare) through a chronicle
@@ -109,6 +112,17 @@ fn bdevperf_verify_through_a_chronicle_volume_finds_no_errors() {
     let ways = ways_taken(&log, "Perf");
     say(&format!("spdk_io: one core: {ways:?}"));
     assert!(ways.direct > 0 && ways.remote == 0 && ways.messages == 0, "one core: {ways:?}");
+    // verify sends each write from the completion of a read, which does not pass the volume.
+    assert_eq!(ways.gathered, 0, "one core, verify: {ways:?}");
+
+    // randwrite sends the next write from the completion callback of the last one: those
+    // gather while the volume's poll completes writes, and enter after it, none failing.
+    let random = ["-q", "32", "-o", "4096", "-w", "randwrite", "-t", "1"];
+    let (status, log) = bdevperf(&spdk_dir, &volume, json!({}), "0x1", &random);
+    assert_clean_bdevperf_run(status, &log);
+    let ways = ways_taken(&log, "Perf");
+    say(&format!("spdk_io: one core, randwrite: {ways:?}"));
+    assert!(ways.gathered > ways.direct / 2 && ways.gathered <= ways.direct, "one core, randwrite: {ways:?}");
 
     let mut both = vec!["-C"];
     both.extend_from_slice(&workload);

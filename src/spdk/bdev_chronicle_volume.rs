@@ -40,7 +40,7 @@ use super::bdev_module;
 use super::device::SpdkDevice;
 use super::doorbell::DoorbellQueue;
 use super::poller::{PollStatus, Poller};
-use super::thread::{Doorbell, SameReactor, Thread, ThreadHandle};
+use super::thread::{Doorbell, RunningAs, SameReactor, Thread, ThreadHandle};
 use super::{bdev_chronicle, vbdev, Errno};
 use crate::core::format::superblock::{
     DeviceRole, Durability, JournalFullPolicy, JournalMode, Superblock, VOLUME_NAME_BYTES,
@@ -61,6 +61,10 @@ const ROLES: [&str; 4] = ["base", "journal", "backup", "history"];
 /// full queue answers `NoMem` (the bdev layer retries), a full reply queue keeps the rest of
 /// the replies with the volume for its next poll.
 const HOP_QUEUE_LIMIT: usize = 1 << 16;
+/// Host I/Os gathered at most while a poll completes others ([`VolumeHost::gather`]); more
+/// enter at once. A poll completes at most what was in flight, so this is far above any
+/// queue depth a bdev layer hands over in one poll.
+const GATHER_LIMIT: usize = 1 << 16;
 
 /// examine: another module's examine (lvol's, for one) may hold a bdev for a moment; the claim
 /// is retried this many times, [`CLAIM_RETRY_DELAY`] apart, before the volume is given up.
@@ -387,6 +391,10 @@ pub struct HostCounters {
     pub returns: u64,
     /// Host I/Os from other threads on the app thread's reactor, taken in place (no message).
     pub direct_submissions: u64,
+    /// Host I/Os taken in place (of the three kinds above) that their submitter sent from the
+    /// completion callback of an earlier one: gathered while a poll completes I/Os and entered
+    /// after it in one batch.
+    pub gathered_submissions: u64,
     /// Host I/Os that came from other threads, and the doorbell messages that brought them
     /// (I/Os per batch = remote_submissions / remote_batches).
     pub remote_submissions: u64,
@@ -678,6 +686,11 @@ pub(crate) struct VolumeHost {
     /// The batch buffer arrivals are taken into (reused: no allocation per batch).
     arrivals: RefCell<VecDeque<(DetachedIo<IoCtx>, HostRequest)>>,
     completions: RefCell<Vec<HostCompletion>>,
+    /// Set while a poll completes host I/Os: what their submitters send again from the
+    /// completion callbacks gathers in `gathered` and enters after the last completion
+    /// ([`VolumeHost::submit_gathered`]).
+    gathering: Cell<bool>,
+    gathered: RefCell<Vec<(PendingIo, HostRequest, Option<RestoreId>)>>,
     /// Emptied buffer lists of finished writes, for the next writes of the channels without a
     /// hop (those of hops go home with their replies, to the submitting thread's spares).
     spare_lists: RefCell<Vec<SharedBuffers>>,
@@ -854,6 +867,8 @@ pub fn create(config: VolumeConfig, mode: CreateMode, done: Waiter) {
             replies_due: RefCell::new(Vec::new()),
             arrivals: RefCell::new(VecDeque::new()),
             completions: RefCell::new(Vec::with_capacity(256)),
+            gathering: Cell::new(false),
+            gathered: RefCell::new(Vec::with_capacity(256)),
             spare_lists: RefCell::new(Vec::new()),
             remote_held: Cell::new(0),
             sleep_watch: RefCell::new(SleepWatch::new(super::thread::ticks_in(SLEEP_GAP))),
@@ -1195,12 +1210,18 @@ impl VolumeHost {
                 },
             }
         };
-        // Borrows are released: completing an I/O may submit the next one at once.
+        // Borrows are released: completing an I/O may submit the next one at once, which
+        // gathers until the last completion is done.
         busy |= !completions.is_empty();
+        self.gathering.set(true);
+        let mut lane = Lane::default();
         for completion in completions.drain(..) {
-            self.finish_io(completion);
+            self.finish_io(completion, &mut lane);
         }
+        drop(lane);
+        self.gathering.set(false);
         *self.completions.borrow_mut() = completions;
+        self.submit_gathered();
         busy |= self.finish_markers();
         busy |= self.finish_maintenance();
         busy |= self.finish_compressions();
@@ -1431,14 +1452,16 @@ impl VolumeHost {
             let io = self.counters.borrow();
             format!(
                 "host I/Os taken: {} on the app thread, {} directly from threads on its reactor, {} by message \
-                 from other threads ({} messages), {} on the thread it moved to ({} moves, {} returns)",
+                 from other threads ({} messages), {} on the thread it moved to ({} moves, {} returns); {} of those \
+                 taken in place gathered from completion callbacks",
                 io.local_submissions,
                 io.direct_submissions,
                 io.remote_submissions,
                 io.remote_batches,
                 io.resident_submissions,
                 io.moves,
-                io.returns
+                io.returns,
+                io.gathered_submissions
             )
         };
         match &result {
@@ -1568,7 +1591,7 @@ impl VolumeHost {
             .map_err(|(errno, _)| VolumeError::Failed(format!("cannot register restore volume {bdev_name}: {errno}")))
     }
 
-    fn finish_io(&self, completion: HostCompletion) {
+    fn finish_io(&self, completion: HostCompletion, lane: &mut Lane) {
         let HostCompletion { tag, result, payload } = completion;
         // The host's memory is given back before the I/O completes (BdevIo::host_buffers).
         let spare = match payload {
@@ -1594,22 +1617,29 @@ impl VolumeHost {
                 IoStatus::Failed
             }
         };
-        self.complete(io, status, spare);
+        self.complete_in(io, status, spare, lane);
     }
 
     /// Completes `io` here or sends it home; `spare` (an emptied buffer list) goes with it to
     /// the thread that will reuse it.
     fn complete(&self, io: PendingIo, status: IoStatus, spare: Option<SharedBuffers>) {
+        self.complete_in(io, status, spare, &mut Lane::default());
+    }
+
+    /// [`complete`](Self::complete) in a run of completions that share `lane`.
+    fn complete_in(&self, io: PendingIo, status: IoStatus, spare: Option<SharedBuffers>, lane: &mut Lane) {
         match io {
             PendingIo::Local(io) => {
                 self.keep_spare(spare);
+                lane.home();
                 io.complete(status)
             }
             PendingIo::Direct(io, reactor) => {
                 self.keep_spare(spare);
                 // As the submitting thread, which SPDK completes an I/O on: its bdev channel,
                 // and whatever the submitter does next from its completion callback.
-                reactor.run_as(reactor.here(), || io.complete(status))
+                lane.as_submitter(reactor);
+                io.complete(status)
             }
             PendingIo::Remote(io, slot) => {
                 let mut hops = self.hops.borrow_mut();
@@ -1623,6 +1653,53 @@ impl VolumeHost {
                 }
             }
         }
+    }
+
+    /// Enters the host I/Os gathered while the poll completed others, in the order they came.
+    /// Their index slots are fetched first, so the batch's cache misses overlap (as a hop's
+    /// batch's do in [`arrive`](Self::arrive)); the volume's thread is current already, where
+    /// each one alone would have switched to it and back.
+    fn submit_gathered(&self) {
+        let mut gathered = std::mem::take(&mut *self.gathered.borrow_mut());
+        if gathered.is_empty() {
+            return;
+        }
+        self.counters.borrow_mut().gathered_submissions += gathered.len() as u64;
+        if gathered.len() > 1 {
+            if let HostState::Running(volume) = &*self.state.borrow() {
+                gathered
+                    .iter()
+                    .filter(|(_, _, restore)| restore.is_none())
+                    .filter_map(|(_, request, _)| volume.index_address(request))
+                    .for_each(prefetch);
+            }
+        }
+        for (io, request, restore) in gathered.drain(..) {
+            self.submit(io, request, restore);
+        }
+        // Nothing gathers meanwhile (`gathering` is off): the emptied buffer is kept for the
+        // next poll.
+        debug_assert!(self.gathered.borrow().is_empty());
+        *self.gathered.borrow_mut() = gathered;
+    }
+
+    /// Takes a host I/O in place now, or gathers it while the poll completes others: whether
+    /// it gathered (else it is given back).
+    fn gather(
+        &self,
+        io: PendingIo,
+        request: HostRequest,
+        restore: Option<RestoreId>,
+    ) -> Result<(), (PendingIo, HostRequest)> {
+        if !self.gathering.get() {
+            return Err((io, request));
+        }
+        let mut gathered = self.gathered.borrow_mut();
+        if gathered.len() >= GATHER_LIMIT {
+            return Err((io, request));
+        }
+        gathered.push((io, request, restore));
+        Ok(())
     }
 
     /// Keeps an emptied list for the next writes of the channels without a hop.
@@ -1925,11 +2002,35 @@ fn submit_in_place(host: &Rc<VolumeHost>, io: BdevIo<IoCtx>, restore: Option<Res
             Entry::Resident => &mut counters.resident_submissions,
         } += 1;
     }
-    match entry {
-        Entry::Direct(reactor) => {
-            reactor.run_as(reactor.there(), || host.submit(PendingIo::Direct(io, reactor), request, restore))
+    let pending = match entry {
+        Entry::Direct(reactor) => PendingIo::Direct(io, reactor),
+        Entry::Home | Entry::Resident => PendingIo::Local(io),
+    };
+    let Err((pending, request)) = host.gather(pending, request, restore) else { return };
+    match pending {
+        PendingIo::Direct(_, reactor) => reactor.run_as(reactor.there(), || host.submit(pending, request, restore)),
+        pending => host.submit(pending, request, restore),
+    }
+}
+
+/// The SPDK thread a run of completions runs as: the volume's own, or the submitting thread
+/// of the last [`PendingIo::Direct`] one, entered once for consecutive I/Os of one submitter
+/// (bdevperf's job, an NVMe-oF poll group) instead of once per I/O. Dropping it comes home.
+#[derive(Default)]
+struct Lane(Option<(ThreadHandle, RunningAs)>);
+
+impl Lane {
+    fn as_submitter(&mut self, reactor: SameReactor) {
+        if self.0.as_ref().is_some_and(|(here, _)| *here == reactor.here()) {
+            return;
         }
-        Entry::Home | Entry::Resident => host.submit(PendingIo::Local(io), request, restore),
+        // Home first: `enter` starts from the volume's thread.
+        self.0 = None;
+        self.0 = Some((reactor.here(), reactor.enter(reactor.here())));
+    }
+
+    fn home(&mut self) {
+        self.0 = None;
     }
 }
 

@@ -218,6 +218,14 @@ impl SameReactor {
     /// Runs `f` as `target` (one of the two): inside, SPDK's current thread is `target`, so the
     /// channels, pollers and messages `f` uses are `target`'s. The caller runs as either one.
     pub fn run_as<T>(&self, target: ThreadHandle, f: impl FnOnce() -> T) -> T {
+        let _running = self.enter(target);
+        f()
+    }
+
+    /// Runs as `target` (one of the two) until the guard drops, which puts back the thread
+    /// that was current: [`run_as`](Self::run_as) for a run of calls (a poll's completions of
+    /// one submitter) instead of one.
+    pub fn enter(&self, target: ThreadHandle) -> RunningAs {
         assert!(target == self.here || target == self.there, "{target:?} is not one of {self:?}");
         // SAFETY: reads a thread-local pointer.
         let previous = unsafe { ffi::spdk_get_thread() };
@@ -226,18 +234,25 @@ impl SameReactor {
             "run_as outside the reactor of {self:?}"
         );
         // SAFETY: only the OS thread's current-SPDK-thread pointer changes, to a thread this
-        // reactor runs (`SameReactor`): its state is not in use by anyone else meanwhile. It is
-        // restored below before the caller's thread goes on.
+        // reactor runs (`SameReactor`): its state is not in use by anyone else meanwhile. The
+        // guard restores it before the caller's thread goes on.
         unsafe { ffi::spdk_set_thread(target.as_ptr()) };
-        struct Restore(*mut ffi::spdk_thread);
-        impl Drop for Restore {
-            fn drop(&mut self) {
-                // SAFETY: puts back the pointer that was current (also when `f` unwinds).
-                unsafe { ffi::spdk_set_thread(self.0) };
-            }
-        }
-        let _restore = Restore(previous);
-        f()
+        RunningAs { previous }
+    }
+}
+
+/// The current SPDK thread switched by [`SameReactor::enter`]; dropping it switches back. Not
+/// `Send` (a raw pointer): it restores the OS thread it was made on.
+#[must_use = "dropping it switches back at once"]
+pub struct RunningAs {
+    previous: *mut ffi::spdk_thread,
+}
+
+impl Drop for RunningAs {
+    fn drop(&mut self) {
+        // SAFETY: puts back the pointer that was current (also when the caller unwinds), one
+        // of the two threads of the `SameReactor` that made this guard.
+        unsafe { ffi::spdk_set_thread(self.previous) };
     }
 }
 
