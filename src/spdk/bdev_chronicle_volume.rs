@@ -1677,14 +1677,14 @@ impl VolumeHost {
         for (io, request, restore) in gathered.drain(..) {
             self.submit(io, request, restore);
         }
-        // Nothing gathers meanwhile (`gathering` is off): the emptied buffer is kept for the
+        // Nothing gathers meanwhile (`gathering` is off): the emptied vector is kept for the
         // next poll.
         debug_assert!(self.gathered.borrow().is_empty());
         *self.gathered.borrow_mut() = gathered;
     }
 
-    /// Takes a host I/O in place now, or gathers it while the poll completes others: whether
-    /// it gathered (else it is given back).
+    /// Gathers a host I/O taken in place while the poll completes others; gives it back, to
+    /// enter at once, when no poll is completing or the batch is full.
     fn gather(
         &self,
         io: PendingIo,
