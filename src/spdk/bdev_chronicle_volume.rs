@@ -1666,13 +1666,9 @@ impl VolumeHost {
         }
         self.counters.borrow_mut().gathered_submissions += gathered.len() as u64;
         if gathered.len() > 1 {
-            if let HostState::Running(volume) = &*self.state.borrow() {
-                gathered
-                    .iter()
-                    .filter(|(_, _, restore)| restore.is_none())
-                    .filter_map(|(_, request, _)| volume.index_address(request))
-                    .for_each(prefetch);
-            }
+            self.prefetch_index(
+                gathered.iter().filter(|(_, _, restore)| restore.is_none()).map(|(_, request, _)| request),
+            );
         }
         for (io, request, restore) in gathered.drain(..) {
             self.submit(io, request, restore);
@@ -1681,6 +1677,15 @@ impl VolumeHost {
         // next poll.
         debug_assert!(self.gathered.borrow().is_empty());
         *self.gathered.borrow_mut() = gathered;
+    }
+
+    /// Fetches the open generation's index slots of a batch of writes to the volume (not its
+    /// R-VOLs) into the cache before the first one enters, so that their misses overlap
+    /// ([`Volume::index_address`]).
+    fn prefetch_index<'a>(&self, requests: impl Iterator<Item = &'a HostRequest>) {
+        if let HostState::Running(volume) = &*self.state.borrow() {
+            requests.filter_map(|request| volume.index_address(request)).for_each(prefetch);
+        }
     }
 
     /// Gathers a host I/O taken in place while the poll completes others; gives it back, to
@@ -1728,10 +1733,7 @@ impl VolumeHost {
             self.remote_held.set(self.remote_held.get() + batch.len());
         }
         if hop.restore.is_none() && batch.len() > 1 {
-            // The batch's index misses overlap (Volume::index_address).
-            if let HostState::Running(volume) = &*self.state.borrow() {
-                batch.iter().filter_map(|(_, request)| volume.index_address(request)).for_each(prefetch);
-            }
+            self.prefetch_index(batch.iter().map(|(_, request)| request));
         }
         for (io, request) in batch.drain(..) {
             self.submit(PendingIo::Remote(io, slot), request, hop.restore);
@@ -2007,9 +2009,9 @@ fn submit_in_place(host: &Rc<VolumeHost>, io: BdevIo<IoCtx>, restore: Option<Res
         Entry::Home | Entry::Resident => PendingIo::Local(io),
     };
     let Err((pending, request)) = host.gather(pending, request, restore) else { return };
-    match pending {
-        PendingIo::Direct(_, reactor) => reactor.run_as(reactor.there(), || host.submit(pending, request, restore)),
-        pending => host.submit(pending, request, restore),
+    match entry {
+        Entry::Direct(reactor) => reactor.run_as(reactor.there(), || host.submit(pending, request, restore)),
+        Entry::Home | Entry::Resident => host.submit(pending, request, restore),
     }
 }
 
